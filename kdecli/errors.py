@@ -1,0 +1,37 @@
+"""Exception types that the CLI maps to exit codes and one-line messages.
+
+`UsageError` (exit 2) means the user asked for something that cannot be done as asked: a missing
+file, a bad option, an unknown method.  `RuntimeFailure` (exit 1) means the request was fine but
+running it failed.  Both carry a message meant for a person, and an optional hint with the fix.
+"""
+
+from __future__ import annotations
+
+
+class KdecliError(Exception):
+    """Base class: a message for a person, and an optional hint that says what to do."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(KdecliError):
+    """The request itself is wrong (bad option, bad or missing input). Exit code 2."""
+
+    exit_code = 2
+
+
+class InputError(UsageError):
+    """An input file or array cannot be used: it names the file, the array and the problem."""
+
+
+class ParameterError(UsageError):
+    """A method parameter or budget is out of range, of the wrong type, or unknown."""
+
+
+class RuntimeFailure(KdecliError):
+    """Running the request failed (out of memory, a write failed, a download broke). Exit code 1."""

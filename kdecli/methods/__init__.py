@@ -1,0 +1,10 @@
+"""Attention approximation methods.  Built-in methods are imported here explicitly, in the order
+`kdecli methods` lists them."""
+
+from kdecli.methods.base import AttentionMethod, Param
+from kdecli.methods.registry import get_method_class, make_method, method_names, register
+
+from kdecli.methods import exact as _exact  # noqa: F401  (registers exact, mean)
+from kdecli.methods import kdeformer as _kdeformer  # noqa: F401
+
+__all__ = ["AttentionMethod", "Param", "get_method_class", "make_method", "method_names", "register"]

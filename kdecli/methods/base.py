@@ -1,0 +1,234 @@
+"""The one contract every attention approximation follows.
+
+A method is a small class with a registered name.  It is built once from a ``budget`` (roughly the
+number of keys or features each query pays for) and optional named parameters, then called like
+``scaled_dot_product_attention``::
+
+    method = KDEformer(budget=256)                       # or make_method("kdeformer", 256)
+    out = method(q, k, v, scale=0.125, generator=g)      # (b, h, n_q, d_v)
+
+Inputs are ``(batch, heads, n, d)``; ``k`` and ``v`` share ``n_k``; ``q`` may have its own ``n_q``
+and ``v`` its own width ``d_v``.  All randomness comes from ``generator``.  Methods are pure: they do
+not modify their inputs and keep no state between calls.  ``not_supported_reasons`` says, without
+running, why a method cannot run on given inputs; "supported" means the list is empty.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from kdecli.errors import ParameterError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One named parameter of a method: its type, default and allowed values."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def describe_range(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        if self.type is bool:
+            return "true or false"
+        low = "-inf" if self.low is None else _fmt(self.low)
+        high = "inf" if self.high is None else _fmt(self.high)
+        return f"{self.type.__name__} in [{low}, {high}]"
+
+    def coerce(self, method: str, value: Any) -> Any:
+        """Convert ``value`` (possibly a string from the command line) and check its range."""
+        what = f"{method}: `{self.name}` must be {self._article()}{self.describe_range()}; got {value!r}."
+        try:
+            converted = _convert(self.type, value)
+        except (TypeError, ValueError):
+            raise ParameterError(what) from None
+        if self.choices is not None and converted not in self.choices:
+            raise ParameterError(what)
+        if self.type in (int, float):
+            if not math.isfinite(converted):
+                raise ParameterError(what)
+            if (self.low is not None and converted < self.low) or (
+                self.high is not None and converted > self.high
+            ):
+                raise ParameterError(what)
+        return converted
+
+    def _article(self) -> str:
+        if self.choices is not None or self.type is bool:
+            return ""
+        return "an " if self.type is int else "a "
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type.__name__,
+            "default": self.default,
+            "range": self.describe_range(),
+            "help": self.help,
+        }
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def _convert(kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(value)
+    if kind is int:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        return int(str(value).strip())
+    if kind is float:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        return float(value)
+    if kind is str:
+        return str(value)
+    raise TypeError(f"unsupported parameter type {kind}")
+
+
+class AttentionMethod:
+    """Base class of every method; subclasses set the class attributes and implement ``forward``.
+
+    Class attributes (shown by ``kdecli methods``):
+      name, summary, paper       -- registry name, one line, citation
+      budget_help                -- what the budget means and how it maps onto the parameters
+      params                     -- the tuple of ``Param`` the method accepts
+      randomized                 -- whether the output depends on the generator
+      uses_budget                -- False for methods such as ``exact`` and ``mean``
+      supports_cross             -- whether n_q may differ from n_k
+      supports_causal            -- whether ``causal=True`` is implemented
+      oracle                     -- an analysis-only method that reads the exact attention matrix
+      estimates                  -- which function is estimated; "softmax" unless a parameter
+                                    makes the method estimate something else
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    budget_help: ClassVar[str] = "not used"
+    params: ClassVar[tuple[Param, ...]] = ()
+    randomized: ClassVar[bool] = False
+    uses_budget: ClassVar[bool] = True
+    supports_cross: ClassVar[bool] = True
+    supports_causal: ClassVar[bool] = False
+    oracle: ClassVar[bool] = False
+    cost_help: ClassVar[str] = ""
+
+    def __init__(self, budget: int | None = None, **overrides: Any):
+        known = {p.name: p for p in self.params}
+        for key in overrides:
+            if key not in known:
+                from difflib import get_close_matches
+
+                close = get_close_matches(key, list(known), n=1)
+                hint = f" Did you mean `{close[0]}`?" if close else ""
+                allowed = ", ".join(known) or "none"
+                raise ParameterError(
+                    f"{self.name}: unknown parameter `{key}`.{hint} Parameters: {allowed}."
+                )
+        if budget is not None and self.uses_budget:
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+                raise ParameterError(f"{self.name}: `budget` must be an integer >= 1; got {budget!r}.")
+        self.budget = budget if self.uses_budget else None
+        resolved = {p.name: p.default for p in self.params}
+        if self.budget is not None:
+            resolved.update(self.params_for_budget(self.budget))
+        resolved.update(overrides)  # an explicit parameter always wins over the budget mapping
+        self.config: dict[str, Any] = {
+            name: known[name].coerce(self.name, value) for name, value in resolved.items()
+        }
+        self.check_config()
+
+    # ---- what subclasses provide -------------------------------------------------------------
+    @classmethod
+    def params_for_budget(cls, budget: int) -> dict[str, Any]:
+        """Map the shared budget onto this method's parameters (before explicit overrides)."""
+        return {}
+
+    def check_config(self) -> None:
+        """Cross-parameter checks; raise ``ParameterError`` with a message naming the parameter."""
+
+    def input_reasons(self, n_q: int, n_k: int, d: int, d_v: int, causal: bool) -> list[str]:
+        """Method-specific reasons it cannot run on inputs of this shape (empty when it can)."""
+        return []
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+        generator: torch.Generator | None, causal: bool,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def flops(self, b: int, h: int, n_q: int, n_k: int, d: int, d_v: int) -> float:
+        """Approximate floating-point operations of one call (a multiply-add counts as 2)."""
+        return float("nan")
+
+    # ---- the shared machinery ------------------------------------------------------------------
+    def not_supported_reasons(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+    ) -> list[str]:
+        reasons = []
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            return ["inputs must be 4-d (batch, heads, n, d)"]
+        n_q, n_k, d, d_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+        if not self.supports_cross and n_q != n_k:
+            reasons.append(f"needs n_q == n_k (self-attention); got n_q={n_q}, n_k={n_k}")
+        if causal and not self.supports_causal:
+            reasons.append("does not support causal masking")
+        if causal and n_q != n_k:
+            reasons.append(f"causal attention needs n_q == n_k; got n_q={n_q}, n_k={n_k}")
+        reasons += self.input_reasons(n_q, n_k, d, d_v, causal)
+        return reasons
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+        generator: torch.Generator | None = None, causal: bool = False,
+    ) -> torch.Tensor:
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+        return self.forward(q, k, v, float(scale), generator, causal)
+
+    @property
+    def resolved_params(self) -> dict[str, Any]:
+        return dict(self.config)
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {
+            "name": cls.name,
+            "summary": cls.summary,
+            "paper": cls.paper,
+            "budget": cls.budget_help if cls.uses_budget else "not used",
+            "params": [p.as_dict() for p in cls.params],
+            "randomized": cls.randomized,
+            "supports_cross": cls.supports_cross,
+            "supports_causal": cls.supports_causal,
+            "oracle": cls.oracle,
+            "cost": cls.cost_help,
+        }
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"{type(self).__name__}(budget={self.budget}, {args})"

@@ -1,0 +1,41 @@
+"""Small tensor helpers shared by several methods (padding, log-sum-exp merging)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pad_dim(x: torch.Tensor, size: int, dim: int = -2, value: float = 0.0) -> torch.Tensor:
+    """Pad ``x`` along ``dim`` with ``value`` up to ``size`` (no copy when already that long)."""
+    missing = size - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_full(shape, value)], dim=dim)
+
+
+def with_ones_column(v: torch.Tensor) -> torch.Tensor:
+    """(…, n, d_v) -> (…, n, d_v + 1): one matmul then gives numerator and row sum together."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (b, h, n, d) at ``index`` (b, h, m) -> (b, h, m, d)."""
+    return torch.gather(x, -2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
+
+
+def merge_lse(
+    lse_a: torch.Tensor, out_a: torch.Tensor, lse_b: torch.Tensor, out_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two normalised partial attentions by their log-sum-exps.
+
+    With L = log Σ e^ℓ over each part and O the part's softmax output,
+    O = (e^{L_a} O_a + e^{L_b} O_b) / (e^{L_a} + e^{L_b}), computed without overflow.
+    A part with L = -inf (no keys) contributes nothing.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w_a = torch.exp(lse_a - lse_safe).unsqueeze(-1)
+    w_b = torch.exp(lse_b - lse_safe).unsqueeze(-1)
+    return lse, w_a * out_a + w_b * out_b

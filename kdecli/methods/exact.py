@@ -1,0 +1,57 @@
+"""`exact` and `mean`: the reference itself, and the trivial baseline every method must beat."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdecli.methods.base import AttentionMethod
+from kdecli.methods.registry import register
+
+
+@register
+class Exact(AttentionMethod):
+    """Exact softmax attention, softmax(s·QKᵀ)V, through ``scaled_dot_product_attention``.
+
+    This is what speed-ups are measured against.  The error reference is computed separately,
+    in float64 and in query chunks (``kdecli.reference``).
+    """
+
+    name = "exact"
+    summary = "Exact softmax attention (torch scaled_dot_product_attention in the working dtype)."
+    paper = "Vaswani et al., Attention Is All You Need, NeurIPS 2017"
+    uses_budget = False
+    supports_causal = True
+    cost_help = "4·n_q·n_k·d (logits and A·V), plus n_q·n_k exponentials."
+
+    def forward(self, q, k, v, scale, generator, causal):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal)
+
+    def flops(self, b, h, n_q, n_k, d, d_v):
+        return float(b * h * (2 * n_q * n_k * d + 2 * n_q * n_k * d_v + n_q * n_k))
+
+
+@register
+class Mean(AttentionMethod):
+    """The trivial baseline: Õ_i = (1/n_k) Σ_j v_j, attention with all logits equal.
+
+    It costs nothing, yet on real data it is a strong opponent (ALGORITHMS.md, `mean`).  With a
+    causal mask, query i gets the mean of v_1..v_i.
+    """
+
+    name = "mean"
+    summary = "Every query gets the mean of V (all logits equal): the floor to beat."
+    paper = "baseline (KDEformer paper, section 6 discussion; kdecli ALGORITHMS.md)"
+    uses_budget = False
+    supports_causal = True
+    cost_help = "n_k·d_v additions."
+
+    def forward(self, q, k, v, scale, generator, causal):
+        b, h, n_q, _ = q.shape
+        if causal:
+            counts = torch.arange(1, v.shape[-2] + 1, device=v.device, dtype=v.dtype)
+            return v.cumsum(-2) / counts.unsqueeze(-1)
+        return v.mean(dim=-2, keepdim=True).expand(b, h, n_q, v.shape[-1]).clone()
+
+    def flops(self, b, h, n_q, n_k, d, d_v):
+        return float(b * h * n_k * d_v)

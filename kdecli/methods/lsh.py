@@ -1,0 +1,89 @@
+"""Angular LSH in Hamming (Gray-code) order and the sorted-block layout built on it.
+
+Shared by ``kdeformer`` and ``hyperattention``.  With r random Gaussian directions w_1..w_r, the
+code of x is Σ_t 2^t·[w_t·x > 0].  Sorting by the code's rank in the reflected Gray-code sequence
+g(p) = p XOR (p >> 1) puts codes that differ in one bit next to each other, so similar vectors land
+in the same block after sorting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def gray_rank_table(num_bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """table[c] = position of code c in the Gray-code sequence (the inverse of g(p) = p ^ (p >> 1))."""
+    positions = torch.arange(2**num_bits, device=device)
+    gray = positions ^ (positions >> 1)
+    table = torch.empty_like(positions)
+    table[gray] = positions
+    return table
+
+
+def random_directions(
+    b: int, h: int, d: int, num_projs: int, *, dtype: torch.dtype, device: torch.device,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Independent Gaussian directions per batch×head slice: (b, h, d, r)."""
+    w = torch.randn(b, h, d, num_projs, generator=generator, device=device, dtype=torch.float32)
+    return w.to(dtype)
+
+
+def hamming_rank(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Gray-code rank of the angular LSH code of each row of x (b, h, n, d) -> (b, h, n) int64."""
+    num_projs = directions.shape[-1]
+    bits = (x @ directions.to(x.dtype)) > 0
+    weights = 2 ** torch.arange(num_projs, device=x.device)
+    codes = (bits.long() * weights).sum(-1)
+    return gray_rank_table(num_projs, x.device)[codes]
+
+
+@dataclass
+class SortedBlocks:
+    """Queries and keys sorted by LSH rank and cut into the same number of blocks.
+
+    ``q_order``/``k_order`` (b, h, n) are the sorting permutations.  Sorted keys are padded to
+    ``num_blocks·key_block`` and sorted queries to ``num_blocks·query_block``; padded keys sit at
+    sorted positions >= n_k, padded queries at positions >= n_q.  The block of a sorted key at
+    position p is p // key_block; of a sorted query at position p, p // query_block.  Blocks live
+    inside one batch×head slice, so nothing ever crosses slices.
+    """
+
+    q_order: torch.Tensor
+    k_order: torch.Tensor
+    num_blocks: int
+    query_block: int
+    key_block: int
+    n_q: int
+    n_k: int
+
+    def key_block_of(self, k_index: torch.Tensor) -> torch.Tensor:
+        """Block id of original key indices (b, h, m) -> (b, h, m)."""
+        inverse = torch.argsort(self.k_order, dim=-1)
+        return torch.gather(inverse, -1, k_index) // self.key_block
+
+    def query_block_ids(self) -> torch.Tensor:
+        """Block id of every original query: (b, h, n_q)."""
+        inverse = torch.argsort(self.q_order, dim=-1)
+        return inverse // self.query_block
+
+
+def sort_into_blocks(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, num_projs: int,
+    generator: torch.Generator | None,
+) -> SortedBlocks:
+    """Hash q and k with the same random directions, sort each, and lay out the blocks."""
+    b, h, n_q, d = q.shape
+    n_k = k.shape[-2]
+    directions = random_directions(
+        b, h, d, num_projs, dtype=q.dtype, device=q.device, generator=generator
+    )
+    # A stable sort keeps the original order inside one bucket, so results are reproducible.
+    q_order = torch.sort(hamming_rank(q, directions), dim=-1, stable=True).indices
+    k_order = torch.sort(hamming_rank(k, directions), dim=-1, stable=True).indices
+    key_block = min(block_size, n_k)
+    num_blocks = -(-n_k // key_block)
+    query_block = -(-n_q // num_blocks)
+    return SortedBlocks(q_order, k_order, num_blocks, query_block, key_block, n_q, n_k)
