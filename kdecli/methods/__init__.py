@@ -8,3 +8,8 @@ from kdecli.methods import exact as _exact  # noqa: F401  (registers exact, mean
 from kdecli.methods import kdeformer as _kdeformer  # noqa: F401
 
 __all__ = ["AttentionMethod", "Param", "get_method_class", "make_method", "method_names", "register"]
+from kdecli.methods import hyperattention as _hyperattention  # noqa: E402,F401
+from kdecli.methods import thinformer as _thinformer  # noqa: E402,F401
+from kdecli.methods import nystromformer as _nystromformer  # noqa: E402,F401
+from kdecli.methods import uniform as _uniform  # noqa: E402,F401
+from kdecli.methods import oracles as _oracles  # noqa: E402,F401  (registers topk, rankk)

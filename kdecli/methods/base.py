@@ -43,11 +43,13 @@ class Param:
             return "true or false"
         low = "-inf" if self.low is None else _fmt(self.low)
         high = "inf" if self.high is None else _fmt(self.high)
-        return f"{self.type.__name__} in [{low}, {high}]"
+        kind = {int: "integer", float: "number"}.get(self.type, self.type.__name__)
+        return f"{kind} in [{low}, {high}]"
 
     def coerce(self, method: str, value: Any) -> Any:
         """Convert ``value`` (possibly a string from the command line) and check its range."""
-        what = f"{method}: `{self.name}` must be {self._article()}{self.describe_range()}; got {value!r}."
+        given = value if isinstance(value, str) else repr(value)
+        what = f"{method}: `{self.name}` must be {self._article()}{self.describe_range()}; got {given}."
         try:
             converted = _convert(self.type, value)
         except (TypeError, ValueError):
@@ -66,7 +68,7 @@ class Param:
     def _article(self) -> str:
         if self.choices is not None or self.type is bool:
             return ""
-        return "an " if self.type is int else "a "
+        return "an " if self.type is int else "a "  # "an integer", "a number"
 
     def as_dict(self) -> dict[str, Any]:
         return {

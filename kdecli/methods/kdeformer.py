@@ -72,7 +72,7 @@ class KDEformer(AttentionMethod):
         flat = probs.reshape(b * h, n_k)
         index = torch.multinomial(flat, m, replacement=True, generator=generator).view(b, h, m)
         weight = 1.0 / (m * torch.gather(probs, -1, index))
-        return index, weight
+        return index, weight.to(v_aug.dtype)
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         cfg = self.config
@@ -92,6 +92,8 @@ def sampling_probabilities(kind: str, q, k, v_aug, scale) -> torch.Tensor:
     column-norm: p_j ∝ ‖(D⁻¹A)_{:,j}‖₂², computed exactly in query chunks (an oracle).
     """
     n_k = v_aug.shape[-2]
+    if v_aug.dtype in (torch.float16, torch.bfloat16):  # eigvalsh and multinomial need float32+
+        v_aug = v_aug.float()
     if kind == "uniform":
         return v_aug.new_full(v_aug.shape[:-1], 1.0 / n_k)
     if kind == "value-norm":

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kdecli.methods.common import gather_rows, pad_dim
+
 
 def gray_rank_table(num_bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """table[c] = position of code c in the Gray-code sequence (the inverse of g(p) = p ^ (p >> 1))."""
@@ -68,6 +70,36 @@ class SortedBlocks:
         """Block id of every original query: (b, h, n_q)."""
         inverse = torch.argsort(self.q_order, dim=-1)
         return inverse // self.query_block
+
+    # ---- layout helpers (hyperattention) ----------------------------------------------------
+    def sorted_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of x (b, h, n_q, w) in sorted order, zero-padded: (b, h, num_blocks, query_block, w)."""
+        nb, bq = self.num_blocks, self.query_block
+        return pad_dim(gather_rows(x, self.q_order), nb * bq).view(*x.shape[:2], nb, bq, x.shape[-1])
+
+    def sorted_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of x (b, h, n_k, w) in sorted order, zero-padded: (b, h, num_blocks, key_block, w)."""
+        nb, bk = self.num_blocks, self.key_block
+        return pad_dim(gather_rows(x, self.k_order), nb * bk).view(*x.shape[:2], nb, bk, x.shape[-1])
+
+    def key_valid(self, device: torch.device) -> torch.Tensor | None:
+        """(num_blocks, key_block) mask of real (not padded) sorted keys; None when nothing is padded."""
+        nb, bk = self.num_blocks, self.key_block
+        if nb * bk == self.n_k:
+            return None
+        return torch.arange(nb * bk, device=device).view(nb, bk) < self.n_k
+
+    def samples_in_block(self, k_index: torch.Tensor) -> torch.Tensor:
+        """[block(key) == t] for key indices (b, h, m) and every block t: (b, h, num_blocks, m)."""
+        blocks = torch.arange(self.num_blocks, device=k_index.device).view(1, 1, -1, 1)
+        return self.key_block_of(k_index).unsqueeze(2) == blocks
+
+    def unsort_queries(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``sorted_queries``: (b, h, num_blocks, query_block, w) -> (b, h, n_q, w)."""
+        b, h, w = y.shape[0], y.shape[1], y.shape[-1]
+        y = y.reshape(b, h, -1, w)[:, :, : self.n_q]
+        out = torch.empty_like(y)
+        return out.scatter_(-2, self.q_order.unsqueeze(-1).expand(b, h, self.n_q, w), y)
 
 
 def sort_into_blocks(

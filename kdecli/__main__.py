@@ -1,0 +1,3 @@
+from kdecli.cli import main
+
+main()

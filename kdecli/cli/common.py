@@ -1,0 +1,173 @@
+"""What every command shares: option types (defined once), error handling, output and progress."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from kdecli.errors import KdecliError, RuntimeFailure, UsageError
+
+stderr = Console(stderr=True)
+
+# ---- option types, one definition each ---------------------------------------------------------
+InputArg = Annotated[Optional[str], typer.Argument(
+    help="file.npz | file.h5[:/group] | file.pt | glove:PATH | synthetic:n=…,d=…,b=…,h=… "
+    "(or give --q/--k/--v .npy files).", show_default=False)]
+QPath = Annotated[Optional[str], typer.Option("--q", help="Q as a .npy file (with --k and --v).")]
+KPath = Annotated[Optional[str], typer.Option("--k", help="K as a .npy file.")]
+VPath = Annotated[Optional[str], typer.Option("--v", help="V as a .npy file.")]
+QKey = Annotated[Optional[str], typer.Option("--q-key", help="Name of the Q array/dataset.")]
+KKey = Annotated[Optional[str], typer.Option("--k-key", help="Name of the K array/dataset.")]
+VKey = Annotated[Optional[str], typer.Option("--v-key", help="Name of the V array/dataset.")]
+Layout = Annotated[str, typer.Option("--layout", help="4-d arrays are bhnd (default) or bnhd.")]
+NOpt = Annotated[Optional[int], typer.Option("--n", help="Crop to the first N queries and keys.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch", help="glove: batch size (default 8).")]
+Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:i].")]
+DType = Annotated[Optional[str], typer.Option(
+    "--dtype", help="float32 | float64 | float16 | bfloat16 (default: the input's).")]
+Scale = Annotated[Optional[float], typer.Option(
+    "--scale", help="Softmax temperature s in softmax(s·QKᵀ) (default 1/√d; glove: 10^-1/2).")]
+Seed = Annotated[int, typer.Option("--seed", help="Run seed; each method derives its own from it.")]
+Repeats = Annotated[int, typer.Option("--repeats", help="Timed calls per method (median reported).")]
+Warmup = Annotated[int, typer.Option("--warmup", help="Untimed calls before timing.")]
+Format = Annotated[str, typer.Option("--format", "-f", help="table | json | jsonl | csv.")]
+Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results to FILE.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")]
+Causal = Annotated[bool, typer.Option("--causal", help="Causal mask: query i sees keys j ≤ i.")]
+Bound = Annotated[bool, typer.Option(
+    "--bound", help="Add bound_normalized = ‖Õ−O‖₂/(‖D⁻¹A‖₂‖V‖₂) (power iteration: several exact passes).")]
+Params = Annotated[Optional[list[str]], typer.Option(
+    "--param", "-p", help="key=value (or method.key=value); wins over the budget mapping. Repeatable.")]
+NoTiming = Annotated[bool, typer.Option("--no-timing", help="Skip the timing pass (errors only).")]
+
+
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+def debug() -> bool:
+    return os.environ.get("KDECLI_DEBUG", "") not in ("", "0")
+
+
+def error(message: str, hint: str | None = None) -> None:
+    stderr.print(f"[bold red]Error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    if hint:
+        stderr.print(f"Hint: {hint}", highlight=False, soft_wrap=True)
+
+
+def handle_errors(command: Callable) -> Callable:
+    """Map exceptions to one-line messages and exit codes: 2 usage, 1 runtime, 130 interrupted."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KdecliError as exc:
+            if debug():
+                raise
+            error(exc.message, exc.hint)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            stderr.print("Interrupted.")
+            raise typer.Exit(130) from None
+        except (MemoryError, getattr(__import__("torch"), "OutOfMemoryError", MemoryError)) as exc:
+            if debug():
+                raise
+            error(f"out of memory: {str(exc).splitlines()[0] if str(exc) else 'no detail'}",
+                  "Use a smaller --n, --batch or budget, or --device cpu.")
+            raise typer.Exit(1) from None
+        except Exception as exc:
+            if debug():
+                raise
+            error(f"unexpected {type(exc).__name__}: {exc}",
+                  "Set KDECLI_DEBUG=1 for the traceback, and please report it.")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+def check_format(fmt: str, allowed: tuple[str, ...]) -> str:
+    if fmt not in allowed:
+        raise UsageError(f"--format must be one of {', '.join(allowed)}; got {fmt!r}.")
+    return fmt
+
+
+def check_output(path: Path | None) -> None:
+    """Fail before a long run, not after it, when the output file cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"--output {path}: is a folder; give a file name.")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"--output {path}: folder {parent} does not exist.")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"--output {path}: not writable.")
+
+
+def open_output(path: Path | None):
+    """stdout, or the file (created only now); a failed write is a runtime failure."""
+    if path is None:
+        return _NoClose(sys.stdout)
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot write {path}: {exc.strerror}.") from None
+
+
+class _NoClose:
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __enter__(self):
+        return self.stream
+
+    def __exit__(self, *exc):
+        self.stream.flush()
+        return False
+
+
+def parse_params(items: list[str] | None, default_method: str | None = None) -> dict[str, dict[str, Any]]:
+    """``key=value`` and ``method.key=value`` -> {method or "*": {key: value}} (values stay strings;
+    each method converts and checks its own)."""
+    parsed: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param must look like key=value or method.key=value; got {item!r}.")
+        method, dot, name = key.rpartition(".")
+        target = method if dot else (default_method or "*")
+        parsed.setdefault(target, {})[name] = value
+    return parsed
+
+
+def progress_printer(quiet: bool):
+    """A rich progress bar on stderr when it is a terminal; otherwise silence.  Returns (ctx, fn)."""
+    if quiet or not sys.stderr.isatty():
+        return None, None
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=stderr, transient=True,
+    )
+    task = progress.add_task("reference", total=None)
+
+    def update(done: int, total: int, label: str) -> None:
+        progress.update(task, completed=done, total=total, description=label)
+
+    return progress, update
+
+
+def note(message: str, quiet: bool) -> None:
+    if not quiet:
+        stderr.print(message, highlight=False, soft_wrap=True)

@@ -1,0 +1,74 @@
+"""`kdecli methods [NAME]`: every method, what its budget means, its parameters and defaults."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdecli.cli import common as c
+from kdecli.cli.app import app
+from kdecli.inputs import load_input
+from kdecli.methods.catalog import describe_methods
+
+
+@app.command("methods")
+@c.handle_errors
+def methods_command(
+    name: Optional[str] = typer.Argument(None, help="Show one method only."),
+    input_spec: Optional[str] = typer.Option(
+        None, "--input", "-i", help="Also say why each method cannot run on this INPUT."),
+    budget: int = typer.Option(256, "--budget", "-b", help="Budget used for --input checks and the mapping shown."),
+    causal: c.Causal = False,
+    fmt: c.Format = "table",
+) -> None:
+    """List every method: summary, paper, budget mapping, parameters, capabilities."""
+    c.check_format(fmt, ("table", "json"))
+    tensors = {}
+    if input_spec is not None:
+        qkv = load_input(input_spec)
+        tensors = {"q": qkv.q, "k": qkv.k, "v": qkv.v}
+    entries = describe_methods([name] if name else None, budget=budget, causal=causal, **tensors)
+    if fmt == "json":
+        sys.stdout.write(json.dumps(entries if name is None else entries[0], indent=2) + "\n")
+        return
+    console = Console()
+    for entry in entries:
+        _render(console, entry, detailed=name is not None or len(entries) == 1)
+
+
+def _render(console: Console, e: dict, detailed: bool) -> None:
+    flags = [
+        "randomized" if e["randomized"] else "deterministic",
+        "Q≠K lengths ok" if e["supports_cross"] else "self-attention only",
+        "causal ok" if e["supports_causal"] else "no causal",
+    ]
+    if e["oracle"]:
+        flags.insert(0, "ORACLE (analysis only, reads exact attention)")
+    console.print(f"[bold]{e['name']}[/] — {e['summary']}", highlight=False)
+    console.print(f"  paper: {e['paper']}", highlight=False)
+    console.print(f"  budget: {e['budget']}", highlight=False)
+    if "params_at_budget" in e:
+        mapped = " ".join(f"{k}={v}" for k, v in e["params_at_budget"].items())
+        console.print(f"  at budget: {mapped}", highlight=False)
+    console.print(f"  {', '.join(flags)}", highlight=False)
+    if e["cost"]:
+        console.print(f"  cost model: {e['cost']}", highlight=False)
+    if "reasons" in e:
+        status = "; ".join(e["reasons"]) if e["reasons"] else "can run on this input"
+        console.print(f"  on this input: {status}", highlight=False)
+    if e["params"] and detailed:
+        table = Table(show_header=True, box=None, padding=(0, 2))
+        for column in ("parameter", "type", "default", "allowed", "meaning"):
+            table.add_column(column, overflow="fold")
+        for p in e["params"]:
+            table.add_row(p["name"], p["type"], str(p["default"]), p["range"], p["help"])
+        console.print(table)
+    elif e["params"]:
+        console.print("  params: " + ", ".join(f"{p['name']}={p['default']}" for p in e["params"]),
+                      highlight=False)
+    console.print()

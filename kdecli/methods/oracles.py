@@ -1,0 +1,131 @@
+"""Oracles: the best any sparse (`topk`) or low-rank (`rankk`) method with budget m could do.
+
+Both read the exact attention matrix, so they cost as much as exact attention or more: analysis only,
+never a speed-up.  Each refuses inputs above ``max_n`` (a parameter) instead of running for hours.
+
+topk:   Õ_i = Σ_{j∈T_i} e^{ℓ_ij − c_i} v_j / Σ_{j∈T_i} e^{ℓ_ij − c_i}, T_i = the m largest logits of
+        query i (among j ≤ i when causal), c_i = max_j ℓ_ij.  Computed in query chunks, so memory is
+        O(chunk·n_k): it runs wherever the float64 reference runs.  Exact when m >= n_k.
+rankk:  Õ = P_m V with P = D⁻¹A and P_m its best rank-m approximation (truncated SVD; Eckart–Young,
+        in both the spectral and the Frobenius norm).  P is formed per slice in float64.  When
+        n_q <= n_k, P_m = U_m U_mᵀ P so Õ = U_m (U_mᵀ O) with U_m the top eigenvectors of P Pᵀ;
+        otherwise P_m = P W_m W_mᵀ with W_m those of PᵀP: an eigh of the smaller Gram matrix, faster
+        than an SVD of P.  Exact when m >= min(n_q, n_k).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdecli.methods.base import AttentionMethod, Param
+from kdecli.methods.registry import register
+from kdecli.reference import chunk_rows, iter_softmax_chunks
+
+
+def _too_large(method: str, n_q: int, n_k: int, limit: int, why: str) -> list[str]:
+    if max(n_q, n_k) <= limit:
+        return []
+    return [
+        f"{method} is an oracle limited to n_q, n_k <= max_n={limit} ({why}); got n_q={n_q}, "
+        f"n_k={n_k}. Raise the limit with `--param max_n={max(n_q, n_k)}` if you can afford it."
+    ]
+
+
+@register
+class TopK(AttentionMethod):
+    name = "topk"
+    summary = "Oracle: each query keeps its exact top-m logits (the ceiling of sparse methods)."
+    paper = "oracle (kdecli ALGORITHMS.md, `topk`)"
+    budget_help = "m = keys kept per query (`keys`)."
+    params = (
+        Param("keys", int, 256, "largest logits kept per query (m)", 1, 2**24),
+        Param("max_n", int, 131072, "refuse inputs with n_q or n_k above this", 1, 2**24),
+    )
+    oracle = True
+    supports_causal = True
+    cost_help = "like exact attention: 2·n_q·n_k·(d + d_v) plus a top-m per query (O(n²) oracle)."
+
+    @classmethod
+    def params_for_budget(cls, budget):
+        return {"keys": budget}
+
+    def input_reasons(self, n_q, n_k, d, d_v, causal):
+        return _too_large("topk", n_q, n_k, self.config["max_n"], "it reads all n_q·n_k logits")
+
+    def forward(self, q, k, v, scale, generator, causal):
+        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        qw, kw, vw = q.to(work), k.to(work), v.to(work)
+        b, h, n_q, _ = q.shape
+        n_k = k.shape[-2]
+        m = min(self.config["keys"], n_k)
+        out = torch.empty(b, h, n_q, v.shape[-1], dtype=work, device=q.device)
+        step = chunk_rows(b * h, n_k)
+        for start in range(0, n_q, step):
+            stop = min(n_q, start + step)
+            logits = (qw[..., start:stop, :] * scale) @ kw.transpose(-1, -2)
+            if causal:
+                rows = torch.arange(start, stop, device=q.device).unsqueeze(-1)
+                logits.masked_fill_(torch.arange(n_k, device=q.device) > rows, float("-inf"))
+            # Keep the m largest; a causal row with fewer than m keys keeps -inf entries, which
+            # weigh nothing.  Ties at the m-th value are broken by topk, so exactly m are kept.
+            top = torch.topk(logits, m, dim=-1).indices
+            kept = torch.full_like(logits, float("-inf")).scatter_(-1, top, logits.gather(-1, top))
+            out[..., start:stop, :] = torch.softmax(kept, dim=-1) @ vw
+        return out.to(v.dtype)
+
+    def flops(self, b, h, n_q, n_k, d, d_v):
+        return float(b * h * (2 * n_q * n_k * (d + d_v) + 2 * n_q * n_k))
+
+
+@register
+class RankK(AttentionMethod):
+    name = "rankk"
+    summary = "Oracle: best rank-m approximation of D⁻¹A times V (the ceiling of low-rank methods)."
+    paper = "oracle (kdecli ALGORITHMS.md, `rankk`; Eckart–Young)"
+    budget_help = "m = rank kept (`rank`)."
+    params = (
+        Param("rank", int, 256, "rank of the truncated SVD of D⁻¹A (m)", 1, 2**24),
+        Param("max_n", int, 8192, "refuse inputs with n_q or n_k above this", 1, 2**20),
+    )
+    oracle = True
+    supports_causal = True
+    cost_help = (
+        "O(n³) per slice: the float64 Gram matrix of D⁻¹A (2·n_q·n_k·min(n_q, n_k)) and its "
+        "eigendecomposition (about 9·min(n_q, n_k)³); memory 8·n_q·n_k bytes per slice."
+    )
+
+    @classmethod
+    def params_for_budget(cls, budget):
+        return {"rank": budget}
+
+    def input_reasons(self, n_q, n_k, d, d_v, causal):
+        return _too_large(
+            "rankk", n_q, n_k, self.config["max_n"],
+            "it forms D⁻¹A in float64 and takes an O(n³) eigendecomposition per slice",
+        )
+
+    def forward(self, q, k, v, scale, generator, causal):
+        b, h, n_q, _ = q.shape
+        out = torch.empty(b, h, n_q, v.shape[-1], dtype=torch.float64, device=q.device)
+        for i in range(b):  # one slice at a time: P alone takes 8·n_q·n_k bytes
+            for j in range(h):
+                sl = (slice(i, i + 1), slice(j, j + 1))
+                out[sl] = rank_m_attention(q[sl], k[sl], v[sl], scale, self.config["rank"], causal)
+        return out.to(v.dtype)
+
+    def flops(self, b, h, n_q, n_k, d, d_v):
+        small = min(n_q, n_k)
+        return float(b * h * (2 * n_q * n_k * (d + d_v) + 2 * n_q * n_k * small + 9 * small**3))
+
+
+def rank_m_attention(q, k, v, scale: float, m: int, causal: bool) -> torch.Tensor:
+    """P_m V for one slice (1, 1, n, ·) in float64, P_m the best rank-m approximation of D⁻¹A."""
+    p = torch.cat([chunk for _, _, chunk in iter_softmax_chunks(q, k, scale, causal=causal)], dim=-2)
+    v64 = v.to(torch.float64)
+    n_q, n_k = p.shape[-2:]
+    if n_q <= n_k:
+        basis = torch.linalg.eigh(p @ p.transpose(-1, -2)).eigenvectors[..., -m:]  # top-m, ascending
+        return basis @ (basis.transpose(-1, -2) @ (p @ v64))
+    basis = torch.linalg.eigh(p.transpose(-1, -2) @ p).eigenvectors[..., -m:]
+    return (p @ basis) @ (basis.transpose(-1, -2) @ v64)
+

@@ -1,0 +1,129 @@
+"""Performer (FAVOR+): softmax attention through positive random features, in linear time.
+
+Choromanski, Likhosherstov, Dohan, Song, Gane, Sarlos, Hawkins, Davis, Mohiuddin, Kaiser, Belanger,
+Colwell, Weller, "Rethinking Attention with Performers", ICLR 2021.  With the features φ of
+``kdecli.methods.features`` (E[φ(q)·φ(k)] = e^{s·q·k}) and ṽ_j = (v_j, 1):
+
+    N_i = φ(q_i) · Σ_j φ(k_j) ṽ_jᵀ            (the m × (d_v+1) matrix φ(K)ᵀṼ is built once)
+    Õ_i = N_i[:d_v] / N_i[d_v]
+
+Causal: the sums run over j ≤ i, as a scan over chunks of C positions.  The prefix before the chunk is
+a running m × (d_v+1) state (rescaled whenever a feature's key maximum grows, like an online
+softmax); inside the chunk the masked C × C products φ(q_i)·φ(k_j) are formed from the chunk's own
+stabilised features, and the two parts are merged by their log-sum-exps.  Neither part can end with
+a zero row sum (see ``in_chunk``), so the output stays finite with logits in the hundreds.
+Error falls like 1/√m; there is no exact limit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kdecli.methods.base import AttentionMethod, Param
+from kdecli.methods.common import merge_lse, with_ones_column
+from kdecli.methods.features import (
+    favor_features, log_features, random_directions, split_scale, stabilised_features,
+    working_dtype,
+)
+from kdecli.methods.registry import register
+
+CAUSAL_CHUNK = 64  # positions per scan step: the in-chunk part costs about C·(m + d_v) per query
+
+
+@register
+class Performer(AttentionMethod):
+    name = "performer"
+    summary = "FAVOR+ positive random features (orthogonal by default): linear-time softmax estimate."
+    paper = "Choromanski et al., Rethinking Attention with Performers, ICLR 2021"
+    budget_help = "m random features: features = m."
+    params = (
+        Param("features", int, 256, "number of random features (m)", 1, 2**16),
+        Param("orthogonal", bool, True, "orthogonal directions (FAVOR+); false: i.i.d. Gaussian"),
+    )
+    randomized = True
+    supports_causal = True
+    estimates = "softmax"
+    cost_help = (
+        "2·(n_q+n_k)·d·m features + (n_q+n_k)·m exponentials + 2·(n_q+n_k)·m·(d_v+1) for φ(K)ᵀṼ "
+        "and φ(Q)·(φ(K)ᵀṼ); causal adds 2·C·(m + d_v + 1) per query for the in-chunk part (C = 64)."
+    )
+
+    @classmethod
+    def params_for_budget(cls, budget):
+        return {"features": budget}
+
+    def forward(self, q, k, v, scale, generator, causal):
+        b, h, _, d = q.shape
+        dtype, work = q.dtype, working_dtype(q.dtype)
+        q, k, v = q.to(work), k.to(work), v.to(work)
+        omega = random_directions(
+            b, h, d, self.config["features"], orthogonal=self.config["orthogonal"],
+            generator=generator, device=q.device, dtype=work,
+        )
+        if causal:
+            out = causal_favor(q, k, v, scale, omega)
+        else:
+            qf, kf, _ = favor_features(q, k, scale, omega)
+            kv = torch.einsum("bhjm,bhje->bhme", kf, with_ones_column(v))
+            num = torch.einsum("bhim,bhme->bhie", qf, kv)
+            out = num[..., :-1] / num[..., -1:]
+        return out.to(dtype)
+
+    def flops(self, b, h, n_q, n_k, d, d_v):
+        m = self.config["features"]
+        return float(b * h * (2 * (n_q + n_k) * d * m + (n_q + n_k) * m
+                              + 2 * (n_q + n_k) * m * (d_v + 1)))
+
+
+def causal_favor(q, k, v, scale, omega):
+    """FAVOR+ with j ≤ i (n_q == n_k), as the chunked scan of the module docstring: (b, h, n, d_v)."""
+    b, h, n, _ = q.shape
+    m = omega.shape[-2]
+    q1, k1 = split_scale(q, k, scale)
+    f, g = log_features(q1, omega), log_features(k1, omega)  # (b, h, n, m)
+    v_aug = with_ones_column(v)
+    beta = f.new_full((b, h, 1, m), float("-inf"))  # per-feature max of g over the prefix
+    state = f.new_zeros(b, h, m, v_aug.shape[-1])  # Σ_{j in prefix} exp(g_j − β) ṽ_jᵀ
+    out = torch.empty_like(v)
+    for start in range(0, n, CAUSAL_CHUNK):
+        stop = min(n, start + CAUSAL_CHUNK)
+        fc, gc, vc = f[..., start:stop, :], g[..., start:stop, :], v_aug[..., start:stop, :]
+        lse, part = in_chunk(fc, gc, vc)
+        if start > 0:  # the prefix part, with a row sum >= 1 by construction
+            shifted = fc + beta
+            gamma = shifted.amax(-1, keepdim=True)
+            num = torch.exp(shifted - gamma) @ state
+            lse_prefix = gamma.squeeze(-1) + torch.log(num[..., -1]) - math.log(m)
+            lse, part = merge_lse(lse_prefix, num[..., :-1] / num[..., -1:], lse, part)
+        out[..., start:stop, :] = part
+        new_beta = torch.maximum(beta, gc.amax(-2, keepdim=True))
+        state = state * torch.exp(beta - new_beta).transpose(-1, -2)
+        state = state + torch.exp(gc - new_beta).transpose(-1, -2) @ vc
+        beta = new_beta
+    return out
+
+
+def in_chunk(fc, gc, vc):
+    """(lse, out) of the masked in-chunk products P_ij = Σ_r exp(f_ir + g_jr), j ≤ i.
+
+    Computed as a product of stabilised features (``stabilised_features`` with the chunk's keys).
+    Its row sums can underflow only when a later key in the chunk dominates every earlier one by
+    e^{80} or more; such rows are recomputed exactly in log space, log P_ij = logsumexp_r(...).
+    """
+    qf, kf, log_shift = stabilised_features(fc, gc)
+    size = fc.shape[-2]
+    upper = torch.ones(size, size, dtype=torch.bool, device=fc.device).triu(1)
+    num = (qf @ kf.transpose(-1, -2)).masked_fill(upper, 0.0) @ vc
+    lse = log_shift + torch.log(num[..., -1])
+    part = num[..., :-1] / num[..., -1:]
+    bad = num[..., -1] < torch.finfo(num.dtype).tiny ** 0.5
+    if bool(bad.any()):
+        bi, hi, ii = bad.nonzero(as_tuple=True)
+        logits = torch.logsumexp(fc[bi, hi, ii].unsqueeze(-2) + gc[bi, hi], dim=-1)  # (rows, C)
+        logits = logits.masked_fill(upper[ii], float("-inf")) - math.log(fc.shape[-1])
+        lse = lse.index_put((bi, hi, ii), torch.logsumexp(logits, dim=-1))
+        rows = torch.softmax(logits, dim=-1).unsqueeze(-2) @ vc[bi, hi, :, :-1]
+        part = part.index_put((bi, hi, ii), rows.squeeze(-2))
+    return lse, part

@@ -1,0 +1,80 @@
+"""Uniform key sampling: the floor every importance-sampling method must beat.
+
+For one slice, S is a set of m keys drawn uniformly without replacement (one set per slice):
+
+    Õ_i = Σ_{j∈S} e^{ℓ_ij − c_i} v_j / Σ_{j∈S} e^{ℓ_ij − c_i},   c_i = max_{j∈S} ℓ_ij
+
+The weights n_k/m of the sampled keys cancel in the ratio.  Exact when m >= n_k.
+
+Causal: query i uses S ∩ {j ≤ i}, which is a uniform sample of its own prefix.  A query whose prefix
+holds no sampled key (every i before the first sampled index) has nothing to estimate from, so it
+attends exactly to its prefix; those prefixes are shorter than the first sampled index, about
+n_k/(m+1) keys in expectation, so the fallback costs far less than the sampled part.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdecli.methods.base import AttentionMethod, Param
+from kdecli.methods.common import gather_rows
+from kdecli.methods.registry import register
+
+
+@register
+class Uniform(AttentionMethod):
+    name = "uniform"
+    summary = "Softmax over m keys sampled uniformly without replacement (one set per slice)."
+    paper = "baseline (kdecli ALGORITHMS.md, `uniform`)"
+    budget_help = "m = number of sampled keys per slice (`samples`)."
+    params = (Param("samples", int, 256, "keys drawn uniformly without replacement (m)", 1, 2**24),)
+    randomized = True
+    supports_causal = True
+    cost_help = "2·n_q·m·(d + d_v) for the sampled products (+ the short exact prefix when causal)."
+
+    @classmethod
+    def params_for_budget(cls, budget):
+        return {"samples": budget}
+
+    def forward(self, q, k, v, scale, generator, causal):
+        b, h, n_k, _ = k.shape
+        m = min(self.config["samples"], n_k)
+        # m smallest of n_k uniform keys = a uniform m-subset; sorted so the causal prefix is easy.
+        keys = torch.rand(b, h, n_k, generator=generator, device=k.device)
+        index = torch.sort(torch.topk(keys, m, dim=-1, largest=False).indices, dim=-1).values
+        return sampled_attention(q * scale, k, v, index, causal)
+
+    def flops(self, b, h, n_q, n_k, d, d_v):
+        m = min(self.config["samples"], n_k)
+        return float(b * h * (2 * n_q * m * (d + d_v) + n_q * m))
+
+
+def sampled_attention(
+    q_scaled: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, causal: bool
+) -> torch.Tensor:
+    """Softmax attention over the keys at ``index`` (b, h, m), sorted ascending when causal."""
+    logits = q_scaled @ gather_rows(k, index).transpose(-1, -2)  # (b, h, n_q, m)
+    if causal:
+        rows = torch.arange(q_scaled.shape[-2], device=k.device).view(1, 1, -1, 1)
+        logits = logits.masked_fill(index.unsqueeze(-2) > rows, float("-inf"))
+    c = logits.amax(-1, keepdim=True)
+    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # rows with no key (causal only)
+    weights = torch.exp(logits - c)
+    total = weights.sum(-1, keepdim=True)
+    out = (weights @ gather_rows(v, index)) / torch.where(total > 0, total, torch.ones_like(total))
+    if causal:
+        out = _exact_before_first_sample(q_scaled, k, v, index, out)
+    return out
+
+
+def _exact_before_first_sample(q_scaled, k, v, index, out):
+    """Queries before the first sampled key (empty sampled prefix) attend exactly to their prefix."""
+    first = index[..., 0]  # (b, h): the smallest sampled index of each slice
+    p = int(first.max())
+    if p == 0:
+        return out
+    logits = q_scaled[..., :p, :] @ k[..., :p, :].transpose(-1, -2)
+    causal_mask = torch.ones(p, p, dtype=torch.bool, device=k.device).triu(1)
+    exact = torch.softmax(logits.masked_fill(causal_mask, float("-inf")), dim=-1) @ v[..., :p, :]
+    empty = torch.arange(p, device=k.device).view(1, 1, p, 1) < first.view(*first.shape, 1, 1)
+    return torch.cat([torch.where(empty, exact, out[..., :p, :]), out[..., p:, :]], dim=-2)

@@ -1,0 +1,127 @@
+"""The maths of kdeformer: exact limit, unbiased residual, error falls with budget, no leaks."""
+
+import pytest
+import torch
+
+from kdecli.methods import make_method
+from kdecli.methods.common import with_ones_column
+from kdecli.methods.kdeformer import kdeformer_numerator
+from kdecli.methods.lsh import gray_rank_table, sort_into_blocks
+from kdecli.metrics import slice_errors
+from kdecli.reference import exact_attention
+from tests.conftest import gen, make_qkv
+
+
+def test_gray_rank_orders_codes_by_single_bit_flips():
+    table = gray_rank_table(5)
+    order = torch.argsort(table)  # codes listed in Gray order
+    flips = (order[1:] ^ order[:-1])
+    assert all(bin(int(x)).count("1") == 1 for x in flips)
+    assert sorted(table.tolist()) == list(range(32))
+
+
+@pytest.mark.parametrize("n_q,n_k,d_v", [(47, 47, 21), (97, 59, 13), (1025, 1025, 7), (30, 1025, 21)])
+def test_exact_when_one_block_holds_every_key(n_q, n_k, d_v):
+    q, k, v = make_qkv(2, 2, n_q, n_k, 21, d_v)
+    ref = exact_attention(q, k, v, 0.25)
+    for sampling in ("value-norm", "uniform", "column-norm"):
+        method = make_method("kdeformer", 64, block_size=n_k, sampling=sampling)
+        out = method(q, k, v, scale=0.25, generator=gen(0))
+        assert (out - ref).abs().max() <= 1e-10
+
+
+def test_residual_is_unbiased_estimate_of_off_block_sum():
+    """E[sampled part] = Σ_{j ∉ block(i)} e^{ℓ_ij} ṽ_j, for fixed blocks (shift c = 0)."""
+    q, k, v = make_qkv(1, 1, 97, 97, 8, 5, spread=0.6)
+    scale = 0.5
+    g = gen(0)
+    blocks = sort_into_blocks(q, k, block_size=16, num_projs=3, generator=g)
+    v_aug = with_ones_column(v)
+    method = make_method("kdeformer", 32, block_size=16, samples=32)
+    zero_shift = torch.zeros(1, 1, 97, dtype=torch.float64)
+    no_samples = (torch.zeros(1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1, dtype=torch.float64))
+    block_only = kdeformer_numerator(q * scale, k, v_aug, blocks, *no_samples, shift=zero_shift)
+    # a single zero-weight sample adds nothing, so block_only is exactly the in-block sum
+    a = torch.exp(scale * q @ k.transpose(-1, -2))
+    full = a @ v_aug
+    off_block_exact = full - block_only
+    trials = 4000
+    total = torch.zeros_like(full)
+    for _ in range(trials):
+        index, weight = method.draw_samples(q, k, v_aug, scale, g)
+        total += kdeformer_numerator(q * scale, k, v_aug, blocks, index, weight, shift=zero_shift)
+    estimate = total / trials - block_only
+    # Monte-Carlo standard error from a second, independent set of per-trial estimates
+    rel = (estimate - off_block_exact).norm() / off_block_exact.norm()
+    assert rel < 0.02, rel
+    # and a biased estimator (weights halved) is caught by the same check
+    assert ((estimate * 0.5) - off_block_exact).norm() / off_block_exact.norm() > 0.3
+
+
+def glove_like(seed=0, n=1024):
+    """Clustered self-attention inputs (K = Q) where LSH blocks matter, like word vectors."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(1, 2, 24, 16, generator=g, dtype=torch.float64) * 1.5
+    which = torch.randint(0, 24, (1, 2, n), generator=g)
+    q = torch.gather(centres, 2, which.unsqueeze(-1).expand(1, 2, n, 16))
+    q = q + 0.5 * torch.randn(1, 2, n, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 2, n, 16, generator=g, dtype=torch.float64)
+    return q, q, v
+
+
+def test_error_falls_as_budget_grows():
+    q, k, v = glove_like()
+    scale = 0.4
+    ref = exact_attention(q, k, v, scale)
+    means = []
+    for budget in (32, 128, 512):
+        errs = [
+            slice_errors(make_method("kdeformer", budget)(q, k, v, scale=scale, generator=gen(s)), ref)[
+                "rel_spectral"
+            ].mean()
+            for s in range(4)
+        ]
+        means.append(float(torch.stack(errs).mean()))
+    assert means[0] > means[1] > means[2], means
+
+
+def test_padding_never_leaks_across_batch_items():
+    """n not a multiple of the block size: the reference code leaked blocks across batch items."""
+    q, k, v = make_qkv(3, 1, 100, 100, 21)
+    method = make_method("kdeformer", 64, block_size=30, samples=40)
+    out = method(q, k, v, scale=0.3, generator=gen(4))
+    k2, v2 = k.clone(), v.clone()
+    k2[0], v2[0] = k2[0] * 3, v2[0] + 5
+    out2 = method(q, k2, v2, scale=0.3, generator=gen(4))
+    assert torch.equal(out[1:], out2[1:])
+
+
+def test_column_norm_oracle_beats_uniform_sampling_on_peaked_attention():
+    q, k, v = glove_like(seed=1)
+    scale = 0.6
+    ref = exact_attention(q, k, v, scale)
+
+    def mean_error(sampling):
+        errs = [
+            slice_errors(
+                make_method("kdeformer", 64, sampling=sampling)(q, k, v, scale=scale, generator=gen(s)),
+                ref,
+            )["rel_spectral"].mean()
+            for s in range(4)
+        ]
+        return float(torch.stack(errs).mean())
+
+    assert mean_error("column-norm") < mean_error("uniform")
+
+
+def test_float32_logits_in_the_hundreds_stay_accurate():
+    q, k, v = make_qkv(1, 2, 97, 97, 21, spread=10.0)
+    scale = 21**-0.5
+    assert (scale * q @ k.transpose(-1, -2)).abs().max() > 300
+    ref = exact_attention(q, k, v, scale)
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    sampled = make_method("kdeformer", 64)(q32, k32, v32, scale=scale, generator=gen(0))
+    assert torch.isfinite(sampled).all()
+    # at the exact limit the float32 result is as accurate as float32 rounding allows
+    exact_limit = make_method("kdeformer", 64, block_size=97)(q32, k32, v32, scale=scale, generator=gen(0))
+    assert (exact_limit.double() - ref).abs().max() < 1e-2 * v.abs().max()

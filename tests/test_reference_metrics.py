@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdecli.metrics import slice_errors, summarize
+from kdecli.reference import (
+    attention_column_sq_norms, attention_spectral_norm, chunk_rows, exact_attention,
+)
+from tests.conftest import make_qkv
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("memory", [4096, 10**6, 10**9])
+def test_chunked_reference_matches_sdpa_in_float64(causal, memory):
+    n_k = 97
+    q, k, v = make_qkv(2, 3, 97 if causal else 59, n_k, 21, 13, spread=2.0)
+    ref = exact_attention(q, k, v, 0.3, causal=causal, memory_bytes=memory)
+    sdpa = F.scaled_dot_product_attention(q, k, v, scale=0.3, is_causal=causal)
+    # two float64 computations of the same sums: a few ulps times the row length
+    assert (ref - sdpa).abs().max() <= 64 * n_k * torch.finfo(torch.float64).eps
+
+
+def test_chunk_size_respects_memory_budget():
+    assert chunk_rows(1, 65536, 256 * 2**20) * 3 * 8 * 65536 <= 256 * 2**20
+    assert chunk_rows(8, 10**9, 1) == 1
+
+
+def test_reference_survives_logits_that_overflow_naively():
+    q, k, v = make_qkv(1, 1, 47, 47, 21, spread=40.0)
+    assert (q @ k.transpose(-1, -2)).max() > 800  # exp would overflow float64
+    out = exact_attention(q, k, v, 1.0)
+    assert torch.isfinite(out).all()
+
+
+def test_column_norms_and_spectral_norm_match_dense_computation():
+    q, k, v = make_qkv(2, 2, 59, 97, 21)
+    p = torch.softmax(0.3 * q @ k.transpose(-1, -2), dim=-1)
+    cols = attention_column_sq_norms(q, k, 0.3, memory_bytes=5000)
+    assert torch.allclose(cols, p.square().sum(-2), rtol=1e-12, atol=0)
+    sigma = attention_spectral_norm(q, k, 0.3, iterations=500, tol=1e-12, memory_bytes=5000)
+    assert torch.allclose(sigma, torch.linalg.matrix_norm(p, ord=2), rtol=1e-6)
+
+
+def test_metrics_on_known_answers():
+    exact = torch.zeros(1, 1, 4, 2, dtype=torch.float64)
+    exact[0, 0, :, 0] = 1.0  # rank one, ‖O‖₂ = 2, ‖O‖_F = 2, every row norm 1
+    approx = exact.clone()
+    approx[0, 0, 0, 0] = 0.0  # one row entirely wrong
+    errors = slice_errors(approx, exact)
+    assert errors["rel_frobenius"].item() == pytest.approx(0.5)
+    assert errors["rel_spectral"].item() == pytest.approx(0.5)
+    assert errors["max_row_rel"].item() == pytest.approx(1.0)
+    zero = slice_errors(torch.zeros_like(exact), exact)
+    assert all(v.item() == pytest.approx(1.0) for v in zero.values())
+    assert slice_errors(exact, exact)["rel_spectral"].item() == 0.0
+
+
+def test_bound_normalized_uses_given_norms():
+    exact = torch.ones(1, 2, 3, 2, dtype=torch.float64)
+    approx = exact * 1.5
+    errs = slice_errors(approx, exact, attention_norm=torch.full((1, 2), 2.0, dtype=torch.float64),
+                        value_norm=torch.full((1, 2), 3.0, dtype=torch.float64))
+    diff_norm = torch.linalg.matrix_norm(approx - exact, ord=2)
+    assert torch.allclose(errs["bound_normalized"], diff_norm / 6.0)
+
+
+def test_summarize_reports_mean_max_and_every_slice():
+    s = summarize(torch.tensor([[0.1, 0.3], [0.2, 0.6]]))
+    assert s["mean"] == pytest.approx(0.3) and s["max"] == pytest.approx(0.6)
+    assert len(s["per_slice"]) == 4
+
+
