@@ -107,8 +107,8 @@ def get_variant(corpus: str) -> Variant:
     found = by_lower.get(_ALIASES.get(key, key).lower())
     if found is None:
         names = ["6B", "twitter.27B", "42B", "840B"]
-        close = get_close_matches(corpus, names, n=1)
-        did_you = f" Did you mean `{close[0]}`?" if close else ""
+        close = get_close_matches(key, [name.lower() for name in names], n=1)
+        did_you = f" Did you mean `{names[[n.lower() for n in names].index(close[0])]}`?" if close else ""
         raise UsageError(f"unknown GloVe corpus `{corpus}`.{did_you}", hint="Choose one of " + ", ".join(names) + ".")
     return found
 
@@ -396,7 +396,8 @@ def iter_glove_blocks(
                 tail = data
                 continue
             data, tail = data[:cut], data[cut + 1 :]
-        data = data.replace(b"\r\n", b"\n").removesuffix(b"\r")
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n").removesuffix(b"\r")
         if data:
             lines = data.split(b"\n")
             if first:
@@ -441,7 +442,7 @@ def _parse_lines(lines: list[bytes], data: bytes, dim: int, source: str, line_no
         if len(parts) != dim + 1 or b"" in parts[1:]:
             parts = line.rsplit(None, dim)
         try:
-            if len(parts) != dim + 1:
+            if len(parts) != dim + 1 or _numeric_tail(parts[0]):
                 raise ValueError
             rows.append(np.array(parts[1:], dtype=np.float32))
         except ValueError:
@@ -452,6 +453,15 @@ def _parse_lines(lines: list[bytes], data: bytes, dim: int, source: str, line_no
         kept.append(i)
     block = np.stack(rows) if rows else np.empty((0, dim), np.float32)
     return words, _finite(block, source, line_no, kept)
+
+
+def _numeric_tail(word: bytes) -> bool:
+    """A "word" like ``w 0.1 0.2``: the line has more numbers than ``dim``, not a word with spaces."""
+    tail = word.split()[1:]
+    try:
+        return bool(tail) and all(np.isfinite(float(t)) for t in tail)
+    except ValueError:
+        return False
 
 
 def _finite(block: np.ndarray, source: str, line_no: int, line_offsets: list[int]) -> np.ndarray:
@@ -692,7 +702,7 @@ def glove_qkv(
 
     def take(start: int) -> torch.Tensor:
         part = vectors[start : start + block].reshape(batch, max_len, d)[:, :n]
-        return torch.from_numpy(np.array(part, dtype=np.float32)).unsqueeze(1)
+        return torch.from_numpy(np.array(part, dtype=np.result_type(part.dtype, np.float32))).unsqueeze(1)
 
     q = take(0)
     return q, q.clone(), take(2 * block)

@@ -42,11 +42,17 @@ def jsonl_header(report: RunReport) -> str:
     """First JSONL line: the run (schema, environment, input, floors); then one line per result."""
     head = report.as_dict()
     head.pop("results")
+    head.pop("pareto", None)  # known only at the end: its own last line (jsonl_pareto)
     return json.dumps(clean({"type": "run", **head}), allow_nan=False)
 
 
 def jsonl_result(record: dict[str, Any]) -> str:
     return json.dumps(clean({"type": "result", **record}), allow_nan=False)
+
+
+def jsonl_pareto(pareto: dict[str, Any]) -> str:
+    """Last JSONL line of a run with ``--target-error``: ``{"type": "pareto", ...}``."""
+    return json.dumps(clean({"type": "pareto", **pareto}), allow_nan=False)
 
 
 CSV_FIELDS = [
@@ -97,7 +103,8 @@ def aggregate(results: list[dict[str, Any]], mean_floor: float = math.inf) -> li
                "status": "ok" if len(ok) == len(records) else _worst_status(records),
                "reason": next((r["reason"] for r in records if r["reason"]), None),
                "estimates": records[0].get("estimates", "softmax"), "errors": {}, "time": None,
-               "beats_mean_floor": None}
+               "beats_mean_floor": None,
+               "flops": next((r["flops"] for r in ok if r.get("flops") is not None), None)}
         for metric in METRICS:
             means = [r["errors"][metric]["mean"] for r in ok if metric in r["errors"]]
             if means:
@@ -191,6 +198,8 @@ def render_table(report: RunReport, console: Console) -> None:
     console.print(table)
     if params_lines:
         console.print("resolved parameters:\n" + "\n".join(params_lines), highlight=False)
+    if report.pareto is not None:
+        render_pareto(report.pareto, rows, console)
     mean_floor, zero = report.floors["mean"], report.floors["zero"]
     floor_text = (
         f"floors: mean-of-V baseline rel_spectral {mean_floor['rel_spectral']['mean']:.4g} "
@@ -207,6 +216,38 @@ def render_table(report: RunReport, console: Console) -> None:
     )
 
 
+def _fmt_flops(flops: float | None) -> str:
+    if flops is None:
+        return "—"
+    for factor, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if flops >= factor:
+            return f"{flops / factor:.3g} {unit}"
+    return f"{flops:.3g}"
+
+
+def render_pareto(pareto: dict[str, Any], rows: list[dict[str, Any]], console: Console) -> None:
+    """The small table under the main one: each method's cheapest setting that reaches the target."""
+    metric, target = pareto["metric"], pareto["target_error"]
+    table = Table(
+        title=f"cheapest setting with seed-mean {metric} ≤ {target:g} (fewest FLOPs, then time)",
+        title_justify="left",
+    )
+    for column, justify in (("method", "left"), ("budget", "right"), ("FLOPs", "right"),
+                            (metric, "right"), ("time", "right"), ("parameters", "left")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for name, pick in pareto["methods"].items():
+        if pick is None:
+            reached = [r["errors"][metric]["mean"] for r in rows
+                       if r["method"] == name and r["status"] == "ok" and metric in r["errors"]]
+            best = f"not reached (best {min(reached):.4f})" if reached else "not reached (no ok result)"
+            table.add_row(name, "—", "—", best, "—", "—", style="yellow")
+            continue
+        budget = "—" if pick["budget"] is None else str(pick["budget"])
+        table.add_row(name, budget, _fmt_flops(pick["flops"]), f"{pick[metric]:.4g}",
+                      _fmt_time(pick["method_s"]), _fmt_params(pick["params"]))
+    console.print(table)
+
+
 def render(report: RunReport, fmt: str, stream: TextIO, *, width: int | None = None) -> None:
     """Write ``report`` to ``stream`` in one of FORMATS."""
     if fmt == "json":
@@ -215,6 +256,8 @@ def render(report: RunReport, fmt: str, stream: TextIO, *, width: int | None = N
         stream.write(jsonl_header(report) + "\n")
         for record in report.results:
             stream.write(jsonl_result(record) + "\n")
+        if report.pareto is not None:
+            stream.write(jsonl_pareto(report.pareto) + "\n")
     elif fmt == "csv":
         stream.write(to_csv(report))
     elif fmt == "table":

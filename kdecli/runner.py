@@ -44,13 +44,17 @@ class RunReport:
     input: dict[str, Any]
     floors: dict[str, Any]
     results: list[dict[str, Any]] = field(default_factory=list)
+    pareto: dict[str, Any] | None = None  # kdecli.pareto.cheapest_settings, when asked for
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "schema_version": SCHEMA_VERSION, "kdecli_version": __version__,
             "environment": self.environment, "input": self.input, "floors": self.floors,
             "results": self.results,
         }
+        if self.pareto is not None:
+            doc["pareto"] = self.pareto
+        return doc
 
 
 @dataclass(frozen=True)

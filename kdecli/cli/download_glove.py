@@ -17,6 +17,7 @@ from rich.progress import (
 )
 
 from kdecli import glove
+from kdecli.cli import common as c
 from kdecli.cli.app import app
 
 
@@ -53,6 +54,7 @@ class RichProgress:
 
 
 @app.command("download-glove")
+@c.handle_errors
 def download_glove(
     corpus: Annotated[str, typer.Option(help="GloVe corpus: 6B, twitter.27B, 42B or 840B.")] = "twitter.27B",
     dim: Annotated[int, typer.Option(help="Vector width (6B: 50/100/200/300; twitter.27B: 25/50/100/200; "
@@ -66,7 +68,7 @@ def download_glove(
                                                    show_default=False)] = None,
     sha256: Annotated[str | None, typer.Option(help="Expected SHA-256 of the archive.", show_default=False)] = None,
     force: Annotated[bool, typer.Option(help="Download and convert again even if the cache has it.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bar and no messages; only the path on stdout.")] = False,
+    quiet: c.Quiet = False,
 ) -> None:
     """Download a Stanford GloVe archive (resumable, verified) and convert one dim to a binary cache.
 
@@ -80,7 +82,7 @@ def download_glove(
             result = glove.download_glove(corpus, dim, cache_dir=cache_dir, url=url, from_file=from_file,
                                           sha256=sha256, force=force, progress=reporter)
     except KeyboardInterrupt:
-        console.print("Interrupted. A partial download is kept; run the same command again to resume.",
+        console.print("Interrupted. Any partial download is kept; run the same command again to resume.",
                       markup=False, highlight=False)
         raise typer.Exit(130) from None
     if not result.downloaded and not result.converted:

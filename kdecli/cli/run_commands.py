@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import typer
 
@@ -10,17 +11,23 @@ from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.errors import UsageError
 from kdecli.inputs import load_input
-from kdecli.report import FORMATS, jsonl_header, jsonl_result, render
+from kdecli.pareto import check_target_error, cheapest_settings
+from kdecli.report import FORMATS, jsonl_header, jsonl_pareto, jsonl_result, render
 from kdecli.runner import compare
 
 
 def _run(
     input_spec, q, k, v, q_key, k_key, v_key, layout, n, batch, methods, budgets, params, seeds,
     seed, device, dtype, scale, causal, repeats, warmup, bound, no_timing, fmt, output, quiet,
-    plot=None,
+    plot=None, target_error=None,
 ) -> None:
     c.check_format(fmt, FORMATS)
     c.check_output(output)
+    if target_error is not None:
+        check_target_error(target_error)
+        if fmt == "csv":
+            c.note("--target-error: the CSV has one row per record and no room for the cheapest "
+                   "settings; use --format table, json or jsonl to see them.", quiet)
     if plot is not None:
         from kdecli.plot import check_plot_path
 
@@ -39,6 +46,10 @@ def _run(
                 bound=bound, timing=not no_timing, on_start=on_start, on_result=on_result,
                 on_progress=update,
             )
+        if target_error is not None:
+            report.pareto = cheapest_settings(report.results, target_error)
+            if streaming:
+                stream.write(jsonl_pareto(report.pareto) + "\n")
         if not streaming:
             render(report, fmt, stream, width=160 if output else None)
     if output is not None:
@@ -98,6 +109,9 @@ def compare_command(
     no_timing: c.NoTiming = False, fmt: c.Format = "table", output: c.Output = None,
     quiet: c.Quiet = False,
     plot: str = typer.Option(None, "--plot", help="Also draw the error curves to this image file."),
+    target_error: Optional[float] = typer.Option(
+        None, "--target-error", help="Also show each method's cheapest setting (fewest FLOPs, then "
+        "time) whose seed-mean rel_spectral is at most this."),
 ) -> None:
     """Run every method × budget × seed against one exact reference; mean ± std over seeds."""
     method_list = _split_list(methods, "methods")
@@ -105,4 +119,4 @@ def compare_command(
     params = c.parse_params(param)
     _run(input_spec, q, k, v, q_key, k_key, v_key, layout, n, batch, method_list, budget_list,
          params, seeds, seed, device, dtype, scale, causal, repeats, warmup, bound, no_timing, fmt,
-         output, quiet, plot=plot)
+         output, quiet, plot=plot, target_error=target_error)

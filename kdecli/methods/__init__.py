@@ -13,3 +13,6 @@ from kdecli.methods import thinformer as _thinformer  # noqa: E402,F401
 from kdecli.methods import nystromformer as _nystromformer  # noqa: E402,F401
 from kdecli.methods import uniform as _uniform  # noqa: E402,F401
 from kdecli.methods import oracles as _oracles  # noqa: E402,F401  (registers topk, rankk)
+from kdecli.methods import performer as _performer  # noqa: E402,F401
+from kdecli.methods import reformer as _reformer  # noqa: E402,F401
+from kdecli.methods import scatterbrain as _scatterbrain  # noqa: E402,F401

@@ -21,8 +21,32 @@ def with_ones_column(v: torch.Tensor) -> torch.Tensor:
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` (b, h, n, d) at ``index`` (b, h, m) -> (b, h, m, d)."""
-    return torch.gather(x, -2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
+    """Rows of ``x`` (…, n, d) at ``index`` (…, m) -> (…, m, d), each slice indexing its own rows.
+
+    One ``index_select`` of whole rows over the flattened slices: several times faster on the CPU
+    than ``torch.gather`` with an index expanded to every element.
+    """
+    lead, (n, d) = index.shape[:-1], x.shape[-2:]
+    if x.shape[:-2] != lead:
+        return torch.gather(x, -2, index.unsqueeze(-1).expand(*index.shape, d))
+    offsets = torch.arange(0, lead.numel() * n, n, device=x.device).view(*lead, 1)
+    rows = x.reshape(-1, d).index_select(0, (index + offsets).reshape(-1))
+    return rows.view(*lead, index.shape[-1], d)
+
+
+def scatter_rows(rows: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of ``gather_rows`` for a permutation: out[…, index[…, i], :] = rows[…, i, :]."""
+    lead, d = index.shape[:-1], rows.shape[-1]
+    offsets = torch.arange(0, lead.numel() * n, n, device=rows.device).view(*lead, 1)
+    out = rows.new_empty(lead.numel() * n, d)
+    out.index_copy_(0, (index + offsets).reshape(-1), rows.reshape(-1, d))
+    return out.view(*lead, n, d)
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """inverse[…, order[…, i]] = i, without a second sort."""
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
 
 
 def merge_lse(

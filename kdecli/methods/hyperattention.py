@@ -38,15 +38,17 @@ class HyperAttention(AttentionMethod):
     paper = "Han, Jayaram, Karbasi, Mirrokni, Woodruff, Zandieh, HyperAttention, ICLR 2024"
     budget_help = (
         "m keys per query: block_size = m/2 exact keys in the query's LSH block, samples = m "
-        "uniform residual keys. Exact while n_k < min_seq_len (default 4096, the paper's)."
+        "uniform residual keys. Exact while n_k < min_seq_len (default 0; the paper's code uses "
+        "4096)."
     )
     params = (
         Param("block_size", int, 128, "keys per sorted-LSH block, computed exactly", 1, 2**24),
         Param("samples", int, 256, "residual keys drawn uniformly with replacement (m)", 1, 2**24),
         Param("num_projs", int, 7, "random hyperplanes of the angular LSH (r)", 1, 30),
         Param(
-            "min_seq_len", int, 4096,
-            "attention blocks with fewer keys than this are computed exactly (0: never)", 0, 2**31,
+            "min_seq_len", int, 0,
+            "attention blocks with fewer keys than this are computed exactly (the paper's code: "
+            "4096; the default 0 approximates at every length)", 0, 2**31,
         ),
     )
     randomized = True
@@ -82,7 +84,9 @@ class HyperAttention(AttentionMethod):
     def _causal(self, q_scaled, k, v, generator):
         """(lse, output) of causal HyperAttention by the paper's halving recursion (n_q == n_k)."""
         b, h, n, _ = q_scaled.shape
-        if n <= self.config["min_seq_len"]:  # every piece of the split would be exact anyway
+        # Below block_size every piece of the split would be exact anyway (one block holds all
+        # its keys), so stop there too: same result, no recursion down to single rows.
+        if n <= max(self.config["min_seq_len"], self.config["block_size"]):
             return exact_lse(q_scaled, k, v, causal=True)
         if n % 2:  # a zero row at the end is seen only by itself under the causal mask
             lse, out = self._causal(*(pad_dim(x, n + 1) for x in (q_scaled, k, v)), generator)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from kdecli.methods.base import AttentionMethod, Param
-from kdecli.methods.common import gather_rows, pad_dim, with_ones_column
+from kdecli.methods.common import gather_rows, with_ones_column
 from kdecli.methods.lsh import SortedBlocks, sort_into_blocks
 from kdecli.methods.registry import register
 
@@ -119,34 +119,26 @@ def kdeformer_numerator(
     largest logit that query's estimate uses.  The in-block mask is built from block ids, one
     (num_blocks × m) boolean per slice, never an n × m matrix.
     """
-    b, h, n_q, d = q_scaled.shape
-    n_k, width = v_aug.shape[-2], v_aug.shape[-1]
-    nb, bq, bk = blocks.num_blocks, blocks.query_block, blocks.key_block
+    b, h = q_scaled.shape[:2]
+    nb, bq = blocks.num_blocks, blocks.query_block
+    q_sorted = blocks.sorted_queries(q_scaled)  # (b, h, nb, bq, d)
+    block_logits = q_sorted @ blocks.sorted_keys(k).transpose(-1, -2)  # (b, h, nb, bq, bk)
+    key_valid = blocks.key_valid(k.device)
+    if key_valid is not None:  # padded keys (only in the last block) contribute nothing
+        block_logits.masked_fill_(~key_valid[:, None, :], float("-inf"))
 
-    q_sorted = pad_dim(gather_rows(q_scaled, blocks.q_order), nb * bq).view(b, h, nb, bq, d)
-    k_sorted = pad_dim(gather_rows(k, blocks.k_order), nb * bk).view(b, h, nb, bk, d)
-    v_sorted = pad_dim(gather_rows(v_aug, blocks.k_order), nb * bk).view(b, h, nb, bk, width)
-
-    block_logits = q_sorted @ k_sorted.transpose(-1, -2)  # (b, h, nb, bq, bk)
-    if nb * bk > n_k:  # padded keys (only in the last block) contribute nothing
-        key_valid = torch.arange(nb * bk, device=k.device).view(nb, bk) < n_k
-        block_logits = block_logits.masked_fill(~key_valid[:, None, :], float("-inf"))
-
+    # One (nb·bq × d) @ (d × m) product per slice for the samples, viewed per block for the mask.
     k_sample = gather_rows(k, sample_index)  # (b, h, m, d)
     v_sample = gather_rows(v_aug, sample_index) * sample_weight.unsqueeze(-1)
-    sample_logits = (q_sorted @ k_sample.unsqueeze(2).transpose(-1, -2))  # (b, h, nb, bq, m)
-    sample_block = blocks.key_block_of(sample_index)  # (b, h, m)
-    in_block = sample_block.unsqueeze(2) == torch.arange(nb, device=k.device).view(1, 1, nb, 1)
-    sample_logits = sample_logits.masked_fill(in_block.unsqueeze(3), float("-inf"))
+    sample_logits = q_sorted.view(b, h, nb * bq, -1) @ k_sample.transpose(-1, -2)
+    sample_logits = sample_logits.view(b, h, nb, bq, -1)
+    sample_logits.masked_fill_(blocks.samples_in_block(sample_index).unsqueeze(3), float("-inf"))
 
     if shift is None:
         c = torch.maximum(block_logits.amax(-1), sample_logits.amax(-1)).unsqueeze(-1)
     else:
-        c = pad_dim(torch.gather(shift, -1, blocks.q_order), nb * bq, dim=-1).view(b, h, nb, bq, 1)
-    numerator = torch.exp(block_logits - c) @ v_sorted
-    numerator += torch.exp(sample_logits - c) @ v_sample.unsqueeze(2)
-
-    numerator = numerator.view(b, h, nb * bq, width)[:, :, :n_q]
-    out = torch.empty_like(numerator)
-    out.scatter_(-2, blocks.q_order.unsqueeze(-1).expand(b, h, n_q, width), numerator)
-    return out
+        c = blocks.sorted_queries(shift.unsqueeze(-1))
+    numerator = block_logits.sub_(c).exp_() @ blocks.sorted_keys(v_aug)
+    sample_weights = sample_logits.sub_(c).exp_().view(b, h, nb * bq, -1)
+    numerator = numerator.view(b, h, nb * bq, -1) + sample_weights @ v_sample
+    return blocks.unsort_queries(numerator)

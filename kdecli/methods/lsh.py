@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdecli.methods.common import gather_rows, pad_dim
+from kdecli.methods.common import gather_rows, inverse_permutation, pad_dim, scatter_rows
 
 
 def gray_rank_table(num_bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -63,13 +63,11 @@ class SortedBlocks:
 
     def key_block_of(self, k_index: torch.Tensor) -> torch.Tensor:
         """Block id of original key indices (b, h, m) -> (b, h, m)."""
-        inverse = torch.argsort(self.k_order, dim=-1)
-        return torch.gather(inverse, -1, k_index) // self.key_block
+        return torch.gather(inverse_permutation(self.k_order), -1, k_index) // self.key_block
 
     def query_block_ids(self) -> torch.Tensor:
         """Block id of every original query: (b, h, n_q)."""
-        inverse = torch.argsort(self.q_order, dim=-1)
-        return inverse // self.query_block
+        return inverse_permutation(self.q_order) // self.query_block
 
     # ---- layout helpers (hyperattention) ----------------------------------------------------
     def sorted_queries(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,9 +95,7 @@ class SortedBlocks:
     def unsort_queries(self, y: torch.Tensor) -> torch.Tensor:
         """Inverse of ``sorted_queries``: (b, h, num_blocks, query_block, w) -> (b, h, n_q, w)."""
         b, h, w = y.shape[0], y.shape[1], y.shape[-1]
-        y = y.reshape(b, h, -1, w)[:, :, : self.n_q]
-        out = torch.empty_like(y)
-        return out.scatter_(-2, self.q_order.unsqueeze(-1).expand(b, h, self.n_q, w), y)
+        return scatter_rows(y.reshape(b, h, -1, w)[:, :, : self.n_q], self.q_order, self.n_q)
 
 
 def sort_into_blocks(

@@ -10,7 +10,8 @@ rankk:  Õ = P_m V with P = D⁻¹A and P_m its best rank-m approximation (trunc
         in both the spectral and the Frobenius norm).  P is formed per slice in float64.  When
         n_q <= n_k, P_m = U_m U_mᵀ P so Õ = U_m (U_mᵀ O) with U_m the top eigenvectors of P Pᵀ;
         otherwise P_m = P W_m W_mᵀ with W_m those of PᵀP: an eigh of the smaller Gram matrix, faster
-        than an SVD of P.  Exact when m >= min(n_q, n_k).
+        than an SVD of P.  Exact when m >= min(n_q, n_k).  Not causal: a rank-m approximation of a
+        causal matrix is not causal.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ class RankK(AttentionMethod):
         Param("max_n", int, 8192, "refuse inputs with n_q or n_k above this", 1, 2**20),
     )
     oracle = True
-    supports_causal = True
+    # A rank-m approximation of a causal matrix is not causal (query 0 would see later keys), so
+    # there is no meaningful causal ceiling here.
+    supports_causal = False
     cost_help = (
         "O(n³) per slice: the float64 Gram matrix of D⁻¹A (2·n_q·n_k·min(n_q, n_k)) and its "
         "eigendecomposition (about 9·min(n_q, n_k)³); memory 8·n_q·n_k bytes per slice."
@@ -110,7 +113,7 @@ class RankK(AttentionMethod):
         for i in range(b):  # one slice at a time: P alone takes 8·n_q·n_k bytes
             for j in range(h):
                 sl = (slice(i, i + 1), slice(j, j + 1))
-                out[sl] = rank_m_attention(q[sl], k[sl], v[sl], scale, self.config["rank"], causal)
+                out[sl] = rank_m_attention(q[sl], k[sl], v[sl], scale, self.config["rank"])
         return out.to(v.dtype)
 
     def flops(self, b, h, n_q, n_k, d, d_v):
@@ -118,9 +121,9 @@ class RankK(AttentionMethod):
         return float(b * h * (2 * n_q * n_k * (d + d_v) + 2 * n_q * n_k * small + 9 * small**3))
 
 
-def rank_m_attention(q, k, v, scale: float, m: int, causal: bool) -> torch.Tensor:
+def rank_m_attention(q, k, v, scale: float, m: int) -> torch.Tensor:
     """P_m V for one slice (1, 1, n, ·) in float64, P_m the best rank-m approximation of D⁻¹A."""
-    p = torch.cat([chunk for _, _, chunk in iter_softmax_chunks(q, k, scale, causal=causal)], dim=-2)
+    p = torch.cat([chunk for _, _, chunk in iter_softmax_chunks(q, k, scale)], dim=-2)
     v64 = v.to(torch.float64)
     n_q, n_k = p.shape[-2:]
     if n_q <= n_k:

@@ -1,0 +1,209 @@
+"""Reformer's multi-round LSH attention, as an estimate of softmax(s·QKᵀ)V.
+
+Kitaev, Kaiser, Levskaya, "Reformer: The Efficient Transformer", ICLR 2020.  For each of h rounds:
+
+    bucket(x) = argmax([xR, −xR])        R: d × nb/2 Gaussian, one per round and batch×head slice
+    sort queries and keys by (bucket, position); cut the sorted keys into chunks of c and the sorted
+    queries into the same number of chunks (n_c = ⌈n_k/c⌉, ⌈n_q/n_c⌉ queries each, as in ``lsh``);
+    query chunk t attends to key chunks t and t − 1 (cyclically, as the original does).
+
+A key can reach query i several times: in several rounds, or twice in one round when n_c = 1.  With
+c_ij the number of times it does, each occurrence gets the logit ℓ_ij − log c_ij, so that
+
+    Σ_rounds Σ_{occurrences} e^{ℓ_ij − log c_ij} ṽ_j = Σ_{j ∈ U_i} e^{ℓ_ij} ṽ_j,   U_i = ∪_r (keys i meets)
+
+Each round gives a log-sum-exp L_r and a softmax output O_r per query; merging them by log-sum-exp
+gives Õ_i = softmax over U_i, each key counted once.  Exact when one chunk holds all keys.
+
+``shared_qk=true`` computes the original model's function instead: keys are the unit-normalised
+queries (the `k` input is ignored), a query attends to itself only when nothing else is present
+(logit −1e5, as the original), so it estimates a different function from the exact reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdecli.errors import ParameterError
+from kdecli.methods.base import AttentionMethod, Param
+from kdecli.methods.common import gather_rows, merge_lse, pad_dim
+from kdecli.methods.features import working_dtype
+from kdecli.methods.registry import register
+
+SELF_LOGIT = -1e5  # the original's mask value for a query meeting itself under shared QK
+SHARED_QK_ESTIMATES = "shared-QK attention: softmax over j ≠ i of s·q_i·q_j/‖q_j‖ (k ignored)"
+
+
+@register
+class Reformer(AttentionMethod):
+    name = "reformer"
+    summary = "Multi-round angular LSH: sort by bucket, attend within a chunk and the one before."
+    paper = "Kitaev, Kaiser, Levskaya, Reformer: The Efficient Transformer, ICLR 2020"
+    budget_help = "m keys per query: chunk_size = m/2 (a query sees 2 chunks), n_hashes = 8."
+    params = (
+        Param("chunk_size", int, 64, "keys per sorted chunk (c); a query chunk sees 2c keys", 1, 2**24),
+        Param("n_hashes", int, 8, "hash rounds (h)", 1, 64),
+        Param(
+            "n_buckets", int, 0,
+            "buckets per round (even); 0: automatic, the even number nearest n_k / chunk_size "
+            "(at least 2), so that a bucket holds about one chunk", 0, 2**16,
+        ),
+        Param("shared_qk", bool, False,
+              "the original model: keys = normalised queries, self masked (a different function)"),
+    )
+    randomized = True
+    estimates = "softmax"
+    cost_help = (
+        "h·(n_q+n_k)·d·nb hashing + 2·h·n_q·2c·(d + d_v) for the chunks + 2·h²·n_q·2c comparisons "
+        "counting repeated keys."
+    )
+
+    @classmethod
+    def params_for_budget(cls, budget):
+        return {"chunk_size": max(1, budget // 2), "n_hashes": 8}
+
+    def check_config(self):
+        nb = self.config["n_buckets"]
+        if nb % 2:
+            raise ParameterError(
+                f"reformer: `n_buckets` must be 0 (automatic) or an even integer in [2, 65536]; got {nb}."
+            )
+        if self.config["shared_qk"]:
+            self.estimates = SHARED_QK_ESTIMATES
+
+    def input_reasons(self, n_q, n_k, d, d_v, causal):
+        if self.config["shared_qk"] and n_q != n_k:
+            return [f"shared_qk=true needs n_q == n_k (keys are the queries); got n_q={n_q}, n_k={n_k}"]
+        return []
+
+    def n_buckets_for(self, n_k: int) -> int:
+        nb = self.config["n_buckets"]
+        return nb if nb else 2 * max(1, round(n_k / (2 * self.config["chunk_size"])))
+
+    def forward(self, q, k, v, scale, generator, causal):
+        cfg = self.config
+        b, h, n_q, d = q.shape
+        dtype, work = q.dtype, working_dtype(q.dtype)
+        q, k, v = q.to(work), k.to(work), v.to(work)
+        if cfg["shared_qk"]:
+            k = q / q.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(work).tiny)
+        n_k, rounds = k.shape[-2], cfg["n_hashes"]
+        rot = draw_rotations(b, h, rounds, d, self.n_buckets_for(n_k), generator, q.device, work)
+        chunks = ChunkLayout.build(hash_buckets(q, rot), hash_buckets(k, rot), cfg["chunk_size"])
+
+        lse, out = None, None
+        for r in range(rounds):
+            lse_r, out_r = one_round(q * scale, k, v, chunks, r, cfg["shared_qk"])
+            lse, out = (lse_r, out_r) if lse is None else merge_lse(lse, out, lse_r, out_r)
+        return out.to(dtype)
+
+    def flops(self, b, h, n_q, n_k, d, d_v):
+        cfg = self.config
+        c, rounds, nb = min(cfg["chunk_size"], n_k), cfg["n_hashes"], self.n_buckets_for(n_k)
+        return float(b * h * (rounds * (n_q + n_k) * d * nb
+                              + 2 * rounds * n_q * 2 * c * (d + d_v) + 2 * rounds**2 * n_q * 2 * c))
+
+
+def draw_rotations(b, h, rounds, d, n_buckets, generator, device, dtype) -> torch.Tensor:
+    """Random rotations R (b, h, rounds, d, n_buckets/2), drawn in float32 for every dtype."""
+    rot = torch.randn(b, h, rounds, d, n_buckets // 2, generator=generator, device=device,
+                      dtype=torch.float32)
+    return rot.to(dtype)
+
+
+def hash_buckets(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """bucket = argmax([xR, −xR]) for every round: (b, h, rounds, n) int64."""
+    proj = torch.einsum("bhnd,bhrdk->bhrnk", x, rot)
+    return torch.cat([proj, -proj], dim=-1).argmax(dim=-1)
+
+
+class ChunkLayout:
+    """Per round, the (bucket, position) sort of queries and keys and the chunk of every row.
+
+    ``q_order``/``k_order`` (b, h, rounds, n): sorted position -> original index (a stable sort of
+    the buckets keeps positions increasing inside a bucket).  ``q_chunk``/``k_chunk`` (b, h, n,
+    rounds): original index -> chunk in every round (int16 when it fits, for cheap compares);
+    ``q_chunk_prev`` the chunk before the query's, cyclically.  Keys fill n_c = ⌈n_k/c_k⌉ chunks of c_k = min(c, n_k) (only the
+    last one padded); queries fill the same number of chunks of ⌈n_q/n_c⌉.
+    """
+
+    def __init__(self, q_order, k_order, q_chunk, k_chunk, num_chunks, c_q, c_k):
+        self.q_order, self.k_order = q_order, k_order
+        small = torch.int16 if num_chunks < 2**15 else torch.int32
+        self.q_chunk = q_chunk.transpose(-1, -2).to(small)
+        self.q_chunk_prev = ((q_chunk - 1) % num_chunks).transpose(-1, -2).to(small)
+        self.k_chunk = k_chunk.transpose(-1, -2).to(small)
+        self.num_chunks, self.c_q, self.c_k = num_chunks, c_q, c_k
+
+    @classmethod
+    def build(cls, q_bucket, k_bucket, chunk_size):
+        n_q, n_k = q_bucket.shape[-1], k_bucket.shape[-1]
+        c_k = min(chunk_size, n_k)
+        num_chunks = -(-n_k // c_k)
+        c_q = -(-n_q // num_chunks)
+        q_order = torch.sort(q_bucket, dim=-1, stable=True).indices
+        k_order = torch.sort(k_bucket, dim=-1, stable=True).indices
+        q_chunk = torch.argsort(q_order, dim=-1) // c_q
+        k_chunk = torch.argsort(k_order, dim=-1) // c_k
+        return cls(q_order, k_order, q_chunk, k_chunk, num_chunks, c_q, c_k)
+
+
+def one_round(q_scaled, k, v, chunks: ChunkLayout, r: int, shared_qk: bool):
+    """(lse, out) of round r for every query in original order: (b, h, n_q), (b, h, n_q, d_v)."""
+    b, h, n_q, d = q_scaled.shape
+    n_k, d_v = k.shape[-2], v.shape[-1]
+    nc, c_q, c_k = chunks.num_chunks, chunks.c_q, chunks.c_k
+    q_order, k_order = chunks.q_order[:, :, r], chunks.k_order[:, :, r]
+
+    q_idx = pad_dim(q_order, nc * c_q, dim=-1).view(b, h, nc, c_q)  # padded rows read query 0
+    k_idx = pad_dim(k_order, nc * c_k, dim=-1).view(b, h, nc, c_k)
+    k_win_idx = look_back(k_idx)  # (b, h, nc, 2c_k)
+    k_win = gather_rows(k, k_win_idx.flatten(2)).view(b, h, nc, 2 * c_k, d)
+    v_win = gather_rows(v, k_win_idx.flatten(2)).view(b, h, nc, 2 * c_k, d_v)
+    q_sorted = gather_rows(q_scaled, q_idx.flatten(2)).view(b, h, nc, c_q, d)
+
+    logits = q_sorted @ k_win.transpose(-1, -2)  # (b, h, nc, c_q, 2c_k)
+    if shared_qk:
+        logits = logits.masked_fill(q_idx.unsqueeze(-1) == k_win_idx.unsqueeze(-2), SELF_LOGIT)
+    # Padded keys may get a count of 0 (log 0 = -inf); the mask below overrides them.
+    logits = logits - torch.log(co_occurrences(chunks, r, q_idx, k_win_idx).to(logits.dtype))
+    key_valid = look_back((torch.arange(nc * c_k, device=k.device) < n_k).view(1, 1, nc, c_k))
+    logits = logits.masked_fill(~key_valid.unsqueeze(-2), float("-inf"))
+
+    top = logits.amax(-1, keepdim=True)  # finite: every window holds at least one full chunk
+    weights = torch.exp(logits - top)
+    total = weights.sum(-1)
+    lse = (top.squeeze(-1) + torch.log(total)).view(b, h, nc * c_q)[..., :n_q]
+    out = ((weights @ v_win) / total.unsqueeze(-1)).view(b, h, nc * c_q, d_v)[:, :, :n_q]
+    # Back to the original query order.
+    lse_orig = torch.empty_like(lse).scatter_(-1, q_order, lse)
+    out_orig = torch.empty_like(out).scatter_(-2, q_order.unsqueeze(-1).expand_as(out), out)
+    return lse_orig, out_orig
+
+
+def look_back(x: torch.Tensor) -> torch.Tensor:
+    """Along the chunk axis (dim 2), put chunk t − 1 (cyclically) after chunk t, on dim 3."""
+    return torch.cat([x, x.roll(1, dims=2)], dim=3)
+
+
+def co_occurrences(chunks: ChunkLayout, r: int, q_idx, k_win_idx) -> torch.Tensor:
+    """c_ij for every (query, window key) pair of round r: (b, h, nc, c_q, 2c_k) uint8.
+
+    In round r' query i meets key j once for each of chunks t_{r'}(i), t_{r'}(i) − 1 (mod n_c)
+    equal to j's chunk; with n_c = 1 both are the same chunk and j is met twice.  Round r itself
+    contributes exactly that for every pair of its windows.  O(h) compares per pair, O(h²) in all.
+    """
+    nc, rounds = chunks.num_chunks, chunks.q_chunk.shape[-1]
+    shape = (*q_idx.shape, k_win_idx.shape[-1])
+    if nc <= 2:  # every round's window is every chunk: n_c = 1 meets each key twice, n_c = 2 once
+        return torch.full(shape, rounds * (3 - nc), dtype=torch.uint8, device=q_idx.device)
+    tq = gather_rows(chunks.q_chunk, q_idx.flatten(2)).view(*q_idx.shape, -1)  # (…, c_q, rounds)
+    tq_prev = gather_rows(chunks.q_chunk_prev, q_idx.flatten(2)).view(*q_idx.shape, -1)
+    tk = gather_rows(chunks.k_chunk, k_win_idx.flatten(2)).view(*k_win_idx.shape, -1)
+    count = torch.ones(shape, dtype=torch.uint8, device=q_idx.device)
+    for other in range(rounds):
+        if other != r:
+            key_chunk = tk[..., other].unsqueeze(-2)
+            count += tq[..., other].unsqueeze(-1) == key_chunk
+            count += tq_prev[..., other].unsqueeze(-1) == key_chunk
+    return count
