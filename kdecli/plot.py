@@ -407,7 +407,15 @@ def figure(
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel(Y_LABELS[y] + "\nmean over slices")
     if not any(a.get_lines() for a in axes):
-        raise UsageError(f"nothing to plot: no result with status ok has {y} and {' / '.join(xs)}.")
+        why = f" (not shown: {'; '.join(dict.fromkeys(left_out))})" if left_out else ""
+        hints = []
+        if "time" in xs:
+            hints.append("Results of `compare --no-timing` have no times; use --x budget or flops.")
+        if "budget" in xs:
+            hints.append("exact and mean have no budget: --x time or flops shows mean.")
+        hint = " ".join(hints) or None
+        raise UsageError(f"nothing to plot: no result with status ok has {y} and "
+                         f"{' / '.join(xs)}{why}.", hint=hint)
     fig.suptitle(_title(docs, y, xs), fontsize="medium", x=0.01, ha="left")
     handles: dict[str, Any] = {}
     for ax in axes:

@@ -18,14 +18,15 @@ def directions(q, m, seed, orthogonal=True):
 
 
 def dense_favor(q, k, v, scale, omega, causal=False):
-    """φ(Q)φ(K)ᵀV / φ(Q)φ(K)ᵀ1 from unshifted features, in float64 (small logits only)."""
+    """φ(Q)φ(K)ᵀV / φ(Q)φ(K)ᵀ1 written out in float64 and in log space, with no shifts at all:
+    log(φ(q_i)·φ(k_j)) = logsumexp_r(f_ir + g_jr) − log m never under- or overflows."""
     q1, k1 = split_scale(q.double(), k.double(), scale)
     omega = omega.double()
-    phi_q, phi_k = torch.exp(log_features(q1, omega)), torch.exp(log_features(k1, omega))
-    a = phi_q @ phi_k.transpose(-1, -2)
+    f, g = log_features(q1, omega), log_features(k1, omega)
+    log_a = torch.logsumexp(f.unsqueeze(-2) + g.unsqueeze(-3), dim=-1)  # (b, h, n_q, n_k)
     if causal:
-        a = a.tril()
-    return (a @ v.double()) / a.sum(-1, keepdim=True)
+        log_a = log_a.masked_fill(torch.ones_like(log_a, dtype=torch.bool).triu(1), -torch.inf)
+    return torch.softmax(log_a, dim=-1) @ v.double()
 
 
 def rel_error(out, ref):
@@ -134,6 +135,27 @@ def test_logits_of_several_hundred_stay_finite(dtype, causal):
     assert (21**-0.5 * q.double() @ k.double().transpose(-1, -2)).abs().max() > 300
     out = make_method("performer", 64)(q, k, v, scale=21**-0.5, generator=gen(0), causal=causal)
     assert out.dtype == dtype and torch.isfinite(out.float()).all()
+
+
+def anti_aligned_inputs(norm=60.0):
+    """Keys clustered around a direction u, queries around −u: logits from about −1050 to −530."""
+    g = gen(11)
+    u = torch.randn(21, generator=g, dtype=torch.float64)
+    u /= u.norm()
+    k = u * norm + 4 * torch.randn(1, 2, 97, 21, generator=g, dtype=torch.float64)
+    q = -(u * norm + 4 * torch.randn(1, 2, 97, 21, generator=g, dtype=torch.float64))
+    return q, k, torch.randn(1, 2, 97, 13, generator=g, dtype=torch.float64)
+
+
+def test_row_sums_cannot_underflow_with_one_shift_per_feature():
+    """Each query's best features are the keys' worst: one global key max (the Performer code's)
+    flushes every φ(q_i)·φ(k_j) to 0 in float32 and returns 0/0 here.  A max per feature keeps
+    each row sum >= 1, and the result matches the float64 log-space estimate."""
+    q, k, v = anti_aligned_inputs()
+    assert (21**-0.5 * q @ k.transpose(-1, -2)).max() < -500
+    out = make_method("performer", 64)(q.float(), k.float(), v.float(), scale=21**-0.5, generator=gen(0))
+    assert torch.isfinite(out).all()
+    assert (out.double() - dense_favor(q, k, v, 21**-0.5, directions(q, 64, 0))).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typer
+
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.inputs import load_input
@@ -16,7 +18,7 @@ def inspect_command(
     q_key: c.QKey = None, k_key: c.KKey = None, v_key: c.VKey = None,
     layout: c.Layout = "bhnd", n: c.NOpt = None, batch: c.BatchOpt = None,
     device: c.Device = "auto", scale: c.Scale = None, causal: c.Causal = False,
-    fmt: c.Format = "table", output: c.Output = None, quiet: c.Quiet = False,
+    fmt: str = typer.Option("table", "--format", "-f", help="table | json."), output: c.Output = None, quiet: c.Quiet = False,
 ) -> None:
     """Per batch×head slice: norms of Q, K, V, logit range, attention entropy and top-1% mass,
     ‖O‖₂ against ‖D⁻¹A‖₂‖V‖₂, and exp overflow risk (all in float64, chunked)."""

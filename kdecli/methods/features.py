@@ -21,6 +21,12 @@ their logs f_ir = ω_r·q'_i − ‖q'_i‖²/2 and g_jr = ω_r·k'_j − ‖k'_
 so that φ(q_i)·φ(k_j) = exp(γ_i − log m) · qf_i·kf_j exactly.  Every entry lies in (0, 1], nothing
 overflows, and Σ_j qf_i·kf_j ≥ 1 (the feature r attaining γ_i meets the key attaining β_r with
 weight 1·1), so a row sum never underflows to 0.  The per-query shift cancels in each row's ratio.
+
+This departs from the Performer code (and ALGORITHMS.md), which subtracts one global max over all
+keys and features.  That is no cheaper and can fail: when a query's strongest features are the
+keys' weakest (queries opposite a cluster of keys, logits around −500), every product underflows
+in float32 and the row is 0/0.  A max per feature removes that case
+(tests/test_performer.py::test_row_sums_cannot_underflow_with_one_shift_per_feature).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ Colwell, Weller, "Rethinking Attention with Performers", ICLR 2021.  With the fe
     N_i = φ(q_i) · Σ_j φ(k_j) ṽ_jᵀ            (the m × (d_v+1) matrix φ(K)ᵀṼ is built once)
     Õ_i = N_i[:d_v] / N_i[d_v]
 
+The features are shifted inside the exp (per query over features, per feature over keys; see
+``features``) so that logits in the hundreds, of either sign, give finite outputs.
+
 Causal: the sums run over j ≤ i, as a scan over chunks of C positions.  The prefix before the chunk is
 a running m × (d_v+1) state (rescaled whenever a feature's key maximum grows, like an online
 softmax); inside the chunk the masked C × C products φ(q_i)·φ(k_j) are formed from the chunk's own

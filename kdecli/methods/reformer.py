@@ -112,9 +112,18 @@ def draw_rotations(b, h, rounds, d, n_buckets, generator, device, dtype) -> torc
 
 
 def hash_buckets(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """bucket = argmax([xR, −xR]) for every round: (b, h, rounds, n) int64."""
-    proj = torch.einsum("bhnd,bhrdk->bhrnk", x, rot)
-    return torch.cat([proj, -proj], dim=-1).argmax(dim=-1)
+    """bucket = argmax([xR, −xR]) for every round: (b, h, rounds, n) int64.
+
+    One round at a time, and without building [xR, −xR]: the projections of all rounds at once
+    take rounds·n·nb/2 numbers per slice.  Ties go to the first half, as argmax over the concat.
+    """
+    buckets = []
+    for r in range(rot.shape[2]):
+        proj = x @ rot[:, :, r]  # (b, h, n, nb/2)
+        top, arg_top = proj.max(dim=-1)
+        low, arg_low = proj.min(dim=-1)
+        buckets.append(torch.where(top >= -low, arg_top, proj.shape[-1] + arg_low))
+    return torch.stack(buckets, dim=2)
 
 
 class ChunkLayout:

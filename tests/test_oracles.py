@@ -1,0 +1,95 @@
+"""The oracles: topk against a brute-force top-m, rankk against a direct truncated SVD, their exact
+limits, and the size limits they refuse beyond."""
+
+import pytest
+import torch
+
+from kdecli.methods import make_method
+from kdecli.metrics import slice_errors
+from kdecli.reference import exact_attention
+from tests.conftest import make_qkv
+
+
+def brute_topk(q, k, v, scale, m, causal):
+    logits = scale * q @ k.transpose(-1, -2)
+    if causal:
+        logits = logits.masked_fill(torch.ones_like(logits, dtype=torch.bool).triu(1), float("-inf"))
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
+    for idx in torch.cartesian_prod(*(torch.arange(s) for s in q.shape[:-1])).tolist():
+        row = logits[tuple(idx)]
+        keep = torch.argsort(row, descending=True)[:m]
+        keep = keep[torch.isfinite(row[keep])]
+        b, h = idx[0], idx[1]
+        out[tuple(idx)] = torch.softmax(row[keep], -1) @ v[b, h, keep]
+    return out
+
+
+@pytest.mark.parametrize("n_q,n_k,causal", [(47, 47, False), (97, 59, False), (97, 97, True)])
+def test_topk_matches_brute_force(n_q, n_k, causal):
+    q, k, v = make_qkv(1, 2, n_q, n_k, 21, 13)
+    out = make_method("topk", 10)(q, k, v, scale=0.3, causal=causal)
+    assert (out - brute_topk(q, k, v, 0.3, 10, causal)).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("n_q,n_k,causal", [(47, 47, False), (97, 59, False), (1025, 1025, True)])
+def test_topk_exact_when_every_key_is_kept(n_q, n_k, causal):
+    q, k, v = make_qkv(2, 2, n_q, n_k, 21, 7)
+    out = make_method("topk", n_k)(q, k, v, scale=0.3, causal=causal)
+    assert (out - exact_attention(q, k, v, 0.3, causal=causal)).abs().max() <= 1e-10
+
+
+def test_topk_error_falls_with_m_and_beats_uniform_sampling():
+    q, k, v = make_qkv(1, 2, 1025, 1025, 16, 8)
+    ref = exact_attention(q, k, v, 0.5)
+    err = {m: float(slice_errors(make_method("topk", m)(q, k, v, scale=0.5), ref)["rel_spectral"].mean())
+           for m in (16, 128, 512)}
+    assert err[16] > err[128] > err[512], err
+    uniform = make_method("uniform", 128)(q, k, v, scale=0.5, generator=torch.Generator().manual_seed(0))
+    assert err[128] < float(slice_errors(uniform, ref)["rel_spectral"].mean())
+
+
+@pytest.mark.parametrize("n_q,n_k,d_v", [(47, 47, 21), (97, 59, 13), (59, 97, 13)])
+def test_rankk_exact_at_full_rank(n_q, n_k, d_v):
+    q, k, v = make_qkv(2, 2, n_q, n_k, 21, d_v)
+    out = make_method("rankk", min(n_q, n_k))(q, k, v, scale=0.3)
+    assert (out - exact_attention(q, k, v, 0.3)).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("n_q,n_k", [(97, 97), (97, 59), (59, 97)])
+def test_rankk_is_the_truncated_svd(n_q, n_k):
+    q, k, v = make_qkv(1, 2, n_q, n_k, 21, 13)
+    p = torch.softmax(0.3 * q @ k.transpose(-1, -2), dim=-1)
+    u, s, vh = torch.linalg.svd(p, full_matrices=False)
+    m = 10
+    best = (u[..., :m] * s[..., None, :m]) @ vh[..., :m, :] @ v
+    out = make_method("rankk", m)(q, k, v, scale=0.3)
+    assert (out - best).abs().max() <= 1e-9
+
+
+def test_rankk_error_falls_with_rank():
+    q, k, v = make_qkv(1, 1, 400, 400, 16, 8)
+    ref = exact_attention(q, k, v, 0.5)
+    errs = [float(slice_errors(make_method("rankk", m)(q, k, v, scale=0.5), ref)["rel_spectral"].mean())
+            for m in (4, 32, 200)]
+    assert errs[0] > errs[1] > errs[2], errs
+
+
+@pytest.mark.parametrize("name,default", [("topk", 131072), ("rankk", 8192)])
+def test_oracles_refuse_above_their_limit_and_say_how_to_raise_it(name, default):
+    method = make_method(name, 16)
+    big = torch.empty(1, 1, default + 1, 4)
+    small = torch.empty(1, 1, default, 4)
+    assert method.not_supported_reasons(small, small, small) == []
+    (reason,) = method.not_supported_reasons(big, big, big)
+    assert f"max_n={default}" in reason and f"n_q={default + 1}" in reason
+    assert f"--param max_n={default + 1}" in reason
+    lowered = make_method(name, 16, max_n=50)
+    q, k, v = make_qkv(1, 1, 40, 60, 8)
+    (reason,) = lowered.not_supported_reasons(q, k, v)
+    assert "n_k=60" in reason and "max_n=50" in reason
+    assert make_method(name, 16, max_n=60).not_supported_reasons(q, k, v) == []
+
+
+def test_rankk_says_it_is_not_causal():
+    q, k, v = make_qkv(1, 1, 20, 20, 8)
+    assert make_method("rankk", 4).not_supported_reasons(q, k, v, causal=True)

@@ -1,0 +1,109 @@
+"""The maths of scatterbrain: exact band + Performer elsewhere, exact limit, finite, no leaks."""
+
+import pytest
+import torch
+
+from kdecli.methods import make_method
+from kdecli.methods.features import log_features, random_directions, split_scale
+from kdecli.reference import exact_attention
+from tests.conftest import gen, make_qkv
+
+
+def dense_scatterbrain(q, k, v, scale, local_context, features, seed):
+    """The n_q × n_k matrix written out: e^ℓ on the band |j − ⌊i·n_k/n_q⌋| < w/2, the unshifted
+    Performer estimate φ(q_i)·φ(k_j) (same directions, same generator) everywhere else."""
+    b, h, n_q, d = q.shape
+    n_k = k.shape[-2]
+    omega = random_directions(b, h, d, features, orthogonal=True, generator=gen(seed),
+                              device=q.device, dtype=q.dtype)
+    q1, k1 = split_scale(q, k, scale)
+    low_rank = torch.exp(log_features(q1, omega)) @ torch.exp(log_features(k1, omega)).transpose(-1, -2)
+    low_rank = low_rank / features
+    position = torch.arange(n_q) * n_k // n_q
+    band = (torch.arange(n_k).view(1, -1) - position.view(-1, 1)).abs() < local_context / 2
+    a = torch.where(band, torch.exp(scale * q @ k.transpose(-1, -2)), low_rank)
+    return (a @ v) / a.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize(
+    "n_q,n_k,d_v", [(47, 47, 21), (97, 59, 13), (59, 97, 21), (1025, 1025, 7), (30, 1025, 8)]
+)
+def test_exact_when_the_band_covers_every_key(n_q, n_k, d_v):
+    q, k, v = make_qkv(2, 2, n_q, n_k, 21, d_v)
+    method = make_method("scatterbrain", 64, local_context=2 * n_k)
+    out = method(q, k, v, scale=0.25, generator=gen(0))
+    assert (out - exact_attention(q, k, v, 0.25)).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize(
+    "n_q,n_k,w", [(97, 97, 10), (47, 97, 9), (1025, 97, 33), (97, 1025, 64), (97, 97, 1), (3, 1, 1)]
+)
+def test_band_is_exact_and_the_rest_is_the_performer_estimate(n_q, n_k, w):
+    """Against the dense matrix: checks the band's placement (also for n_q != n_k and odd w), the
+    subtraction S = e^ℓ − φφᵀ on it, and that the two shifted parts are merged consistently."""
+    q, k, v = make_qkv(1, 2, n_q, n_k, 21, 13, spread=0.7)
+    method = make_method("scatterbrain", None, local_context=w, features=32)
+    out = method(q, k, v, scale=0.3, generator=gen(3))
+    ref = dense_scatterbrain(q, k, v, 0.3, w, 32, seed=3)
+    assert (out - ref).abs().max() <= 1e-10
+    assert w > 1 or n_k == 1 or (out - exact_attention(q, k, v, 0.3)).abs().max() > 1e-3
+
+
+def test_error_falls_as_the_band_widens():
+    q, k, v = make_qkv(1, 2, 257, 257, 16, spread=0.8)
+    ref = exact_attention(q, k, v, 0.25)
+
+    def error(w):
+        outs = [make_method("scatterbrain", None, local_context=w, features=32)(
+            q, k, v, scale=0.25, generator=gen(s)) for s in range(4)]
+        return sum(((o - ref).norm() / ref.norm()).item() for o in outs) / len(outs)
+
+    errors = [error(w) for w in (4, 64, 256, 513)]
+    assert errors[0] > errors[1] > errors[2] > errors[3], errors
+    assert errors[3] < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("same_qk", [False, True])
+def test_logits_of_several_hundred_stay_finite(dtype, same_qk):
+    """Large logits make the band and the features live at very different scales (e^{hundreds}
+    apart), so a wrong shared shift overflows or leaves 0/0."""
+    q, k, v = make_qkv(1, 2, 97, 97, 21, 13, dtype=dtype, spread=12.0)
+    k = q if same_qk else k
+    assert (21**-0.5 * q.double() @ k.double().transpose(-1, -2)).abs().max() > 300
+    out = make_method("scatterbrain", 32)(q, k, v, scale=21**-0.5, generator=gen(0))
+    assert out.dtype == dtype and torch.isfinite(out.float()).all()
+    # Where a query's band logits beat all its off-band logits by 10 or more, the band holds all
+    # but e^-10 of the mass and the estimate must agree with exact attention there.  A wrongly
+    # scaled low-rank part (or a shift that flushed the band) would not.
+    logits = 21**-0.5 * q.double() @ k.double().transpose(-1, -2)
+    band = (torch.arange(97).view(1, -1) - torch.arange(97).view(-1, 1)).abs() < 8  # w = 16
+    margin = logits.masked_fill(~band, -torch.inf).amax(-1) - logits.masked_fill(band, -torch.inf).amax(-1)
+    clear = margin > 10
+    assert clear.sum() > 20, "the test needs queries whose band dominates"
+    error = (out.double() - exact_attention(q, k, v, 21**-0.5)).abs().amax(-1)
+    assert error[clear].max() < 0.01, error[clear]
+
+
+def test_queries_opposite_a_key_cluster_stay_finite():
+    """Logits around −500 to −1000: band and low-rank parts live e^{hundreds} apart."""
+    g = gen(11)
+    u = torch.randn(21, generator=g)
+    u /= u.norm()
+    k = u * 60 + 4 * torch.randn(1, 2, 97, 21, generator=g)
+    q = -(u * 60 + 4 * torch.randn(1, 2, 97, 21, generator=g))
+    v = torch.randn(1, 2, 97, 13, generator=g)
+    assert (21**-0.5 * q @ k.transpose(-1, -2)).max() < -500
+    out = make_method("scatterbrain", 16)(q, k, v, scale=21**-0.5, generator=gen(0))
+    assert torch.isfinite(out).all()
+
+
+def test_batch_items_do_not_leak():
+    q, k, v = make_qkv(3, 2, 59, 97, 21, 13)
+    method = make_method("scatterbrain", 16)
+    out = method(q, k, v, scale=0.2, generator=gen(3))
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    q2[1], k2[1], v2[1] = q2[1] * 3 + 1, k2[1].flip(-2), -v2[1]
+    out2 = method(q2, k2, v2, scale=0.2, generator=gen(3))
+    assert torch.equal(out[0], out2[0]) and torch.equal(out[2], out2[2])
+    assert not torch.equal(out[1], out2[1])

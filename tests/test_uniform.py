@@ -1,0 +1,82 @@
+"""The maths of uniform sampling: exact limit, a uniform subset without replacement, causal prefixes."""
+
+import pytest
+import torch
+
+import kdecli.methods.uniform as uniform_module
+from kdecli.methods import make_method
+from kdecli.methods.uniform import sampled_attention
+from kdecli.metrics import slice_errors
+from kdecli.reference import exact_attention
+from tests.conftest import gen, make_qkv
+
+
+@pytest.mark.parametrize(
+    "n_q,n_k,d_v,causal",
+    [(47, 47, 21, False), (97, 59, 13, False), (1025, 1025, 7, False), (97, 97, 13, True),
+     (1025, 1025, 7, True)],
+)
+def test_exact_when_every_key_is_sampled(n_q, n_k, d_v, causal):
+    q, k, v = make_qkv(2, 2, n_q, n_k, 21, d_v)
+    out = make_method("uniform", n_k)(q, k, v, scale=0.3, generator=gen(0), causal=causal)
+    assert (out - exact_attention(q, k, v, 0.3, causal=causal)).abs().max() <= 1e-10
+
+
+def capture_index(monkeypatch):
+    seen = []
+
+    def spy(q_scaled, k, v, index, causal):
+        seen.append(index)
+        return sampled_attention(q_scaled, k, v, index, causal)
+
+    monkeypatch.setattr(uniform_module, "sampled_attention", spy)
+    return seen
+
+
+def test_draws_a_uniform_subset_without_replacement(monkeypatch):
+    seen = capture_index(monkeypatch)
+    n, m, slices = 50, 10, 2000
+    q, k, v = make_qkv(slices, 1, 3, n, 4)
+    make_method("uniform", m)(q, k, v, scale=0.3, generator=gen(0))
+    index = seen[0]
+    assert index.shape == (slices, 1, m)
+    assert all(len(set(row)) == m for row in index.view(slices, m).tolist())  # no repeats
+    counts = torch.bincount(index.flatten(), minlength=n).double()
+    expected = slices * m / n  # 400 each; binomial sd = sqrt(400·0.8) ≈ 18
+    assert (counts - expected).abs().max() < 5 * (expected * (1 - m / n)) ** 0.5
+
+
+def test_estimate_is_the_softmax_over_the_sampled_keys():
+    q, k, v = make_qkv(1, 2, 30, 60, 21, 13)
+    index = torch.tensor([[3, 17, 18, 40, 59], [0, 1, 2, 30, 31]]).view(1, 2, 5)
+    out = sampled_attention(q * 0.3, k, v, index, causal=False)
+    for head in range(2):
+        keys = index[0, head]
+        probs = torch.softmax(0.3 * q[0, head] @ k[0, head, keys].T, dim=-1)
+        assert (out[0, head] - probs @ v[0, head, keys]).abs().max() <= 1e-12
+
+
+def test_causal_uses_sampled_prefix_and_exact_attention_before_the_first_sample():
+    q, k, v = make_qkv(1, 1, 97, 97, 21, 13)
+    index = torch.tensor([10, 20, 50, 80]).view(1, 1, 4)
+    out = sampled_attention(q * 0.3, k, v, index, causal=True)
+    exact = exact_attention(q, k, v, 0.3, causal=True)
+    # queries 0..9 see no sampled key: exact attention over their prefix
+    assert (out[..., :10, :] - exact[..., :10, :]).abs().max() <= 1e-12
+    for i in (10, 35, 50, 96):
+        keys = index[0, 0][index[0, 0] <= i]
+        probs = torch.softmax(0.3 * q[0, 0, i] @ k[0, 0, keys].T, dim=-1)
+        assert (out[0, 0, i] - probs @ v[0, 0, keys]).abs().max() <= 1e-12
+    assert (out[..., 10, :] - v[..., 10, :]).abs().max() <= 1e-12  # only key 10 in its prefix
+
+
+def test_error_falls_as_budget_grows():
+    q, k, v = make_qkv(1, 2, 1025, 1025, 16, 8, spread=0.8)
+    ref = exact_attention(q, k, v, 0.3)
+    means = []
+    for budget in (16, 128, 512):
+        method = make_method("uniform", budget)
+        errs = [slice_errors(method(q, k, v, scale=0.3, generator=gen(s)), ref)["rel_spectral"].mean()
+                for s in range(4)]
+        means.append(float(torch.stack(errs).mean()))
+    assert means[0] > means[1] > means[2], means
