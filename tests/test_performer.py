@@ -36,10 +36,13 @@ def rel_error(out, ref):
 def mean_error(q, k, v, scale, seeds, **params):
     ref = exact_attention(q, k, v, scale)
     method = make_method("performer", None, **params)
-    return sum(rel_error(method(q, k, v, scale=scale, generator=gen(s)), ref) for s in seeds) / len(seeds)
+    errors = [rel_error(method(q, k, v, scale=scale, generator=gen(s)), ref) for s in seeds]
+    return sum(errors) / len(errors)
 
 
-@pytest.mark.parametrize("n_q,n_k,d_v,scale", [(47, 47, 21, 0.2), (59, 97, 13, 0.3), (97, 30, 8, -0.25)])
+@pytest.mark.parametrize(
+    "n_q,n_k,d_v,scale", [(47, 47, 21, 0.2), (59, 97, 13, 0.3), (97, 30, 8, -0.25)]
+)
 def test_forward_is_the_dense_favor_estimate(n_q, n_k, d_v, scale):
     """Stabilising shifts cancel: the output equals the unshifted dense estimator, any sign of s."""
     q, k, v = make_qkv(2, 2, n_q, n_k, 21, d_v, spread=0.7)
@@ -51,7 +54,8 @@ def test_forward_is_the_dense_favor_estimate(n_q, n_k, d_v, scale):
 @pytest.mark.parametrize("n", [97, 1025])
 def test_causal_is_the_dense_masked_favor_estimate(n):
     q, k, v = make_qkv(1, 2, n, n, 21, 13, spread=0.7)
-    out = make_method("performer", None, features=32)(q, k, v, scale=0.2, generator=gen(1), causal=True)
+    method = make_method("performer", None, features=32)
+    out = method(q, k, v, scale=0.2, generator=gen(1), causal=True)
     ref = dense_favor(q, k, v, 0.2, directions(q, 32, 1), causal=True)
     assert (out - ref).abs().max() <= 1e-10
     assert (out[..., 0, :] - v[..., 0, :]).abs().max() < 1e-12  # query 0 sees key 0 only
@@ -68,7 +72,8 @@ def test_causal_rows_that_underflow_in_the_chunk_are_recomputed():
     f, g = (log_features(x, omega) for x in split_scale(q, k, 0.25))
     qf, kf, _ = stabilised_features(f[..., :64, :], g[..., :64, :])
     assert ((qf[..., 0, :] * kf[..., 0, :]).sum(-1) == 0).all(), "the test must reach the underflow"
-    out = make_method("performer", None, features=32)(q, k, v, scale=0.25, generator=gen(2), causal=True)
+    method = make_method("performer", None, features=32)
+    out = method(q, k, v, scale=0.25, generator=gen(2), causal=True)
     assert torch.isfinite(out).all()
     assert (out[..., 0, :] - v[..., 0, :]).abs().max() < 1e-6
     ref = dense_favor(q, k, v, 0.25, omega, causal=True)
@@ -153,7 +158,8 @@ def test_row_sums_cannot_underflow_with_one_shift_per_feature():
     each row sum >= 1, and the result matches the float64 log-space estimate."""
     q, k, v = anti_aligned_inputs()
     assert (21**-0.5 * q @ k.transpose(-1, -2)).max() < -500
-    out = make_method("performer", 64)(q.float(), k.float(), v.float(), scale=21**-0.5, generator=gen(0))
+    method = make_method("performer", 64)
+    out = method(q.float(), k.float(), v.float(), scale=21**-0.5, generator=gen(0))
     assert torch.isfinite(out).all()
     assert (out.double() - dense_favor(q, k, v, 21**-0.5, directions(q, 64, 0))).abs().max() < 1e-3
 

@@ -10,7 +10,9 @@ from kdecli.reference import exact_attention
 from tests.conftest import gen, make_qkv
 
 
-def union_reference(q, k, v, scale, chunk, rounds, n_buckets, seed, shared_qk=False, multiset=False):
+def union_reference(
+    q, k, v, scale, chunk, rounds, n_buckets, seed, shared_qk=False, multiset=False
+):
     """Softmax over U_i, the keys query i meets in any round, written the slow, obvious way:
     per round sort by (bucket, position) in Python, cut into chunks, and mark chunk t and t − 1.
     ``multiset=True`` counts a key once per meeting instead: what skipping the correction gives."""
@@ -56,7 +58,8 @@ def test_exact_when_one_chunk_holds_every_key(n_q, n_k, d_v):
 
 @pytest.mark.parametrize(
     "n_q,n_k,chunk,rounds,n_buckets",
-    [(47, 47, 8, 3, 4), (59, 97, 10, 2, 6), (97, 47, 5, 4, 8), (40, 40, 20, 2, 2), (97, 97, 16, 8, 0)],
+    [(47, 47, 8, 3, 4), (59, 97, 10, 2, 6), (97, 47, 5, 4, 8), (40, 40, 20, 2, 2),
+     (97, 97, 16, 8, 0)],
 )
 def test_matches_the_union_of_rounds_counted_once(n_q, n_k, chunk, rounds, n_buckets):
     q, k, v = make_qkv(1, 2, n_q, n_k, 21, 13)
@@ -95,7 +98,8 @@ def test_error_falls_as_chunks_grow():
     ref = exact_attention(q, k, v, 0.25)
 
     def error(budget):
-        outs = [make_method("reformer", budget)(q, k, v, scale=0.25, generator=gen(s)) for s in range(3)]
+        method = make_method("reformer", budget)
+        outs = [method(q, k, v, scale=0.25, generator=gen(s)) for s in range(3)]
         return sum(((o - ref).norm() / ref.norm()).item() for o in outs) / len(outs)
 
     errors = [error(m) for m in (8, 32, 96)]

@@ -17,8 +17,8 @@ def dense_scatterbrain(q, k, v, scale, local_context, features, seed):
     omega = random_directions(b, h, d, features, orthogonal=True, generator=gen(seed),
                               device=q.device, dtype=q.dtype)
     q1, k1 = split_scale(q, k, scale)
-    low_rank = torch.exp(log_features(q1, omega)) @ torch.exp(log_features(k1, omega)).transpose(-1, -2)
-    low_rank = low_rank / features
+    phi_q, phi_k = torch.exp(log_features(q1, omega)), torch.exp(log_features(k1, omega))
+    low_rank = phi_q @ phi_k.transpose(-1, -2) / features
     position = torch.arange(n_q) * n_k // n_q
     band = (torch.arange(n_k).view(1, -1) - position.view(-1, 1)).abs() < local_context / 2
     a = torch.where(band, torch.exp(scale * q @ k.transpose(-1, -2)), low_rank)
@@ -78,7 +78,8 @@ def test_logits_of_several_hundred_stay_finite(dtype, same_qk):
     # scaled low-rank part (or a shift that flushed the band) would not.
     logits = 21**-0.5 * q.double() @ k.double().transpose(-1, -2)
     band = (torch.arange(97).view(1, -1) - torch.arange(97).view(-1, 1)).abs() < 8  # w = 16
-    margin = logits.masked_fill(~band, -torch.inf).amax(-1) - logits.masked_fill(band, -torch.inf).amax(-1)
+    best_on = logits.masked_fill(~band, -torch.inf).amax(-1)
+    margin = best_on - logits.masked_fill(band, -torch.inf).amax(-1)
     clear = margin > 10
     assert clear.sum() > 20, "the test needs queries whose band dominates"
     error = (out.double() - exact_attention(q, k, v, 21**-0.5)).abs().amax(-1)

@@ -1,7 +1,8 @@
-"""Positive random features of the exponential kernel (FAVOR+), shared by performer and scatterbrain.
+"""Positive random features of the exponential kernel (FAVOR+): performer and scatterbrain.
 
 Choromanski et al., "Rethinking Attention with Performers", ICLR 2021.  Write the logit as
-ℓ = s·q·k = q'·k' with q' = sign(s)·√|s|·q and k' = √|s|·k.  With directions ω_1..ω_m, each N(0, I_d),
+ℓ = s·q·k = q'·k' with q' = sign(s)·√|s|·q and k' = √|s|·k.  With directions ω_1..ω_m, each
+N(0, I_d),
 
     φ(x)_r = exp(ω_r·x − ‖x‖²/2) / √m,          E[φ(q')·φ(k')] = e^{q'·k'} = e^{ℓ}
 
@@ -15,8 +16,8 @@ orthogonal, which lowers its variance.  ``orthogonal=False`` draws i.i.d. Gaussi
 Stabilisation.  exp of raw features overflows for logits in the hundreds, so features are built from
 their logs f_ir = ω_r·q'_i − ‖q'_i‖²/2 and g_jr = ω_r·k'_j − ‖k'_j‖²/2, shifted before the exp:
 
-    key features    kf_jr = exp(g_jr − β_r),          β_r = max_j g_jr          (per feature, over keys)
-    query features  qf_ir = exp(f_ir + β_r − γ_i),    γ_i = max_r (f_ir + β_r)   (per query, over features)
+    keys     kf_jr = exp(g_jr − β_r),         β_r = max_j g_jr           (per feature, over keys)
+    queries  qf_ir = exp(f_ir + β_r − γ_i),   γ_i = max_r (f_ir + β_r)   (per query, over features)
 
 so that φ(q_i)·φ(k_j) = exp(γ_i − log m) · qf_i·kf_j exactly.  Every entry lies in (0, 1], nothing
 overflows, and Σ_j qf_i·kf_j ≥ 1 (the feature r attaining γ_i meets the key attaining β_r with
@@ -42,7 +43,9 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def split_scale(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def split_scale(
+    q: torch.Tensor, k: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(q', k') with q'·k' = s·q·k; works for any sign of s (s = 0 gives all-zero logits)."""
     root = math.sqrt(abs(scale))
     return q * math.copysign(root, scale), k * root
@@ -60,8 +63,9 @@ def random_directions(
         w = torch.randn(b, h, m, d, generator=generator, device=device, dtype=torch.float32)
         return w.to(dtype)
     blocks = -(-m // d)
-    gauss = torch.randn(b, h, blocks, d, d, generator=generator, device=device, dtype=torch.float32)
-    lengths = torch.randn(b, h, blocks, d, d, generator=generator, device=device, dtype=torch.float32)
+    draw = dict(generator=generator, device=device, dtype=torch.float32)
+    gauss = torch.randn(b, h, blocks, d, d, **draw)
+    lengths = torch.randn(b, h, blocks, d, d, **draw)
     qmat, rmat = torch.linalg.qr(gauss)
     # Fixing the signs of diag(R) makes Q exactly Haar-distributed (LAPACK's Q alone is not).
     qmat = qmat * torch.sign(torch.diagonal(rmat, dim1=-2, dim2=-1)).unsqueeze(-2)
@@ -92,6 +96,6 @@ def stabilised_features(
 def favor_features(
     q: torch.Tensor, k: torch.Tensor, scale: float, omega: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stabilised positive features of q (b, h, n_q, d) and k (b, h, n_k, d) for directions omega."""
+    """Stabilised features of q (b, h, n_q, d) and k (b, h, n_k, d) for directions omega."""
     q1, k1 = split_scale(q, k, scale)
     return stabilised_features(log_features(q1, omega), log_features(k1, omega))

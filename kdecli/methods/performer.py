@@ -10,8 +10,8 @@ Colwell, Weller, "Rethinking Attention with Performers", ICLR 2021.  With the fe
 The features are shifted inside the exp (per query over features, per feature over keys; see
 ``features``) so that logits in the hundreds, of either sign, give finite outputs.
 
-Causal: the sums run over j ≤ i, as a scan over chunks of C positions.  The prefix before the chunk is
-a running m × (d_v+1) state (rescaled whenever a feature's key maximum grows, like an online
+Causal: the sums run over j ≤ i, as a scan over chunks of C positions.  The prefix before the chunk
+is a running m × (d_v+1) state (rescaled whenever a feature's key maximum grows, like an online
 softmax); inside the chunk the masked C × C products φ(q_i)·φ(k_j) are formed from the chunk's own
 stabilised features, and the two parts are merged by their log-sum-exps.  Neither part can end with
 a zero row sum (see ``in_chunk``), so the output stays finite with logits in the hundreds.
@@ -38,7 +38,7 @@ CAUSAL_CHUNK = 64  # positions per scan step: the in-chunk part costs about C·(
 @register
 class Performer(AttentionMethod):
     name = "performer"
-    summary = "FAVOR+ positive random features (orthogonal by default): linear-time softmax estimate."
+    summary = "FAVOR+ positive random features (orthogonal by default), linear in n."
     paper = "Choromanski et al., Rethinking Attention with Performers, ICLR 2021"
     budget_help = "m random features: features = m."
     params = (
@@ -81,7 +81,7 @@ class Performer(AttentionMethod):
 
 
 def causal_favor(q, k, v, scale, omega):
-    """FAVOR+ with j ≤ i (n_q == n_k), as the chunked scan of the module docstring: (b, h, n, d_v)."""
+    """FAVOR+ with j ≤ i (n_q == n_k), the chunked scan of the module docstring: (b, h, n, d_v)."""
     b, h, n, _ = q.shape
     m = omega.shape[-2]
     q1, k1 = split_scale(q, k, scale)

@@ -10,7 +10,7 @@ Kitaev, Kaiser, Levskaya, "Reformer: The Efficient Transformer", ICLR 2020.  For
 A key can reach query i several times: in several rounds, or twice in one round when n_c = 1.  With
 c_ij the number of times it does, each occurrence gets the logit ℓ_ij − log c_ij, so that
 
-    Σ_rounds Σ_{occurrences} e^{ℓ_ij − log c_ij} ṽ_j = Σ_{j ∈ U_i} e^{ℓ_ij} ṽ_j,   U_i = ∪_r (keys i meets)
+    Σ_rounds Σ_meetings e^{ℓ_ij − log c_ij} v_j = Σ_{j ∈ U_i} e^{ℓ_ij} v_j,   U_i = ∪_r (i's keys)
 
 Each round gives a log-sum-exp L_r and a softmax output O_r per query; merging them by log-sum-exp
 gives Õ_i = softmax over U_i, each key counted once.  Exact when one chunk holds all keys.
@@ -41,7 +41,7 @@ class Reformer(AttentionMethod):
     paper = "Kitaev, Kaiser, Levskaya, Reformer: The Efficient Transformer, ICLR 2020"
     budget_help = "m keys per query: chunk_size = m/2 (a query sees 2 chunks), n_hashes = 8."
     params = (
-        Param("chunk_size", int, 64, "keys per sorted chunk (c); a query chunk sees 2c keys", 1, 2**24),
+        Param("chunk_size", int, 64, "keys per sorted chunk (c); a query sees 2c keys", 1, 2**24),
         Param("n_hashes", int, 8, "hash rounds (h)", 1, 64),
         Param(
             "n_buckets", int, 0,
@@ -66,14 +66,17 @@ class Reformer(AttentionMethod):
         nb = self.config["n_buckets"]
         if nb % 2:
             raise ParameterError(
-                f"reformer: `n_buckets` must be 0 (automatic) or an even integer in [2, 65536]; got {nb}."
+                "reformer: `n_buckets` must be 0 (automatic) or an even integer in [2, 65536]; "
+                f"got {nb}."
             )
         if self.config["shared_qk"]:
             self.estimates = SHARED_QK_ESTIMATES
 
     def input_reasons(self, n_q, n_k, d, d_v, causal):
         if self.config["shared_qk"] and n_q != n_k:
-            return [f"shared_qk=true needs n_q == n_k (keys are the queries); got n_q={n_q}, n_k={n_k}"]
+            return [
+                f"shared_qk=true needs n_q == n_k (keys are the queries); got n_q={n_q}, n_k={n_k}"
+            ]
         return []
 
     def n_buckets_for(self, n_k: int) -> int:
@@ -91,9 +94,9 @@ class Reformer(AttentionMethod):
         rot = draw_rotations(b, h, rounds, d, self.n_buckets_for(n_k), generator, q.device, work)
         chunks = ChunkLayout.build(hash_buckets(q, rot), hash_buckets(k, rot), cfg["chunk_size"])
 
-        lse, out = None, None
+        q_scaled, lse, out = q * scale, None, None
         for r in range(rounds):
-            lse_r, out_r = one_round(q * scale, k, v, chunks, r, cfg["shared_qk"])
+            lse_r, out_r = one_round(q_scaled, k, v, chunks, r, cfg["shared_qk"])
             lse, out = (lse_r, out_r) if lse is None else merge_lse(lse, out, lse_r, out_r)
         return out.to(dtype)
 
@@ -132,8 +135,8 @@ class ChunkLayout:
     ``q_order``/``k_order`` (b, h, rounds, n): sorted position -> original index (a stable sort of
     the buckets keeps positions increasing inside a bucket).  ``q_chunk``/``k_chunk`` (b, h, n,
     rounds): original index -> chunk in every round (int16 when it fits, for cheap compares);
-    ``q_chunk_prev`` the chunk before the query's, cyclically.  Keys fill n_c = ⌈n_k/c_k⌉ chunks of c_k = min(c, n_k) (only the
-    last one padded); queries fill the same number of chunks of ⌈n_q/n_c⌉.
+    ``q_chunk_prev`` the chunk before the query's, cyclically.  Keys fill n_c = ⌈n_k/c_k⌉ chunks of
+    c_k = min(c, n_k) (only the last one padded); queries fill as many chunks, of ⌈n_q/n_c⌉.
     """
 
     def __init__(self, q_order, k_order, q_chunk, k_chunk, num_chunks, c_q, c_k):

@@ -5,12 +5,13 @@ Approximation", NeurIPS 2021.  With the FAVOR+ features φ of ``kdecli.methods.f
 Â = φ(Q)φ(K)ᵀ, a band B = {(i, j): |j − p_i| < w/2} and S = (e^ℓ − Â) on B, zero elsewhere:
 
     Õ = (ÂV + SV) / (Â1 + S1),   i.e. for each query i
-    N_i = Σ_{j ∉ B_i} φ(q_i)·φ(k_j) ṽ_j + Σ_{j ∈ B_i} e^{ℓ_ij} ṽ_j,   ṽ_j = (v_j, 1),   Õ_i = N_i[:d_v]/N_i[d_v]
+    N_i = Σ_{j ∉ B_i} φ(q_i)·φ(k_j) ṽ_j + Σ_{j ∈ B_i} e^{ℓ_ij} ṽ_j,   ṽ_j = (v_j, 1)
+    Õ_i = N_i[:d_v] / N_i[d_v]
 
 so on the band the estimate is the exact entry and elsewhere the Performer entry.  p_i = ⌊i·n_k/n_q⌋
-is query i's position among the keys (p_i = i in self-attention).  Never n × n: φ(K)ᵀṼ once gives the
-all-keys low-rank sum, the band is computed in blocks of queries against a window of keys, and the
-off-band low-rank sum is that total minus the band's feature products.
+is query i's position among the keys (p_i = i in self-attention).  Never n × n: φ(K)ᵀṼ once gives
+the all-keys low-rank sum, the band is computed in blocks of queries against a window of keys, and
+the off-band low-rank sum is that total minus the band's feature products.
 
 Shared shift.  The two parts are computed each under its own safe shift — the band under
 c_i = max_{j∈B_i} ℓ_ij, the low-rank part under the features' exp(γ_i)/m (``features``) — and added
@@ -42,7 +43,7 @@ class ScatterBrain(AttentionMethod):
     paper = "Chen, Dao, Winsor, Song, Rudra, Ré, Scatterbrain, NeurIPS 2021"
     budget_help = "m: local_context = m/2 band keys per query (|i − j| < w/2), features = m."
     params = (
-        Param("local_context", int, 128, "band width w: keys with |j − p_i| < w/2 are exact", 1, 2**24),
+        Param("local_context", int, 128, "band width w: keys |j − p_i| < w/2 are exact", 1, 2**24),
         Param("features", int, 256, "number of Performer random features (m)", 1, 2**16),
         Param("orthogonal", bool, True, "orthogonal random directions; false: i.i.d. Gaussian"),
     )
@@ -69,10 +70,12 @@ class ScatterBrain(AttentionMethod):
         qf, kf, log_shift = favor_features(q, k, scale, omega)
         lr_total = qf @ (kf.transpose(-1, -2) @ v_aug)  # (b, h, n_q, d_v+1), row sum >= 1
 
-        radius = (self.config["local_context"] + 1) // 2 - 1  # |j − p_i| < w/2  <=>  |j − p_i| <= radius
+        radius = (self.config["local_context"] + 1) // 2 - 1  # |j − p_i| < w/2 <=> ≤ radius
         pos = torch.arange(n_q, device=q.device) * n_k // n_q
         band_lse, band_out, lr_band = local_band(q * scale, k, v_aug, qf, kf, pos, radius)
 
+        # Off-band feature sums (in units of exp(log_shift)): ≥ 0 in exact arithmetic, since
+        # every feature is positive; only the subtraction's rounding can make them ≤ 0.
         lr_off = lr_total - lr_band
         off_mass = lr_off[..., -1]
         covers_all = (pos - radius <= 0) & (pos + radius >= n_k - 1)
@@ -80,6 +83,7 @@ class ScatterBrain(AttentionMethod):
         safe_mass = torch.where(keep, off_mass, torch.ones_like(off_mass))
         lr_lse = torch.where(keep, log_shift + torch.log(safe_mass), float("-inf"))
         lr_out = torch.where(keep.unsqueeze(-1), lr_off[..., :-1] / safe_mass.unsqueeze(-1), 0.0)
+        # (e^{L_band} O_band + e^{L_lr} O_lr) / (e^{L_band} + e^{L_lr}) = (ÂV + SV) / (Â1 + S1)
         _, out = merge_lse(band_lse, band_out, lr_lse, lr_out)
         return out.to(dtype)
 
