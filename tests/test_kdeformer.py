@@ -40,7 +40,12 @@ def test_residual_is_unbiased_estimate_of_off_block_sum():
     method = make_method("kdeformer", 32, block_size=16, samples=32)
     zero_shift = torch.zeros(1, 1, 97, dtype=torch.float64)
     no_samples = (torch.zeros(1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1, dtype=torch.float64))
-    block_only = kdeformer_numerator(q * scale, k, v_aug, blocks, *no_samples, shift=zero_shift)
+
+    def numerator(index, weight):  # N_i with its row-sum column, as one (n_q, d_v + 1) matrix
+        num, den = kdeformer_numerator(q, k, v, scale, blocks, index, weight, shift=zero_shift)
+        return torch.cat([num, den.unsqueeze(-1)], dim=-1)
+
+    block_only = numerator(*no_samples)
     # a single zero-weight sample adds nothing, so block_only is exactly the in-block sum
     a = torch.exp(scale * q @ k.transpose(-1, -2))
     full = a @ v_aug
@@ -48,8 +53,8 @@ def test_residual_is_unbiased_estimate_of_off_block_sum():
     trials = 4000
     total = torch.zeros_like(full)
     for _ in range(trials):
-        index, weight = method.draw_samples(q, k, v_aug, scale, g)
-        total += kdeformer_numerator(q * scale, k, v_aug, blocks, index, weight, shift=zero_shift)
+        index, weight = method.draw_samples(q, k, v, scale, g)
+        total += numerator(index, weight)
     estimate = total / trials - block_only
     # Monte-Carlo standard error from a second, independent set of per-trial estimates
     rel = (estimate - off_block_exact).norm() / off_block_exact.norm()

@@ -59,20 +59,19 @@ class KDEformer(AttentionMethod):
     def forward(self, q, k, v, scale, generator, causal):
         cfg = self.config
         blocks = sort_into_blocks(q, k, cfg["block_size"], cfg["num_projs"], generator)
-        v_aug = with_ones_column(v)
-        sample_index, sample_weight = self.draw_samples(q, k, v_aug, scale, generator)
-        numerator = kdeformer_numerator(q * scale, k, v_aug, blocks, sample_index, sample_weight)
-        return numerator[..., :-1] / numerator[..., -1:]
+        sample_index, sample_weight = self.draw_samples(q, k, v, scale, generator)
+        numerator, denominator = sorted_estimate(q, k, v, scale, blocks, sample_index, sample_weight)
+        return blocks.unsort_queries(numerator.div_(denominator.unsqueeze(-1)))
 
-    def draw_samples(self, q, k, v_aug, scale, generator):
+    def draw_samples(self, q, k, v, scale, generator):
         """m key indices per slice, drawn with replacement, and their weights 1/(m·p)."""
-        b, h, n_k, _ = v_aug.shape
+        b, h, n_k, _ = v.shape
         m = self.config["samples"]
-        probs = sampling_probabilities(self.config["sampling"], q, k, v_aug, scale)
+        probs = sampling_probabilities(self.config["sampling"], q, k, v, scale)
         flat = probs.reshape(b * h, n_k)
         index = torch.multinomial(flat, m, replacement=True, generator=generator).view(b, h, m)
         weight = 1.0 / (m * torch.gather(probs, -1, index))
-        return index, weight.to(v_aug.dtype)
+        return index, weight.to(v.dtype)
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         cfg = self.config
@@ -83,45 +82,53 @@ class KDEformer(AttentionMethod):
         )
 
 
-def sampling_probabilities(kind: str, q, k, v_aug, scale) -> torch.Tensor:
+def sampling_probabilities(kind: str, q, k, v, scale) -> torch.Tensor:
     """Residual key probabilities p (b, h, n_k), each slice summing to one.
 
-    value-norm:  p_j ∝ ‖ṽ_j‖₂ / ‖Ṽ‖₂² + 1/n_k   (the released code; ‖Ṽ‖₂ exactly, from the
-                 (d_v+1)×(d_v+1) Gram matrix, cheaper than a power iteration)
+    value-norm:  p_j ∝ ‖ṽ_j‖₂ / ‖Ṽ‖₂² + 1/n_k with ṽ_j = (v_j, 1) (the released code).  ‖ṽ_j‖² =
+                 ‖v_j‖² + 1, and ‖Ṽ‖₂² is the top eigenvalue of ṼᵀṼ = [[VᵀV, Vᵀ1], [1ᵀV, n_k]],
+                 exact and cheaper than a power iteration, without building Ṽ.
     uniform:     p_j = 1/n_k
     column-norm: p_j ∝ ‖(D⁻¹A)_{:,j}‖₂², computed exactly in query chunks (an oracle).
     """
-    n_k = v_aug.shape[-2]
-    if v_aug.dtype in (torch.float16, torch.bfloat16):  # eigvalsh and multinomial need float32+
-        v_aug = v_aug.float()
+    n_k = v.shape[-2]
+    if v.dtype in (torch.float16, torch.bfloat16):  # eigvalsh and multinomial need float32+
+        v = v.float()
     if kind == "uniform":
-        return v_aug.new_full(v_aug.shape[:-1], 1.0 / n_k)
+        return v.new_full(v.shape[:-1], 1.0 / n_k)
     if kind == "value-norm":
-        gram = v_aug.transpose(-1, -2) @ v_aug
+        column_sums = v.sum(-2, keepdim=True)  # 1ᵀV: (b, h, 1, d_v)
+        corner = torch.full_like(column_sums[..., :1], float(n_k))
+        gram = torch.cat([
+            torch.cat([v.transpose(-1, -2) @ v, column_sums.transpose(-1, -2)], dim=-1),
+            torch.cat([column_sums, corner], dim=-1),
+        ], dim=-2)
         spectral_sq = torch.linalg.eigvalsh(gram)[..., -1:]
-        weights = v_aug.norm(dim=-1) / spectral_sq + 1.0 / n_k
+        aug_norms = torch.linalg.vector_norm(v, dim=-1).square_().add_(1).sqrt_()  # ‖(v_j, 1)‖₂
+        weights = aug_norms / spectral_sq + 1.0 / n_k
     elif kind == "column-norm":
         from kdecli.reference import attention_column_sq_norms
 
-        weights = attention_column_sq_norms(q, k, scale).to(v_aug.dtype)
+        weights = attention_column_sq_norms(q, k, scale).to(v.dtype)
     else:  # Param.choices already rejects anything else
         raise AssertionError(kind)
     return weights / weights.sum(-1, keepdim=True)
 
 
-def kdeformer_numerator(
-    q_scaled: torch.Tensor, k: torch.Tensor, v_aug: torch.Tensor, blocks: SortedBlocks,
+def sorted_estimate(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, blocks: SortedBlocks,
     sample_index: torch.Tensor, sample_weight: torch.Tensor, shift: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """N_i of the module docstring for every query, in the original query order: (b, h, n_q, d_v+1).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """N_i split into its value part and its last (row-sum) column, in sorted query order.
 
+    Returns (numerator (b, h, nb·bq, d_v), denominator (b, h, nb·bq)); rows past n_q are padding.
     ``shift`` (b, h, n_q) fixes c_i (tests use zero to read unshifted sums); by default c_i is the
     largest logit that query's estimate uses.  The in-block mask is built from block ids, one
     (num_blocks × m) boolean per slice, never an n × m matrix.
     """
-    b, h = q_scaled.shape[:2]
+    b, h = q.shape[:2]
     nb, bq = blocks.num_blocks, blocks.query_block
-    q_sorted = blocks.sorted_queries(q_scaled)  # (b, h, nb, bq, d)
+    q_sorted = blocks.sorted_queries(q).mul_(scale)  # (b, h, nb, bq, d): scaled after the copy
     block_logits = q_sorted @ blocks.sorted_keys(k).transpose(-1, -2)  # (b, h, nb, bq, bk)
     key_valid = blocks.key_valid(k.device)
     if key_valid is not None:  # padded keys (only in the last block) contribute nothing
@@ -129,7 +136,7 @@ def kdeformer_numerator(
 
     # One (nb·bq × d) @ (d × m) product per slice for the samples, viewed per block for the mask.
     k_sample = gather_rows(k, sample_index)  # (b, h, m, d)
-    v_sample = gather_rows(v_aug, sample_index) * sample_weight.unsqueeze(-1)
+    v_sample = with_ones_column(gather_rows(v, sample_index)).mul_(sample_weight.unsqueeze(-1))
     sample_logits = q_sorted.view(b, h, nb * bq, -1) @ k_sample.transpose(-1, -2)
     sample_logits = sample_logits.view(b, h, nb, bq, -1)
     sample_logits.masked_fill_(blocks.samples_in_block(sample_index).unsqueeze(3), float("-inf"))
@@ -138,7 +145,17 @@ def kdeformer_numerator(
         c = torch.maximum(block_logits.amax(-1), sample_logits.amax(-1)).unsqueeze(-1)
     else:
         c = blocks.sorted_queries(shift.unsqueeze(-1))
-    numerator = block_logits.sub_(c).exp_() @ blocks.sorted_keys(v_aug)
-    sample_weights = sample_logits.sub_(c).exp_().view(b, h, nb * bq, -1)
-    numerator = numerator.view(b, h, nb * bq, -1) + sample_weights @ v_sample
-    return blocks.unsort_queries(numerator)
+    block_weights = block_logits.sub_(c).exp_()
+    sample_weights = sample_logits.sub_(c).exp_().view(b * h, nb * bq, -1)
+    sampled = torch.bmm(sample_weights, v_sample.view(b * h, *v_sample.shape[-2:]))
+    d_v = v.shape[-1]
+    numerator = (block_weights @ blocks.sorted_keys(v)).view(b, h, nb * bq, d_v)
+    numerator += sampled[..., :d_v].view(b, h, nb * bq, d_v)
+    denominator = block_weights.sum(-1).view(b, h, nb * bq) + sampled[..., d_v].view(b, h, nb * bq)
+    return numerator, denominator
+
+
+def kdeformer_numerator(q, k, v, scale, blocks, sample_index, sample_weight, shift=None):
+    """(N_i[:d_v], N_i[d_v]) of the module docstring in the original query order (for tests)."""
+    numerator, denominator = sorted_estimate(q, k, v, scale, blocks, sample_index, sample_weight, shift)
+    return blocks.unsort_queries(numerator), blocks.unsort_queries(denominator.unsqueeze(-1))[..., 0]
