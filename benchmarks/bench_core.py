@@ -40,8 +40,9 @@ def quality() -> None:
                 if r["method"] == "kdeformer" and r["budget"] == budget]
         mean = statistics.fmean(errs)
         verdict = "ok" if mean <= TARGET[budget] else "MISSED"
+        below = 100 * (1 - mean / REFERENCE_CODE[budget])
         print(f"{budget:>6} {mean:8.4f} {statistics.stdev(errs):7.4f} {REFERENCE_CODE[budget]:15.3f} "
-              f"{TARGET[budget]:7.3f}  {verdict} ({100 * (1 - mean / REFERENCE_CODE[budget]):+.1f}% vs reference)")
+              f"{TARGET[budget]:7.3f}  {verdict}, {below:.1f}% below the reference code")
 
 
 def matmul_gflops(dtype: torch.dtype, b: int, m: int, kdim: int, n: int) -> float:

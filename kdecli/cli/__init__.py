@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-
 from kdecli.cli.app import app
 
-# Commands register themselves on `app` when imported; the order here is the order of --help.
-for _module in ("run_commands", "methods_command", "inspect_command", "download_glove", "plot_command"):
-    try:
-        importlib.import_module(f"kdecli.cli.{_module}")
-    except ModuleNotFoundError as exc:  # a command still being written must not break the others
-        if exc.name != f"kdecli.cli.{_module}":
-            raise
+# Each module adds its command(s) to `app` when imported; this order is the order of --help.
+from kdecli.cli import run_commands as _run_commands  # noqa: F401,E402,I001  (approx, compare)
+from kdecli.cli import methods_command as _methods_command  # noqa: F401,E402
+from kdecli.cli import inspect_command as _inspect_command  # noqa: F401,E402
+from kdecli.cli import plot_command as _plot_command  # noqa: F401,E402
+from kdecli.cli import download_glove as _download_glove  # noqa: F401,E402
 
 
 def main() -> None:
