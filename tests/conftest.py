@@ -19,3 +19,13 @@ def qkv_factory():
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+def clustered_self_attention(seed=0, n=1024):
+    """Clustered self-attention inputs (K = Q) where LSH blocks matter, like word vectors."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(1, 2, 24, 16, generator=g, dtype=torch.float64) * 1.5
+    which = torch.randint(0, 24, (1, 2, n), generator=g)
+    q = torch.gather(centres, 2, which.unsqueeze(-1).expand(1, 2, n, 16))
+    q = q + 0.5 * torch.randn(1, 2, n, 16, generator=g, dtype=torch.float64)
+    return q, q, torch.randn(1, 2, n, 16, generator=g, dtype=torch.float64)

@@ -10,7 +10,7 @@ from kdecli.methods.hyperattention import hyper_lse
 from kdecli.methods.lsh import SortedBlocks, sort_into_blocks
 from kdecli.metrics import slice_errors
 from kdecli.reference import exact_attention
-from tests.conftest import gen, make_qkv
+from tests.conftest import clustered_self_attention as glove_like, gen, make_qkv
 
 
 def exact_lse(q, k, scale):
@@ -114,16 +114,6 @@ def test_sampled_row_sum_is_unbiased():
     rel = ((estimate - truth).norm() / truth.norm()).item()
     assert rel < 0.01, rel
     assert ((estimate * math.exp(0.1) - truth).norm() / truth.norm()).item() > 0.05
-
-
-def glove_like(seed=0, n=1024):
-    """Clustered self-attention inputs (K = Q), where LSH blocks matter."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(1, 2, 24, 16, generator=g, dtype=torch.float64) * 1.5
-    which = torch.randint(0, 24, (1, 2, n), generator=g)
-    q = torch.gather(centres, 2, which.unsqueeze(-1).expand(1, 2, n, 16))
-    q = q + 0.5 * torch.randn(1, 2, n, 16, generator=g, dtype=torch.float64)
-    return q, q, torch.randn(1, 2, n, 16, generator=g, dtype=torch.float64)
 
 
 def test_error_falls_as_budget_grows():

@@ -9,7 +9,7 @@ from kdecli.methods.kdeformer import kdeformer_numerator
 from kdecli.methods.lsh import gray_rank_table, sort_into_blocks
 from kdecli.metrics import slice_errors
 from kdecli.reference import exact_attention
-from tests.conftest import gen, make_qkv
+from tests.conftest import clustered_self_attention as glove_like, gen, make_qkv
 
 
 def test_gray_rank_orders_codes_by_single_bit_flips():
@@ -61,17 +61,6 @@ def test_residual_is_unbiased_estimate_of_off_block_sum():
     assert rel < 0.02, rel
     # and a biased estimator (weights halved) is caught by the same check
     assert ((estimate * 0.5) - off_block_exact).norm() / off_block_exact.norm() > 0.3
-
-
-def glove_like(seed=0, n=1024):
-    """Clustered self-attention inputs (K = Q) where LSH blocks matter, like word vectors."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(1, 2, 24, 16, generator=g, dtype=torch.float64) * 1.5
-    which = torch.randint(0, 24, (1, 2, n), generator=g)
-    q = torch.gather(centres, 2, which.unsqueeze(-1).expand(1, 2, n, 16))
-    q = q + 0.5 * torch.randn(1, 2, n, 16, generator=g, dtype=torch.float64)
-    v = torch.randn(1, 2, n, 16, generator=g, dtype=torch.float64)
-    return q, q, v
 
 
 def test_error_falls_as_budget_grows():

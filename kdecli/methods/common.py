@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 
 
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 inputs are computed in float32: exp-sums over thousands of keys in an 8-bit
+    mantissa lose every digit.  float32 and float64 are kept."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def pad_dim(x: torch.Tensor, size: int, dim: int = -2, value: float = 0.0) -> torch.Tensor:
     """Pad ``x`` along ``dim`` with ``value`` up to ``size`` (no copy when already that long)."""
     missing = size - x.shape[dim]

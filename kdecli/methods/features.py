@@ -37,12 +37,6 @@ import math
 import torch
 
 
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float16/bfloat16 inputs are computed in float32: exp-sums over thousands of keys in an 8-bit
-    mantissa lose every digit.  float32 and float64 are kept."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def split_scale(
     q: torch.Tensor, k: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

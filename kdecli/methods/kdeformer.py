@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from kdecli.methods.base import AttentionMethod, Param
-from kdecli.methods.common import gather_rows, with_ones_column
+from kdecli.methods.common import gather_rows, with_ones_column, working_dtype
 from kdecli.methods.lsh import SortedBlocks, sort_into_blocks
 from kdecli.methods.registry import register
 
@@ -92,8 +92,7 @@ def sampling_probabilities(kind: str, q, k, v, scale) -> torch.Tensor:
     column-norm: p_j ∝ ‖(D⁻¹A)_{:,j}‖₂², computed exactly in query chunks (an oracle).
     """
     n_k = v.shape[-2]
-    if v.dtype in (torch.float16, torch.bfloat16):  # eigvalsh and multinomial need float32+
-        v = v.float()
+    v = v.to(working_dtype(v.dtype))  # eigvalsh and multinomial need float32 or wider
     if kind == "uniform":
         return v.new_full(v.shape[:-1], 1.0 / n_k)
     if kind == "value-norm":

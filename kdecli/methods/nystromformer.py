@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from kdecli.methods.base import AttentionMethod, Param
+from kdecli.methods.common import working_dtype
 from kdecli.methods.registry import register
 
 
@@ -47,7 +48,7 @@ class Nystromformer(AttentionMethod):
 
     def forward(self, q, k, v, scale, generator, causal):
         in_dtype = v.dtype
-        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        work = working_dtype(q.dtype)
         q, k, v = q.to(work), k.to(work), v.to(work)
         m = self.config["landmarks"]
         q_land, k_land = segment_means(q, m), segment_means(k, m)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from kdecli.methods.base import AttentionMethod, Param
+from kdecli.methods.common import working_dtype
 from kdecli.methods.registry import register
 from kdecli.reference import chunk_rows, iter_softmax_chunks
 
@@ -54,7 +55,7 @@ class TopK(AttentionMethod):
         return _too_large("topk", n_q, n_k, self.config["max_n"], "it reads all n_q·n_k logits")
 
     def forward(self, q, k, v, scale, generator, causal):
-        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        work = working_dtype(q.dtype)
         qw, kw, vw = q.to(work), k.to(work), v.to(work)
         b, h, n_q, _ = q.shape
         n_k = k.shape[-2]

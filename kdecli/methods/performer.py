@@ -25,10 +25,9 @@ import math
 import torch
 
 from kdecli.methods.base import AttentionMethod, Param
-from kdecli.methods.common import merge_lse, with_ones_column
+from kdecli.methods.common import merge_lse, with_ones_column, working_dtype
 from kdecli.methods.features import (
     favor_features, log_features, random_directions, split_scale, stabilised_features,
-    working_dtype,
 )
 from kdecli.methods.registry import register
 

@@ -26,8 +26,7 @@ import torch
 
 from kdecli.errors import ParameterError
 from kdecli.methods.base import AttentionMethod, Param
-from kdecli.methods.common import gather_rows, merge_lse, pad_dim
-from kdecli.methods.features import working_dtype
+from kdecli.methods.common import gather_rows, merge_lse, pad_dim, working_dtype
 from kdecli.methods.registry import register
 
 SELF_LOGIT = -1e5  # the original's mask value for a query meeting itself under shared QK

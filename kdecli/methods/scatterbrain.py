@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 
 from kdecli.methods.base import AttentionMethod, Param
-from kdecli.methods.common import gather_rows, merge_lse, pad_dim, with_ones_column
-from kdecli.methods.features import favor_features, random_directions, working_dtype
+from kdecli.methods.common import gather_rows, merge_lse, pad_dim, with_ones_column, working_dtype
+from kdecli.methods.features import favor_features, random_directions
 from kdecli.methods.registry import register
 
 GROUP_ELEMENTS = 2**24  # bound on the band temporaries of one group of query blocks

@@ -34,7 +34,7 @@ import math
 import torch
 
 from kdecli.methods.base import AttentionMethod, Param
-from kdecli.methods.common import gather_rows
+from kdecli.methods.common import gather_rows, working_dtype
 from kdecli.methods.registry import register
 
 
@@ -64,7 +64,7 @@ class Thinformer(AttentionMethod):
 
     def forward(self, q, k, v, scale, generator, causal):
         in_dtype = v.dtype
-        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        work = working_dtype(q.dtype)
         q, k, v = q.to(work), k.to(work), v.to(work)
         b, h, n_k, d = k.shape
         rounds = halving_rounds(n_k, self.config["coreset"])
