@@ -11,6 +11,23 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+class Workspace:
+    """Buffers reused across the iterations of one call (never across calls: methods keep no state).
+
+    On the CPU a fresh large tensor costs as much in page faults as the arithmetic done on it, so a
+    loop over rounds that allocates its n × window logits anew each time runs at half speed.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
+            buffer = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buffer
+
+
 def pad_dim(x: torch.Tensor, size: int, dim: int = -2, value: float = 0.0) -> torch.Tensor:
     """Pad ``x`` along ``dim`` with ``value`` up to ``size`` (no copy when already that long)."""
     missing = size - x.shape[dim]
@@ -26,18 +43,22 @@ def with_ones_column(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of ``x`` (…, n, d) at ``index`` (…, m) -> (…, m, d), each slice indexing its own rows.
 
     One ``index_select`` of whole rows over the flattened slices: several times faster on the CPU
-    than ``torch.gather`` with an index expanded to every element.
+    than ``torch.gather`` with an index expanded to every element.  ``out`` (contiguous, m·d per
+    slice) receives the rows when given, so loops can reuse one buffer.
     """
     lead, (n, d) = index.shape[:-1], x.shape[-2:]
     if x.shape[:-2] != lead:
         return torch.gather(x, -2, index.unsqueeze(-1).expand(*index.shape, d))
     offsets = torch.arange(0, lead.numel() * n, n, device=x.device).view(*lead, 1)
-    rows = x.reshape(-1, d).index_select(0, (index + offsets).reshape(-1))
-    return rows.view(*lead, index.shape[-1], d)
+    flat_index = (index + offsets).reshape(-1)
+    if out is None:
+        return x.reshape(-1, d).index_select(0, flat_index).view(*lead, index.shape[-1], d)
+    torch.index_select(x.reshape(-1, d), 0, flat_index, out=out.view(-1, d))
+    return out.view(*lead, index.shape[-1], d)
 
 
 def scatter_rows(rows: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:

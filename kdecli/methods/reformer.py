@@ -26,7 +26,7 @@ import torch
 
 from kdecli.errors import ParameterError
 from kdecli.methods.base import AttentionMethod, Param
-from kdecli.methods.common import gather_rows, merge_lse, pad_dim, working_dtype
+from kdecli.methods.common import Workspace, gather_rows, merge_lse, pad_dim, working_dtype
 from kdecli.methods.registry import register
 
 SELF_LOGIT = -1e5  # the original's mask value for a query meeting itself under shared QK
@@ -93,9 +93,9 @@ class Reformer(AttentionMethod):
         rot = draw_rotations(b, h, rounds, d, self.n_buckets_for(n_k), generator, q.device, work)
         chunks = ChunkLayout.build(hash_buckets(q, rot), hash_buckets(k, rot), cfg["chunk_size"])
 
-        q_scaled, lse, out = q * scale, None, None
+        q_scaled, lse, out, workspace = q * scale, None, None, Workspace()
         for r in range(rounds):
-            lse_r, out_r = one_round(q_scaled, k, v, chunks, r, cfg["shared_qk"])
+            lse_r, out_r = one_round(q_scaled, k, v, chunks, r, cfg["shared_qk"], workspace)
             lse, out = (lse_r, out_r) if lse is None else merge_lse(lse, out, lse_r, out_r)
         return out.to(dtype)
 
@@ -140,7 +140,8 @@ class ChunkLayout:
 
     def __init__(self, q_order, k_order, q_chunk, k_chunk, num_chunks, c_q, c_k):
         self.q_order, self.k_order = q_order, k_order
-        small = torch.int16 if num_chunks < 2**15 else torch.int32
+        # uint8 when it fits: the co-occurrence count then runs on one byte per pair.
+        small = torch.uint8 if num_chunks <= 256 else torch.int16 if num_chunks < 2**15 else torch.int32
         self.q_chunk = q_chunk.transpose(-1, -2).to(small)
         self.q_chunk_prev = ((q_chunk - 1) % num_chunks).transpose(-1, -2).to(small)
         self.k_chunk = k_chunk.transpose(-1, -2).to(small)
@@ -159,7 +160,7 @@ class ChunkLayout:
         return cls(q_order, k_order, q_chunk, k_chunk, num_chunks, c_q, c_k)
 
 
-def one_round(q_scaled, k, v, chunks: ChunkLayout, r: int, shared_qk: bool):
+def one_round(q_scaled, k, v, chunks: ChunkLayout, r: int, shared_qk: bool, workspace: Workspace):
     """(lse, out) of round r for every query in original order: (b, h, n_q), (b, h, n_q, d_v)."""
     b, h, n_q, d = q_scaled.shape
     n_k, d_v = k.shape[-2], v.shape[-1]
@@ -169,20 +170,30 @@ def one_round(q_scaled, k, v, chunks: ChunkLayout, r: int, shared_qk: bool):
     q_idx = pad_dim(q_order, nc * c_q, dim=-1).view(b, h, nc, c_q)  # padded rows read query 0
     k_idx = pad_dim(k_order, nc * c_k, dim=-1).view(b, h, nc, c_k)
     k_win_idx = look_back(k_idx)  # (b, h, nc, 2c_k)
-    k_win = gather_rows(k, k_win_idx.flatten(2)).view(b, h, nc, 2 * c_k, d)
-    v_win = gather_rows(v, k_win_idx.flatten(2)).view(b, h, nc, 2 * c_k, d_v)
-    q_sorted = gather_rows(q_scaled, q_idx.flatten(2)).view(b, h, nc, c_q, d)
+    def rows(name, x, index, per_slice):
+        buffer = workspace.get(name, (b, h, per_slice, x.shape[-1]), x.dtype, x.device)
+        return gather_rows(x, index.flatten(2), out=buffer).view(b, h, nc, -1, x.shape[-1])
 
-    logits = q_sorted @ k_win.transpose(-1, -2)  # (b, h, nc, c_q, 2c_k)
+    k_win = rows("k_win", k, k_win_idx, nc * 2 * c_k)
+    v_win = rows("v_win", v, k_win_idx, nc * 2 * c_k)
+    q_sorted = rows("q_sorted", q_scaled, q_idx, nc * c_q)
+
+    window = (b, h, nc, c_q, 2 * c_k)
+    logits = workspace.get("logits", window, q_sorted.dtype, q_sorted.device)
+    torch.matmul(q_sorted, k_win.transpose(-1, -2), out=logits)
     if shared_qk:
-        logits = logits.masked_fill(q_idx.unsqueeze(-1) == k_win_idx.unsqueeze(-2), SELF_LOGIT)
-    # Padded keys may get a count of 0 (log 0 = -inf); the mask below overrides them.
-    logits = logits - torch.log(co_occurrences(chunks, r, q_idx, k_win_idx).to(logits.dtype))
+        logits.masked_fill_(q_idx.unsqueeze(-1) == k_win_idx.unsqueeze(-2), SELF_LOGIT)
     key_valid = look_back((torch.arange(nc * c_k, device=k.device) < n_k).view(1, 1, nc, c_k))
-    logits = logits.masked_fill(~key_valid.unsqueeze(-2), float("-inf"))
+    logits.masked_fill_(~key_valid.unsqueeze(-2), float("-inf"))
 
+    # e^{ℓ_ij} / c_ij: the count divides the weight instead of shifting the logit by log c_ij,
+    # which saves a log and a pass; the shift `top` stays a valid bound since c_ij >= 1.
     top = logits.amax(-1, keepdim=True)  # finite: every window holds at least one full chunk
-    weights = torch.exp(logits - top)
+    weights = logits.sub_(top).exp_()
+    count = co_occurrences(chunks, r, q_idx, k_win_idx, workspace)
+    weights /= workspace.get("count_f", window, weights.dtype, weights.device).copy_(count)
+    if not bool(key_valid.all()):
+        weights.masked_fill_(~key_valid.unsqueeze(-2), 0.0)
     total = weights.sum(-1)
     lse = (top.squeeze(-1) + torch.log(total)).view(b, h, nc * c_q)[..., :n_q]
     out = ((weights @ v_win) / total.unsqueeze(-1)).view(b, h, nc * c_q, d_v)[:, :, :n_q]
@@ -197,24 +208,34 @@ def look_back(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.roll(1, dims=2)], dim=3)
 
 
-def co_occurrences(chunks: ChunkLayout, r: int, q_idx, k_win_idx) -> torch.Tensor:
-    """c_ij for every (query, window key) pair of round r: (b, h, nc, c_q, 2c_k) uint8.
+def co_occurrences(chunks: ChunkLayout, r: int, q_idx, k_win_idx, workspace: Workspace) -> torch.Tensor:
+    """c_ij for every (query, window key) pair of round r: (b, h, nc, c_q, 2c_k) integers.
 
     In round r' query i meets key j once for each of chunks t_{r'}(i), t_{r'}(i) − 1 (mod n_c)
     equal to j's chunk; with n_c = 1 both are the same chunk and j is met twice.  Round r itself
     contributes exactly that for every pair of its windows.  O(h) compares per pair, O(h²) in all.
+    The dtype is the smallest integer type that holds the counts.
     """
     nc, rounds = chunks.num_chunks, chunks.q_chunk.shape[-1]
     shape = (*q_idx.shape, k_win_idx.shape[-1])
     if nc <= 2:  # every round's window is every chunk: n_c = 1 meets each key twice, n_c = 2 once
-        return torch.full(shape, rounds * (3 - nc), dtype=torch.uint8, device=q_idx.device)
-    tq = gather_rows(chunks.q_chunk, q_idx.flatten(2)).view(*q_idx.shape, -1)  # (…, c_q, rounds)
-    tq_prev = gather_rows(chunks.q_chunk_prev, q_idx.flatten(2)).view(*q_idx.shape, -1)
-    tk = gather_rows(chunks.k_chunk, k_win_idx.flatten(2)).view(*k_win_idx.shape, -1)
-    count = torch.ones(shape, dtype=torch.uint8, device=q_idx.device)
+        return torch.full(shape, rounds * (3 - nc), dtype=torch.int32, device=q_idx.device)
+    def per_round(table, index):  # (rounds, …, rows): each round's ids contiguous, for fast broadcasts
+        return gather_rows(table, index.flatten(2)).view(*index.shape, -1).movedim(-1, 0).contiguous()
+
+    tq, tq_prev, tk = (per_round(chunks.q_chunk, q_idx), per_round(chunks.q_chunk_prev, q_idx),
+                       per_round(chunks.k_chunk, k_win_idx))
+    # Count the misses instead of the meetings: [a ≠ b] = min(a − b, 1) in wrapping uint8 (or
+    # min(a XOR b, 1)) is three cheap integer passes, while a comparison writing a bool tensor is
+    # about 5× slower on the CPU.  Counts stay below 2·rounds, so uint8 holds them when ids do.
+    dtype = tq.dtype if 2 * rounds < 256 else torch.int16
+    misses = workspace.get("misses", shape, dtype, q_idx.device).zero_()
+    differs = workspace.get("differs", shape, tq.dtype, q_idx.device)
+    differ = torch.sub if tq.dtype == torch.uint8 else torch.bitwise_xor
     for other in range(rounds):
         if other != r:
-            key_chunk = tk[..., other].unsqueeze(-2)
-            count += tq[..., other].unsqueeze(-1) == key_chunk
-            count += tq_prev[..., other].unsqueeze(-1) == key_chunk
-    return count
+            key_chunk = tk[other].unsqueeze(-2)
+            for query_chunk in (tq[other], tq_prev[other]):
+                differ(query_chunk.unsqueeze(-1), key_chunk, out=differs)
+                misses += differs.clamp_(max=1)
+    return misses.neg_().add_(1 + 2 * (rounds - 1))
