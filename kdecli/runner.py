@@ -257,10 +257,10 @@ def _time_method(method, work, scale, causal, run_seed, device, repeats, warmup)
 
 def _time_exact(work: QKV, scale, causal, device, repeats, warmup) -> Timing | str:
     exact = make_method("exact")
-    try:
+    try:  # at least two warm-up calls: the first SDPA calls of a process set up thread buffers
         return time_call(
             lambda: exact(work.q, work.k, work.v, scale=scale, causal=causal), device,
-            repeats=repeats, warmup=warmup,
+            repeats=repeats, warmup=max(warmup, 2),
         )
     except torch.OutOfMemoryError as exc:
         return f"exact attention ran out of memory: {_first_line(exc)}"
