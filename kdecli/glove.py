@@ -230,7 +230,7 @@ def download(
     """
     dest, progress = Path(dest), progress or NullProgress()
     part = partial_path(dest)
-    total = _fetch(url, part, progress, timeout)
+    _fetch(url, part, progress, timeout)  # checks the size against Content-Length itself
     problem = zip_problem(part)
     if problem:
         _remove(part)

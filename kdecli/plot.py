@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from kdecli.errors import UsageError
+from kdecli.files import check_writable
 from kdecli.metrics import METRICS
 
 SUFFIXES = (".png", ".svg", ".pdf")
@@ -73,13 +74,7 @@ def check_plot_path(path: str | os.PathLike) -> Path:
     if suffix not in SUFFIXES:
         raise UsageError(f"{path}: cannot write a {suffix or 'suffix-less'} image; "
                          f"give a file name ending in {', '.join(SUFFIXES)}.")
-    if path.is_dir():
-        raise UsageError(f"{path}: is a folder; give an image file name.")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"{path}: folder {parent} does not exist.")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UsageError(f"{path}: not writable.")
+    check_writable(path, str(path))
     require_matplotlib()
     return path
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kdecli.errors import KdecliError, RuntimeFailure, UsageError
+from kdecli.files import check_writable
 
 stderr = Console(stderr=True)
 
@@ -105,15 +106,8 @@ def check_format(fmt: str, allowed: tuple[str, ...]) -> str:
 
 def check_output(path: Path | None) -> None:
     """Fail before a long run, not after it, when the output file cannot be written."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise UsageError(f"--output {path}: is a folder; give a file name.")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"--output {path}: folder {parent} does not exist.")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UsageError(f"--output {path}: not writable.")
+    if path is not None:
+        check_writable(path, f"--output {path}")
 
 
 def open_output(path: Path | None):
