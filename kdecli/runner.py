@@ -293,8 +293,20 @@ def floors(reference: torch.Tensor, v64: torch.Tensor, causal: bool, norms) -> d
     }
 
 
+def cpu_name() -> str:
+    """The processor's marketing name where the OS tells it (Linux), else the architecture."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         "torch": torch.__version__, "device": str(device), "device_name": name,
         "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
