@@ -70,7 +70,7 @@ def test_causal_uses_sampled_prefix_and_exact_attention_before_the_first_sample(
     assert (out[..., 10, :] - v[..., 10, :]).abs().max() <= 1e-12  # only key 10 in its prefix
 
 
-def test_error_falls_as_budget_grows():
+def test_estimate_improves_as_budget_grows():
     q, k, v = make_qkv(1, 2, 1025, 1025, 16, 8, spread=0.8)
     ref = exact_attention(q, k, v, 0.3)
     means = []

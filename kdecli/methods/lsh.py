@@ -65,10 +65,6 @@ class SortedBlocks:
         """Block id of original key indices (b, h, m) -> (b, h, m)."""
         return torch.gather(inverse_permutation(self.k_order), -1, k_index) // self.key_block
 
-    def query_block_ids(self) -> torch.Tensor:
-        """Block id of every original query: (b, h, n_q)."""
-        return inverse_permutation(self.q_order) // self.query_block
-
     # ---- layout helpers (hyperattention) ----------------------------------------------------
     def sorted_queries(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of x (b, h, n_q, w) in sorted order, zero-padded: (b, h, num_blocks, query_block, w)."""
