@@ -111,6 +111,9 @@ def _convert(kind: type, value: Any) -> Any:
     raise TypeError(f"unsupported parameter type {kind}")
 
 
+ROLES = ("reference", "baseline", "approximation", "oracle")
+
+
 class AttentionMethod:
     """Base class of every method; subclasses set the class attributes and implement ``forward``.
 
@@ -122,9 +125,15 @@ class AttentionMethod:
       uses_budget                -- False for methods such as ``exact`` and ``mean``
       supports_cross             -- whether n_q may differ from n_k
       supports_causal            -- whether ``causal=True`` is implemented
-      oracle                     -- an analysis-only method that reads the exact attention matrix
+      role                       -- what the method is for in a report (one of ``ROLES``):
+                                    "reference" (exact attention: the errors are rounding, its time
+                                    is the one every speed-up divides), "baseline" (a trivial answer
+                                    that sets a floor, like ``mean``), "approximation" (the methods
+                                    under study), "oracle" (analysis only: reads the exact attention
+                                    matrix, O(n²) or worse)
       estimates                  -- which function is estimated; "softmax" unless a parameter
-                                    makes the method estimate something else
+                                    makes the method estimate something else (an instance may
+                                    override it from its configuration)
     """
 
     name: ClassVar[str] = ""
@@ -136,8 +145,19 @@ class AttentionMethod:
     uses_budget: ClassVar[bool] = True
     supports_cross: ClassVar[bool] = True
     supports_causal: ClassVar[bool] = False
-    oracle: ClassVar[bool] = False
+    role: ClassVar[str] = "approximation"
+    estimates: ClassVar[str] = "softmax"
     cost_help: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.role not in ROLES:
+            raise TypeError(f"{cls.__qualname__}.role must be one of {', '.join(ROLES)}; got {cls.role!r}")
+
+    @property
+    def oracle(self) -> bool:
+        """Analysis only (reads the exact attention matrix); the JSON field of the same name."""
+        return self.role == "oracle"
 
     def __init__(self, budget: int | None = None, **overrides: Any):
         known = {p.name: p for p in self.params}
@@ -227,7 +247,8 @@ class AttentionMethod:
             "randomized": cls.randomized,
             "supports_cross": cls.supports_cross,
             "supports_causal": cls.supports_causal,
-            "oracle": cls.oracle,
+            "role": cls.role,
+            "oracle": cls.role == "oracle",
             "cost": cls.cost_help,
         }
 

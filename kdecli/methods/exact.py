@@ -20,6 +20,7 @@ class Exact(AttentionMethod):
     name = "exact"
     summary = "Exact softmax attention (torch scaled_dot_product_attention in the working dtype)."
     paper = "Vaswani et al., Attention Is All You Need, NeurIPS 2017"
+    role = "reference"
     uses_budget = False
     supports_causal = True
     cost_help = "4·n_q·n_k·d (logits and A·V), plus n_q·n_k exponentials."
@@ -42,6 +43,7 @@ class Mean(AttentionMethod):
     name = "mean"
     summary = "Every query gets the mean of V (all logits equal): the floor to beat."
     paper = "baseline (KDEformer paper, section 6 discussion; kdecli ALGORITHMS.md)"
+    role = "baseline"
     uses_budget = False
     supports_causal = True
     cost_help = "n_k·d_v additions."

@@ -43,7 +43,7 @@ class TopK(AttentionMethod):
         Param("keys", int, 256, "largest logits kept per query (m)", 1, 2**24),
         Param("max_n", int, 131072, "refuse inputs with n_q or n_k above this", 1, 2**24),
     )
-    oracle = True
+    role = "oracle"
     supports_causal = True
     cost_help = "like exact attention: 2·n_q·n_k·(d + d_v) plus a top-m per query (O(n²) oracle)."
 
@@ -89,7 +89,7 @@ class RankK(AttentionMethod):
         Param("rank", int, 256, "rank of the truncated SVD of D⁻¹A (m)", 1, 2**24),
         Param("max_n", int, 8192, "refuse inputs with n_q or n_k above this", 1, 2**20),
     )
-    oracle = True
+    role = "oracle"
     # A rank-m approximation of a causal matrix is not causal (query 0 would see later keys), so
     # there is no meaningful causal ceiling here.
     supports_causal = False
