@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kdecli.glove import glove_qkv
-from kdecli.inputs import QKV
+from kdecli.qkv import QKV
+from kdecli.sources.glove import glove_qkv
 
 PAPER_SCALE = 10 ** -0.5  # the reference demo_glove.py scales logits by 1/sqrt(10)
 

@@ -26,8 +26,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kdecli import glove  # noqa: E402
 from _data import glove_6b_50d  # noqa: E402
+
+from kdecli import download, glove_cache  # noqa: E402
+from kdecli.sources import glove  # noqa: E402
 
 
 def timed(fn, repeats: int) -> tuple[list[float], object]:
@@ -102,10 +104,10 @@ def run(tmp: Path, skip_baseline: bool) -> None:
     print("\n== loading 400,000 × 50 ==")
     cache = tmp / "cache"
     cache.mkdir()
-    times, _ = timed(lambda: glove.download_glove("6B", 50, cache_dir=cache, from_file=text, force=True), 1)
+    times, _ = timed(lambda: glove_cache.download_glove("6B", 50, cache_dir=cache, from_file=text, force=True), 1)
     show("convert text -> cache (download-glove --from-file TXT)", times, text_mb)
     npy = cache / "glove.6B.50d.npy"
-    parsed = glove.load_cache(npy)
+    parsed = glove_cache.load_cache(npy)
     exact = np.array([[float(f"{x:.6g}") for x in row] for row in vectors[:1000].tolist()], np.float32)
     assert np.array_equal(parsed[:1000], exact), "the cache does not hold the text's numbers"
 
@@ -114,9 +116,9 @@ def run(tmp: Path, skip_baseline: bool) -> None:
     if not skip_baseline:
         times, _ = timed(lambda: float_loop(text), 1)
         show("parse the text, one float() per number (reference way)", times, text_mb)
-    times, _ = timed(lambda: glove.load_cache(npy), 20)
+    times, _ = timed(lambda: glove_cache.load_cache(npy), 20)
     show("open the cache (np.load, mmap)", times)
-    times, _ = timed(lambda: np.array(glove.load_cache(npy)), 10)
+    times, _ = timed(lambda: np.array(glove_cache.load_cache(npy)), 10)
     show("read the whole cache into memory (80 MB)", times, npy.stat().st_size / 1e6)
     times, _ = timed(lambda: glove.load_glove_input(f"glove:{npy}", n=16384, batch=8), 5)
     show("glove:CACHE.npy -> paper protocol Q/K/V (b=8, n=16384)", times)
@@ -139,17 +141,17 @@ def run(tmp: Path, skip_baseline: bool) -> None:
         def transfer_only():
             dest = tmp / f"dl{next(runs)}"
             dest.mkdir()
-            path = glove.download(url, dest / archive.name)
+            path = download.download(url, dest / archive.name, expect_zip=True)
             path.unlink()
 
         times, _ = timed(transfer_only, 3)
-        show("transfer + verify only (glove.download)", times, archive_mb)
+        show("transfer + verify only (download.download)", times, archive_mb)
 
         def in_process():
-            return glove.download_glove("6B", 50, cache_dir=tmp / f"lib{next(runs)}", url=url)
+            return glove_cache.download_glove("6B", 50, cache_dir=tmp / f"lib{next(runs)}", url=url)
 
         times, _ = timed(in_process, 2)
-        show("download + extract + convert (glove.download_glove)", times, archive_mb)
+        show("download + extract + convert (glove_cache.download_glove)", times, archive_mb)
 
         def command(*extra):
             folder = tmp / f"cli{next(runs)}"

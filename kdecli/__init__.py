@@ -3,23 +3,44 @@
 Library use::
 
     import kdecli
-    qkv = kdecli.load_input("sample_data/glove_sample.npz")
+    qkv = kdecli.load_input("sample:glove")
     report = kdecli.compare(qkv, methods=["kdeformer", "performer"], budgets=[64, 256], seeds=3)
     out = kdecli.attention(q, k, v, method="kdeformer", budget=256)   # drop-in for SDPA
+
+Importing kdecli changes no process state, and imports torch only when a name below is first used
+(so ``kdecli.enable_huge_pages()`` can still come first; see ``kdecli.tuning``).
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-import os as _os
+from importlib import import_module
+from typing import Any
 
-# Large CPU tensors (logits of n × block, n × samples) are allocated afresh on every call, and
-# page-faulting them in 4 KiB pages costs as much as the arithmetic: asking PyTorch for transparent
-# huge pages makes kdeformer ~1.5× faster on the CPU and leaves exact attention unchanged.  PyTorch
-# reads this at its first large allocation; a value the user set is kept.
-_os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from kdecli.tuning import enable_huge_pages
 
-from kdecli.api import attention  # noqa: E402
-from kdecli.inputs import QKV, load_input  # noqa: E402
-from kdecli.runner import RunReport, approx, compare  # noqa: E402
+__version__ = "0.2.0"
 
-__all__ = ["QKV", "RunReport", "approx", "attention", "compare", "load_input", "__version__"]
+_LAZY = {
+    "attention": "kdecli.api",
+    "QKV": "kdecli.inputs",
+    "load_input": "kdecli.sources",
+    "RunConfig": "kdecli.runner",
+    "approx": "kdecli.runner",
+    "compare": "kdecli.runner",
+    "RunReport": "kdecli.results",
+    "load_document": "kdecli.results",
+}
+
+__all__ = [*_LAZY, "enable_huge_pages", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kdecli' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

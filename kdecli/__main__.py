@@ -1,3 +1,5 @@
-from kdecli.cli import main
+"""``python -m kdecli``: the same as the ``kdecli`` command."""
+
+from kdecli.entry import main
 
 main()

@@ -151,8 +151,8 @@ def inspect_input(
 
     doc = {
         "report": "inspect", "schema_version": 1, "kdecli_version": __version__,
-        "environment": environment(device, torch.float64),
-        "input": describe_input(qkv, softmax_scale, causal),
+        "environment": environment(device, torch.float64).to_dict(),
+        "input": describe_input(qkv, softmax_scale, causal).to_dict(),
         "dtypes": {name: str(t.dtype).removeprefix("torch.") for name, t in
                    (("q", qkv.q), ("k", qkv.k), ("v", qkv.v))},
         "reference": {
@@ -278,7 +278,7 @@ def render_table(doc: dict[str, Any], console: Console, max_slices: int = 32) ->
 
 def render(doc: dict[str, Any], fmt: str, stream: TextIO, *, width: int | None = None) -> None:
     if fmt == "json":
-        from kdecli.report import clean
+        from kdecli.results import clean
 
         stream.write(json.dumps(clean(doc), indent=2, allow_nan=False) + "\n")
     elif fmt == "table":

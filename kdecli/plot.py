@@ -11,11 +11,11 @@ What a figure shows, and the choices made:
   values span more than one decade.
 - Floors: the ``mean`` baseline (every query gets the mean of V) as a dashed horizontal line, and
   the zero output (1 on the relative norms) as a dotted one when the curves come near it.
-- ``exact`` is the reference (its error is rounding, ~1e-7): it is not drawn as a method.  Its
-  median time (the run's SDPA timing) is a vertical line on time plots, and its cost model a
-  vertical line on FLOPs plots.  ``mean`` is the mean floor on budget plots and a single point on
-  time and FLOPs plots; any other budget-free method is a horizontal line on budget plots and a
-  point elsewhere.
+- The reference method (role ``reference``: ``exact``, whose error is rounding, ~1e-7) is not
+  drawn as a method.  Its median time (the run's SDPA timing) is a vertical line on time plots,
+  and its cost model a vertical line on FLOPs plots.  A baseline (role ``baseline``: ``mean``) is
+  the mean floor on budget plots and a single point on time and FLOPs plots; any other
+  budget-free method is a horizontal line on budget plots and a point elsewhere.
 - Records whose status is not ``ok`` are left out, and the caption says so.
 
 Matplotlib draws headless (the Agg canvas; no display needed): ``pip install 'kdecli[plot]'``.
@@ -23,7 +23,6 @@ Matplotlib draws headless (the Agg canvas; no display needed): ``pip install 'kd
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import textwrap
@@ -35,7 +34,9 @@ from typing import Any
 
 from kdecli.errors import UsageError
 from kdecli.files import check_writable
+from kdecli.aggregate import group_settings
 from kdecli.metrics import METRICS
+from kdecli.results import Environment, InputInfo, Result, RunReport, load_document
 
 SUFFIXES = (".png", ".svg", ".pdf")
 X_AXES = {
@@ -49,11 +50,8 @@ Y_LABELS = {
     "max_row_rel": "max_row_rel  maxᵢ ‖Õᵢ−Oᵢ‖ / ‖Oᵢ‖",
     "bound_normalized": "bound_normalized  ‖Õ−O‖₂ / (‖D⁻¹A‖₂‖V‖₂)",
 }
-READS = ("`kdecli plot` reads the JSON or JSONL that `kdecli compare --format json|jsonl "
-         "--output FILE` writes.")
 DOC_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
 BAND = "min–max over seeds"
-
 
 # ---- matplotlib and paths ----------------------------------------------------------------------
 
@@ -81,82 +79,14 @@ def check_plot_path(path: str | os.PathLike) -> Path:
 
 # ---- reading results ---------------------------------------------------------------------------
 
-def load_results(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a results file (JSON document or JSONL stream) into the JSON document's form."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file." if not path.exists() else f"{path}: is not a file.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: is not a text file.", hint=READS) from None
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise UsageError(f"{path}: is empty.", hint=READS)
-    if lines[0].startswith("method,budget,"):
-        raise UsageError(f"{path}: is the CSV of `kdecli compare`; plotting needs its JSON.", hint=READS)
-    try:
-        first = json.loads(lines[0])
-    except json.JSONDecodeError:
-        first = None
-    if isinstance(first, dict) and first.get("type") == "run":
-        doc = _from_jsonl(lines, path)
-    else:
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}: is not JSON (line {exc.lineno}: {exc.msg}).", hint=READS) from None
-    validate_document(doc, str(path))
-    return doc
+
+def load_results(path: str | os.PathLike) -> RunReport:
+    """Read a results file (JSON document or JSONL stream); refusals name the file and problem."""
+    return load_document(path)
 
 
-def _from_jsonl(lines: list[str], path: Path) -> dict[str, Any]:
-    head: dict[str, Any] = {}
-    results, pareto = [], None
-    for number, line in enumerate(lines, 1):
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}: line {number} is not JSON ({exc.msg}).", hint=READS) from None
-        kind = item.get("type") if isinstance(item, dict) else None
-        if number == 1:
-            head = {key: value for key, value in item.items() if key != "type"}
-        elif kind == "result":
-            results.append({key: value for key, value in item.items() if key != "type"})
-        elif kind == "pareto":
-            pareto = {key: value for key, value in item.items() if key != "type"}
-        else:
-            raise UsageError(
-                f"{path}: line {number} is not a result (type {kind!r}); after the first "
-                "{\"type\": \"run\"} line every line must be {\"type\": \"result\", ...}.", hint=READS)
-    doc = {**head, "results": results}
-    if pareto is not None:
-        doc["pareto"] = pareto
-    return doc
-
-
-def validate_document(doc: Any, where: str) -> None:
-    """Raise a UsageError naming ``where`` and the problem unless ``doc`` is a compare result."""
-    if not isinstance(doc, dict):
-        raise UsageError(f"{where}: holds a JSON {type(doc).__name__}; expected a kdecli result "
-                         "document (an object with input, environment, floors and results).", hint=READS)
-    if doc.get("report") == "inspect":
-        raise UsageError(f"{where}: is a `kdecli inspect` report; plots are drawn from "
-                         "`kdecli compare` results.", hint=READS)
-    missing = [key for key in ("schema_version", "input", "environment", "floors", "results")
-               if key not in doc]
-    if missing:
-        raise UsageError(f"{where}: is not a kdecli result document; it lacks "
-                         f"{', '.join(missing)}.", hint=READS)
-    if doc["schema_version"] != 1:
-        raise UsageError(f"{where}: has schema_version {doc['schema_version']!r}; this kdecli reads 1.",
-                         hint="Plot it with the kdecli version that wrote it.")
-    if not isinstance(doc["results"], list):
-        raise UsageError(f"{where}: `results` must be a list; got {type(doc['results']).__name__}.")
-    for i, record in enumerate(doc["results"]):
-        if not (isinstance(record, dict) and {"method", "budget", "status", "errors"} <= set(record)):
-            raise UsageError(f"{where}: result {i + 1} lacks method, budget, status or errors.",
-                             hint=READS)
+def _as_report(doc: RunReport | dict[str, Any], where: str) -> RunReport:
+    return doc if isinstance(doc, RunReport) else RunReport.from_dict(doc, where)
 
 
 # ---- from records to series --------------------------------------------------------------------
@@ -175,7 +105,7 @@ class Point:
 @dataclass
 class Series:
     method: str
-    oracle: bool
+    role: str
     points: list[Point] = field(default_factory=list)
 
     @property
@@ -187,30 +117,29 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _x_value(record: dict[str, Any], x: str) -> float | None:
+def _x_value(record: Result, x: str) -> float | None:
     if x == "budget":
-        return record["budget"]
+        return record.budget
     if x == "time":
-        return ((record.get("time") or {}).get("method_s") or {}).get("median")
-    return record.get("flops")
+        return None if record.time is None else record.time.method_median
+    return record.flops
 
 
-def collect_series(doc: dict[str, Any], x: str, y: str) -> tuple[list[Series], list[str]]:
+def collect_series(doc: RunReport, x: str, y: str) -> tuple[list[Series], list[str]]:
     """One Series per method (ok records only) and notes on what was left out."""
-    groups: dict[str, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    by_method: dict[str, list[tuple[Result, ...]]] = defaultdict(list)
     failed: dict[str, set[str]] = defaultdict(set)
-    for record in doc["results"]:
-        if record["status"] != "ok":
-            failed[record["method"]].add(str(record["status"]))
-            continue
-        key = (record["budget"], json.dumps(record.get("params", {}), sort_keys=True))
-        groups[record["method"]][key].append(record)
+    for records in group_settings(r for r in doc.results if r.ok):
+        by_method[records[0].method].append(records)
+    for record in doc.results:
+        if not record.ok:
+            failed[record.method].add(record.status)
     series, notes, no_x = [], [], []
-    for method, settings in groups.items():
-        s = Series(method, any(r.get("oracle") for rs in settings.values() for r in rs))
-        for (budget, _), records in settings.items():
-            ys = [r["errors"][y]["mean"] for r in records
-                  if isinstance(r["errors"].get(y), dict) and _finite(r["errors"][y].get("mean"))]
+    for method, settings in by_method.items():
+        s = Series(method, settings[0][0].role)
+        for records in settings:
+            budget = records[0].budget
+            ys = [r.error(y) for r in records if _finite(r.error(y))]
             xv = next((v for v in (_x_value(r, x) for r in records) if _finite(v) and v > 0), None)
             if not ys:
                 continue
@@ -222,7 +151,7 @@ def collect_series(doc: dict[str, Any], x: str, y: str) -> tuple[list[Series], l
         if s.points:
             series.append(s)
     for method, statuses in failed.items():
-        if method not in groups:
+        if method not in by_method:
             notes.append(f"{method} ({'/'.join(sorted(statuses))})")
     if no_x:
         notes.append(f"{', '.join(sorted(set(no_x)))} (no {x})")
@@ -231,15 +160,15 @@ def collect_series(doc: dict[str, Any], x: str, y: str) -> tuple[list[Series], l
 
 # ---- drawing ------------------------------------------------------------------------------------
 
-def _doc_labels(docs: Sequence[dict], names: Sequence[str] | None) -> list[str]:
+def _doc_labels(docs: Sequence[RunReport], names: Sequence[str] | None) -> list[str]:
     """Tell documents apart by device and dtype; then by file name or input source; then number."""
-    def device(env):
-        return env.get("device", "?") if env.get("device", "cpu") == "cpu" else \
-            env.get("device_name") or env.get("device", "?")
 
-    labels = [f"{device(d['environment'])} {d['environment'].get('dtype', '?')}" for d in docs]
+    def device(env: Environment) -> str:
+        return env.device if env.device == "cpu" else env.device_name or env.device
+
+    labels = [f"{device(d.environment)} {d.environment.dtype}" for d in docs]
     if len(set(labels)) < len(labels):
-        extra = list(names) if names else [str(d["input"].get("source", "?")) for d in docs]
+        extra = list(names) if names else [d.input.source for d in docs]
         labels = [f"{label} · {more}" for label, more in zip(labels, extra)]
     if len(set(labels)) < len(labels):
         labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
@@ -250,52 +179,41 @@ def _distinct(values: Sequence[str]) -> str:
     return " vs ".join(dict.fromkeys(values))
 
 
-def _title(docs: Sequence[dict], y: str, xs: Sequence[str]) -> str:
-    def shape(inp):
-        s = inp.get("shape", {})
-        return " ".join(f"{k}={s[k]}" for k in ("b", "h", "n_q", "n_k", "d", "d_v") if k in s)
+def _title(docs: Sequence[RunReport], y: str, xs: Sequence[str]) -> str:
+    def shape(inp: InputInfo) -> str:
+        return " ".join(f"{k}={v}" for k, v in inp.shape.to_dict().items())
 
-    def env(e):
-        name = e.get("device_name")
-        return f"{e.get('dtype', '?')} on {e.get('device', '?')}" + (f" ({name})" if name else "")
-
-    inputs = [d["input"] for d in docs]
-    causal = any(i.get("causal") for i in inputs)
+    inputs = [d.input for d in docs]
+    causal = any(i.causal for i in inputs)
     return "\n".join([
-        f"{y} vs {' and '.join(xs)} · {_distinct([str(i.get('source', '?')) for i in inputs])}",
+        f"{y} vs {' and '.join(xs)} · {_distinct([i.source for i in inputs])}",
         f"{_distinct([shape(i) for i in inputs])} · scale "
-        f"{_distinct([format(i.get('scale', float('nan')), '.4g') for i in inputs])}"
+        f"{_distinct([format(i.scale, '.4g') for i in inputs])}"
         + (" · causal" if causal else "")
-        + f" · {_distinct([env(d['environment']) for d in docs])}",
-    ])
+        + f" · {_distinct([d.environment.label() for d in docs])}",
+    ])  # fmt: skip
 
 
-def _exact_time(doc: dict) -> float | None:
-    for record in doc["results"]:
-        median = (((record.get("time") or {}).get("exact_s")) or {}).get("median")
-        if median is not None:
-            return median
-    return None
+def _exact_time(doc: RunReport) -> float | None:
+    return next((r.time.exact_median for r in doc.results if r.time and r.time.exact_median), None)
 
 
-def _exact_flops(doc: dict) -> float | None:
-    for record in doc["results"]:
-        if record["method"] == "exact" and record.get("flops") is not None:
-            return record["flops"]
-    shape = doc["input"].get("shape") or {}
-    try:
-        from kdecli.methods import make_method
+def _exact_flops(doc: RunReport) -> float | None:
+    """The reference's cost: its record's, else its cost model at the input's shape."""
+    for record in doc.results:
+        if record.role == "reference" and record.flops is not None:
+            return record.flops
+    from kdecli.methods import method_of_role
 
-        flops = make_method("exact").flops(*(shape[k] for k in ("b", "h", "n_q", "n_k", "d", "d_v")))
-    except Exception:  # an old or partial document: no reference line rather than no plot
-        return None
+    flops = method_of_role("reference")().flops(*doc.input.shape.to_dict().values())
     return flops if math.isfinite(flops) else None
 
 
-def _floor(doc: dict, which: str, y: str) -> float | None:
+def _floor(doc: RunReport, which: str, y: str) -> float | None:
     if which == "zero" and y != "bound_normalized":
         return 1.0
-    return ((doc["floors"].get(which) or {}).get(y) or {}).get("mean")
+    summary = getattr(doc.floors, which).get(y)
+    return None if summary is None else summary.mean
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -305,7 +223,7 @@ def _fmt_seconds(seconds: float) -> str:
 
 
 def figure(
-    docs: Sequence[dict[str, Any]], x: str | Sequence[str] = "budget", y: str = "rel_spectral",
+    docs: Sequence[RunReport | dict[str, Any]], x: str | Sequence[str] = "budget", y: str = "rel_spectral",
     *, names: Sequence[str] | None = None,
 ):
     """A matplotlib Figure with one panel per x axis (``"budget"``, ``"time"``, ``"flops"``, or
@@ -325,16 +243,17 @@ def figure(
         raise UsageError(f"--y must be one of {', '.join(METRICS)}; got {y!r}.")
     if not docs:
         raise UsageError("no results to plot.")
-    for i, doc in enumerate(docs):
-        validate_document(doc, names[i] if names else f"document {i + 1}")
-    if not any(isinstance(r["errors"].get(y), dict) for d in docs for r in d["results"]):
+    docs = [
+        _as_report(doc, names[i] if names else f"document {i + 1}") for i, doc in enumerate(docs)
+    ]
+    if not any(y in r.errors for d in docs for r in d.results):
         hint = "Run `kdecli compare` with --bound to measure it." if y == "bound_normalized" else None
         raise UsageError(f"no result holds {y}; nothing to plot.", hint=hint)
 
     labels = _doc_labels(docs, names)
     several = len(docs) > 1
-    methods = list(dict.fromkeys(r["method"] for d in docs for r in d["results"]))
-    colors = {m: f"C{i % 10}" for i, m in enumerate(m for m in methods if m != "exact")}
+    drawn = [r.method for d in docs for r in d.results if r.role != "reference"]
+    colors = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(drawn))}
     fig = Figure(figsize=(6.4 * len(xs) + 2.6, 5.2), layout="constrained")
     axes = fig.subplots(1, len(xs), sharey=True, squeeze=False)[0]
     left_out: list[str] = []
@@ -346,9 +265,12 @@ def figure(
             series, notes = collect_series(doc, axis, y)
             left_out += [f"{n}{f' in {label}' if several else ''}" for n in notes]
             for s in series:
-                if s.method == "exact" or (s.method == "mean" and axis == "budget" and s.budget_free):
+                if s.role == "reference" or (
+                    s.role == "baseline" and axis == "budget" and s.budget_free
+                ):
                     continue  # the reference, and the mean floor drawn below
-                name = s.method + (" (oracle)" if s.oracle else "") + (f" · {label}" if several else "")
+                name = s.method + (" (oracle)" if s.role == "oracle" else "")
+                name += f" · {label}" if several else ""
                 color = colors[s.method]
                 seeds_seen = max(seeds_seen, *(len(p.ys) for p in s.points))
                 values += [v for p in s.points for v in p.ys]
@@ -433,10 +355,10 @@ def figure(
 
 
 def plot_reports(
-    docs: Sequence[dict[str, Any]], path: str | os.PathLike, x: str | Sequence[str] = "budget",
+    docs: Sequence[RunReport | dict[str, Any]], path: str | os.PathLike, x: str | Sequence[str] = "budget",
     y: str = "rel_spectral", *, names: Sequence[str] | None = None,
 ) -> Path:
-    """Draw ``docs`` (result documents, as ``RunReport.as_dict`` or ``load_results`` give them) to
+    """Draw ``docs`` (``RunReport``s, or their JSON documents as dicts) to
     ``path`` (.png, .svg or .pdf) and return the path."""
     path = check_plot_path(path)
     fig = figure(docs, x, y, names=names)

@@ -1,7 +1,11 @@
-"""Render a ``RunReport``: a rich table for people, JSON / JSONL / CSV for other tools.
+"""Render a ``RunReport``: a table for people (rich or Markdown), JSON / JSONL / CSV for other tools.
 
-Non-finite numbers never reach JSON: they become ``null`` (the record's status says why).
-The table aggregates seeds (mean ± std of each record's slice-mean); JSON keeps every seed.
+The table has one row per setting (method × budget × parameters: seeds aggregated, mean ± std of
+each record's slice-mean); JSON, JSONL and CSV keep every record.  The rich table fits the width it
+is printed at: method names and numbers are never cut.  The method, budget, the primary metric's
+mean ± std, time, speed-up and status are always shown; the other columns join, in the order of
+``OPTIONAL``, while they fit, and a line under the table names what was left out and how to get it.
+``--columns`` chooses the columns instead.
 """
 
 from __future__ import annotations
@@ -10,134 +14,32 @@ import csv
 import io
 import json
 import math
-import statistics
-from collections import defaultdict
-from typing import Any, TextIO
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TextIO
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 
+from kdecli.aggregate import Setting, aggregate
+from kdecli.errors import UsageError
 from kdecli.metrics import METRICS
-from kdecli.runner import RunReport
+from kdecli.results import RunReport, jsonl_header, jsonl_pareto, jsonl_result, to_json
 
 FORMATS = ("table", "json", "jsonl", "csv")
+REPORT_FORMATS = ("table", "markdown", "csv", "json", "jsonl")
+PRIMARY = "rel_spectral"
+FILE_WIDTH = 200  # a table written to a file or a pipe is not squeezed into 80 columns
+# The status column wraps (its text is a sentence); an optional column joins only if status keeps
+# this much room, enough for "ok · not below mean floor" on one line.
+STATUS_ROOM = 25
 
 
-def clean(value: Any) -> Any:
-    """Replace NaN/inf by None, recursively, so the output is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean(v) for v in value]
-    return value
+# ---- cells ---------------------------------------------------------------------------------------
 
 
-def to_json(report: RunReport) -> str:
-    return json.dumps(clean(report.as_dict()), indent=2, allow_nan=False)
-
-
-def jsonl_header(report: RunReport) -> str:
-    """First JSONL line: the run (schema, environment, input, floors); then one line per result."""
-    head = report.as_dict()
-    head.pop("results")
-    head.pop("pareto", None)  # known only at the end: its own last line (jsonl_pareto)
-    return json.dumps(clean({"type": "run", **head}), allow_nan=False)
-
-
-def jsonl_result(record: dict[str, Any]) -> str:
-    return json.dumps(clean({"type": "result", **record}), allow_nan=False)
-
-
-def jsonl_pareto(pareto: dict[str, Any]) -> str:
-    """Last JSONL line of a run with ``--target-error``: ``{"type": "pareto", ...}``."""
-    return json.dumps(clean({"type": "pareto", **pareto}), allow_nan=False)
-
-
-CSV_FIELDS = [
-    "method", "budget", "seed", "status", "reason", "params", "oracle",
-    *(f"{m}_{s}" for m in METRICS for s in ("mean", "max")),
-    "method_s_median", "method_s_iqr", "exact_s_median", "speedup", "flops", "beats_mean_floor",
-    "scale", "dtype", "device",
-]
-
-
-def to_csv(report: RunReport) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for r in report.results:
-        row = {key: r.get(key) for key in ("method", "budget", "seed", "status", "reason", "oracle",
-                                             "flops", "beats_mean_floor")}
-        row["params"] = json.dumps(r["params"], sort_keys=True)
-        for m in METRICS:
-            for s in ("mean", "max"):
-                row[f"{m}_{s}"] = clean(r["errors"].get(m, {}).get(s))
-        t = r.get("time") or {}
-        row["method_s_median"] = (t.get("method_s") or {}).get("median")
-        row["method_s_iqr"] = (t.get("method_s") or {}).get("iqr")
-        row["exact_s_median"] = (t.get("exact_s") or {}).get("median")
-        row["speedup"] = t.get("speedup")
-        row.update(scale=report.input["scale"], dtype=report.environment["dtype"],
-                   device=report.environment["device"])
-        writer.writerow(row)
-    return buffer.getvalue()
-
-
-# ---- the table ---------------------------------------------------------------------------------
-
-def aggregate(results: list[dict[str, Any]], mean_floor: float = math.inf) -> list[dict[str, Any]]:
-    """One row per method × budget: mean, std and max over seeds of each metric.
-
-    ``beats_mean_floor`` compares the seed-averaged rel_spectral with the mean baseline's.
-    """
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in results:
-        groups[(r["method"], r["budget"], json.dumps(r["params"], sort_keys=True))].append(r)
-    rows = []
-    for (method, budget, _), records in groups.items():
-        ok = [r for r in records if r["status"] == "ok"]
-        row = {"method": method, "budget": budget, "params": records[0]["params"],
-               "oracle": records[0].get("oracle", False), "seeds": len(records), "ok": len(ok),
-               "status": "ok" if len(ok) == len(records) else _worst_status(records),
-               "reason": next((r["reason"] for r in records if r["reason"]), None),
-               "estimates": records[0].get("estimates", "softmax"), "errors": {}, "time": None,
-               "beats_mean_floor": None,
-               "flops": next((r["flops"] for r in ok if r.get("flops") is not None), None)}
-        for metric in METRICS:
-            means = [r["errors"][metric]["mean"] for r in ok if metric in r["errors"]]
-            if means:
-                row["errors"][metric] = {
-                    "mean": statistics.fmean(means),
-                    "std": statistics.stdev(means) if len(means) > 1 else 0.0,
-                    "max": max(r["errors"][metric]["max"] for r in ok),
-                }
-        timed = [r["time"] for r in ok if r.get("time") and r["time"].get("method_s")]
-        if timed:
-            row["time"] = timed[0]
-        if method != "mean" and "rel_spectral" in row["errors"]:
-            row["beats_mean_floor"] = row["errors"]["rel_spectral"]["mean"] < mean_floor
-        rows.append(row)
-    return rows
-
-
-def _worst_status(records) -> str:
-    order = ["error", "oom", "unsupported", "ok"]
-    return min((r["status"] for r in records), key=order.index)
-
-
-def _fmt_err(entry: dict[str, float] | None, seeds: int) -> list[str]:
-    """[mean ± std over seeds, max over slices and seeds]."""
-    if not entry:
-        return ["—", "—"]
-    text = f"{entry['mean']:.4f}"
-    if seeds > 1:
-        text += f" ± {entry['std']:.4f}"
-    return [text, f"{entry['max']:.4f}"]
-
-
-def _fmt_time(seconds: float | None) -> str:
+def fmt_time(seconds: float | None) -> str:
     if seconds is None:
         return "—"
     if seconds < 1e-3:
@@ -147,76 +49,7 @@ def _fmt_time(seconds: float | None) -> str:
     return f"{seconds:.2f} s"
 
 
-def _fmt_params(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in params.items()) or "—"
-
-
-def render_table(report: RunReport, console: Console) -> None:
-    rows = aggregate(report.results, report.floors["mean"]["rel_spectral"]["mean"])
-    show_bound = any("bound_normalized" in r["errors"] for r in rows)
-    inp, env = report.input, report.environment
-    shape = inp["shape"]
-    title = (
-        f"{inp['source']}  b={shape['b']} h={shape['h']} n_q={shape['n_q']} n_k={shape['n_k']} "
-        f"d={shape['d']} d_v={shape['d_v']}  scale={inp['scale']:.6g}"
-        + ("  causal" if inp["causal"] else "")
-    )
-    table = Table(title=title, title_justify="left")
-    table.add_column("method")
-    table.add_column("budget", justify="right")
-    for metric in METRICS[:3] + (("bound_normalized",) if show_bound else ()):
-        table.add_column(f"{metric}\nmean ± std", justify="right")
-        table.add_column("max", justify="right")
-    for column in ("time", "exact", "speed-up"):
-        table.add_column(column, justify="right")
-    table.add_column("status", overflow="fold", min_width=12)
-    params_lines = []
-    for row in rows:
-        name = row["method"] + (" (oracle)" if row["oracle"] else "")
-        budget = "—" if row["budget"] is None else str(row["budget"])
-        t = row["time"] or {}
-        status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
-        if row["status"] == "ok" and row["ok"] < row["seeds"]:
-            status = f"{row['ok']}/{row['seeds']} seeds ok: {row['reason']}"
-        if row["beats_mean_floor"] is False:
-            status += " · not below mean floor"
-        if row["estimates"] != "softmax":
-            status += f" · estimates {row['estimates']}"
-        style = None if row["status"] == "ok" else "red"
-        if row["beats_mean_floor"] is False:
-            style = "yellow"
-        cells = [name, budget]
-        for metric in METRICS[:3] + (("bound_normalized",) if show_bound else ()):
-            cells += _fmt_err(row["errors"].get(metric), row["ok"])
-        speedup = t.get("speedup")
-        cells += [_fmt_time((t.get("method_s") or {}).get("median")),
-                  _fmt_time((t.get("exact_s") or {}).get("median")),
-                  f"{speedup:.1f}×" if speedup else "—", status]
-        table.add_row(*cells, style=style)
-        if row["params"]:
-            params_lines.append(f"  {name} @ {budget}: {_fmt_params(row['params'])}")
-    console.print(table)
-    if params_lines:
-        console.print("resolved parameters:\n" + "\n".join(params_lines), highlight=False)
-    if report.pareto is not None:
-        render_pareto(report.pareto, rows, console)
-    mean_floor, zero = report.floors["mean"], report.floors["zero"]
-    floor_text = (
-        f"floors: mean-of-V baseline rel_spectral {mean_floor['rel_spectral']['mean']:.4g} "
-        f"(rel_frobenius {mean_floor['rel_frobenius']['mean']:.4g}, max_row_rel "
-        f"{mean_floor['max_row_rel']['mean']:.4g}); zero output 1 on every relative norm"
-    )
-    if "bound_normalized" in zero:
-        floor_text += f" (bound_normalized {zero['bound_normalized']['mean']:.4g})"
-    console.print(floor_text + ".")
-    console.print(
-        f"device {env['device']} ({env['device_name']}), dtype {env['dtype']}, {env['threads']} "
-        f"threads, torch {env['torch']}; errors are means over {shape['b'] * shape['h']} "
-        "batch×head slices (± std over seeds; max over slices and seeds); time is the median."
-    )
-
-
-def _fmt_flops(flops: float | None) -> str:
+def fmt_flops(flops: float | None) -> str:
     if flops is None:
         return "—"
     for factor, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -225,31 +58,333 @@ def _fmt_flops(flops: float | None) -> str:
     return f"{flops:.3g}"
 
 
-def render_pareto(pareto: dict[str, Any], rows: list[dict[str, Any]], console: Console) -> None:
+def fmt_params(params: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items()) or "—"
+
+
+def method_label(setting: Setting) -> str:
+    return setting.method + (" (oracle)" if setting.role == "oracle" else "")
+
+
+def budget_label(setting: Setting) -> str:
+    return "—" if setting.budget is None else str(setting.budget)
+
+
+def status_text(setting: Setting) -> str:
+    """ok, or what went wrong; then the floor marker and what else the method estimates."""
+    text = setting.status if setting.status == "ok" else f"{setting.status}: {setting.reason}"
+    ok = len(setting.ok_records)
+    if setting.status == "ok" and ok < setting.seeds:
+        text = f"{ok}/{setting.seeds} seeds ok: {setting.reason}"
+    if setting.beats_mean_floor is False:
+        text += " · not below mean floor"
+    if setting.estimates != "softmax":
+        text += f" · estimates {setting.estimates}"
+    return text
+
+
+def _error_mean(metric: str) -> Callable[[Setting], str]:
+    def cell(setting: Setting) -> str:
+        stats = setting.errors.get(metric)
+        if stats is None:
+            return "—"
+        if len(setting.ok_records) > 1:
+            return f"{stats.mean:.4f} ± {stats.std:.4f}"
+        return f"{stats.mean:.4f}"
+
+    return cell
+
+
+def _error_max(metric: str) -> Callable[[Setting], str]:
+    def cell(setting: Setting) -> str:
+        stats = setting.errors.get(metric)
+        return "—" if stats is None else f"{stats.max:.4f}"
+
+    return cell
+
+
+def _speedup(setting: Setting) -> str:
+    time = setting.time
+    return f"{time.speedup:.1f}×" if time is not None and time.speedup else "—"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One table column: its ``--columns`` name, header, and how a setting fills it."""
+
+    key: str
+    header: str
+    cell: Callable[[Setting], str]
+    justify: str = "right"
+    needs: str | None = None  # a metric the column shows; absent from every row -> no column
+    flat: str | None = None  # the header on one line (Markdown), when it differs
+
+    @property
+    def one_line_header(self) -> str:
+        return self.flat or self.header.replace("\n", " ")
+
+
+def _columns() -> list[Column]:
+    """Every column, in display order."""
+    columns = [
+        Column("method", "method", method_label, "left"),
+        Column("budget", "budget", budget_label),
+    ]
+    for metric in METRICS:
+        short = "bound" if metric == "bound_normalized" else metric
+        columns.append(Column(short, f"{metric}\nmean ± std", _error_mean(metric), needs=metric))
+        columns.append(
+            Column(f"{short}_max", "max", _error_max(metric), needs=metric, flat=f"{metric} max")
+        )
+    columns += [
+        Column("time", "time", lambda s: fmt_time(s.time and s.time.method_median)),
+        Column("exact_time", "exact", lambda s: fmt_time(s.time and s.time.exact_median)),
+        Column("speedup", "speed-up", _speedup),
+        Column("flops", "FLOPs", lambda s: fmt_flops(s.flops)),
+        Column("status", "status", status_text, "left"),
+    ]
+    return columns
+
+
+COLUMNS = _columns()
+COLUMN_KEYS = tuple(c.key for c in COLUMNS)
+ALWAYS = ("method", "budget", "rel_spectral", "time", "speedup", "status")
+# Joined while they fit, in this order: the spread of the primary metric first, then the other
+# metrics, then what the time is measured against.
+OPTIONAL = (
+    "rel_spectral_max", "rel_frobenius", "max_row_rel", "bound", "exact_time",
+    "rel_frobenius_max", "max_row_rel_max", "bound_max", "flops",
+)  # fmt: skip
+
+
+def parse_columns(text: str | None) -> tuple[str, ...] | None:
+    """``--columns a,b,c`` or ``all``; None means choose by width."""
+    if text is None:
+        return None
+    if text.strip() == "all":
+        return COLUMN_KEYS
+    keys = tuple(key.strip() for key in text.split(",") if key.strip())
+    unknown = [key for key in keys if key not in COLUMN_KEYS]
+    if unknown or not keys:
+        raise UsageError(
+            f"--columns: unknown column {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"choose from {', '.join(COLUMN_KEYS)}, or all."
+        )
+    return keys
+
+
+def _width(column: Column, rows: Sequence[Setting]) -> int:
+    cells = [column.cell(row) for row in rows]
+    return max(cell_len(line) for text in (*cells, column.header) for line in text.split("\n"))
+
+
+def choose_columns(
+    rows: Sequence[Setting], width: int, asked: Sequence[str] | None = None
+) -> tuple[list[Column], list[str]]:
+    """The columns to draw at ``width`` and the names of those left out for lack of room."""
+    present = {m for row in rows for m in row.errors}
+    available = {c.key: c for c in COLUMNS if c.needs is None or c.needs in present}
+    if asked is not None:
+        return [available[key] for key in COLUMN_KEYS if key in asked and key in available], []
+    widths = {key: _width(column, rows) for key, column in available.items()}
+    status_width = min(widths["status"], STATUS_ROOM)
+
+    def table_width(keys: list[str]) -> int:  # each column: its cells, padding 2, a border
+        return 1 + sum(3 + (status_width if k == "status" else widths[k]) for k in keys)
+
+    chosen = [key for key in ALWAYS if key in available]
+    left_out = []
+    for key in OPTIONAL:
+        if key not in available:
+            continue
+        if table_width([*chosen, key]) <= width:
+            chosen.append(key)
+        else:
+            left_out.append(key)
+    return [available[key] for key in COLUMN_KEYS if key in chosen], left_out
+
+
+# ---- the tables ----------------------------------------------------------------------------------
+
+
+def render_table(
+    report: RunReport, console: Console, columns: Sequence[str] | None = None
+) -> None:
+    rows = aggregate(report.results, report.floors.mean_floor(PRIMARY))
+    chosen, left_out = choose_columns(rows, console.width, columns)
+    if columns is not None:
+        # asked for explicitly: draw them all, past the terminal's edge rather than cut a number
+        natural = 1 + sum(3 + _width(c, rows) for c in chosen)
+        console.width = max(console.width, natural)
+    table = Table(title=report.input.describe(), title_justify="left")
+    for column in chosen:
+        wraps = column.key == "status"
+        table.add_column(
+            column.header,
+            justify=column.justify,
+            no_wrap=not wraps,
+            overflow="fold" if wraps else "ignore",
+            min_width=None if wraps else _width(column, rows),
+        )
+    for row in rows:
+        style = None if row.status == "ok" else "red"
+        if row.beats_mean_floor is False:
+            style = "yellow"
+        table.add_row(*(column.cell(row) for column in chosen), style=style)
+    console.print(table)
+    if left_out:
+        console.print(
+            f"Not shown at width {console.width}: {', '.join(left_out)} "
+            "(--columns all shows every column; --columns a,b,... chooses).",
+            highlight=False,
+        )
+    _print_footer(report, rows, console)
+
+
+def _print_footer(report: RunReport, rows: list[Setting], console: Console) -> None:
+    lines = [
+        f"  {method_label(r)} @ {budget_label(r)}: {fmt_params(r.params)}" for r in rows if r.params
+    ]
+    if lines:
+        console.print("resolved parameters:\n" + "\n".join(lines), highlight=False)
+    if report.pareto is not None:
+        render_pareto(report, rows, console)
+    console.print(floors_line(report), highlight=False)
+    console.print(environment_line(report), highlight=False)
+
+
+def floors_line(report: RunReport) -> str:
+    mean, zero = report.floors.mean, report.floors.zero
+    text = (
+        f"floors: mean-of-V baseline rel_spectral {mean['rel_spectral'].mean:.4g} "
+        f"(rel_frobenius {mean['rel_frobenius'].mean:.4g}, max_row_rel "
+        f"{mean['max_row_rel'].mean:.4g}); zero output 1 on every relative norm"
+    )
+    if "bound_normalized" in zero:
+        text += f" (bound_normalized {zero['bound_normalized'].mean:.4g})"
+    return text + "."
+
+
+def environment_line(report: RunReport) -> str:
+    envs = list(dict.fromkeys(r.environment for r in report.results)) or [report.environment]
+    where = "; ".join(
+        f"device {e.device} ({e.device_name}), dtype {e.dtype}, {e.threads} threads, torch {e.torch}"
+        for e in envs
+    )
+    return (
+        f"{where}; errors are means over {report.input.shape.slices} batch×head slices (± std "
+        "over seeds; max over slices and seeds); time is the median."
+    )
+
+
+def render_pareto(report: RunReport, rows: list[Setting], console: Console) -> None:
     """The small table under the main one: each method's cheapest setting that reaches the target."""
-    metric, target = pareto["metric"], pareto["target_error"]
+    pareto = report.pareto
+    metric, target = pareto.metric, pareto.target_error
     table = Table(
         title=f"cheapest setting with seed-mean {metric} ≤ {target:g} (fewest FLOPs, then time)",
         title_justify="left",
     )
-    for column, justify in (("method", "left"), ("budget", "right"), ("FLOPs", "right"),
-                            (metric, "right"), ("time", "right"), ("parameters", "left")):
+    for column, justify in (
+        ("method", "left"), ("budget", "right"), ("FLOPs", "right"),
+        (metric, "right"), ("time", "right"), ("parameters", "left"),
+    ):  # fmt: skip
         table.add_column(column, justify=justify, overflow="fold")
-    for name, pick in pareto["methods"].items():
+    for name, pick in pareto.methods.items():
         if pick is None:
-            reached = [r["errors"][metric]["mean"] for r in rows
-                       if r["method"] == name and r["status"] == "ok" and metric in r["errors"]]
+            reached = [
+                r.error(metric)
+                for r in rows
+                if r.method == name and r.status == "ok" and r.error(metric) is not None
+            ]
             best = f"not reached (best {min(reached):.4f})" if reached else "not reached (no ok result)"
             table.add_row(name, "—", "—", best, "—", "—", style="yellow")
             continue
-        budget = "—" if pick["budget"] is None else str(pick["budget"])
-        table.add_row(name, budget, _fmt_flops(pick["flops"]), f"{pick[metric]:.4g}",
-                      _fmt_time(pick["method_s"]), _fmt_params(pick["params"]))
+        budget = "—" if pick.budget is None else str(pick.budget)
+        table.add_row(
+            name, budget, fmt_flops(pick.flops), f"{pick.error:.4g}", fmt_time(pick.method_s),
+            fmt_params(pick.params),
+        )  # fmt: skip
     console.print(table)
 
 
-def render(report: RunReport, fmt: str, stream: TextIO, *, width: int | None = None) -> None:
-    """Write ``report`` to ``stream`` in one of FORMATS."""
+def to_markdown(report: RunReport, columns: Sequence[str] | None = None) -> str:
+    """The table as GitHub Markdown (every column unless ``columns`` chooses), with its caption."""
+    rows = aggregate(report.results, report.floors.mean_floor(PRIMARY))
+    chosen, _ = choose_columns(rows, 10**6, columns)
+
+    def escape(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    headers = [escape(c.one_line_header) for c in chosen]
+    lines = [
+        f"**{escape(report.input.describe())}**",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---:" if c.justify == "right" else "---" for c in chosen) + "|",
+    ]
+    lines += ["| " + " | ".join(escape(c.cell(row)) for c in chosen) + " |" for row in rows]
+    lines += ["", floors_line(report), "", environment_line(report)]
+    if report.pareto is not None:
+        picks = [
+            f"- {name}: " + ("not reached" if pick is None else
+                             f"budget {pick.budget}, {fmt_flops(pick.flops)} FLOPs, "
+                             f"{report.pareto.metric} {pick.error:.4g}")
+            for name, pick in report.pareto.methods.items()
+        ]  # fmt: skip
+        lines += ["", f"Cheapest setting with {report.pareto.metric} ≤ "
+                  f"{report.pareto.target_error:g}:", *picks]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+# ---- machine formats -----------------------------------------------------------------------------
+
+CSV_FIELDS = [
+    "method", "budget", "seed", "status", "reason", "params", "oracle",
+    *(f"{m}_{s}" for m in METRICS for s in ("mean", "max")),
+    "method_s_median", "method_s_iqr", "exact_s_median", "speedup", "flops", "beats_mean_floor",
+    "scale", "dtype", "device",
+]  # fmt: skip
+
+
+def to_csv(report: RunReport) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in report.results:
+        row = {
+            "method": r.method, "budget": r.budget, "seed": r.seed, "status": r.status,
+            "reason": r.reason, "oracle": r.oracle, "flops": r.flops,
+            "beats_mean_floor": r.beats_mean_floor,
+            "params": json.dumps(r.params, sort_keys=True),
+        }  # fmt: skip
+        for m in METRICS:
+            summary = r.errors.get(m)
+            row[f"{m}_mean"] = None if summary is None else summary.mean
+            row[f"{m}_max"] = None if summary is None else summary.max
+        time, method_s = r.time, r.time and r.time.method_s
+        row["method_s_median"] = method_s.median if method_s else None
+        row["method_s_iqr"] = method_s.iqr if method_s else None
+        row["exact_s_median"] = time.exact_median if time else None
+        row["speedup"] = time.speedup if time else None
+        row.update(scale=report.input.scale, dtype=r.environment.dtype, device=r.environment.device)
+        writer.writerow({k: _finite_or_none(v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def render(
+    report: RunReport,
+    fmt: str,
+    stream: TextIO,
+    *,
+    width: int | None = None,
+    columns: Sequence[str] | None = None,
+) -> None:
+    """Write ``report`` to ``stream`` in one of ``REPORT_FORMATS``."""
     if fmt == "json":
         stream.write(to_json(report) + "\n")
     elif fmt == "jsonl":
@@ -260,11 +395,12 @@ def render(report: RunReport, fmt: str, stream: TextIO, *, width: int | None = N
             stream.write(jsonl_pareto(report.pareto) + "\n")
     elif fmt == "csv":
         stream.write(to_csv(report))
+    elif fmt == "markdown":
+        stream.write(to_markdown(report, columns))
     elif fmt == "table":
         if width is None and not stream.isatty():
-            width = 200  # a file or a pipe: do not squeeze the table into 80 columns
+            width = FILE_WIDTH
         console = Console(file=stream, width=width, soft_wrap=False)
-        render_table(report, console)
+        render_table(report, console, columns)
     else:
         raise ValueError(fmt)
-

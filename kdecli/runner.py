@@ -17,44 +17,66 @@ import math
 import platform
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 
-from kdecli import __version__
+from kdecli.aggregate import beats_floor
 from kdecli.errors import ParameterError, UsageError
 from kdecli.inputs import QKV, resolve_device, resolve_dtype
-from kdecli.methods import get_method_class, make_method
+from kdecli.methods import get_method_class, make_method, method_of_role
 from kdecli.methods.base import AttentionMethod
-from kdecli.metrics import slice_errors, spectral_norm, summarize
+from kdecli.metrics import slice_errors, spectral_norm
 from kdecli.reference import attention_spectral_norm, exact_attention
+from kdecli.results import (
+    Environment,
+    Floors,
+    InputInfo,
+    Result,
+    ResultTime,
+    RunReport,
+    Shape,
+    Summary,
+    TimeStat,
+)
 from kdecli.timing import Timing, time_call
 
-SCHEMA_VERSION = 1
 ProgressFn = Callable[[int, int, str], None]
-ResultFn = Callable[[dict[str, Any]], None]
+ResultFn = Callable[[Result], None]
 
 
-@dataclass
-class RunReport:
-    """Everything one run produced; ``as_dict`` is the JSON document of DESIGN.md section 5."""
+@dataclass(frozen=True)
+class RunConfig:
+    """How a run measures: seeds, device and precision, the softmax scale, timing.
 
-    environment: dict[str, Any]
-    input: dict[str, Any]
-    floors: dict[str, Any]
-    results: list[dict[str, Any]] = field(default_factory=list)
-    pareto: dict[str, Any] | None = None  # kdecli.pareto.cheapest_settings, when asked for
+    ``device`` is ``auto``, ``cpu`` or ``cuda[:i]`` (or a ``torch.device``); ``dtype`` the working
+    precision (default: the input's); ``scale`` the softmax temperature (default: the input's, else
+    1/√d).  ``seeds`` consecutive seeds from ``seed`` run each randomized setting; ``bound`` adds
+    ``bound_normalized``; ``timing=False`` skips the timing pass.
+    """
 
-    def as_dict(self) -> dict[str, Any]:
-        doc = {
-            "schema_version": SCHEMA_VERSION, "kdecli_version": __version__,
-            "environment": self.environment, "input": self.input, "floors": self.floors,
-            "results": self.results,
-        }
-        if self.pareto is not None:
-            doc["pareto"] = self.pareto
-        return doc
+    seeds: int = 1
+    seed: int = 0
+    device: str | torch.device = "auto"
+    dtype: str | torch.dtype | None = None
+    scale: float | None = None
+    causal: bool = False
+    repeats: int = 3
+    warmup: int = 1
+    bound: bool = False
+    timing: bool = True
+
+    def check(self) -> None:
+        if self.seeds < 1:
+            raise UsageError(f"--seeds must be at least 1; got {self.seeds}.")
+        if self.repeats < 1 or self.warmup < 0:
+            raise UsageError(
+                f"--repeats must be >= 1 and --warmup >= 0; got {self.repeats} and {self.warmup}."
+            )
+
+
+RUN_FIELDS = tuple(f.name for f in fields(RunConfig))
 
 
 @dataclass(frozen=True)
@@ -106,55 +128,69 @@ def plan_jobs(
 
 
 def compare(
-    qkv: QKV, methods: Sequence[str] = ("kdeformer",), budgets: Sequence[int] = (256,), *,
-    seeds: int = 1, seed: int = 0, params: dict[str, dict[str, Any]] | None = None,
-    device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
-    scale: float | None = None, causal: bool = False, repeats: int = 3, warmup: int = 1,
-    bound: bool = False, timing: bool = True, on_start: Callable[[RunReport], None] | None = None,
-    on_result: ResultFn | None = None, on_progress: ProgressFn | None = None,
+    qkv: QKV,
+    methods: Sequence[str] = ("kdeformer",),
+    budgets: Sequence[int] = (256,),
+    config: RunConfig | None = None,
+    *,
+    params: dict[str, dict[str, Any]] | None = None,
+    on_start: Callable[[RunReport], None] | None = None,
+    on_result: ResultFn | None = None,
+    on_progress: ProgressFn | None = None,
+    **settings: Any,
 ) -> RunReport:
     """Run every method × budget × seed on ``qkv`` and measure it against exact attention.
 
-    ``on_start(report)`` is called once the reference and floors exist (before any method runs),
-    ``on_result(record)`` after each record, ``on_progress(done, total, label)`` before each.
+    ``config`` says how (``RunConfig``); keyword ``settings`` override its fields, so
+    ``compare(qkv, ["kdeformer"], [256], seeds=3, device="cpu")`` reads as it should.
+    ``params`` maps a method name (or ``"*"`` for every method that has the parameter) to named
+    parameters.  ``on_start(report)`` is called once the reference and floors exist (before any
+    method runs), ``on_result(result)`` after each record, ``on_progress(done, total, label)``
+    before each.
     """
-    if seeds < 1:
-        raise UsageError(f"--seeds must be at least 1; got {seeds}.")
-    if repeats < 1 or warmup < 0:
-        raise UsageError(f"--repeats must be >= 1 and --warmup >= 0; got {repeats} and {warmup}.")
-    if causal and qkv.q.shape[-2] != qkv.k.shape[-2]:
+    config = replace(config or RunConfig(), **settings)
+    config.check()
+    if config.causal and qkv.q.shape[-2] != qkv.k.shape[-2]:
         raise UsageError(
-            f"--causal needs as many queries as keys; got n_q = {qkv.q.shape[-2]}, n_k = {qkv.k.shape[-2]}."
+            f"--causal needs as many queries as keys; got n_q = {qkv.q.shape[-2]}, "
+            f"n_k = {qkv.k.shape[-2]}."
         )
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    device = config.device
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = config.dtype
     work_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype) or qkv.q.dtype
-    softmax_scale = qkv.scale(scale)
+    softmax_scale = qkv.scale(config.scale)
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise UsageError(f"--scale must be a positive number; got {softmax_scale}.")
     jobs = plan_jobs(list(methods), list(budgets), params, qkv.k.shape[-2])
+    causal = config.causal
 
     ref_inputs = qkv.to(device, torch.float64)
-    reference = exact_attention(ref_inputs.q, ref_inputs.k, ref_inputs.v, softmax_scale, causal=causal)
+    reference = exact_attention(
+        ref_inputs.q, ref_inputs.k, ref_inputs.v, softmax_scale, causal=causal
+    )
     norms = None
-    if bound:
+    if config.bound:
         norms = (
             attention_spectral_norm(ref_inputs.q, ref_inputs.k, softmax_scale, causal=causal),
             spectral_norm(ref_inputs.v),
         )
     work = qkv.to(device, work_dtype)
+    env = environment(device, work_dtype)
     report = RunReport(
-        environment=environment(device, work_dtype),
+        environment=env,
         input=describe_input(qkv, softmax_scale, causal),
         floors=floors(reference, ref_inputs.v, causal, norms),
     )
+    mean_floor = report.floors.mean_floor()
     del ref_inputs
     if on_start:
         on_start(report)
 
     exact_time = None
-    if timing:
-        exact_time = _time_exact(work, softmax_scale, causal, device, repeats, warmup)
-    seed_list = [seed + i for i in range(seeds)]
+    if config.timing:
+        exact_time = _time_exact(work, softmax_scale, config, device)
+    seed_list = [config.seed + i for i in range(config.seeds)]
     total = sum(len(seed_list) if get_method_class(j.method).randomized else 1 for j in jobs)
     done = 0
     for job in jobs:
@@ -164,14 +200,16 @@ def compare(
         for run_seed in job_seeds:
             if on_progress:
                 on_progress(done, total, f"{job.method} budget={job.budget} seed={run_seed}")
-            record = _run_one(method, work, reference, softmax_scale, causal, run_seed, device, norms)
-            if timing and record["status"] == "ok":
+            outcome = _run_one(method, work, reference, softmax_scale, causal, run_seed, device, norms)
+            time = None
+            if config.timing and outcome.status == "ok":
                 if method_time is None:
-                    method_time = _time_method(
-                        method, work, softmax_scale, causal, run_seed, device, repeats, warmup
-                    )
-                _attach_time(record, method_time, exact_time)
-            record["beats_mean_floor"] = _beats_floor(record, report.floors)
+                    method_time = _time_method(method, work, softmax_scale, config, run_seed, device)
+                time = _result_time(method_time, exact_time)
+            beats = None
+            if method.role != "baseline":
+                beats = beats_floor(outcome.error("rel_spectral"), mean_floor)
+            record = _record(method, run_seed, outcome, time, beats, env)
             report.results.append(record)
             if on_result:
                 on_result(record)
@@ -181,7 +219,9 @@ def compare(
     return report
 
 
-def approx(qkv: QKV, method: str = "kdeformer", budget: int | None = 256, **kwargs: Any) -> RunReport:
+def approx(
+    qkv: QKV, method: str = "kdeformer", budget: int | None = 256, **kwargs: Any
+) -> RunReport:
     """One method at one budget: ``compare`` with a single entry."""
     params = kwargs.pop("params", None)
     if params is not None:
@@ -192,105 +232,125 @@ def approx(qkv: QKV, method: str = "kdeformer", budget: int | None = 256, **kwar
 
 # ---- pieces ------------------------------------------------------------------------------------
 
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What the correctness pass learned about one method × seed."""
+
+    status: str = "ok"
+    reason: str | None = None
+    errors: dict[str, Summary] | None = None
+    flops: float | None = None
+
+    def error(self, metric: str) -> float | None:
+        summary = (self.errors or {}).get(metric)
+        return None if summary is None else summary.mean
+
+
 def _generator(device: torch.device, run_seed: int, name: str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(run_seed, name))
 
 
-def _base_record(method: AttentionMethod, run_seed: int | None) -> dict[str, Any]:
-    return {
-        "method": method.name, "budget": method.budget,
-        "seed": run_seed if method.randomized else None,
-        "params": method.resolved_params, "oracle": method.oracle,
-        "estimates": getattr(method, "estimates", "softmax"),
-        "status": "ok", "reason": None, "errors": {}, "time": None, "flops": None,
-    }
+def _record(method: AttentionMethod, run_seed, outcome: _Outcome, time, beats, env) -> Result:
+    return Result(
+        method=method.name,
+        budget=method.budget,
+        seed=run_seed if method.randomized else None,
+        params=method.resolved_params,
+        role=method.role,
+        estimates=method.estimates,
+        status=outcome.status,
+        reason=outcome.reason,
+        errors=outcome.errors or {},
+        time=time,
+        flops=outcome.flops,
+        beats_mean_floor=beats,
+        environment=env,
+    )
 
 
-def _run_one(method, work: QKV, reference, scale, causal, run_seed, device, norms) -> dict[str, Any]:
-    record = _base_record(method, run_seed)
+def _run_one(method, work: QKV, reference, scale, causal, run_seed, device, norms) -> _Outcome:
     reasons = method.not_supported_reasons(work.q, work.k, work.v, causal)
     if reasons:
-        record.update(status="unsupported", reason="; ".join(reasons))
-        return record
+        return _Outcome("unsupported", "; ".join(reasons))
     b, h, n_q, d = work.q.shape
     flops = method.flops(b, h, n_q, work.k.shape[-2], d, work.v.shape[-1])
-    record["flops"] = flops if math.isfinite(flops) else None
+    flops = flops if math.isfinite(flops) else None
     try:
         with torch.no_grad():
             out = method(work.q, work.k, work.v, scale=scale, causal=causal,
                          generator=_generator(device, run_seed, method.name))
     except torch.OutOfMemoryError as exc:
-        record.update(status="oom", reason=_first_line(exc))
-        return record
+        return _Outcome("oom", _first_line(exc), flops=flops)
     except (ParameterError, UsageError) as exc:
-        record.update(status="unsupported", reason=exc.message)
-        return record
+        return _Outcome("unsupported", exc.message, flops=flops)
     except Exception as exc:  # one method's bug must not lose the others' results
-        record.update(status="error", reason=f"{type(exc).__name__}: {_first_line(exc)}")
-        return record
+        return _Outcome("error", f"{type(exc).__name__}: {_first_line(exc)}", flops=flops)
     expected = (*reference.shape[:-1], reference.shape[-1])
     if tuple(out.shape) != expected:
-        record.update(status="error", reason=f"returned shape {tuple(out.shape)}; expected {expected}")
-        return record
+        return _Outcome(
+            "error", f"returned shape {tuple(out.shape)}; expected {expected}", flops=flops
+        )
     bad = int((~torch.isfinite(out)).sum())
     if bad:
-        record.update(status="error", reason=f"non-finite output: {bad} NaN or infinite values")
-        return record
-    kwargs = {"attention_norm": norms[0], "value_norm": norms[1]} if norms else {}
-    errors = slice_errors(out, reference, **kwargs)
-    record["errors"] = {name: summarize(values) for name, values in errors.items()}
-    return record
+        return _Outcome("error", f"non-finite output: {bad} NaN or infinite values", flops=flops)
+    return _Outcome(errors=_summaries(slice_errors(out, reference, **_norm_kwargs(norms))), flops=flops)
 
 
-def _time_method(method, work, scale, causal, run_seed, device, repeats, warmup) -> Timing | str:
+def _norm_kwargs(norms) -> dict[str, torch.Tensor]:
+    return {"attention_norm": norms[0], "value_norm": norms[1]} if norms else {}
+
+
+def _summaries(errors: dict[str, torch.Tensor]) -> dict[str, Summary]:
+    return {name: Summary.of(values.reshape(-1).tolist()) for name, values in errors.items()}
+
+
+def _time_method(method, work, scale, config: RunConfig, run_seed, device) -> Timing | str:
     generator = _generator(device, run_seed, method.name)
 
     def call():
         with torch.no_grad():
-            method(work.q, work.k, work.v, scale=scale, causal=causal, generator=generator)
+            method(work.q, work.k, work.v, scale=scale, causal=config.causal, generator=generator)
 
     try:
-        return time_call(call, device, repeats=repeats, warmup=warmup)
+        return time_call(call, device, repeats=config.repeats, warmup=config.warmup)
     except torch.OutOfMemoryError as exc:
         return f"timing ran out of memory: {_first_line(exc)}"
 
 
-def _time_exact(work: QKV, scale, causal, device, repeats, warmup) -> Timing | str:
-    exact = make_method("exact")
+def _time_exact(work: QKV, scale, config: RunConfig, device) -> Timing | str:
+    exact = method_of_role("reference")()
     try:  # at least two warm-up calls: the first SDPA calls of a process set up thread buffers
         return time_call(
-            lambda: exact(work.q, work.k, work.v, scale=scale, causal=causal), device,
-            repeats=repeats, warmup=max(warmup, 2),
+            lambda: exact(work.q, work.k, work.v, scale=scale, causal=config.causal), device,
+            repeats=config.repeats, warmup=max(config.warmup, 2),
         )
     except torch.OutOfMemoryError as exc:
         return f"exact attention ran out of memory: {_first_line(exc)}"
 
 
-def _attach_time(record, method_time, exact_time) -> None:
+def _time_stat(timing: Timing) -> TimeStat:
+    return TimeStat(timing.median, timing.iqr, timing.repeats, timing.peak_memory_bytes)
+
+
+def _result_time(method_time: Timing | str, exact_time: Timing | str | None) -> ResultTime:
     if isinstance(method_time, str):
-        record["time"] = {"method_s": None, "exact_s": None, "speedup": None, "note": method_time}
-        return
-    exact = exact_time.as_dict() if isinstance(exact_time, Timing) else None
-    speedup = exact_time.median / method_time.median if isinstance(exact_time, Timing) else None
-    record["time"] = {"method_s": method_time.as_dict(), "exact_s": exact, "speedup": speedup}
+        return ResultTime(None, None, None, note=method_time)
+    if not isinstance(exact_time, Timing):
+        return ResultTime(_time_stat(method_time), None, None)
+    return ResultTime(
+        _time_stat(method_time), _time_stat(exact_time), exact_time.median / method_time.median
+    )
 
 
-def _beats_floor(record, floors) -> bool | None:
-    if record["status"] != "ok" or record["method"] == "mean":
-        return None
-    return record["errors"]["rel_spectral"]["mean"] < floors["mean"]["rel_spectral"]["mean"]
-
-
-def floors(reference: torch.Tensor, v64: torch.Tensor, causal: bool, norms) -> dict[str, Any]:
+def floors(reference: torch.Tensor, v64: torch.Tensor, causal: bool, norms) -> Floors:
     """Errors of the two trivial answers: the mean of V for every query, and zeros."""
-    mean_out = make_method("mean")(v64.new_zeros(*reference.shape[:-1], 1), v64, v64, causal=causal)
-    kwargs = {"attention_norm": norms[0], "value_norm": norms[1]} if norms else {}
-    mean_errors = slice_errors(mean_out, reference, **kwargs)
-    zero_errors = slice_errors(torch.zeros_like(reference), reference, **kwargs)
-    return {
-        "mean": {k: summarize(v) for k, v in mean_errors.items()},
-        "zero": {k: summarize(v) for k, v in zero_errors.items()},
-    }
+    mean_out = method_of_role("baseline")()(v64.new_zeros(*reference.shape[:-1], 1), v64, v64, causal=causal)
+    kwargs = _norm_kwargs(norms)
+    return Floors(
+        mean=_summaries(slice_errors(mean_out, reference, **kwargs)),
+        zero=_summaries(slice_errors(torch.zeros_like(reference), reference, **kwargs)),
+    )
 
 
 def cpu_name() -> str:
@@ -305,20 +365,27 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def environment(device: torch.device, dtype: torch.dtype) -> Environment:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    return {
-        "torch": torch.__version__, "device": str(device), "device_name": name,
-        "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
+    return Environment(
+        torch=torch.__version__,
+        device=str(device),
+        device_name=name,
+        dtype=str(dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(),
+        python=platform.python_version(),
+    )
 
 
-def describe_input(qkv: QKV, scale: float, causal: bool) -> dict[str, Any]:
-    return {
-        "source": qkv.source, "shape": qkv.shape, "layout": qkv.layout,
-        "dtype": str(qkv.q.dtype).removeprefix("torch."), "scale": scale, "causal": causal,
-    }
+def describe_input(qkv: QKV, scale: float, causal: bool) -> InputInfo:
+    return InputInfo(
+        source=qkv.source,
+        shape=Shape(**qkv.shape),
+        layout=qkv.layout,
+        dtype=str(qkv.q.dtype).removeprefix("torch."),
+        scale=scale,
+        causal=causal,
+    )
 
 
 def _first_line(exc: BaseException) -> str:

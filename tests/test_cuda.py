@@ -52,5 +52,5 @@ def test_a_whole_run_on_the_gpu_times_with_synchronisation():
     report = kdecli.compare(qkv, ["exact", "mean", "kdeformer", "performer"], [64], seeds=2,
                             device="cuda", repeats=2)
     assert report.environment["device"].startswith("cuda")
-    assert all(r["status"] == "ok" for r in report.results)
-    assert all(r["time"]["method_s"]["peak_memory_bytes"] > 0 for r in report.results)
+    assert all(r.status == "ok" for r in report.results)
+    assert all(r.time.method_s.peak_memory_bytes > 0 for r in report.results)

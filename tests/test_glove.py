@@ -13,11 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-from kdecli import glove
+from kdecli import download, glove_cache
+from kdecli import glove_text as text_format  # `glove_text` is the test server's text writer
 from kdecli.errors import InputError, RuntimeFailure, UsageError
+from kdecli.sources import glove
 
 try:
-    from tests._glove_server import GloveServer, expected_vectors, glove_text, make_vectors, make_zip
+    from tests._glove_server import (
+        GloveServer,
+        expected_vectors,
+        glove_text,
+        make_vectors,
+        make_zip,
+    )
 except ImportError:  # tests/ is not a package: pytest puts this folder on sys.path
     from _glove_server import GloveServer, expected_vectors, glove_text, make_vectors, make_zip
 
@@ -41,7 +49,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def fetch(server, cache, dim=50, name="glove.6B.zip", **kwargs):
-    return glove.download_glove("6B", dim, cache_dir=cache, url=server.url(name), **kwargs)
+    return glove_cache.download_glove("6B", dim, cache_dir=cache, url=server.url(name), **kwargs)
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -58,7 +66,7 @@ def test_download_converts_and_matches_the_oracle(server, cache):
     vectors = np.load(result.vectors_path)
     assert vectors.dtype == np.float32 and vectors.shape == (ROWS, 50)
     np.testing.assert_array_equal(vectors, expected_vectors(TEXT50))
-    assert glove.load_words(result.vectors_path) == WORDS50
+    assert glove_cache.load_words(result.vectors_path) == WORDS50
     assert (cache / "glove.6B.zip").read_bytes() == ARCHIVE
     assert leftovers(cache) == []
 
@@ -149,9 +157,9 @@ def test_a_corrupt_member_in_the_cached_archive_is_removed(server, cache):
 
 
 def test_keyboard_interrupt_keeps_the_partial_for_resume(server, cache, monkeypatch):
-    monkeypatch.setattr(glove, "CHUNK_BYTES", 16_384)
+    monkeypatch.setattr(download, "CHUNK_BYTES", 16_384)
 
-    class Interrupting(glove.NullProgress):
+    class Interrupting(download.NullProgress):
         def advance(self, amount):
             raise KeyboardInterrupt
 
@@ -167,7 +175,7 @@ def test_keyboard_interrupt_keeps_the_partial_for_resume(server, cache, monkeypa
 def test_progress_reports_bytes_and_totals(server, cache):
     events = []
 
-    class Recorder(glove.NullProgress):
+    class Recorder(download.NullProgress):
         def start(self, description, total, completed=0):
             events.append(("start", description, total, completed))
 
@@ -187,7 +195,7 @@ def test_connection_refused_suggests_a_mirror_or_a_file(cache):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(RuntimeFailure, match="cannot reach") as info:
-        glove.download_glove("6B", 50, cache_dir=cache, url=f"http://127.0.0.1:{port}/glove.6B.zip")
+        glove_cache.download_glove("6B", 50, cache_dir=cache, url=f"http://127.0.0.1:{port}/glove.6B.zip")
     assert "--url" in info.value.hint and "--from-file" in info.value.hint
     assert leftovers(cache) == []
 
@@ -232,50 +240,50 @@ def test_a_full_disk_is_reported(server, cache):
 def test_from_file_takes_a_zip_or_the_text_and_never_downloads(tmp_path, cache):
     archive = tmp_path / "glove.6B.zip"
     archive.write_bytes(ARCHIVE)
-    result = glove.download_glove("6B", 50, cache_dir=cache, from_file=archive, url="http://127.0.0.1:9/x")
+    result = glove_cache.download_glove("6B", 50, cache_dir=cache, from_file=archive, url="http://127.0.0.1:9/x")
     assert not result.downloaded and result.converted and archive.exists()
     np.testing.assert_array_equal(np.load(result.vectors_path), expected_vectors(TEXT50))
     text = tmp_path / "glove.6B.100d.txt"
     text.write_bytes(TEXT100)
-    result = glove.download_glove("6B", 100, cache_dir=cache, from_file=text)
+    result = glove_cache.download_glove("6B", 100, cache_dir=cache, from_file=text)
     np.testing.assert_array_equal(np.load(result.vectors_path), expected_vectors(TEXT100))
     truncated = tmp_path / "cut.zip"
     truncated.write_bytes(ARCHIVE[: len(ARCHIVE) // 2])
     with pytest.raises(InputError, match="not a valid zip"):
-        glove.download_glove("6B", 50, cache_dir=cache, from_file=truncated, force=True)
+        glove_cache.download_glove("6B", 50, cache_dir=cache, from_file=truncated, force=True)
     assert truncated.exists()  # the user's file is never removed
 
 
 def test_corpus_names_are_normalised():
-    assert glove.get_variant("42B").corpus == "42B.300d"
-    assert glove.get_variant("glove.840B.300d.zip").corpus == "840B.300d"
-    assert glove.get_variant("Twitter.27b").member(25) == "glove.twitter.27B.25d.txt"
-    assert glove.get_variant("42B").member(300) == "glove.42B.300d.txt"
-    assert glove.get_variant("840B").url == "https://nlp.stanford.edu/data/glove.840B.300d.zip"
+    assert glove_cache.get_variant("42B").corpus == "42B.300d"
+    assert glove_cache.get_variant("glove.840B.300d.zip").corpus == "840B.300d"
+    assert glove_cache.get_variant("Twitter.27b").member(25) == "glove.twitter.27B.25d.txt"
+    assert glove_cache.get_variant("42B").member(300) == "glove.42B.300d.txt"
+    assert glove_cache.get_variant("840B").url == "https://nlp.stanford.edu/data/glove.840B.300d.zip"
     with pytest.raises(UsageError, match="Did you mean `6B`"):
-        glove.get_variant("6b.")
+        glove_cache.get_variant("6b.")
 
 
 def test_cache_folder_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("KDECLI_CACHE_DIR", str(tmp_path / "env"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert glove.resolve_cache_dir(tmp_path / "given") == tmp_path / "given"
-    assert glove.resolve_cache_dir() == tmp_path / "env"
+    assert download.resolve_cache_dir(tmp_path / "given") == tmp_path / "given"
+    assert download.resolve_cache_dir() == tmp_path / "env"
     monkeypatch.delenv("KDECLI_CACHE_DIR")
-    assert glove.resolve_cache_dir() == tmp_path / "xdg" / "kdecli"
+    assert download.resolve_cache_dir() == tmp_path / "xdg" / "kdecli"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert glove.resolve_cache_dir() == Path.home() / ".cache" / "kdecli"
+    assert download.resolve_cache_dir() == Path.home() / ".cache" / "kdecli"
 
 
 # --- parsing --------------------------------------------------------------------------------
 
 
 def parse(text: bytes, **kwargs):
-    return glove.parse_glove_text(io.BytesIO(text), source="t.txt", **kwargs)
+    return text_format.parse_glove_text(io.BytesIO(text), source="t.txt", **kwargs)
 
 
 def test_parsing_across_many_small_blocks_matches_the_oracle(monkeypatch):
-    monkeypatch.setattr(glove, "PARSE_CHUNK_BYTES", 997)  # lines straddle block edges
+    monkeypatch.setattr(text_format, "PARSE_CHUNK_BYTES", 997)  # lines straddle block edges
     vectors, words = parse(TEXT100)
     np.testing.assert_array_equal(vectors, expected_vectors(TEXT100))
     assert words == make_vectors(ROWS, 100, seed=1)[1]
@@ -424,6 +432,6 @@ def test_the_command_maps_errors_and_interrupts_to_exit_codes(server, cache, mon
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(glove, "download_glove", interrupted)
+    monkeypatch.setattr(glove_cache, "download_glove", interrupted)
     stopped = invoke(["--corpus", "6B", "--dim", "50", "--cache-dir", str(cache)])
     assert stopped.exit_code == 130 and "run the same command again to resume" in stopped.stderr

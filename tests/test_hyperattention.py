@@ -1,4 +1,5 @@
-"""The maths of hyperattention: exact limits, the causal recursion, no double counting, unbiasedness."""
+"""The maths of hyperattention: the exact limits the battery does not check (below min_seq_len, the
+causal recursion), no double counting, unbiasedness."""
 
 import math
 
@@ -10,19 +11,11 @@ from kdecli.methods.hyperattention import hyper_lse
 from kdecli.methods.lsh import SortedBlocks, sort_into_blocks
 from kdecli.metrics import slice_errors
 from kdecli.reference import exact_attention
-from tests.conftest import clustered_self_attention as glove_like, gen, make_qkv
+from tests.conftest import gen, make_qkv
 
 
 def exact_lse(q, k, scale):
     return torch.logsumexp(scale * q @ k.transpose(-1, -2), dim=-1)
-
-
-@pytest.mark.parametrize("n_q,n_k,d_v", [(47, 47, 21), (97, 59, 13), (1025, 1025, 7), (30, 1025, 21)])
-def test_exact_when_one_block_holds_every_key(n_q, n_k, d_v):
-    q, k, v = make_qkv(2, 2, n_q, n_k, 21, d_v)
-    method = make_method("hyperattention", 64, block_size=n_k, samples=40)
-    out = method(q, k, v, scale=0.25, generator=gen(0))
-    assert (out - exact_attention(q, k, v, 0.25)).abs().max() <= 1e-10
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -114,15 +107,3 @@ def test_sampled_row_sum_is_unbiased():
     rel = ((estimate - truth).norm() / truth.norm()).item()
     assert rel < 0.01, rel
     assert ((estimate * math.exp(0.1) - truth).norm() / truth.norm()).item() > 0.05
-
-
-def test_error_falls_as_budget_grows():
-    q, k, v = glove_like()
-    ref = exact_attention(q, k, v, 0.4)
-    means = []
-    for budget in (32, 128, 512):
-        method = make_method("hyperattention", budget)
-        errs = [slice_errors(method(q, k, v, scale=0.4, generator=gen(s)), ref)["rel_spectral"].mean()
-                for s in range(4)]
-        means.append(float(torch.stack(errs).mean()))
-    assert means[0] > means[1] > means[2], means

@@ -1,27 +1,12 @@
-"""The maths of nystromformer: exact limit, segment means for any n, the Newton–Schulz pseudo-inverse."""
+"""The maths of nystromformer: segment means for any n, the Newton–Schulz pseudo-inverse, landmarks
+for cross attention.  The exact limit and the error falling with the budget are in the contract
+battery."""
 
-import pytest
 import torch
 
 from kdecli.methods import make_method
 from kdecli.methods.nystromformer import newton_schulz_pinv, segment_means
-from kdecli.metrics import slice_errors
-from kdecli.reference import exact_attention
 from tests.conftest import make_qkv
-
-
-@pytest.mark.parametrize(
-    "n_q,n_k,d_v", [(47, 47, 21), (97, 97, 13), (97, 59, 13), (59, 97, 13), (1025, 97, 7), (97, 1025, 7)]
-)
-def test_exact_with_a_landmark_per_row_and_exact_pinv(n_q, n_k, d_v):
-    """F = M = G = P, and P P⁺ P = P.  The float64 rounding of P P⁺ P grows with the condition
-    number of P (up to ~10⁴ for these inputs, measured errors ~1e-13); 1e-9 leaves room for other
-    BLAS libraries without hiding a bug (a wrong landmark or softmax is off by 1e-2 or more).
-    n = 1025 on one side keeps M rectangular and its pseudo-inverse cheap."""
-    q, k, v = make_qkv(2, 2, n_q, n_k, 21, d_v)
-    method = make_method("nystromformer", max(n_q, n_k), pinv="exact")
-    out = method(q, k, v, scale=0.3)
-    assert (out - exact_attention(q, k, v, 0.3)).abs().max() <= 1e-9
 
 
 def test_segment_means_cover_every_row_once_for_any_n():
@@ -55,13 +40,3 @@ def test_cross_attention_landmarks_come_from_each_side():
     # 60 landmarks: Q̃ is all 40 queries, K̃ has 60 segment means of K; M is 40 × 60
     out = make_method("nystromformer", 60, pinv="exact")(q, k, v, scale=0.3)
     assert out.shape == (1, 2, 40, 13) and torch.isfinite(out).all()
-
-
-def test_error_falls_as_landmarks_grow():
-    q, k, v = make_qkv(1, 2, 1025, 1025, 16, 8, spread=0.8)
-    ref = exact_attention(q, k, v, 0.25)
-    errors = [
-        float(slice_errors(make_method("nystromformer", m)(q, k, v, scale=0.25), ref)["rel_spectral"].mean())
-        for m in (8, 128, 512)
-    ]
-    assert errors[0] > errors[1] > errors[2], errors

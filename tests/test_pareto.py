@@ -11,7 +11,9 @@ from kdecli.cli import app
 from kdecli.errors import UsageError
 from kdecli.pareto import cheapest_settings, check_target_error
 from kdecli.report import render
-from kdecli.runner import RunReport
+from kdecli.results import RunReport
+
+ENVIRONMENT = {"device": "cpu", "device_name": "x", "dtype": "float32", "threads": 1, "torch": "t"}
 
 runner = CliRunner()
 
@@ -29,9 +31,23 @@ def record(method, budget, errors, flops, seconds=None, status="ok", seed=0, par
     }
 
 
+def document(records):
+    return {
+        "schema_version": 1, "environment": ENVIRONMENT,
+        "input": {"source": "hand", "scale": 0.5, "causal": False,
+                  "shape": {"b": 1, "h": 1, "n_q": 4, "n_k": 4, "d": 2, "d_v": 2}},
+        "floors": {"mean": {m: {"mean": 0.3} for m in ("rel_spectral", "rel_frobenius", "max_row_rel")},
+                   "zero": {}},
+        "results": records,
+    }
+
+
 @pytest.fixture
 def results():
-    return [
+    return RunReport.from_dict(document(RECORDS)).results
+
+
+RECORDS = [
         # a: error falls with the budget; 0.2 at budget 16 reaches a target of 0.2 (inclusive)
         record("a", 8, 0.5, 100.0), record("a", 16, 0.2, 200.0), record("a", 32, 0.1, 400.0),
         # b: two settings with equal FLOPs: the faster wins
@@ -45,11 +61,11 @@ def results():
         record("e", 8, 0.1, None, seconds=0.1), record("e", 16, 0.1, 1e9, seconds=9.0),
         # f: never reaches it
         record("f", None, 0.9, 5.0, params={}),
-    ]
+]
 
 
 def test_cheapest_setting_per_method(results):
-    pareto = cheapest_settings(results, 0.2)
+    pareto = cheapest_settings(results, 0.2).to_dict()
     assert pareto["target_error"] == 0.2 and pareto["metric"] == "rel_spectral"
     picks = pareto["methods"]
     assert list(picks) == ["a", "b", "c", "d", "e", "f"]
@@ -63,9 +79,9 @@ def test_cheapest_setting_per_method(results):
 
 
 def test_a_looser_target_picks_cheaper_settings(results):
-    picks = cheapest_settings(results, 0.5)["methods"]
+    picks = cheapest_settings(results, 0.5).to_dict()["methods"]
     assert picks["a"]["budget"] == 8 and picks["c"]["rel_spectral"] == pytest.approx(0.225)
-    assert cheapest_settings(results, 0.01)["methods"] == dict.fromkeys("abcdef")
+    assert cheapest_settings(results, 0.01).methods == dict.fromkeys("abcdef")
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, math.nan, math.inf, True, "0.1"])
@@ -75,14 +91,7 @@ def test_bad_targets_are_refused(bad):
 
 
 def test_report_renders_pareto_in_every_format(results):
-    report = RunReport(environment={"device": "cpu", "device_name": "x", "dtype": "float32",
-                                    "threads": 1, "torch": "t"},
-                       input={"source": "hand", "scale": 0.5, "causal": False,
-                              "shape": {"b": 1, "h": 1, "n_q": 4, "n_k": 4, "d": 2, "d_v": 2}},
-                       floors={"mean": {m: {"mean": 0.3} for m in ("rel_spectral", "rel_frobenius",
-                                                                   "max_row_rel")},
-                               "zero": {}},
-                       results=results)
+    report = RunReport.from_dict(document(RECORDS))
     report.pareto = cheapest_settings(results, 0.2)
     doc = json.loads(_render(report, "json"))
     assert doc["pareto"]["methods"]["a"]["budget"] == 16 and doc["pareto"]["methods"]["c"] is None

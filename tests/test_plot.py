@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import kdecli
 from kdecli.cli import app
+from kdecli.results import SCHEMA_VERSION
 from kdecli.errors import UsageError
 from kdecli.report import render, to_json
 
@@ -49,13 +50,13 @@ def test_budget_plot_has_one_line_per_budgeted_method(recorded):
     lines = method_lines(ax)
     assert set(lines) == {"kdeformer", "uniform"}  # exact: the reference; mean: the floor line
     assert list(lines["kdeformer"].get_xdata()) == [8, 16, 32]
-    seeds = [r["errors"]["rel_spectral"]["mean"] for r in doc["results"]
-             if r["method"] == "kdeformer" and r["budget"] == 16]
+    seeds = [r.error("rel_spectral") for r in doc.results
+             if r.method == "kdeformer" and r.budget == 16]
     assert len(seeds) == 2 and lines["kdeformer"].get_ydata()[1] == pytest.approx(sum(seeds) / 2)
     bands = [c for c in ax.collections if c.get_gid() == "band"]
     assert len(bands) == 2  # both methods are randomized: a min–max band each
     floors = {line.get_label(): line for line in ax.get_lines() if line.get_gid() == "floor"}
-    mean_floor = doc["floors"]["mean"]["rel_spectral"]["mean"]
+    mean_floor = doc.floors.mean_floor()
     assert any(lbl.startswith("mean-of-V floor") for lbl in floors)
     assert next(v for k, v in floors.items() if k.startswith("mean-of-V")).get_ydata()[0] == mean_floor
     assert ax.get_xscale() == "log"
@@ -71,12 +72,12 @@ def test_time_and_flops_panels(recorded):
     time_ax, flops_ax = fig.axes[:2]
     assert set(method_lines(time_ax)) == {"kdeformer", "uniform", "mean"}
     assert method_lines(time_ax)["mean"].get_linestyle() == "None"  # a point, not a line
-    exact_s = doc["results"][0]["time"]["exact_s"]["median"]
+    exact_s = doc.results[0].time.exact_median
     refs = [line for line in time_ax.get_lines() if line.get_gid() == "reference"]
     assert len(refs) == 1 and refs[0].get_xdata()[0] == exact_s
-    flops = sorted(r["flops"] for r in doc["results"] if r["method"] == "uniform" and r["seed"] == 0)
+    flops = sorted(r.flops for r in doc.results if r.method == "uniform" and r.seed == 0)
     assert sorted(method_lines(flops_ax)["uniform"].get_xdata()) == flops
-    exact_flops = next(r["flops"] for r in doc["results"] if r["method"] == "exact")
+    exact_flops = next(r.flops for r in doc.results if r.method == "exact")
     assert [line.get_xdata()[0] for line in flops_ax.get_lines() if line.get_gid() == "reference"] == [exact_flops]
 
 
@@ -94,7 +95,7 @@ def test_several_files_are_labelled_by_device_and_dtype(recorded, tmp_path):
 
 def test_image_formats_are_valid(recorded, tmp_path):
     doc = load_results(recorded["float64"])  # the JSONL run
-    assert doc["environment"]["dtype"] == "float64" and len(doc["results"]) == 1 + 1 + 2 * 3 * 2
+    assert doc.environment.dtype == "float64" and len(doc.results) == 1 + 1 + 2 * 3 * 2
     png = plot_reports([doc], tmp_path / "a.png")
     data = png.read_bytes()
     assert data.startswith(PNG) and len(data) > 1000
@@ -202,7 +203,7 @@ def test_compare_plot_option_checks_before_and_draws_after(tmp_path):
     res = runner.invoke(app, ["compare", spec, "--methods", "mean,uniform", "--budgets", "8,16",
                               "--seeds", "2", "--repeats", "1", "--plot", str(out), "--format", "json"])
     assert res.exit_code == 0, res.stderr
-    assert out.read_bytes().startswith(PNG) and json.loads(res.stdout)["schema_version"] == 1
+    assert out.read_bytes().startswith(PNG) and json.loads(res.stdout)["schema_version"] == SCHEMA_VERSION
 
 
 def test_plot_reports_accepts_a_report_in_memory(tmp_path):

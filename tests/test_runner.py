@@ -8,6 +8,7 @@ from kdecli.errors import ParameterError, UsageError
 from kdecli.methods import registry
 from kdecli.methods.base import AttentionMethod
 from kdecli.report import render, to_csv, to_json
+from kdecli.results import SCHEMA_VERSION
 from kdecli.runner import derive_seed
 
 
@@ -39,24 +40,24 @@ def test_one_failing_method_does_not_lose_the_others(qkv, monkeypatch):
     report = kdecli.compare(qkv, ["exact", "broken", "nans", "kdeformer"], [16], seeds=2, repeats=1)
     by = {}
     for r in report.results:
-        by.setdefault(r["method"], []).append(r)
-    assert [r["status"] for r in by["broken"]] == ["error", "error"]
-    assert by["broken"][0]["reason"] == "RuntimeError: kaboom"
-    assert by["nans"][0]["status"] == "error" and "non-finite" in by["nans"][0]["reason"]
-    assert all(r["status"] == "ok" for r in by["kdeformer"]) and len(by["kdeformer"]) == 2
+        by.setdefault(r.method, []).append(r)
+    assert [r.status for r in by["broken"]] == ["error", "error"]
+    assert by["broken"][0].reason == "RuntimeError: kaboom"
+    assert by["nans"][0].status == "error" and "non-finite" in by["nans"][0].reason
+    assert all(r.status == "ok" for r in by["kdeformer"]) and len(by["kdeformer"]) == 2
     doc = json.loads(to_json(report))  # strict JSON: no NaN
-    assert doc["schema_version"] == 1 and len(doc["results"]) == 6
+    assert doc["schema_version"] == SCHEMA_VERSION and len(doc["results"]) == 6
     assert "nans" in to_csv(report)
 
 
 def test_unsupported_input_is_a_status(qkv):
     report = kdecli.compare(qkv, ["kdeformer"], [16], causal=False, timing=False)
-    assert report.results[0]["status"] == "ok"
+    assert report.results[0].status == "ok"
     square = kdecli.load_input("synthetic:n=47,d=8")
     report = kdecli.compare(square, ["exact", "kdeformer"], [16], causal=True, timing=False)
-    statuses = {r["method"]: r["status"] for r in report.results}
+    statuses = {r.method: r.status for r in report.results}
     assert statuses == {"exact": "ok", "kdeformer": "unsupported"}
-    assert "causal" in report.results[1]["reason"]
+    assert "causal" in report.results[1].reason
 
 
 def test_records_have_the_documented_fields(qkv):
@@ -72,6 +73,8 @@ def test_records_have_the_documented_fields(qkv):
     assert set(rec["errors"]) == {"rel_spectral", "rel_frobenius", "max_row_rel", "bound_normalized"}
     assert len(rec["errors"]["rel_spectral"]["per_slice"]) == 4
     assert set(rec["time"]) == {"method_s", "exact_s", "speedup"}
+    assert rec["role"] == "approximation" and doc["results"][0]["role"] == "baseline"
+    assert rec["environment"] == doc["environment"]  # schema 2: each result says where it ran
     assert rec["time"]["method_s"]["repeats"] == 2
     assert [r["seed"] for r in doc["results"]] == [None, 0, 1, 0, 1]
     assert doc["floors"]["zero"]["rel_spectral"]["mean"] == pytest.approx(1.0)
@@ -83,8 +86,8 @@ def test_records_have_the_documented_fields(qkv):
 def test_seeds_are_reproducible_and_per_method(qkv):
     a = kdecli.compare(qkv, ["kdeformer"], [16], seeds=2, timing=False).results
     b = kdecli.compare(qkv, ["mean", "kdeformer"], [16], seeds=2, timing=False).results[1:]
-    assert [r["errors"] for r in a] == [r["errors"] for r in b]
-    assert a[0]["errors"] != a[1]["errors"]
+    assert [r.errors for r in a] == [r.errors for r in b]
+    assert a[0].errors != a[1].errors
     assert derive_seed(0, "kdeformer") != derive_seed(0, "performer")
 
 
@@ -108,8 +111,8 @@ def test_table_shows_floors_scale_and_marks(qkv):
     text = buffer.getvalue()
     assert "scale=0.218218" in text and "floors: mean-of-V baseline rel_spectral" in text
     assert "zero output 1" in text and "block_size=8 samples=16" in text
-    floor = report.floors["mean"]["rel_spectral"]["mean"]
-    kde = sum(r["errors"]["rel_spectral"]["mean"] for r in report.results[1:]) / 2
+    floor = report.floors.mean_floor()
+    kde = sum(r.error("rel_spectral") for r in report.results[1:]) / 2
     assert ("not below mean floor" in text) == (kde >= floor)
 
 

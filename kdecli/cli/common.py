@@ -21,34 +21,8 @@ stderr = Console(stderr=True)
 InputArg = Annotated[Optional[str], typer.Argument(
     help="file.npz | file.h5[:/group] | file.pt | glove:PATH | synthetic:n=…,d=…,b=…,h=… "
     "(or give --q/--k/--v .npy files).", show_default=False)]
-QPath = Annotated[Optional[str], typer.Option("--q", help="Q as a .npy file (with --k and --v).")]
-KPath = Annotated[Optional[str], typer.Option("--k", help="K as a .npy file.")]
-VPath = Annotated[Optional[str], typer.Option("--v", help="V as a .npy file.")]
-QKey = Annotated[Optional[str], typer.Option("--q-key", help="Name of the Q array/dataset.")]
-KKey = Annotated[Optional[str], typer.Option("--k-key", help="Name of the K array/dataset.")]
-VKey = Annotated[Optional[str], typer.Option("--v-key", help="Name of the V array/dataset.")]
-Layout = Annotated[str, typer.Option("--layout", help="4-d arrays are bhnd (default) or bnhd.")]
-NOpt = Annotated[Optional[int], typer.Option("--n", help="Crop to the first N queries and keys.")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch", help="glove: batch size (default 8).")]
-Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:i].")]
-DType = Annotated[Optional[str], typer.Option(
-    "--dtype", help="float32 | float64 | float16 | bfloat16 (default: the input's).")]
-Scale = Annotated[Optional[float], typer.Option(
-    "--scale", help="Softmax temperature s in softmax(s·QKᵀ) (default 1/√d; glove: 10^-1/2).")]
-Seed = Annotated[int, typer.Option("--seed", help="Run seed; each method derives its own from it.")]
-Repeats = Annotated[int, typer.Option("--repeats", help="Timed calls per method (median reported).")]
-Warmup = Annotated[int, typer.Option("--warmup", help="Untimed calls before timing.")]
-Format = Annotated[str, typer.Option("--format", "-f", help="table | json | jsonl | csv.")]
-Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results to FILE.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")]
-Causal = Annotated[bool, typer.Option("--causal", help="Causal mask: query i sees keys j ≤ i.")]
-Bound = Annotated[bool, typer.Option(
-    "--bound", help="Add bound_normalized = ‖Õ−O‖₂/(‖D⁻¹A‖₂‖V‖₂) (power iteration: several exact passes).")]
 Params = Annotated[Optional[list[str]], typer.Option(
     "--param", "-p", help="key=value (or method.key=value); wins over the budget mapping. Repeatable.")]
-NoTiming = Annotated[bool, typer.Option("--no-timing", help="Skip the timing pass (errors only).")]
-
-
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -108,6 +82,11 @@ def check_output(path: Path | None) -> None:
     """Fail before a long run, not after it, when the output file cannot be written."""
     if path is not None:
         check_writable(path, f"--output {path}")
+
+
+def file_width(path: Path | None) -> int | None:
+    """A table written to a file is 160 columns wide; on a terminal it takes the terminal's width."""
+    return 160 if path is not None else None
 
 
 def open_output(path: Path | None):

@@ -16,9 +16,10 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from kdecli import glove
+from kdecli import glove_cache as glove
 from kdecli.cli import common as c
 from kdecli.cli.app import app
+from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
 
 
 class RichProgress:
@@ -55,6 +56,7 @@ class RichProgress:
 
 @app.command("download-glove")
 @c.handle_errors
+@shared_options(out=OUTPUT.only("quiet"))
 def download_glove(
     corpus: Annotated[str, typer.Option(help="GloVe corpus: 6B, twitter.27B, 42B or 840B.")] = "twitter.27B",
     dim: Annotated[int, typer.Option(help="Vector width (6B: 50/100/200/300; twitter.27B: 25/50/100/200; "
@@ -68,7 +70,8 @@ def download_glove(
                                                    show_default=False)] = None,
     sha256: Annotated[str | None, typer.Option(help="Expected SHA-256 of the archive.", show_default=False)] = None,
     force: Annotated[bool, typer.Option(help="Download and convert again even if the cache has it.")] = False,
-    quiet: c.Quiet = False,
+    *,
+    out: OutputOptions,
 ) -> None:
     """Download a Stanford GloVe archive (resumable, verified) and convert one dim to a binary cache.
 
@@ -76,6 +79,7 @@ def download_glove(
     `glove:6B.50d` style names to the other commands.
     """
     console = Console(stderr=True)
+    quiet = out.quiet
     reporter = RichProgress(console, show_bar=not quiet and console.is_terminal, show_notes=not quiet)
     try:
         with reporter:

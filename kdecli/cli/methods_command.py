@@ -12,28 +12,34 @@ from rich.table import Table
 
 from kdecli.cli import common as c
 from kdecli.cli.app import app
-from kdecli.inputs import load_input
+from kdecli.cli.options import INPUT, OUTPUT, RUN, OutputOptions, shared_options
+from kdecli.runner import RunConfig
+from kdecli.sources import InputOptions, load_input
 from kdecli.methods.catalog import describe_methods
 
 
 @app.command("methods")
 @c.handle_errors
+@shared_options(inputs=INPUT, run=RUN.only("causal"), out=OUTPUT.only("fmt"), helps={"fmt": "table | json."})
 def methods_command(
     name: Optional[str] = typer.Argument(None, help="Show one method only."),
     input_spec: Optional[str] = typer.Option(
-        None, "--input", "-i", help="Also say why each method cannot run on this INPUT."),
+        None, "--input", "-i", help="Also say why each method cannot run on this INPUT (or on "
+        "--q/--k/--v)."),
     budget: int = typer.Option(256, "--budget", "-b", help="Budget used for --input checks and the mapping shown."),
-    causal: c.Causal = False,
-    fmt: c.Format = "table",
+    *,
+    inputs: InputOptions,
+    run: RunConfig,
+    out: OutputOptions,
 ) -> None:
     """List every method: summary, paper, budget mapping, parameters, capabilities."""
-    c.check_format(fmt, ("table", "json"))
+    c.check_format(out.fmt, ("table", "json"))
     tensors = {}
-    if input_spec is not None:
-        qkv = load_input(input_spec)
+    if input_spec is not None or inputs.q or inputs.k or inputs.v:
+        qkv = load_input(input_spec, inputs)
         tensors = {"q": qkv.q, "k": qkv.k, "v": qkv.v}
-    entries = describe_methods([name] if name else None, budget=budget, causal=causal, **tensors)
-    if fmt == "json":
+    entries = describe_methods([name] if name else None, budget=budget, causal=run.causal, **tensors)
+    if out.fmt == "json":
         sys.stdout.write(json.dumps(entries if name is None else entries[0], indent=2) + "\n")
         return
     console = Console()
@@ -47,7 +53,7 @@ def _render(console: Console, e: dict, detailed: bool) -> None:
         "Q≠K lengths ok" if e["supports_cross"] else "self-attention only",
         "causal ok" if e["supports_causal"] else "no causal",
     ]
-    if e["oracle"]:
+    if e["role"] == "oracle":
         flags.insert(0, "ORACLE (analysis only, reads exact attention)")
     console.print(f"[bold]{e['name']}[/] — {e['summary']}", highlight=False)
     console.print(f"  paper: {e['paper']}", highlight=False)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
 import typer
 
 from kdecli.cli import common as c
 from kdecli.cli.app import app
+from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
 from kdecli.plot import load_results, plot_reports
 
 
@@ -19,21 +18,24 @@ def default_image(first: Path, x: str, y: str) -> Path:
 
 @app.command("plot")
 @c.handle_errors
+@shared_options(
+    out=OUTPUT.only("output", "quiet"),
+    helps={"output": "Image file: .png, .svg or .pdf (default: next to the first results file, "
+           "named after it and the axes)."},
+)  # fmt: skip
 def plot_command(
     results: list[Path] = typer.Argument(
         ..., help="Results of `kdecli compare --format json|jsonl -o FILE`; several files are "
         "drawn together, labelled by device and dtype.", show_default=False),
-    output: Optional[Path] = typer.Option(
-        None, "--output", "-o", help="Image file: .png, .svg or .pdf (default: next to the first "
-        "results file, named after it and the axes)."),
     x: str = typer.Option("budget", "--x", help="budget | time | flops, or several comma-separated "
                           "(one panel each)."),
     y: str = typer.Option("rel_spectral", "--y", help="rel_spectral | rel_frobenius | max_row_rel | "
                           "bound_normalized (needs compare --bound)."),
-    quiet: c.Quiet = False,
+    *,
+    out: OutputOptions,
 ) -> None:
     """Draw error against budget, time or FLOPs: one line per method, seeds as a band, floors."""
-    path = output if output is not None else default_image(results[0], x, y)
+    path = out.output if out.output is not None else default_image(results[0], x, y)
     docs = [load_results(file) for file in results]
     written = plot_reports(docs, path, x=x, y=y, names=[file.name for file in results])
-    c.note(f"Wrote {written}.", quiet)
+    c.note(f"Wrote {written}.", out.quiet)

@@ -3,83 +3,104 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import typer
 
 from kdecli.cli import common as c
 from kdecli.cli.app import app
+from kdecli.cli.options import INPUT, OUTPUT, RUN, OutputOptions, shared_options
 from kdecli.errors import UsageError
-from kdecli.inputs import load_input
 from kdecli.pareto import check_target_error, cheapest_settings
-from kdecli.report import FORMATS, jsonl_header, jsonl_pareto, jsonl_result, render
-from kdecli.runner import compare
+from kdecli.report import FORMATS, parse_columns, render
+from kdecli.results import jsonl_header, jsonl_pareto, jsonl_result
+from kdecli.runner import RunConfig, compare
+from kdecli.sources import InputOptions, load_input
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What to run: methods × budgets, with their explicit parameters."""
+
+    methods: list[str]
+    budgets: list[int]
+    params: dict[str, dict[str, Any]]
 
 
 def _run(
-    input_spec, q, k, v, q_key, k_key, v_key, layout, n, batch, methods, budgets, params, seeds,
-    seed, device, dtype, scale, causal, repeats, warmup, bound, no_timing, fmt, output, quiet,
-    plot=None, target_error=None,
+    input_spec: str | None,
+    inputs: InputOptions,
+    sweep: Sweep,
+    run: RunConfig,
+    out: OutputOptions,
+    plot: str | None = None,
+    target_error: float | None = None,
 ) -> None:
-    c.check_format(fmt, FORMATS)
-    c.check_output(output)
+    c.check_format(out.fmt, FORMATS)
+    columns = parse_columns(out.columns)
+    c.check_output(out.output)
     if target_error is not None:
         check_target_error(target_error)
-        if fmt == "csv":
-            c.note("--target-error: the CSV has one row per record and no room for the cheapest "
-                   "settings; use --format table, json or jsonl to see them.", quiet)
+        if out.fmt == "csv":
+            c.note(
+                "--target-error: the CSV has one row per record and no room for the cheapest "
+                "settings; use --format table, json or jsonl to see them.",
+                out.quiet,
+            )
     if plot is not None:
         from kdecli.plot import check_plot_path
 
         check_plot_path(plot)
-    qkv = load_input(input_spec, q=q, k=k, v=v, q_key=q_key, k_key=k_key, v_key=v_key,
-                     layout=layout, n=n, batch=batch)
-    progress, update = c.progress_printer(quiet)
-    with c.open_output(output) as stream:
-        streaming = fmt == "jsonl"
-        on_start = (lambda r: (stream.write(jsonl_header(r) + "\n"), stream.flush())) if streaming else None
-        on_result = (lambda rec: (stream.write(jsonl_result(rec) + "\n"), stream.flush())) if streaming else None
+    qkv = load_input(input_spec, inputs)
+    progress, update = c.progress_printer(out.quiet)
+    with c.open_output(out.output) as stream:
+        streaming = out.fmt == "jsonl"
+
+        def write_line(line: str) -> None:
+            stream.write(line + "\n")
+            stream.flush()
+
         with progress or contextlib.nullcontext():
             report = compare(
-                qkv, methods, budgets, seeds=seeds, seed=seed, params=params, device=device,
-                dtype=dtype, scale=scale, causal=causal, repeats=repeats, warmup=warmup,
-                bound=bound, timing=not no_timing, on_start=on_start, on_result=on_result,
+                qkv, sweep.methods, sweep.budgets, run, params=sweep.params,
+                on_start=(lambda r: write_line(jsonl_header(r))) if streaming else None,
+                on_result=(lambda rec: write_line(jsonl_result(rec))) if streaming else None,
                 on_progress=update,
-            )
+            )  # fmt: skip
         if target_error is not None:
             report.pareto = cheapest_settings(report.results, target_error)
             if streaming:
-                stream.write(jsonl_pareto(report.pareto) + "\n")
+                write_line(jsonl_pareto(report.pareto))
         if not streaming:
-            render(report, fmt, stream, width=160 if output else None)
-    if output is not None:
-        c.note(f"Wrote {output}.", quiet)
+            render(report, out.fmt, stream, width=c.file_width(out.output), columns=columns)
+    if out.output is not None:
+        c.note(f"Wrote {out.output}.", out.quiet)
     if plot is not None:
         from kdecli.plot import plot_reports
 
-        plot_reports([report.as_dict()], plot)
-        c.note(f"Wrote {plot}.", quiet)
+        plot_reports([report], plot)
+        c.note(f"Wrote {plot}.", out.quiet)
 
 
 @app.command("approx")
 @c.handle_errors
+@shared_options(inputs=INPUT, run=RUN.without("seeds"), out=OUTPUT, repeats=5)
 def approx_command(
     input_spec: c.InputArg = None,
     method: str = typer.Option("kdeformer", "--method", "-m", help="A name from `kdecli methods`."),
-    budget: int = typer.Option(256, "--budget", "-b", help="Keys or features per query (see `kdecli methods NAME`)."),
+    budget: int = typer.Option(
+        256, "--budget", "-b", help="Keys or features per query (see `kdecli methods NAME`)."
+    ),
     param: c.Params = None,
-    q: c.QPath = None, k: c.KPath = None, v: c.VPath = None,
-    q_key: c.QKey = None, k_key: c.KKey = None, v_key: c.VKey = None,
-    layout: c.Layout = "bhnd", n: c.NOpt = None, batch: c.BatchOpt = None,
-    seed: c.Seed = 0, device: c.Device = "auto", dtype: c.DType = None, scale: c.Scale = None,
-    causal: c.Causal = False, bound: c.Bound = False, repeats: c.Repeats = 5, warmup: c.Warmup = 1,
-    no_timing: c.NoTiming = False, fmt: c.Format = "table", output: c.Output = None,
-    quiet: c.Quiet = False,
+    *,
+    inputs: InputOptions,
+    run: RunConfig,
+    out: OutputOptions,
 ) -> None:
     """Run one method at one budget and report its error and time against exact attention."""
-    params = c.parse_params(param, default_method=method)
-    _run(input_spec, q, k, v, q_key, k_key, v_key, layout, n, batch, [method], [budget], params,
-         1, seed, device, dtype, scale, causal, repeats, warmup, bound, no_timing, fmt, output, quiet)
+    sweep = Sweep([method], [budget], c.parse_params(param, default_method=method))
+    _run(input_spec, inputs, sweep, run, out)
 
 
 def _split_list(text: str, what: str, convert=str) -> list:
@@ -89,34 +110,35 @@ def _split_list(text: str, what: str, convert=str) -> list:
     try:
         return [convert(item) for item in items]
     except ValueError:
-        raise UsageError(f"--{what} must be a comma-separated list of integers; got {text!r}.") from None
+        raise UsageError(
+            f"--{what} must be a comma-separated list of integers; got {text!r}."
+        ) from None
 
 
 @app.command("compare")
 @c.handle_errors
+@shared_options(inputs=INPUT, run=RUN, out=OUTPUT)
 def compare_command(
     input_spec: c.InputArg = None,
-    methods: str = typer.Option("exact,kdeformer,performer,reformer,scatterbrain", "--methods",
-                                help="Comma-separated method names."),
+    methods: str = typer.Option(
+        "exact,kdeformer,performer,reformer,scatterbrain", "--methods",
+        help="Comma-separated method names.",
+    ),  # fmt: skip
     budgets: str = typer.Option("64,128,256,512", "--budgets", help="Comma-separated budgets."),
-    seeds: int = typer.Option(3, "--seeds", help="Seeds per randomized method × budget."),
     param: c.Params = None,
-    q: c.QPath = None, k: c.KPath = None, v: c.VPath = None,
-    q_key: c.QKey = None, k_key: c.KKey = None, v_key: c.VKey = None,
-    layout: c.Layout = "bhnd", n: c.NOpt = None, batch: c.BatchOpt = None,
-    seed: c.Seed = 0, device: c.Device = "auto", dtype: c.DType = None, scale: c.Scale = None,
-    causal: c.Causal = False, bound: c.Bound = False, repeats: c.Repeats = 3, warmup: c.Warmup = 1,
-    no_timing: c.NoTiming = False, fmt: c.Format = "table", output: c.Output = None,
-    quiet: c.Quiet = False,
     plot: str = typer.Option(None, "--plot", help="Also draw the error curves to this image file."),
     target_error: Optional[float] = typer.Option(
         None, "--target-error", help="Also show each method's cheapest setting (fewest FLOPs, then "
-        "time) whose seed-mean rel_spectral is at most this."),
+        "time) whose seed-mean rel_spectral is at most this.",
+    ),  # fmt: skip
+    *,
+    inputs: InputOptions,
+    run: RunConfig,
+    out: OutputOptions,
 ) -> None:
     """Run every method × budget × seed against one exact reference; mean ± std over seeds."""
-    method_list = _split_list(methods, "methods")
-    budget_list = _split_list(budgets, "budgets", int)
-    params = c.parse_params(param)
-    _run(input_spec, q, k, v, q_key, k_key, v_key, layout, n, batch, method_list, budget_list,
-         params, seeds, seed, device, dtype, scale, causal, repeats, warmup, bound, no_timing, fmt,
-         output, quiet, plot=plot, target_error=target_error)
+    sweep = Sweep(
+        _split_list(methods, "methods"), _split_list(budgets, "budgets", int),
+        c.parse_params(param),
+    )  # fmt: skip
+    _run(input_spec, inputs, sweep, run, out, plot=plot, target_error=target_error)

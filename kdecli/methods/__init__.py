@@ -3,7 +3,13 @@
 baselines, the methods that came after, then the analysis-only oracles."""
 
 from kdecli.methods.base import AttentionMethod, Param
-from kdecli.methods.registry import get_method_class, make_method, method_names, register
+from kdecli.methods.registry import (
+    get_method_class,
+    make_method,
+    method_names,
+    method_of_role,
+    register,
+)
 
 from kdecli.methods import exact as _exact  # noqa: F401,I001  (registers exact, mean)
 from kdecli.methods import kdeformer as _kdeformer  # noqa: F401
@@ -16,4 +22,4 @@ from kdecli.methods import nystromformer as _nystromformer  # noqa: F401
 from kdecli.methods import uniform as _uniform  # noqa: F401
 from kdecli.methods import oracles as _oracles  # noqa: F401  (registers topk, rankk)
 
-__all__ = ["AttentionMethod", "Param", "get_method_class", "make_method", "method_names", "register"]
+__all__ = ["AttentionMethod", "Param", "get_method_class", "make_method", "method_names", "method_of_role", "register"]

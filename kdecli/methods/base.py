@@ -134,6 +134,14 @@ class AttentionMethod:
       estimates                  -- which function is estimated; "softmax" unless a parameter
                                     makes the method estimate something else (an instance may
                                     override it from its configuration)
+
+    Class methods:
+      params_for_budget(budget)  -- the budget's mapping onto the parameters
+      exact_limit(n_q, n_k)      -- the parameters under which the method is exact (up to
+                                    rounding) on inputs of that size, causal or not, whatever the
+                                    budget and the other parameters: ``cls(budget, **limit)``
+                                    computes softmax attention.  ``{}`` when it always is; None
+                                    when it has no exact limit.  Each override states the reason.
     """
 
     name: ClassVar[str] = ""
@@ -189,6 +197,11 @@ class AttentionMethod:
     def params_for_budget(cls, budget: int) -> dict[str, Any]:
         """Map the shared budget onto this method's parameters (before explicit overrides)."""
         return {}
+
+    @classmethod
+    def exact_limit(cls, n_q: int, n_k: int) -> dict[str, Any] | None:
+        """Parameters that make the method exact on n_q × n_k inputs; None: it has no such limit."""
+        return None
 
     def check_config(self) -> None:
         """Cross-parameter checks; raise ``ParameterError`` with a message naming the parameter."""

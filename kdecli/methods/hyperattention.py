@@ -62,6 +62,11 @@ class HyperAttention(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"block_size": max(1, budget // 2), "samples": budget}
 
+    @classmethod
+    def exact_limit(cls, n_q, n_k):
+        # One block holds every key, so every sample is masked out; causal: no split at all.
+        return {"block_size": n_k}
+
     def forward(self, q, k, v, scale, generator, causal):
         q_scaled = q * scale
         if causal:

@@ -56,6 +56,11 @@ class KDEformer(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"block_size": max(1, budget // 2), "samples": budget}
 
+    @classmethod
+    def exact_limit(cls, n_q, n_k):
+        # One block holds every key: the block sum is the whole row, every sample is masked out.
+        return {"block_size": n_k}
+
     def forward(self, q, k, v, scale, generator, causal):
         cfg = self.config
         blocks = sort_into_blocks(q, k, cfg["block_size"], cfg["num_projs"], generator)

@@ -46,6 +46,11 @@ class Nystromformer(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"landmarks": budget}
 
+    @classmethod
+    def exact_limit(cls, n_q, n_k):
+        # A landmark per row: F = M = G = D⁻¹A = P, and P·P⁺·P = P with the exact pinv.
+        return {"landmarks": max(n_q, n_k), "pinv": "exact"}
+
     def forward(self, q, k, v, scale, generator, causal):
         in_dtype = v.dtype
         work = working_dtype(q.dtype)

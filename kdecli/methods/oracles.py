@@ -51,6 +51,10 @@ class TopK(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"keys": budget}
 
+    @classmethod
+    def exact_limit(cls, n_q, n_k):
+        return {"keys": n_k}  # keeping every key's logit is the full softmax
+
     def input_reasons(self, n_q, n_k, d, d_v, causal):
         return _too_large("topk", n_q, n_k, self.config["max_n"], "it reads all n_q·n_k logits")
 
@@ -101,6 +105,10 @@ class RankK(AttentionMethod):
     @classmethod
     def params_for_budget(cls, budget):
         return {"rank": budget}
+
+    @classmethod
+    def exact_limit(cls, n_q, n_k):
+        return {"rank": min(n_q, n_k)}  # rank(D⁻¹A) ≤ min(n_q, n_k): nothing is truncated
 
     def input_reasons(self, n_q, n_k, d, d_v, causal):
         return _too_large(

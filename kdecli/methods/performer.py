@@ -56,6 +56,10 @@ class Performer(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"features": budget}
 
+    @classmethod
+    def exact_limit(cls, n_q, n_k):
+        return None  # φ(q)·φ(k) equals e^{s q·k} only in expectation, for any finite m
+
     def forward(self, q, k, v, scale, generator, causal):
         b, h, _, d = q.shape
         dtype, work = q.dtype, working_dtype(q.dtype)

@@ -61,6 +61,10 @@ class Reformer(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"chunk_size": max(1, budget // 2), "n_hashes": 8}
 
+    @classmethod
+    def exact_limit(cls, n_q, n_k):
+        return {"chunk_size": n_k}  # one chunk: every query meets every key, each counted once
+
     def check_config(self):
         nb = self.config["n_buckets"]
         if nb % 2:

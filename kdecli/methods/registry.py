@@ -39,6 +39,14 @@ def get_method_class(name: str) -> type[AttentionMethod]:
         ) from None
 
 
+def method_of_role(role: str) -> type[AttentionMethod]:
+    """The first registered method declaring ``role`` (the ``reference``, the ``baseline``)."""
+    for cls in _REGISTRY.values():
+        if cls.role == role:
+            return cls
+    raise LookupError(f"no registered method has the role {role!r}")
+
+
 def make_method(name: str, budget: int | None = None, **params: Any) -> AttentionMethod:
     """Build a registered method from its name, a budget and named parameters."""
     return get_method_class(name)(budget, **params)

@@ -58,6 +58,10 @@ class ScatterBrain(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"local_context": max(1, budget // 2), "features": budget}
 
+    @classmethod
+    def exact_limit(cls, n_q, n_k):
+        return {"local_context": 2 * n_k}  # |j − p_i| ≤ n_k − 1 < w/2: the band is every key
+
     def forward(self, q, k, v, scale, generator, causal):
         b, h, n_q, d = q.shape
         n_k = k.shape[-2]

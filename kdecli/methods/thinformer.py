@@ -62,6 +62,10 @@ class Thinformer(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"coreset": budget}
 
+    @classmethod
+    def exact_limit(cls, n_q, n_k):
+        return {"coreset": n_k}  # n_k/2⁰ is closest to n_k: no halving round, all keys kept
+
     def forward(self, q, k, v, scale, generator, causal):
         in_dtype = v.dtype
         work = working_dtype(q.dtype)

@@ -36,6 +36,10 @@ class Uniform(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"samples": budget}
 
+    @classmethod
+    def exact_limit(cls, n_q, n_k):
+        return {"samples": n_k}  # the sample is every key (causal: every key of each prefix)
+
     def forward(self, q, k, v, scale, generator, causal):
         b, h, n_k, _ = k.shape
         m = min(self.config["samples"], n_k)

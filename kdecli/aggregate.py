@@ -1,0 +1,137 @@
+"""From records to settings: the seeds of one method × budget × parameters, summarised.
+
+A table row, a Pareto candidate and a plotted point are all one *setting*; its error is the mean
+over seeds of each record's slice-mean (the std is over seeds, the max over slices and seeds).
+The comparison with the mean-of-V floor is defined here once (``beats_floor``), for records and
+for settings alike.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kdecli.metrics import METRICS
+from kdecli.results import Result, ResultTime
+
+STATUS_ORDER = ("error", "oom", "unsupported", "ok")  # worst first
+
+
+def beats_floor(error: float | None, floor: float | None) -> bool | None:
+    """Is ``error`` strictly below the mean-of-V floor?  None when either is unknown."""
+    if error is None or floor is None:
+        return None
+    return error < floor
+
+
+@dataclass(frozen=True)
+class SeedStats:
+    """One metric of one setting over its seeds."""
+
+    mean: float
+    std: float
+    max: float
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One method × budget × parameters, its records' seeds summarised."""
+
+    records: tuple[Result, ...]
+    errors: dict[str, SeedStats]
+    beats_mean_floor: bool | None
+
+    @property
+    def first(self) -> Result:
+        return self.records[0]
+
+    @property
+    def method(self) -> str:
+        return self.first.method
+
+    @property
+    def budget(self) -> int | None:
+        return self.first.budget
+
+    @property
+    def params(self) -> dict:
+        return self.first.params
+
+    @property
+    def role(self) -> str:
+        return self.first.role
+
+    @property
+    def estimates(self) -> str:
+        return self.first.estimates
+
+    @property
+    def seeds(self) -> int:
+        return len(self.records)
+
+    @property
+    def ok_records(self) -> tuple[Result, ...]:
+        return tuple(r for r in self.records if r.ok)
+
+    @property
+    def status(self) -> str:
+        """``ok`` when every seed ran; otherwise the worst status among them."""
+        if all(r.ok for r in self.records):
+            return "ok"
+        return min((r.status for r in self.records), key=STATUS_ORDER.index)
+
+    @property
+    def reason(self) -> str | None:
+        return next((r.reason for r in self.records if r.reason), None)
+
+    @property
+    def time(self) -> ResultTime | None:
+        """The setting's timing (measured once per setting, shared by its seeds)."""
+        return next((r.time for r in self.ok_records if r.time and r.time.method_s), None)
+
+    @property
+    def flops(self) -> float | None:
+        return next((r.flops for r in self.ok_records if r.flops is not None), None)
+
+    def error(self, metric: str) -> float | None:
+        stats = self.errors.get(metric)
+        return None if stats is None else stats.mean
+
+
+def group_settings(results: Iterable[Result]) -> list[tuple[Result, ...]]:
+    """The records of each setting, in order of first appearance."""
+    groups: dict[tuple, list[Result]] = {}
+    for record in results:
+        groups.setdefault(record.setting, []).append(record)
+    return [tuple(records) for records in groups.values()]
+
+
+def aggregate(
+    results: Iterable[Result], mean_floor: float | None = None, metric: str = "rel_spectral"
+) -> list[Setting]:
+    """One ``Setting`` per method × budget × parameters, in order of first appearance.
+
+    ``beats_mean_floor`` compares the seed-mean ``metric`` with ``mean_floor``; a baseline (the
+    floor itself) gets None.
+    """
+    settings = []
+    for records in group_settings(results):
+        ok = [r for r in records if r.ok]
+        errors = {}
+        for name in METRICS:
+            means = [r.error(name) for r in ok if r.error(name) is not None]
+            if means:
+                maxima = [r.errors[name].max for r in ok if name in r.errors]
+                errors[name] = SeedStats(
+                    statistics.fmean(means),
+                    statistics.stdev(means) if len(means) > 1 else 0.0,
+                    # a null max is a non-finite value that JSON could not hold
+                    math.inf if None in maxima else max(maxima),
+                )
+        beats = None
+        if records[0].role != "baseline" and metric in errors:
+            beats = beats_floor(errors[metric].mean, mean_floor)
+        settings.append(Setting(tuple(records), errors, beats))
+    return settings

@@ -1,0 +1,155 @@
+"""Every shared command-line option, defined once, and the groups that parse them into typed objects.
+
+A command names the groups it takes as typed parameters; ``shared_options`` adds the options of
+each group to the command's signature (for Typer) and hands the command one object per group::
+
+    @app.command("compare")
+    @c.handle_errors
+    @shared_options(inputs=INPUT, run=RUN, out=OUTPUT, repeats=3)
+    def compare_command(input_spec: c.InputArg = None, *, inputs, run, out): ...
+
+so a new shared option is one entry in ``OPTIONS`` and one field of the object it fills; the same
+option has the same name, help and meaning in every command.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from kdecli.runner import RunConfig
+from kdecli.sources import InputOptions
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where and how results are written."""
+
+    fmt: str = "table"
+    output: Path | None = None
+    quiet: bool = False
+    columns: str | None = None
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One option: its flags, type, default and help."""
+
+    flags: tuple[str, ...]
+    type: Any
+    default: Any
+    help: str
+
+
+OPTIONS: dict[str, Opt] = {
+    # input: which arrays to read, and how
+    "q": Opt(("--q",), Optional[str], None, "Q as a .npy file (with --k and --v)."),
+    "k": Opt(("--k",), Optional[str], None, "K as a .npy file."),
+    "v": Opt(("--v",), Optional[str], None, "V as a .npy file."),
+    "q_key": Opt(("--q-key",), Optional[str], None, "Name of the Q array/dataset."),
+    "k_key": Opt(("--k-key",), Optional[str], None, "Name of the K array/dataset."),
+    "v_key": Opt(("--v-key",), Optional[str], None, "Name of the V array/dataset."),
+    "layout": Opt(("--layout",), str, "bhnd", "4-d arrays are bhnd (default) or bnhd."),
+    "n": Opt(("--n",), Optional[int], None, "Crop to the first N queries and keys."),
+    "batch": Opt(("--batch",), Optional[int], None, "glove: batch size (default 8)."),
+    # run: how to measure
+    "seeds": Opt(("--seeds",), int, 3, "Seeds per randomized method × budget."),
+    "seed": Opt(("--seed",), int, 0, "Run seed; each method derives its own from it."),
+    "device": Opt(("--device",), str, "auto", "auto | cpu | cuda[:i]."),
+    "dtype": Opt(
+        ("--dtype",), Optional[str], None,
+        "float32 | float64 | float16 | bfloat16 (default: the input's).",
+    ),  # fmt: skip
+    "scale": Opt(
+        ("--scale",), Optional[float], None,
+        "Softmax temperature s in softmax(s·QKᵀ) (default 1/√d, or the input's own).",
+    ),  # fmt: skip
+    "causal": Opt(("--causal",), bool, False, "Causal mask: query i sees keys j ≤ i."),
+    "repeats": Opt(("--repeats",), int, 3, "Timed calls per method (median reported)."),
+    "warmup": Opt(("--warmup",), int, 1, "Untimed calls before timing."),
+    "bound": Opt(
+        ("--bound",), bool, False,
+        "Add bound_normalized = ‖Õ−O‖₂/(‖D⁻¹A‖₂‖V‖₂) (power iteration: several exact passes).",
+    ),  # fmt: skip
+    "timing": Opt(("--timing/--no-timing",), bool, True, "Time methods against exact attention."),
+    # output: where and how
+    "fmt": Opt(("--format", "-f"), str, "table", "table | json | jsonl | csv."),
+    "output": Opt(("--output", "-o"), Optional[Path], None, "Write the results to FILE."),
+    "quiet": Opt(("--quiet", "-q"), bool, False, "No progress or notes on stderr."),
+    "columns": Opt(
+        ("--columns",), Optional[str], None,
+        "Table columns, comma-separated, or `all` (default: what fits the terminal).",
+    ),  # fmt: skip
+}
+
+
+@dataclass(frozen=True)
+class Group:
+    """Options that fill one typed object: ``build(**{field: value})``."""
+
+    build: Callable[..., Any]
+    names: tuple[str, ...]
+
+    def only(self, *names: str) -> Group:
+        """The same object, offering only some of its options (the rest keep their defaults)."""
+        return Group(self.build, tuple(n for n in self.names if n in names))
+
+    def without(self, *names: str) -> Group:
+        return Group(self.build, tuple(n for n in self.names if n not in names))
+
+
+def _group(cls: type) -> Group:
+    return Group(cls, tuple(f.name for f in fields(cls) if f.name in OPTIONS))
+
+
+INPUT = _group(InputOptions)
+RUN = _group(RunConfig)
+OUTPUT = _group(OutputOptions)
+
+
+def shared_options(
+    *, helps: dict[str, str] | None = None, **groups_and_defaults: Any
+) -> Callable[[Callable], Callable]:
+    """Decorator: each keyword naming a ``Group`` becomes one typed parameter of the command, its
+    options added to the signature Typer reads; any other keyword overrides an option's default
+    for this command (``repeats=5``), and ``helps`` an option's help."""
+    groups = {k: g for k, g in groups_and_defaults.items() if isinstance(g, Group)}
+    defaults = {k: v for k, v in groups_and_defaults.items() if not isinstance(v, Group)}
+    helps = helps or {}
+    unknown = set(defaults) - set(OPTIONS)
+    if unknown:
+        raise TypeError(f"no shared option named {', '.join(sorted(unknown))}")
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for name, p in signature.parameters.items() if name not in groups]
+        added = []
+        for group in groups.values():
+            for name in group.names:
+                opt = OPTIONS[name]
+                option = typer.Option(*opt.flags, help=helps.get(name, opt.help))
+                added.append(
+                    inspect.Parameter(
+                        name,
+                        inspect.Parameter.KEYWORD_ONLY,
+                        default=defaults.get(name, opt.default),
+                        annotation=Annotated[opt.type, option],
+                    )
+                )
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for param, group in groups.items():
+                kwargs[param] = group.build(**{name: kwargs.pop(name) for name in group.names})
+            return command(*args, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=[*own, *added])
+        return wrapper
+
+    return decorate

@@ -1,0 +1,61 @@
+"""`kdecli report RESULTS...`: re-render saved results as the table, Markdown, CSV or JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from kdecli.cli import common as c
+from kdecli.cli.app import app
+from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
+from kdecli.errors import UsageError
+from kdecli.pareto import check_target_error, cheapest_settings
+from kdecli.report import REPORT_FORMATS, parse_columns, render, to_csv
+from kdecli.results import load_document
+
+ONE_DOCUMENT = ("json", "jsonl")
+
+
+@app.command("report")
+@c.handle_errors
+@shared_options(out=OUTPUT, helps={"fmt": "table | markdown | csv | json | jsonl."})
+def report_command(
+    results: list[Path] = typer.Argument(
+        ..., help="Results written by `kdecli compare --format json|jsonl -o FILE`; several files "
+        "are rendered one after the other.", show_default=False,
+    ),  # fmt: skip
+    target_error: Optional[float] = typer.Option(
+        None, "--target-error", help="Recompute each method's cheapest setting (fewest FLOPs, then "
+        "time) whose seed-mean rel_spectral is at most this.",
+    ),  # fmt: skip
+    *,
+    out: OutputOptions,
+) -> None:
+    """Re-render saved results: the table `compare` printed, Markdown, CSV, or normalised JSON."""
+    c.check_format(out.fmt, REPORT_FORMATS)
+    columns = parse_columns(out.columns)
+    if target_error is not None:
+        check_target_error(target_error)
+    if out.fmt in ONE_DOCUMENT and len(results) > 1:
+        raise UsageError(
+            f"--format {out.fmt} writes one document; got {len(results)} results files.",
+            hint="Render them one at a time, or as a table, markdown or csv.",
+        )
+    c.check_output(out.output)
+    reports = [load_document(path) for path in results]
+    if target_error is not None:
+        for report in reports:
+            report.pareto = cheapest_settings(report.results, target_error)
+    with c.open_output(out.output) as stream:
+        for i, report in enumerate(reports):
+            if i and out.fmt in ("table", "markdown"):
+                stream.write("\n")
+            if i and out.fmt == "csv":  # one header for all files
+                stream.write(to_csv(report).split("\n", 1)[1])
+                continue
+            render(report, out.fmt, stream, width=c.file_width(out.output), columns=columns)
+    if out.output is not None:
+        c.note(f"Wrote {out.output}.", out.quiet)
+

@@ -1,0 +1,47 @@
+"""``QKV``: one attention input in the (batch, heads, n, d) layout, and where it came from."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class QKV:
+    """Queries (b, h, n_q, d), keys (b, h, n_k, d), values (b, h, n_k, d_v) and where they came from.
+
+    ``source`` is the input's name as reports and plot titles print it (``glove:6B.50d``,
+    ``sample:glove``, ``data/acts.h5:/layer3``); ``default_scale`` is the softmax temperature the
+    input carries, if any; ``notes`` holds what a source wants to record beside the name.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    source: str
+    layout: str = "bhnd"
+    default_scale: float | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> dict[str, int]:
+        b, h, n_q, d = self.q.shape
+        return {"b": b, "h": h, "n_q": n_q, "n_k": self.k.shape[-2], "d": d, "d_v": self.v.shape[-1]}
+
+    def scale(self, override: float | None = None) -> float:
+        """The softmax temperature: an explicit value, else the input's own, else 1/√d."""
+        if override is not None:
+            return float(override)
+        if self.default_scale is not None:
+            return self.default_scale
+        return 1.0 / math.sqrt(self.q.shape[-1])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> QKV:
+        dtype = dtype or self.q.dtype
+        return QKV(
+            self.q.to(device, dtype), self.k.to(device, dtype), self.v.to(device, dtype),
+            self.source, self.layout, self.default_scale, dict(self.notes),
+        )
