@@ -11,7 +11,7 @@ import torch
 from kdecli.errors import ParameterError
 from kdecli.methods import get_method_class, make_method, method_names
 from kdecli.reference import exact_attention
-from tests.conftest import gen, make_qkv, mean_error
+from tests.conftest import gen, make_qkv, mean_error, rounding_bound
 
 ALL = method_names()
 BUDGET = 16
@@ -203,22 +203,11 @@ LIMIT_SHAPES = [  # (b, h, n_q, n_k, d, d_v, causal)
 ]
 
 
-def rounding_bound(q, k, v, scale):
-    """An honest float64 tolerance for softmax(s·QKᵀ)V: twice (the method and the reference) the
-    first-order worst-case forward error of computing it (Higham's γ_n ≈ n·eps).  A logit is a
-    d-term dot product, off by at most d·eps·L with L = s·max‖q‖·max‖k‖, which moves an output
-    by at most 2·max|v| times that; numerator and denominator each sum n_k terms, off by n_k·eps
-    relative, which moves it by at most 2·n_k·eps·max|v|.  That is 1e-12 to 5e-12 on the shapes
-    below; the largest error measured there is 1e-14 (48 eps), and a relative bias of 1e-9 in one
-    method's row sums fails it.  A limit that goes through a pseudo-inverse (Nyström) or an
-    eigendecomposition (rank-m) can amplify rounding by up to κ₂(D⁻¹A); these inputs keep κ₂ below
-    6·10³ (non-causal), and Nyström's limit gives the 48 eps."""
-    eps = torch.finfo(torch.float64).eps
-    logit_scale = abs(scale) * q.norm(dim=-1).max() * k.norm(dim=-1).max()
-    return float(4 * eps * v.abs().max() * (k.shape[-2] + q.shape[-1] * logit_scale))
+def limit_id(shape):
+    return "x".join(map(str, shape[:6])) + "-causal" * shape[6]
 
 
-@pytest.mark.parametrize("shape", LIMIT_SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + "c" * s[6])
+@pytest.mark.parametrize("shape", LIMIT_SHAPES, ids=limit_id)
 @pytest.mark.parametrize("name", ALL)
 def test_exact_at_its_limit(name, shape):
     """Built at the parameters its ``exact_limit`` declares (over the contract budget, so the other
@@ -260,6 +249,6 @@ def test_error_falls_as_the_budget_grows(name, falling_input):
     q, k, v, ref = falling_input
     seeds = FALLING_SEEDS if cls.randomized else FALLING_SEEDS[:1]  # the same output at every seed
     small, large = (
-        mean_error(make_method(name, budget), q, k, v, 0.25, ref, seeds) for budget in FALLING_BUDGETS
+        mean_error(make_method(name, m), q, k, v, 0.25, ref, seeds) for m in FALLING_BUDGETS
     )
     assert small > large, (FALLING_BUDGETS, small, large)

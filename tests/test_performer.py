@@ -8,7 +8,7 @@ from kdecli.methods.features import (
     favor_features, log_features, random_directions, split_scale, stabilised_features,
 )
 from kdecli.reference import exact_attention
-from tests.conftest import gen, make_qkv
+from tests.conftest import anti_aligned_inputs, gen, make_qkv
 
 
 def directions(q, m, seed, orthogonal=True):
@@ -139,16 +139,6 @@ def test_causal_logits_of_several_hundred_stay_finite(dtype):
     assert (21**-0.5 * q.double() @ q.double().transpose(-1, -2)).abs().max() > 300
     out = make_method("performer", 64)(q, q, v, scale=21**-0.5, generator=gen(0), causal=True)
     assert out.dtype == dtype and torch.isfinite(out.float()).all()
-
-
-def anti_aligned_inputs(norm=60.0):
-    """Keys clustered around a direction u, queries around −u: logits from about −1050 to −530."""
-    g = gen(11)
-    u = torch.randn(21, generator=g, dtype=torch.float64)
-    u /= u.norm()
-    k = u * norm + 4 * torch.randn(1, 2, 97, 21, generator=g, dtype=torch.float64)
-    q = -(u * norm + 4 * torch.randn(1, 2, 97, 21, generator=g, dtype=torch.float64))
-    return q, k, torch.randn(1, 2, 97, 13, generator=g, dtype=torch.float64)
 
 
 def test_row_sums_cannot_underflow_with_one_shift_per_feature():

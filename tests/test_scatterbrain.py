@@ -8,7 +8,7 @@ import torch
 from kdecli.methods import make_method
 from kdecli.methods.features import log_features, random_directions, split_scale
 from kdecli.reference import exact_attention
-from tests.conftest import gen, make_qkv, mean_error
+from tests.conftest import anti_aligned_inputs, gen, make_qkv, mean_error
 
 
 def dense_scatterbrain(q, k, v, scale, local_context, features, seed):
@@ -78,12 +78,7 @@ def test_logits_of_several_hundred_stay_finite(dtype, same_qk):
 
 def test_queries_opposite_a_key_cluster_stay_finite():
     """Logits around −500 to −1000: band and low-rank parts live e^{hundreds} apart."""
-    g = gen(11)
-    u = torch.randn(21, generator=g)
-    u /= u.norm()
-    k = u * 60 + 4 * torch.randn(1, 2, 97, 21, generator=g)
-    q = -(u * 60 + 4 * torch.randn(1, 2, 97, 21, generator=g))
-    v = torch.randn(1, 2, 97, 13, generator=g)
+    q, k, v = (x.float() for x in anti_aligned_inputs())
     assert (21**-0.5 * q @ k.transpose(-1, -2)).max() < -500
     out = make_method("scatterbrain", 16)(q, k, v, scale=21**-0.5, generator=gen(0))
     assert torch.isfinite(out).all()
