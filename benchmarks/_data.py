@@ -9,7 +9,7 @@ import numpy as np
 from kdecli.qkv import QKV
 from kdecli.sources.glove import glove_qkv
 
-PAPER_SCALE = 10 ** -0.5  # the reference demo_glove.py scales logits by 1/sqrt(10)
+PAPER_SCALE = 10**-0.5  # the reference demo_glove.py scales logits by 1/sqrt(10)
 
 
 def glove_6b_50d() -> np.ndarray:
@@ -23,5 +23,10 @@ def glove_6b_50d() -> np.ndarray:
 
 def glove_protocol(n: int = 8192, batch: int = 8) -> QKV:
     q, k, v = glove_qkv(glove_6b_50d(), n=n, batch=batch)
-    return QKV(q.double(), k.double(), v.double(), f"glove 6B.50d (b={batch}, n={n})",
-               default_scale=PAPER_SCALE)
+    return QKV(
+        q.double(),
+        k.double(),
+        v.double(),
+        f"glove 6B.50d (b={batch}, n={n})",
+        default_scale=PAPER_SCALE,
+    )

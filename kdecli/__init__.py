@@ -22,7 +22,7 @@ __version__ = "0.2.0"
 
 _LAZY = {
     "attention": "kdecli.api",
-    "QKV": "kdecli.inputs",
+    "QKV": "kdecli.qkv",
     "load_input": "kdecli.sources",
     "RunConfig": "kdecli.runner",
     "approx": "kdecli.runner",

@@ -11,9 +11,16 @@ from kdecli.methods import make_method
 
 
 def attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, method: str = "kdeformer",
-    budget: int | None = 256, scale: float | None = None, is_causal: bool = False,
-    generator: torch.Generator | None = None, **params: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    method: str = "kdeformer",
+    budget: int | None = 256,
+    scale: float | None = None,
+    is_causal: bool = False,
+    generator: torch.Generator | None = None,
+    **params: Any,
 ) -> torch.Tensor:
     """Approximate softmax(scale·QKᵀ)V with a registered method; inputs (…, n, d) as for SDPA.
 

@@ -7,8 +7,10 @@ import torch
 from kdecli.errors import UsageError
 
 DTYPES = {
-    "float64": torch.float64, "float32": torch.float32,
-    "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
 }
 
 
@@ -32,10 +34,14 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise UsageError(f"--device must be auto, cpu or cuda[:i]; got {name!r}.") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for, but torch sees no CUDA device.",
-                             hint="Use --device cpu or --device auto.")
+            raise UsageError(
+                "--device cuda was asked for, but torch sees no CUDA device.",
+                hint="Use --device cpu or --device auto.",
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present.")
+            raise UsageError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present."
+            )
     elif device.type != "cpu":
         raise UsageError(f"--device must be auto, cpu or cuda[:i]; got {name!r}.")
     return device

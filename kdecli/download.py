@@ -176,27 +176,36 @@ def _fetch(url: str, part: Path, progress: Progress, timeout: float, hints: Hint
         offset = part.stat().st_size if part.exists() else 0
         try:
             headers = {"User-Agent": "kdecli"} | ({"Range": f"bytes={offset}-"} if offset else {})
-            response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+            response = urllib.request.urlopen(
+                urllib.request.Request(url, headers=headers), timeout=timeout
+            )
         except urllib.error.HTTPError as exc:
             with exc:
                 if exc.code == 416 and offset:
                     total = _content_range(exc.headers.get("Content-Range", ""))[1]
                     if total == offset:
                         return total  # the partial file already holds everything
-                    progress.note(f"The partial file {part.name} does not match the server's; starting over.")
+                    progress.note(
+                        f"The partial file {part.name} does not match the server's; starting over."
+                    )
                     remove(part)
                     continue
-            raise RuntimeFailure(f"downloading {url} failed: HTTP {exc.code} {exc.reason}.",
-                                 hint=hints.network) from None
+            raise RuntimeFailure(
+                f"downloading {url} failed: HTTP {exc.code} {exc.reason}.", hint=hints.network
+            ) from None
         except urllib.error.URLError as exc:
             raise RuntimeFailure(f"cannot reach {url}: {exc.reason}.", hint=hints.network) from None
         except ValueError:
-            raise UsageError(f"cannot download from `{url}`: give an http:// or https:// address.") from None
+            raise UsageError(
+                f"cannot download from `{url}`: give an http:// or https:// address."
+            ) from None
         except (OSError, http.client.HTTPException) as exc:
             raise RuntimeFailure(f"cannot reach {url}: {exc}.", hint=hints.network) from None
         with response:
             return _receive(response, url, part, offset, progress)
-    raise RuntimeFailure(f"the server at {url} keeps refusing to resume {part.name}.", hint=hints.network)
+    raise RuntimeFailure(
+        f"the server at {url} keeps refusing to resume {part.name}.", hint=hints.network
+    )
 
 
 def _receive(response, url: str, part: Path, offset: int, progress: Progress) -> int | None:
@@ -207,8 +216,11 @@ def _receive(response, url: str, part: Path, offset: int, progress: Progress) ->
         total = whole if whole is not None else (offset + total if total is not None else None)
         if start != offset:
             remove(part)
-            raise RuntimeFailure(f"the server sent bytes from {start}, not {offset}, of {url}; "
-                                 "the partial file was removed.", hint="Run again to download from the start.")
+            raise RuntimeFailure(
+                f"the server sent bytes from {start}, not {offset}, of {url}; "
+                "the partial file was removed.",
+                hint="Run again to download from the start.",
+            )
         mode = "ab"
     else:
         if offset:
@@ -238,12 +250,17 @@ def _receive(response, url: str, part: Path, offset: int, progress: Progress) ->
     if broken is not None or (total is not None and received < total):
         got = f"{received:,} of {total:,} bytes" if total is not None else f"{received:,} bytes"
         why = f" ({type(broken).__name__})" if broken is not None else ""
-        raise RuntimeFailure(f"the download of {url} broke off after {got}{why}.",
-                             hint=f"Run the same command again to resume; {part} is kept.")
+        raise RuntimeFailure(
+            f"the download of {url} broke off after {got}{why}.",
+            hint=f"Run the same command again to resume; {part} is kept.",
+        )
     if total is not None and received > total:
         remove(part)
-        raise RuntimeFailure(f"{url} sent {received:,} bytes, more than the {total:,} it announced; "
-                             "the file was removed.", hint="Run again to download it anew.")
+        raise RuntimeFailure(
+            f"{url} sent {received:,} bytes, more than the {total:,} it announced; "
+            "the file was removed.",
+            hint="Run again to download it anew.",
+        )
     return total
 
 

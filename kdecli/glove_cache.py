@@ -101,8 +101,13 @@ def get_variant(corpus: str) -> Variant:
     if found is None:
         names = ["6B", "twitter.27B", "42B", "840B"]
         close = get_close_matches(key, [name.lower() for name in names], n=1)
-        did_you = f" Did you mean `{names[[n.lower() for n in names].index(close[0])]}`?" if close else ""
-        raise UsageError(f"unknown GloVe corpus `{corpus}`.{did_you}", hint="Choose one of " + ", ".join(names) + ".")
+        did_you = (
+            f" Did you mean `{names[[n.lower() for n in names].index(close[0])]}`?" if close else ""
+        )
+        raise UsageError(
+            f"unknown GloVe corpus `{corpus}`.{did_you}",
+            hint="Choose one of " + ", ".join(names) + ".",
+        )
     return found
 
 
@@ -136,10 +141,14 @@ def _npy_header(rows: int, dim: int) -> bytes:
     """A .npy v1.0 header for float32 (rows, dim), always 128 bytes so it can be rewritten in place."""
     body = repr({"descr": "<f4", "fortran_order": False, "shape": (rows, dim)}).encode("latin-1")
     pad = _NPY_HEADER_BYTES - 10 - len(body) - 1
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", _NPY_HEADER_BYTES - 10) + body + b" " * pad + b"\n"
+    return (
+        b"\x93NUMPY\x01\x00" + struct.pack("<H", _NPY_HEADER_BYTES - 10) + body + b" " * pad + b"\n"
+    )
 
 
-def write_cache(blocks: Iterable[tuple[list[bytes], np.ndarray]], vectors_path: Path, words_path: Path) -> int:
+def write_cache(
+    blocks: Iterable[tuple[list[bytes], np.ndarray]], vectors_path: Path, words_path: Path
+) -> int:
     """Stream blocks into ``vectors_path`` (.npy, float32) and ``words_path``; return the row count.
 
     Both are written as ``.incomplete`` files and moved into place at the end, the vectors last.
@@ -181,11 +190,15 @@ def load_cache(path: str | os.PathLike) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise InputError(f"{path} is not a readable .npy array ({exc}).",
-                         hint="Delete it and run `kdecli download-glove` again (or pass --force).") from None
+        raise InputError(
+            f"{path} is not a readable .npy array ({exc}).",
+            hint="Delete it and run `kdecli download-glove` again (or pass --force).",
+        ) from None
     if array.ndim != 2 or array.dtype.kind != "f" or array.shape[0] == 0:
-        raise InputError(f"{path} holds a {array.dtype} array of shape {array.shape}; "
-                         "GloVe vectors must be a non-empty 2-D float array (rows, dim).")
+        raise InputError(
+            f"{path} holds a {array.dtype} array of shape {array.shape}; "
+            "GloVe vectors must be a non-empty 2-D float array (rows, dim)."
+        )
     return array
 
 
@@ -241,7 +254,9 @@ def download_glove(
     if vectors_path.exists() and not force:
         try:
             rows = load_cache(vectors_path).shape[0]
-            return GloveCache(variant.corpus, dim, vectors_path, words_path, None, rows, False, False)
+            return GloveCache(
+                variant.corpus, dim, vectors_path, words_path, None, rows, False, False
+            )
         except InputError:
             progress.note(f"{vectors_path} is damaged; rebuilding it.")
 
@@ -251,27 +266,47 @@ def download_glove(
         if not archive.is_file():
             raise UsageError(f"--from-file: no such file {archive}.")
         if sha256 and sha256_file(archive) != sha256:
-            raise InputError(f"{archive} does not match the sha256 {sha256}.",
-                             hint="Check the file, or the value given to --sha256.")
+            raise InputError(
+                f"{archive} does not match the sha256 {sha256}.",
+                hint="Check the file, or the value given to --sha256.",
+            )
     else:
         archive, owned = cache / variant.archive, True
         if force:
             remove(archive, partial_path(archive))
         if archive.exists() and sha256 and sha256_file(archive) != sha256:
-            progress.note(f"{archive.name} in the cache does not match the sha256; downloading it again.")
+            progress.note(
+                f"{archive.name} in the cache does not match the sha256; downloading it again."
+            )
             remove(archive)
         if archive.exists():
             progress.note(f"Using {archive} from the cache; nothing to download.")
         else:
-            download(url or variant.url, archive, sha256=sha256, expect_zip=True, progress=progress,
-                     timeout=timeout, hints=HINTS)
+            download(
+                url or variant.url,
+                archive,
+                sha256=sha256,
+                expect_zip=True,
+                progress=progress,
+                timeout=timeout,
+                hints=HINTS,
+            )
             downloaded = True
     rows = _convert(archive, owned, variant, dim, vectors_path, words_path, progress)
-    return GloveCache(variant.corpus, dim, vectors_path, words_path, archive, rows, downloaded, True)
+    return GloveCache(
+        variant.corpus, dim, vectors_path, words_path, archive, rows, downloaded, True
+    )
 
 
-def _convert(archive: Path, owned: bool, variant: Variant, dim: int, vectors_path: Path,
-             words_path: Path, progress: Progress) -> int:
+def _convert(
+    archive: Path,
+    owned: bool,
+    variant: Variant,
+    dim: int,
+    vectors_path: Path,
+    words_path: Path,
+    progress: Progress,
+) -> int:
     if archive.suffix.lower() != ".zip":  # --from-file given the text itself
         progress.start(f"Converting {archive.name}", archive.stat().st_size)
         with open(archive, "rb") as text:
@@ -285,15 +320,21 @@ def _convert(archive: Path, owned: bool, variant: Variant, dim: int, vectors_pat
             info = _variant_member(zf, variant, dim, archive)
             progress.start(f"Converting {info.filename}", info.file_size)
             with zf.open(info) as text:
-                blocks = iter_glove_blocks(text, source=f"{archive.name}:{info.filename}", dim=dim, progress=progress)
+                blocks = iter_glove_blocks(
+                    text, source=f"{archive.name}:{info.filename}", dim=dim, progress=progress
+                )
                 return write_cache(blocks, vectors_path, words_path)
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
         if not owned:
-            raise InputError(f"{archive} is not a valid zip archive ({exc}).",
-                             hint="Download it again, or drop --from-file to let kdecli download it.") from None
+            raise InputError(
+                f"{archive} is not a valid zip archive ({exc}).",
+                hint="Download it again, or drop --from-file to let kdecli download it.",
+            ) from None
         remove(archive)
-        raise RuntimeFailure(f"the archive {archive} is corrupt ({exc}); it was removed.",
-                             hint="Run again to download it anew.") from None
+        raise RuntimeFailure(
+            f"the archive {archive} is corrupt ({exc}); it was removed.",
+            hint="Run again to download it anew.",
+        ) from None
 
 
 def member_dims(names: Iterable[str]) -> dict[int, str]:
@@ -306,11 +347,15 @@ def member_dims(names: Iterable[str]) -> dict[int, str]:
     return dict(sorted(found.items()))
 
 
-def _variant_member(zf: zipfile.ZipFile, variant: Variant, dim: int, archive: Path) -> zipfile.ZipInfo:
+def _variant_member(
+    zf: zipfile.ZipFile, variant: Variant, dim: int, archive: Path
+) -> zipfile.ZipInfo:
     want = variant.member(dim)
     for name in zf.namelist():
         if name == want or name.endswith("/" + want):
             return zf.getinfo(name)
     dims = ", ".join(map(str, member_dims(zf.namelist()))) or "none"
-    raise InputError(f"{archive} holds no {want} for --dim {dim}; the dims it holds: {dims}.",
-                     hint="Choose one of those with --dim.")
+    raise InputError(
+        f"{archive} holds no {want} for --dim {dim}; the dims it holds: {dims}.",
+        hint="Choose one of those with --dim.",
+    )

@@ -60,7 +60,9 @@ def iter_glove_blocks(
                 if dim is None:
                     dim = len(head) - 1
                     if dim < 1:
-                        raise InputError(f"{source}: line 1 is not `word x1 x2 ...`; is this a GloVe text file?")
+                        raise InputError(
+                            f"{source}: line 1 is not `word x1 x2 ...`; is this a GloVe text file?"
+                        )
             if lines:
                 words, block = _parse_lines(lines, data, dim, source, line_no)
                 if max_rows is not None and rows + len(words) >= max_rows:
@@ -77,8 +79,16 @@ def iter_glove_blocks(
 def _parse_lines(lines: list[bytes], data: bytes, dim: int, source: str, line_no: int):
     if b"" not in lines and data.count(b" ") == len(lines) * dim:
         try:
-            block = np.loadtxt(io.BytesIO(data), dtype=np.float32, usecols=range(1, dim + 1), delimiter=" ",
-                               comments=None, quotechar=None, encoding="latin-1", ndmin=2)
+            block = np.loadtxt(
+                io.BytesIO(data),
+                dtype=np.float32,
+                usecols=range(1, dim + 1),
+                delimiter=" ",
+                comments=None,
+                quotechar=None,
+                encoding="latin-1",
+                ndmin=2,
+            )
         except ValueError:
             block = None
         if block is not None and block.shape == (len(lines), dim):
@@ -98,8 +108,10 @@ def _parse_lines(lines: list[bytes], data: bytes, dim: int, source: str, line_no
             rows.append(np.array(parts[1:], dtype=np.float32))
         except ValueError:
             found = len(line.split()) - 1
-            raise InputError(f"{source}, line {line_no + i}: expected a word and {dim} numbers; "
-                             f"found a word and {found} fields.") from None
+            raise InputError(
+                f"{source}, line {line_no + i}: expected a word and {dim} numbers; "
+                f"found a word and {found} fields."
+            ) from None
         words.append(parts[0])
         kept.append(i)
     block = np.stack(rows) if rows else np.empty((0, dim), np.float32)

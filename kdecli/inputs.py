@@ -9,4 +9,13 @@ from kdecli.qkv import QKV
 from kdecli.sources import LAYOUTS, InputOptions, load_input
 from kdecli.sources.synthetic import synthetic
 
-__all__ = ["DTYPES", "LAYOUTS", "QKV", "InputOptions", "load_input", "resolve_device", "resolve_dtype", "synthetic"]
+__all__ = [
+    "DTYPES",
+    "LAYOUTS",
+    "QKV",
+    "InputOptions",
+    "load_input",
+    "resolve_device",
+    "resolve_dtype",
+    "synthetic",
+]

@@ -33,14 +33,23 @@ from kdecli.errors import UsageError
 from kdecli.inputs import QKV, resolve_device
 from kdecli.metrics import spectral_norm
 from kdecli.reference import (
-    DEFAULT_MEMORY_BYTES, attention_spectral_norm, chunk_rows, iter_softmax_chunks,
+    DEFAULT_MEMORY_BYTES,
+    attention_spectral_norm,
+    chunk_rows,
+    iter_softmax_chunks,
 )
 
 TOP_FRACTION = 0.01
 NORM_TOL = 1e-4  # power iteration for ‖D⁻¹A‖₂: relative change per step; ample for a ratio
 RATIO_WARNING = 0.1
-EXP_LIMITS = {name: math.log(torch.finfo(dtype).max) for name, dtype in
-              (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16))}
+EXP_LIMITS = {
+    name: math.log(torch.finfo(dtype).max)
+    for name, dtype in (
+        ("float32", torch.float32),
+        ("bfloat16", torch.bfloat16),
+        ("float16", torch.float16),
+    )
+}
 FORMATS = ("table", "json")
 
 
@@ -50,7 +59,11 @@ def top_keys(n_k: int) -> int:
 
 
 def logit_range(
-    q: torch.Tensor, k: torch.Tensor, scale: float, *, causal: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool = False,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(min, max) of s·QKᵀ per slice, (b, h) float64 each, over the visible entries, chunked."""
@@ -64,7 +77,10 @@ def logit_range(
         stop = min(n_q, start + step)
         logits = (q64[..., start:stop, :] * scale) @ k_t
         if causal:
-            hidden = torch.arange(n_k, device=q.device) > torch.arange(start, stop, device=q.device)[:, None]
+            hidden = (
+                torch.arange(n_k, device=q.device)
+                > torch.arange(start, stop, device=q.device)[:, None]
+            )
             high = torch.maximum(high, logits.masked_fill(hidden, -math.inf).amax((-2, -1)))
             low = torch.minimum(low, logits.masked_fill_(hidden, math.inf).amin((-2, -1)))
         else:
@@ -74,7 +90,12 @@ def logit_range(
 
 
 def attention_row_stats(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, causal: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool = False,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> dict[str, torch.Tensor]:
     """One chunked pass over P: row entropy (mean, min), top-1% mass (mean, min), and O = PV."""
@@ -83,27 +104,47 @@ def attention_row_stats(
     top = top_keys(n_k)
     v64 = v.to(torch.float64)
     out = torch.empty(b, h, n_q, v.shape[-1], dtype=torch.float64, device=q.device)
-    sums = {name: torch.zeros(b, h, dtype=torch.float64, device=q.device) for name in ("entropy", "top")}
-    mins = {name: torch.full((b, h), math.inf, dtype=torch.float64, device=q.device)
-            for name in ("entropy", "top")}
-    for start, stop, probs in iter_softmax_chunks(q, k, scale, causal=causal, memory_bytes=memory_bytes):
+    sums = {
+        name: torch.zeros(b, h, dtype=torch.float64, device=q.device) for name in ("entropy", "top")
+    }
+    mins = {
+        name: torch.full((b, h), math.inf, dtype=torch.float64, device=q.device)
+        for name in ("entropy", "top")
+    }
+    for start, stop, probs in iter_softmax_chunks(
+        q, k, scale, causal=causal, memory_bytes=memory_bytes
+    ):
         out[..., start:stop, :] = probs @ v64
-        rows = {"entropy": 0.0 - torch.special.xlogy(probs, probs).sum(-1),  # 0.0 -: no -0.0
-                "top": probs.topk(top, dim=-1, sorted=False).values.sum(-1)}
+        rows = {
+            "entropy": 0.0 - torch.special.xlogy(probs, probs).sum(-1),  # 0.0 -: no -0.0
+            "top": probs.topk(top, dim=-1, sorted=False).values.sum(-1),
+        }
         for name, values in rows.items():
             sums[name] += values.sum(-1)
             mins[name] = torch.minimum(mins[name], values.amin(-1))
-    return {"entropy_mean": sums["entropy"] / n_q, "entropy_min": mins["entropy"],
-            "top_mass_mean": sums["top"] / n_q, "top_mass_min": mins["top"], "output": out}
+    return {
+        "entropy_mean": sums["entropy"] / n_q,
+        "entropy_min": mins["entropy"],
+        "top_mass_mean": sums["top"] / n_q,
+        "top_mass_min": mins["top"],
+        "output": out,
+    }
 
 
 def _norms(x: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"frobenius": torch.linalg.matrix_norm(x, "fro"), "max_row_norm": x.norm(dim=-1).amax(-1)}
+    return {
+        "frobenius": torch.linalg.matrix_norm(x, "fro"),
+        "max_row_norm": x.norm(dim=-1).amax(-1),
+    }
 
 
 def inspect_input(
-    qkv: QKV, *, scale: float | None = None, causal: bool = False,
-    device: str | torch.device = "auto", memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    qkv: QKV,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    device: str | torch.device = "auto",
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> dict[str, Any]:
     """Statistics of ``qkv`` per batch×head slice and over all slices, as a JSON-ready dict."""
     softmax_scale = qkv.scale(scale)
@@ -123,7 +164,12 @@ def inspect_input(
     output_norm = spectral_norm(rows.pop("output"))
     value_norm = spectral_norm(v)
     attention_norm = attention_spectral_norm(
-        q, k, softmax_scale, causal=causal, tol=NORM_TOL, generator=torch.Generator().manual_seed(0),
+        q,
+        k,
+        softmax_scale,
+        causal=causal,
+        tol=NORM_TOL,
+        generator=torch.Generator().manual_seed(0),
         memory_bytes=memory_bytes,
     )
     denominator = attention_norm * value_norm
@@ -136,29 +182,57 @@ def inspect_input(
     for i in range(b):
         for j in range(h):
             den = at(denominator, i, j)
-            slices.append({
-                "batch": i, "head": j,
-                **{name: {key: at(t, i, j) for key, t in stats.items()} for name, stats in norms.items()},
-                "logits": {"min": at(low, i, j), "max": at(high, i, j), "max_abs": at(max_abs, i, j)},
-                "entropy": {"mean": at(rows["entropy_mean"], i, j), "min": at(rows["entropy_min"], i, j)},
-                "top_mass": {"mean": at(rows["top_mass_mean"], i, j), "min": at(rows["top_mass_min"], i, j)},
-                "output_norm": at(output_norm, i, j), "attention_norm": at(attention_norm, i, j),
-                "value_norm": at(value_norm, i, j), "attention_value_norm": den,
-                "output_ratio": at(output_norm, i, j) / den if den > 0 else None,
-                "exp_overflow": {name: at(max_abs, i, j) > limit for name, limit in EXP_LIMITS.items()},
-            })
+            slices.append(
+                {
+                    "batch": i,
+                    "head": j,
+                    **{
+                        name: {key: at(t, i, j) for key, t in stats.items()}
+                        for name, stats in norms.items()
+                    },
+                    "logits": {
+                        "min": at(low, i, j),
+                        "max": at(high, i, j),
+                        "max_abs": at(max_abs, i, j),
+                    },
+                    "entropy": {
+                        "mean": at(rows["entropy_mean"], i, j),
+                        "min": at(rows["entropy_min"], i, j),
+                    },
+                    "top_mass": {
+                        "mean": at(rows["top_mass_mean"], i, j),
+                        "min": at(rows["top_mass_min"], i, j),
+                    },
+                    "output_norm": at(output_norm, i, j),
+                    "attention_norm": at(attention_norm, i, j),
+                    "value_norm": at(value_norm, i, j),
+                    "attention_value_norm": den,
+                    "output_ratio": at(output_norm, i, j) / den if den > 0 else None,
+                    "exp_overflow": {
+                        name: at(max_abs, i, j) > limit for name, limit in EXP_LIMITS.items()
+                    },
+                }
+            )
     from kdecli.runner import describe_input, environment
 
     doc = {
-        "report": "inspect", "schema_version": 1, "kdecli_version": __version__,
+        "report": "inspect",
+        "schema_version": 1,
+        "kdecli_version": __version__,
         "environment": environment(device, torch.float64).to_dict(),
         "input": describe_input(qkv, softmax_scale, causal).to_dict(),
-        "dtypes": {name: str(t.dtype).removeprefix("torch.") for name, t in
-                   (("q", qkv.q), ("k", qkv.k), ("v", qkv.v))},
+        "dtypes": {
+            name: str(t.dtype).removeprefix("torch.")
+            for name, t in (("q", qkv.q), ("k", qkv.k), ("v", qkv.v))
+        },
         "reference": {
-            "log_n_k": math.log(n_k), "top_fraction": TOP_FRACTION, "top_keys": top_keys(n_k),
-            "uniform_top_mass": top_keys(n_k) / n_k, "exp_limits": EXP_LIMITS,
-            "output_ratio_warning": RATIO_WARNING, "attention_norm_tol": NORM_TOL,
+            "log_n_k": math.log(n_k),
+            "top_fraction": TOP_FRACTION,
+            "top_keys": top_keys(n_k),
+            "uniform_top_mass": top_keys(n_k) / n_k,
+            "exp_limits": EXP_LIMITS,
+            "output_ratio_warning": RATIO_WARNING,
+            "attention_norm_tol": NORM_TOL,
         },
         "slices": slices,
         "summary": summarize_slices(slices),
@@ -169,6 +243,7 @@ def inspect_input(
 
 def summarize_slices(slices: list[dict[str, Any]]) -> dict[str, Any]:
     """{mean, min, max} over slices of every number; the count of slices where a flag is true."""
+
     def merge(values: list[Any]) -> Any:
         first = values[0]
         if isinstance(first, dict):
@@ -187,8 +262,11 @@ def warnings(doc: dict[str, Any]) -> list[str]:
     """Plain-language notes on what the statistics mean for an error report."""
     slices, total = doc["slices"], len(doc["slices"])
     notes = []
-    small = [s["output_ratio"] for s in slices
-             if s["output_ratio"] is not None and s["output_ratio"] < RATIO_WARNING]
+    small = [
+        s["output_ratio"]
+        for s in slices
+        if s["output_ratio"] is not None and s["output_ratio"] < RATIO_WARNING
+    ]
     if small:
         notes.append(
             f"‖O‖₂ / (‖D⁻¹A‖₂‖V‖₂) is below {RATIO_WARNING} in {len(small)} of {total} slices (as low "
@@ -212,6 +290,7 @@ def warnings(doc: dict[str, Any]) -> list[str]:
 
 # ---- rendering ----------------------------------------------------------------------------------
 
+
 def _g(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}g}"
 
@@ -220,16 +299,29 @@ def render_table(doc: dict[str, Any], console: Console, max_slices: int = 32) ->
     inp, ref, env = doc["input"], doc["reference"], doc["environment"]
     shape = inp["shape"]
     dtypes = doc["dtypes"]
-    dtype_text = dtypes["q"] if len(set(dtypes.values())) == 1 else \
-        ", ".join(f"{k.upper()} {v}" for k, v in dtypes.items())
-    title = (f"{inp['source']}  b={shape['b']} h={shape['h']} n_q={shape['n_q']} n_k={shape['n_k']} "
-             f"d={shape['d']} d_v={shape['d_v']}  {dtype_text}  scale={inp['scale']:.6g}"
-             + ("  causal" if inp["causal"] else ""))
+    dtype_text = (
+        dtypes["q"]
+        if len(set(dtypes.values())) == 1
+        else ", ".join(f"{k.upper()} {v}" for k, v in dtypes.items())
+    )
+    title = (
+        f"{inp['source']}  b={shape['b']} h={shape['h']} n_q={shape['n_q']} n_k={shape['n_k']} "
+        f"d={shape['d']} d_v={shape['d_v']}  {dtype_text}  scale={inp['scale']:.6g}"
+        + ("  causal" if inp["causal"] else "")
+    )
     table = Table(title=title, title_justify="left")
-    for column in ("slice", "‖Q‖_F / max row", "‖K‖_F / max row", "‖V‖_F / max row",
-                   "logits min … max", "entropy mean / min",
-                   f"top 1% ({ref['top_keys']} keys) mass mean / min",
-                   "‖O‖₂", "‖D⁻¹A‖₂‖V‖₂", "ratio"):
+    for column in (
+        "slice",
+        "‖Q‖_F / max row",
+        "‖K‖_F / max row",
+        "‖V‖_F / max row",
+        "logits min … max",
+        "entropy mean / min",
+        f"top 1% ({ref['top_keys']} keys) mass mean / min",
+        "‖O‖₂",
+        "‖D⁻¹A‖₂‖V‖₂",
+        "ratio",
+    ):
         table.add_column(column, justify="left" if column == "slice" else "right")
 
     def cells(label: str, s: dict[str, Any], pick=lambda x: x) -> list[str]:
@@ -237,43 +329,65 @@ def render_table(doc: dict[str, Any], console: Console, max_slices: int = 32) ->
             return f"{_g(pick(a))} / {_g(pick(b))}"
 
         return [
-            label, *(pair(s[n]["frobenius"], s[n]["max_row_norm"]) for n in ("q", "k", "v")),
+            label,
+            *(pair(s[n]["frobenius"], s[n]["max_row_norm"]) for n in ("q", "k", "v")),
             f"{_g(pick(s['logits']['min']))} … {_g(pick(s['logits']['max']))}",
             pair(s["entropy"]["mean"], s["entropy"]["min"]),
             pair(s["top_mass"]["mean"], s["top_mass"]["min"]),
-            _g(pick(s["output_norm"])), _g(pick(s["attention_value_norm"])),
+            _g(pick(s["output_norm"])),
+            _g(pick(s["attention_value_norm"])),
             _g(pick(s["output_ratio"]), 3),
         ]
 
     slices = doc["slices"]
     shown = slices[:max_slices]
     for index, s in enumerate(shown):
-        style = "yellow" if s["output_ratio"] is not None and s["output_ratio"] < RATIO_WARNING else None
-        table.add_row(*cells(f"b{s['batch']} h{s['head']}", s), style=style,
-                      end_section=index == len(shown) - 1)
+        style = (
+            "yellow"
+            if s["output_ratio"] is not None and s["output_ratio"] < RATIO_WARNING
+            else None
+        )
+        table.add_row(
+            *cells(f"b{s['batch']} h{s['head']}", s),
+            style=style,
+            end_section=index == len(shown) - 1,
+        )
     if len(slices) > 1:
         summary = doc["summary"]
         for stat in ("mean", "min", "max"):
-            table.add_row(*cells(f"{stat} over slices", summary,
-                                 lambda x, stat=stat: None if x is None else x[stat]), style="bold")
+            table.add_row(
+                *cells(
+                    f"{stat} over slices",
+                    summary,
+                    lambda x, stat=stat: None if x is None else x[stat],
+                ),
+                style="bold",
+            )
     console.print(table)
     if len(slices) > max_slices:
         console.print(f"({len(slices) - max_slices} more slices: --format json lists every one.)")
-    overflow = doc["summary"]["exp_overflow"] if len(slices) > 1 else \
-        {k: int(v) for k, v in slices[0]["exp_overflow"].items()}
+    overflow = (
+        doc["summary"]["exp_overflow"]
+        if len(slices) > 1
+        else {k: int(v) for k, v in slices[0]["exp_overflow"].items()}
+    )
     worst = max(s["logits"]["max_abs"] for s in slices)
     console.print(
         f"entropy in nats; uniform attention: log n_k = {ref['log_n_k']:.4g}, top-{ref['top_keys']} "
         f"({ref['top_fraction']:.0%} of keys) mass {ref['uniform_top_mass']:.4g}; one-hot: 0 and 1.",
-        highlight=False)
+        highlight=False,
+    )
     console.print(
         f"max |logit| {worst:.4g}; a naive exp overflows above {EXP_LIMITS['float32']:.2f} in float32 "
         f"and bfloat16 ({overflow['float32']}/{len(slices)} slices over) and above "
         f"{EXP_LIMITS['float16']:.2f} in float16 ({overflow['float16']}/{len(slices)}).",
-        highlight=False)
+        highlight=False,
+    )
     console.print(
         f"ratio = ‖O‖₂ / (‖D⁻¹A‖₂‖V‖₂); below {RATIO_WARNING} rel_spectral exaggerates errors. "
-        f"Computed in float64 on {env['device']}.", highlight=False)
+        f"Computed in float64 on {env['device']}.",
+        highlight=False,
+    )
 
 
 def render(doc: dict[str, Any], fmt: str, stream: TextIO, *, width: int | None = None) -> None:

@@ -24,11 +24,16 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     # 0/0 (an all-zero exact output approximated exactly) is no error; x/0 with x > 0 is infinite.
     safe = torch.where(den > 0, den, torch.ones_like(den))
     out = num / safe
-    return torch.where(den > 0, out, torch.where(num > 0, torch.full_like(num, float("inf")), num * 0))
+    return torch.where(
+        den > 0, out, torch.where(num > 0, torch.full_like(num, float("inf")), num * 0)
+    )
 
 
 def slice_errors(
-    approx: torch.Tensor, exact: torch.Tensor, *, attention_norm: torch.Tensor | None = None,
+    approx: torch.Tensor,
+    exact: torch.Tensor,
+    *,
+    attention_norm: torch.Tensor | None = None,
     value_norm: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Errors of ``approx`` against ``exact`` (b, h, n_q, d_v) per slice: {metric: (b, h)}.
@@ -48,9 +53,3 @@ def slice_errors(
     if attention_norm is not None and value_norm is not None:
         errors["bound_normalized"] = _ratio(diff_spectral, attention_norm * value_norm)
     return errors
-
-
-def summarize(per_slice: torch.Tensor) -> dict[str, object]:
-    """{mean, max, per_slice} of a (b, h) tensor of one metric, as plain Python floats."""
-    flat = per_slice.reshape(-1).tolist()
-    return {"mean": sum(flat) / len(flat), "max": max(flat), "per_slice": flat}

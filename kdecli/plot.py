@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdecli.aggregate import group_settings
 from kdecli.errors import UsageError
 from kdecli.files import check_writable
-from kdecli.aggregate import group_settings
 from kdecli.metrics import METRICS
 from kdecli.results import Environment, InputInfo, Result, RunReport, load_document
 
@@ -55,13 +55,15 @@ BAND = "min–max over seeds"
 
 # ---- matplotlib and paths ----------------------------------------------------------------------
 
+
 def require_matplotlib():
     """The ``matplotlib`` module, or a UsageError that says how to install it."""
     try:
         import matplotlib
     except ImportError:
-        raise UsageError("plotting needs matplotlib, which is not installed.",
-                         hint="pip install 'kdecli[plot]'") from None
+        raise UsageError(
+            "plotting needs matplotlib, which is not installed.", hint="pip install 'kdecli[plot]'"
+        ) from None
     return matplotlib
 
 
@@ -70,8 +72,10 @@ def check_plot_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise UsageError(f"{path}: cannot write a {suffix or 'suffix-less'} image; "
-                         f"give a file name ending in {', '.join(SUFFIXES)}.")
+        raise UsageError(
+            f"{path}: cannot write a {suffix or 'suffix-less'} image; "
+            f"give a file name ending in {', '.join(SUFFIXES)}."
+        )
     check_writable(path, str(path))
     require_matplotlib()
     return path
@@ -90,6 +94,7 @@ def _as_report(doc: RunReport | dict[str, Any], where: str) -> RunReport:
 
 
 # ---- from records to series --------------------------------------------------------------------
+
 
 @dataclass
 class Point:
@@ -160,6 +165,7 @@ def collect_series(doc: RunReport, x: str, y: str) -> tuple[list[Series], list[s
 
 # ---- drawing ------------------------------------------------------------------------------------
 
+
 def _doc_labels(docs: Sequence[RunReport], names: Sequence[str] | None) -> list[str]:
     """Tell documents apart by device and dtype; then by file name or input source; then number."""
 
@@ -223,8 +229,11 @@ def _fmt_seconds(seconds: float) -> str:
 
 
 def figure(
-    docs: Sequence[RunReport | dict[str, Any]], x: str | Sequence[str] = "budget", y: str = "rel_spectral",
-    *, names: Sequence[str] | None = None,
+    docs: Sequence[RunReport | dict[str, Any]],
+    x: str | Sequence[str] = "budget",
+    y: str = "rel_spectral",
+    *,
+    names: Sequence[str] | None = None,
 ):
     """A matplotlib Figure with one panel per x axis (``"budget"``, ``"time"``, ``"flops"``, or
     several, comma-separated).  Artists carry a gid: ``"method"`` for the methods' lines and
@@ -237,8 +246,10 @@ def figure(
     xs = [part.strip() for part in x.split(",")] if isinstance(x, str) else list(x)
     for axis in xs:
         if axis not in X_AXES:
-            raise UsageError(f"--x must be one of {', '.join(X_AXES)} (or several, comma-separated); "
-                             f"got {axis!r}.")
+            raise UsageError(
+                f"--x must be one of {', '.join(X_AXES)} (or several, comma-separated); "
+                f"got {axis!r}."
+            )
     if y not in METRICS:
         raise UsageError(f"--y must be one of {', '.join(METRICS)}; got {y!r}.")
     if not docs:
@@ -247,7 +258,9 @@ def figure(
         _as_report(doc, names[i] if names else f"document {i + 1}") for i, doc in enumerate(docs)
     ]
     if not any(y in r.errors for d in docs for r in d.results):
-        hint = "Run `kdecli compare` with --bound to measure it." if y == "bound_normalized" else None
+        hint = (
+            "Run `kdecli compare` with --bound to measure it." if y == "bound_normalized" else None
+        )
         raise UsageError(f"no result holds {y}; nothing to plot.", hint=hint)
 
     labels = _doc_labels(docs, names)
@@ -275,16 +288,30 @@ def figure(
                 seeds_seen = max(seeds_seen, *(len(p.ys) for p in s.points))
                 values += [v for p in s.points for v in p.ys]
                 if s.budget_free and axis == "budget":
-                    ax.axhline(s.points[0].mean, color=color, linestyle="-.", label=f"{name} (no budget)",
-                               gid="method")
+                    ax.axhline(
+                        s.points[0].mean,
+                        color=color,
+                        linestyle="-.",
+                        label=f"{name} (no budget)",
+                        gid="method",
+                    )
                     continue
                 px = [p.x for p in s.points]
-                ax.plot(px, [p.mean for p in s.points], linestyle="none" if s.budget_free else dash,
-                        marker=marker, color=color, label=name, gid="method")
+                ax.plot(
+                    px,
+                    [p.mean for p in s.points],
+                    linestyle="none" if s.budget_free else dash,
+                    marker=marker,
+                    color=color,
+                    label=name,
+                    gid="method",
+                )
                 if any(len(p.ys) > 1 for p in s.points):
                     low, high = [min(p.ys) for p in s.points], [max(p.ys) for p in s.points]
                     if all(a <= b for a, b in zip(px, px[1:])):
-                        ax.fill_between(px, low, high, color=color, alpha=0.18, linewidth=0, gid="band")
+                        ax.fill_between(
+                            px, low, high, color=color, alpha=0.18, linewidth=0, gid="band"
+                        )
                     else:  # x steps back (timing noise): a band would fold over itself; use bars
                         ax.vlines(px, low, high, color=color, alpha=0.35, linewidth=4, gid="band")
                 budgets.update(p.budget for p in s.points if p.budget is not None)
@@ -297,21 +324,45 @@ def figure(
                 floors.setdefault(round(value, 6), (value, label))
         for value, label in floors.values():
             where = f" · {label}" if len(floors) > 1 else ""
-            ax.axhline(value, color="0.35", linestyle="--", linewidth=1, gid="floor",
-                       label=f"mean-of-V floor {value:.3g}{where}")
+            ax.axhline(
+                value,
+                color="0.35",
+                linestyle="--",
+                linewidth=1,
+                gid="floor",
+                label=f"mean-of-V floor {value:.3g}{where}",
+            )
         positive = [v for v in values + [v for v, _ in floors.values()] if v > 0]
         if positive and max(positive) > 10 * min(positive):
             ax.set_yscale("log", nonpositive="mask")
         zero = _floor(docs[0], "zero", y)
         if zero is not None and zero <= 2 * max(values):
-            ax.axhline(zero, color="0.35", linestyle=":", linewidth=1, gid="floor",
-                       label=f"zero output {zero:.3g}")
+            ax.axhline(
+                zero,
+                color="0.35",
+                linestyle=":",
+                linewidth=1,
+                gid="floor",
+                label=f"zero output {zero:.3g}",
+            )
         for doc, label, (dash, _) in zip(docs, labels, DOC_STYLES * len(docs)):
-            ref = _exact_time(doc) if axis == "time" else _exact_flops(doc) if axis == "flops" else None
+            ref = (
+                _exact_time(doc)
+                if axis == "time"
+                else _exact_flops(doc)
+                if axis == "flops"
+                else None
+            )
             if ref is not None:
                 text = _fmt_seconds(ref) if axis == "time" else f"{ref:.3g} FLOPs"
-                ax.axvline(ref, color="black", linestyle=dash, linewidth=1, gid="reference",
-                           label=f"exact attention {text}" + (f" · {label}" if several else ""))
+                ax.axvline(
+                    ref,
+                    color="black",
+                    linestyle=dash,
+                    linewidth=1,
+                    gid="reference",
+                    label=f"exact attention {text}" + (f" · {label}" if several else ""),
+                )
         if axis == "budget":
             ax.set_xscale("log", base=2)
             if budgets and len(budgets) <= 12:
@@ -331,32 +382,47 @@ def figure(
         if "budget" in xs:
             hints.append("exact and mean have no budget: --x time or flops shows mean.")
         hint = " ".join(hints) or None
-        raise UsageError(f"nothing to plot: no result with status ok has {y} and "
-                         f"{' / '.join(xs)}{why}.", hint=hint)
+        raise UsageError(
+            f"nothing to plot: no result with status ok has {y} and {' / '.join(xs)}{why}.",
+            hint=hint,
+        )
     fig.suptitle(_title(docs, y, xs), fontsize="medium", x=0.01, ha="left")
     handles: dict[str, Any] = {}
     for ax in axes:
         for handle, text in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(text, handle)
     fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize="small")
-    caption = (f"Points: mean over seeds of each record's slice-mean {y}; bands (bars where x steps "
-               f"back): {BAND} "
-               f"(up to {seeds_seen} seed{'s' if seeds_seen > 1 else ''}). exact is the reference "
-               "(error ≈ rounding): not drawn as a method.")
+    caption = (
+        f"Points: mean over seeds of each record's slice-mean {y}; bands (bars where x steps "
+        f"back): {BAND} "
+        f"(up to {seeds_seen} seed{'s' if seeds_seen > 1 else ''}). exact is the reference "
+        "(error ≈ rounding): not drawn as a method."
+    )
     if "budget" in xs:
         caption += " On budget axes `mean` is the dashed mean-of-V floor."
     if several:
         caption += " Line styles tell the results files apart."
     if left_out:
         caption += " Not shown: " + "; ".join(dict.fromkeys(left_out)) + "."
-    fig.text(0.01, -0.01, "\n".join(textwrap.wrap(caption, 60 + 45 * len(xs))), ha="left", va="top",
-             fontsize="small", gid="caption")
+    fig.text(
+        0.01,
+        -0.01,
+        "\n".join(textwrap.wrap(caption, 60 + 45 * len(xs))),
+        ha="left",
+        va="top",
+        fontsize="small",
+        gid="caption",
+    )
     return fig
 
 
 def plot_reports(
-    docs: Sequence[RunReport | dict[str, Any]], path: str | os.PathLike, x: str | Sequence[str] = "budget",
-    y: str = "rel_spectral", *, names: Sequence[str] | None = None,
+    docs: Sequence[RunReport | dict[str, Any]],
+    path: str | os.PathLike,
+    x: str | Sequence[str] = "budget",
+    y: str = "rel_spectral",
+    *,
+    names: Sequence[str] | None = None,
 ) -> Path:
     """Draw ``docs`` (``RunReport``s, or their JSON documents as dicts) to
     ``path`` (.png, .svg or .pdf) and return the path."""

@@ -29,7 +29,14 @@ class QKV:
     @property
     def shape(self) -> dict[str, int]:
         b, h, n_q, d = self.q.shape
-        return {"b": b, "h": h, "n_q": n_q, "n_k": self.k.shape[-2], "d": d, "d_v": self.v.shape[-1]}
+        return {
+            "b": b,
+            "h": h,
+            "n_q": n_q,
+            "n_k": self.k.shape[-2],
+            "d": d,
+            "d_v": self.v.shape[-1],
+        }
 
     def scale(self, override: float | None = None) -> float:
         """The softmax temperature: an explicit value, else the input's own, else 1/√d."""
@@ -42,6 +49,11 @@ class QKV:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> QKV:
         dtype = dtype or self.q.dtype
         return QKV(
-            self.q.to(device, dtype), self.k.to(device, dtype), self.v.to(device, dtype),
-            self.source, self.layout, self.default_scale, dict(self.notes),
+            self.q.to(device, dtype),
+            self.k.to(device, dtype),
+            self.v.to(device, dtype),
+            self.source,
+            self.layout,
+            self.default_scale,
+            dict(self.notes),
         )

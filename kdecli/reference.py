@@ -26,7 +26,11 @@ def chunk_rows(batch_heads: int, n_k: int, memory_bytes: int = DEFAULT_MEMORY_BY
 
 
 def iter_softmax_chunks(
-    q: torch.Tensor, k: torch.Tensor, scale: float, *, causal: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool = False,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield (start, stop, P[..., start:stop, :]) in float64, P = softmax(s·QKᵀ) (causal: j ≤ i)."""
@@ -49,19 +53,30 @@ def iter_softmax_chunks(
 
 
 def exact_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, causal: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool = False,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> torch.Tensor:
     """softmax(s·QKᵀ)V in float64, (b, h, n_q, d_v)."""
     v64 = v.to(torch.float64)
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float64, device=q.device)
-    for start, stop, probs in iter_softmax_chunks(q, k, scale, causal=causal, memory_bytes=memory_bytes):
+    for start, stop, probs in iter_softmax_chunks(
+        q, k, scale, causal=causal, memory_bytes=memory_bytes
+    ):
         out[..., start:stop, :] = probs @ v64
     return out
 
 
 def attention_column_sq_norms(
-    q: torch.Tensor, k: torch.Tensor, scale: float, *, causal: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool = False,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> torch.Tensor:
     """‖(D⁻¹A)_{:,j}‖₂² for every key j: (b, h, n_k) float64."""
@@ -72,8 +87,14 @@ def attention_column_sq_norms(
 
 
 def attention_spectral_norm(
-    q: torch.Tensor, k: torch.Tensor, scale: float, *, causal: bool = False,
-    iterations: int = 30, tol: float = 1e-7, generator: torch.Generator | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool = False,
+    iterations: int = 30,
+    tol: float = 1e-7,
+    generator: torch.Generator | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> torch.Tensor:
     """‖D⁻¹A‖₂ per slice, (b, h) float64, by power iteration on (D⁻¹A)ᵀ(D⁻¹A).
@@ -88,7 +109,9 @@ def attention_spectral_norm(
     sigma = torch.zeros(b, h, dtype=torch.float64, device=k.device)
     for _ in range(iterations):
         z = torch.zeros_like(x)
-        for _, _, probs in iter_softmax_chunks(q, k, scale, causal=causal, memory_bytes=memory_bytes):
+        for _, _, probs in iter_softmax_chunks(
+            q, k, scale, causal=causal, memory_bytes=memory_bytes
+        ):
             z += probs.transpose(-1, -2) @ (probs @ x)
         norm = z.norm(dim=-2, keepdim=True)
         new_sigma = norm.squeeze(-1).squeeze(-1).sqrt()

@@ -207,9 +207,7 @@ def choose_columns(
 # ---- the tables ----------------------------------------------------------------------------------
 
 
-def render_table(
-    report: RunReport, console: Console, columns: Sequence[str] | None = None
-) -> None:
+def render_table(report: RunReport, console: Console, columns: Sequence[str] | None = None) -> None:
     rows = aggregate(report.results, report.floors.mean_floor(PRIMARY))
     chosen, left_out = choose_columns(rows, console.width, columns)
     if columns is not None:
@@ -297,7 +295,11 @@ def render_pareto(report: RunReport, rows: list[Setting], console: Console) -> N
                 for r in rows
                 if r.method == name and r.status == "ok" and r.error(metric) is not None
             ]
-            best = f"not reached (best {min(reached):.4f})" if reached else "not reached (no ok result)"
+            best = (
+                f"not reached (best {min(reached):.4f})"
+                if reached
+                else "not reached (no ok result)"
+            )
             table.add_row(name, "—", "—", best, "—", "—", style="yellow")
             continue
         budget = "—" if pick.budget is None else str(pick.budget)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -438,7 +438,7 @@ class Result:
 
 def _legacy_role(method: str, oracle: bool) -> str:
     """Version-1 results carry no role: the registry's declaration, else what the record says."""
-    from kdecli.methods import method_names, get_method_class
+    from kdecli.methods import get_method_class, method_names
 
     if method in method_names():
         return get_method_class(method).role
@@ -579,9 +579,6 @@ class RunReport:
             pareto=None if pareto is None else Pareto.from_dict(pareto),
             kdecli_version=top.str("kdecli_version", "?"),
         )
-
-    def with_pareto(self, pareto: Pareto | None) -> RunReport:
-        return replace(self, pareto=pareto)
 
 
 # ---- files ---------------------------------------------------------------------------------------

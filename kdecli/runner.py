@@ -92,7 +92,9 @@ def derive_seed(run_seed: int, method: str) -> int:
 
 
 def plan_jobs(
-    methods: Sequence[str], budgets: Sequence[int], params: dict[str, dict[str, Any]] | None,
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    params: dict[str, dict[str, Any]] | None,
     n_k: int,
 ) -> list[Job]:
     """Validate names, parameters and budgets; one job per method × budget (one for budget-free)."""
@@ -123,7 +125,9 @@ def plan_jobs(
             )
     unused = set(shared) - {p.name for job in jobs for p in get_method_class(job.method).params}
     if unused:
-        raise ParameterError(f"no method run here has a parameter named {', '.join(sorted(unused))}.")
+        raise ParameterError(
+            f"no method run here has a parameter named {', '.join(sorted(unused))}."
+        )
     return jobs
 
 
@@ -200,11 +204,15 @@ def compare(
         for run_seed in job_seeds:
             if on_progress:
                 on_progress(done, total, f"{job.method} budget={job.budget} seed={run_seed}")
-            outcome = _run_one(method, work, reference, softmax_scale, causal, run_seed, device, norms)
+            outcome = _run_one(
+                method, work, reference, softmax_scale, causal, run_seed, device, norms
+            )
             time = None
             if config.timing and outcome.status == "ok":
                 if method_time is None:
-                    method_time = _time_method(method, work, softmax_scale, config, run_seed, device)
+                    method_time = _time_method(
+                        method, work, softmax_scale, config, run_seed, device
+                    )
                 time = _result_time(method_time, exact_time)
             beats = None
             if method.role != "baseline":
@@ -278,8 +286,14 @@ def _run_one(method, work: QKV, reference, scale, causal, run_seed, device, norm
     flops = flops if math.isfinite(flops) else None
     try:
         with torch.no_grad():
-            out = method(work.q, work.k, work.v, scale=scale, causal=causal,
-                         generator=_generator(device, run_seed, method.name))
+            out = method(
+                work.q,
+                work.k,
+                work.v,
+                scale=scale,
+                causal=causal,
+                generator=_generator(device, run_seed, method.name),
+            )
     except torch.OutOfMemoryError as exc:
         return _Outcome("oom", _first_line(exc), flops=flops)
     except (ParameterError, UsageError) as exc:
@@ -294,7 +308,9 @@ def _run_one(method, work: QKV, reference, scale, causal, run_seed, device, norm
     bad = int((~torch.isfinite(out)).sum())
     if bad:
         return _Outcome("error", f"non-finite output: {bad} NaN or infinite values", flops=flops)
-    return _Outcome(errors=_summaries(slice_errors(out, reference, **_norm_kwargs(norms))), flops=flops)
+    return _Outcome(
+        errors=_summaries(slice_errors(out, reference, **_norm_kwargs(norms))), flops=flops
+    )
 
 
 def _norm_kwargs(norms) -> dict[str, torch.Tensor]:
@@ -322,8 +338,10 @@ def _time_exact(work: QKV, scale, config: RunConfig, device) -> Timing | str:
     exact = method_of_role("reference")()
     try:  # at least two warm-up calls: the first SDPA calls of a process set up thread buffers
         return time_call(
-            lambda: exact(work.q, work.k, work.v, scale=scale, causal=config.causal), device,
-            repeats=config.repeats, warmup=max(config.warmup, 2),
+            lambda: exact(work.q, work.k, work.v, scale=scale, causal=config.causal),
+            device,
+            repeats=config.repeats,
+            warmup=max(config.warmup, 2),
         )
     except torch.OutOfMemoryError as exc:
         return f"exact attention ran out of memory: {_first_line(exc)}"
@@ -345,7 +363,9 @@ def _result_time(method_time: Timing | str, exact_time: Timing | str | None) -> 
 
 def floors(reference: torch.Tensor, v64: torch.Tensor, causal: bool, norms) -> Floors:
     """Errors of the two trivial answers: the mean of V for every query, and zeros."""
-    mean_out = method_of_role("baseline")()(v64.new_zeros(*reference.shape[:-1], 1), v64, v64, causal=causal)
+    mean_out = method_of_role("baseline")()(
+        v64.new_zeros(*reference.shape[:-1], 1), v64, v64, causal=causal
+    )
     kwargs = _norm_kwargs(norms)
     return Floors(
         mean=_summaries(slice_errors(mean_out, reference, **kwargs)),

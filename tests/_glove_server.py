@@ -37,7 +37,9 @@ class GloveServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
@@ -94,13 +96,19 @@ def glove_text(vectors: np.ndarray, words: list[str]) -> bytes:
 def make_vectors(rows: int, dim: int, seed: int) -> tuple[np.ndarray, list[str]]:
     rng = np.random.default_rng(seed)
     words = [f"w{i}" for i in range(rows)]
-    words[1:4] = ["#", "naïve", "日本"]  # a comment character and non-ASCII words, as in the real files
+    words[1:4] = [
+        "#",
+        "naïve",
+        "日本",
+    ]  # a comment character and non-ASCII words, as in the real files
     return rng.standard_normal((rows, dim)).astype(np.float32), words
 
 
 def expected_vectors(text: bytes) -> np.ndarray:
     """The oracle: each number parsed on its own with float()."""
-    return np.array([[float(x) for x in line.split(b" ")[1:]] for line in text.splitlines()], np.float32)
+    return np.array(
+        [[float(x) for x in line.split(b" ")[1:]] for line in text.splitlines()], np.float32
+    )
 
 
 def make_zip(members: dict[str, bytes]) -> bytes:

@@ -39,8 +39,10 @@ def anti_aligned_inputs(norm=60.0):
 
 def mean_error(method, q, k, v, scale, ref, seeds, metric="rel_spectral"):
     """``metric`` of ``method`` against ``ref``, averaged over slices and over one call per seed."""
-    errors = [slice_errors(method(q, k, v, scale=scale, generator=gen(s)), ref)[metric].mean()
-              for s in seeds]
+    errors = [
+        slice_errors(method(q, k, v, scale=scale, generator=gen(s)), ref)[metric].mean()
+        for s in seeds
+    ]
     return float(torch.stack(errors).mean())
 
 

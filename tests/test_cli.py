@@ -22,7 +22,9 @@ def invoke(*args, env=None):
 
 
 def test_approx_json_is_the_only_thing_on_stdout():
-    res = invoke("approx", SYN, "--method", "kdeformer", "--budget", 32, "--format", "json", "--repeats", 1)
+    res = invoke(
+        "approx", SYN, "--method", "kdeformer", "--budget", 32, "--format", "json", "--repeats", 1
+    )
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["schema_version"] == SCHEMA_VERSION and doc["results"][0]["method"] == "kdeformer"
@@ -31,8 +33,20 @@ def test_approx_json_is_the_only_thing_on_stdout():
 
 
 def test_compare_table_on_sample_data_mentions_floors_and_params():
-    res = invoke("compare", SAMPLE, "--methods", "exact,kdeformer", "--budgets", "64,128", "--seeds", 2,
-                 "--repeats", 1, "--n", 512)
+    res = invoke(
+        "compare",
+        SAMPLE,
+        "--methods",
+        "exact,kdeformer",
+        "--budgets",
+        "64,128",
+        "--seeds",
+        2,
+        "--repeats",
+        1,
+        "--n",
+        512,
+    )
     assert res.exit_code == 0, res.stderr
     out = res.stdout
     assert "kdeformer" in out and "floors: mean-of-V baseline" in out
@@ -42,8 +56,22 @@ def test_compare_table_on_sample_data_mentions_floors_and_params():
 
 def test_jsonl_streams_header_then_results(tmp_path):
     out = tmp_path / "r.jsonl"
-    res = invoke("compare", SYN, "--methods", "mean,kdeformer", "--budgets", "16,32", "--seeds", 2,
-                 "--format", "jsonl", "--output", out, "--repeats", 1)
+    res = invoke(
+        "compare",
+        SYN,
+        "--methods",
+        "mean,kdeformer",
+        "--budgets",
+        "16,32",
+        "--seeds",
+        2,
+        "--format",
+        "jsonl",
+        "--output",
+        out,
+        "--repeats",
+        1,
+    )
     assert res.exit_code == 0, res.stderr
     assert res.stdout == ""
     lines = [json.loads(line) for line in out.read_text().splitlines()]
@@ -52,8 +80,19 @@ def test_jsonl_streams_header_then_results(tmp_path):
 
 
 def test_csv_is_flat(tmp_path):
-    res = invoke("compare", SYN, "--methods", "kdeformer", "--budgets", "16", "--seeds", 3,
-                 "--format", "csv", "--no-timing")
+    res = invoke(
+        "compare",
+        SYN,
+        "--methods",
+        "kdeformer",
+        "--budgets",
+        "16",
+        "--seeds",
+        3,
+        "--format",
+        "csv",
+        "--no-timing",
+    )
     assert res.exit_code == 0, res.stderr
     rows = list(csv.DictReader(io.StringIO(res.stdout)))
     assert len(rows) == 3 and {r["seed"] for r in rows} == {"0", "1", "2"}
@@ -61,8 +100,19 @@ def test_csv_is_flat(tmp_path):
 
 
 def test_params_override_budget_mapping():
-    res = invoke("approx", SYN, "--budget", 32, "--param", "num_projs=3", "-p", "block_size=5",
-                 "--format", "json", "--no-timing")
+    res = invoke(
+        "approx",
+        SYN,
+        "--budget",
+        32,
+        "--param",
+        "num_projs=3",
+        "-p",
+        "block_size=5",
+        "--format",
+        "json",
+        "--no-timing",
+    )
     assert res.exit_code == 0, res.stderr
     params = json.loads(res.stdout)["results"][0]["params"]
     assert params == {"block_size": 5, "samples": 32, "num_projs": 3, "sampling": "value-norm"}
@@ -114,7 +164,9 @@ def test_methods_listing_json_and_reasons():
     assert res.exit_code == 0
     names = [m["name"] for m in json.loads(res.stdout)]
     assert {"exact", "mean", "kdeformer"} <= set(names)
-    res = invoke("methods", "kdeformer", "--input", "synthetic:n=64,d=8", "--causal", "--format", "json")
+    res = invoke(
+        "methods", "kdeformer", "--input", "synthetic:n=64,d=8", "--causal", "--format", "json"
+    )
     entry = json.loads(res.stdout)
     assert entry["params_at_budget"]["samples"] == 256
     assert any("causal" in reason for reason in entry["reasons"])
@@ -124,6 +176,10 @@ def test_methods_listing_json_and_reasons():
 
 
 def test_python_dash_m_and_console_script_work():
-    res = subprocess.run([sys.executable, "-m", "kdecli", "methods", "--format", "json"],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "kdecli", "methods", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0 and json.loads(res.stdout)

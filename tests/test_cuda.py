@@ -34,23 +34,31 @@ def test_method_runs_on_the_gpu_with_a_gpu_generator(name):
     assert torch.equal(out, again)
 
 
-@pytest.mark.parametrize("name", ["exact", "kdeformer", "reformer", "scatterbrain", "hyperattention"])
+@pytest.mark.parametrize(
+    "name", ["exact", "kdeformer", "reformer", "scatterbrain", "hyperattention"]
+)
 def test_exact_limits_hold_on_the_gpu(name):
     needs_cuda()
     q, k, v = (t.cuda() for t in make_qkv(1, 2, 97, 97, 21, 13))
-    limit = {"kdeformer": {"block_size": 97}, "reformer": {"chunk_size": 97},
-             "scatterbrain": {"local_context": 2 * 97}, "hyperattention": {"block_size": 97}}
+    limit = {
+        "kdeformer": {"block_size": 97},
+        "reformer": {"chunk_size": 97},
+        "scatterbrain": {"local_context": 2 * 97},
+        "hyperattention": {"block_size": 97},
+    }
     budget = 16 if get_method_class(name).uses_budget else None
     out = make_method(name, budget, **limit.get(name, {}))(
-        q, k, v, scale=0.2, generator=torch.Generator(device="cuda").manual_seed(0))
+        q, k, v, scale=0.2, generator=torch.Generator(device="cuda").manual_seed(0)
+    )
     assert (out - exact_attention(q, k, v, 0.2)).abs().max() < 1e-9
 
 
 def test_a_whole_run_on_the_gpu_times_with_synchronisation():
     needs_cuda()
     qkv = kdecli.load_input("synthetic:n=513,d=32,b=2,h=2,kind=clustered")
-    report = kdecli.compare(qkv, ["exact", "mean", "kdeformer", "performer"], [64], seeds=2,
-                            device="cuda", repeats=2)
+    report = kdecli.compare(
+        qkv, ["exact", "mean", "kdeformer", "performer"], [64], seeds=2, device="cuda", repeats=2
+    )
     assert report.environment["device"].startswith("cuda")
     assert all(r.status == "ok" for r in report.results)
     assert all(r.time.method_s.peak_memory_bytes > 0 for r in report.results)

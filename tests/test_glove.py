@@ -149,7 +149,9 @@ def test_a_corrupt_member_in_the_cached_archive_is_removed(server, cache):
     cache.mkdir()
     data = bytearray(ARCHIVE)
     info = zipfile.ZipFile(io.BytesIO(ARCHIVE)).getinfo("glove.6B.50d.txt")
-    data[info.header_offset + 200 : info.header_offset + 400] = os.urandom(200)  # inside the deflate stream
+    data[info.header_offset + 200 : info.header_offset + 400] = os.urandom(
+        200
+    )  # inside the deflate stream
     (cache / "glove.6B.zip").write_bytes(bytes(data))
     with pytest.raises(RuntimeFailure, match="corrupt"):
         fetch(server, cache)
@@ -195,7 +197,9 @@ def test_connection_refused_suggests_a_mirror_or_a_file(cache):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(RuntimeFailure, match="cannot reach") as info:
-        glove_cache.download_glove("6B", 50, cache_dir=cache, url=f"http://127.0.0.1:{port}/glove.6B.zip")
+        glove_cache.download_glove(
+            "6B", 50, cache_dir=cache, url=f"http://127.0.0.1:{port}/glove.6B.zip"
+        )
     assert "--url" in info.value.hint and "--from-file" in info.value.hint
     assert leftovers(cache) == []
 
@@ -233,14 +237,19 @@ def test_a_full_disk_is_reported(server, cache):
     (cache / "glove.6B.50d.npy.incomplete").symlink_to("/dev/full")
     with pytest.raises(RuntimeFailure, match="no space left"):
         fetch(server, cache)
-    assert not (cache / "glove.6B.50d.npy").exists() and not (cache / "glove.6B.50d.words.txt").exists()
+    assert (
+        not (cache / "glove.6B.50d.npy").exists()
+        and not (cache / "glove.6B.50d.words.txt").exists()
+    )
     assert leftovers(cache) == []
 
 
 def test_from_file_takes_a_zip_or_the_text_and_never_downloads(tmp_path, cache):
     archive = tmp_path / "glove.6B.zip"
     archive.write_bytes(ARCHIVE)
-    result = glove_cache.download_glove("6B", 50, cache_dir=cache, from_file=archive, url="http://127.0.0.1:9/x")
+    result = glove_cache.download_glove(
+        "6B", 50, cache_dir=cache, from_file=archive, url="http://127.0.0.1:9/x"
+    )
     assert not result.downloaded and result.converted and archive.exists()
     np.testing.assert_array_equal(np.load(result.vectors_path), expected_vectors(TEXT50))
     text = tmp_path / "glove.6B.100d.txt"
@@ -259,7 +268,9 @@ def test_corpus_names_are_normalised():
     assert glove_cache.get_variant("glove.840B.300d.zip").corpus == "840B.300d"
     assert glove_cache.get_variant("Twitter.27b").member(25) == "glove.twitter.27B.25d.txt"
     assert glove_cache.get_variant("42B").member(300) == "glove.42B.300d.txt"
-    assert glove_cache.get_variant("840B").url == "https://nlp.stanford.edu/data/glove.840B.300d.zip"
+    assert (
+        glove_cache.get_variant("840B").url == "https://nlp.stanford.edu/data/glove.840B.300d.zip"
+    )
     with pytest.raises(UsageError, match="Did you mean `6B`"):
         glove_cache.get_variant("6b.")
 
@@ -292,17 +303,21 @@ def test_parsing_across_many_small_blocks_matches_the_oracle(monkeypatch):
 
 
 def test_parsing_odd_lines():
-    text = (b"3 2\r\n"  # a word2vec header, Windows line ends
-            b"a b 1.5 -2\r\n"  # a word with a space, as in glove.840B
-            b"\xc2\xa0 3 4 \r\n"  # a no-break space as the word, a trailing space
-            b"c 5e-1 6")  # no final newline
+    text = (
+        b"3 2\r\n"  # a word2vec header, Windows line ends
+        b"a b 1.5 -2\r\n"  # a word with a space, as in glove.840B
+        b"\xc2\xa0 3 4 \r\n"  # a no-break space as the word, a trailing space
+        b"c 5e-1 6"
+    )  # no final newline
     vectors, words = parse(text)
     np.testing.assert_array_equal(vectors, np.array([[1.5, -2], [3, 4], [0.5, 6]], np.float32))
     assert words == ["a b", "\xa0", "c"]
 
 
 def test_parsing_errors_name_the_line():
-    with pytest.raises(InputError, match=r"t\.txt, line 2: expected a word and 3 numbers; found a word and 2"):
+    with pytest.raises(
+        InputError, match=r"t\.txt, line 2: expected a word and 3 numbers; found a word and 2"
+    ):
         parse(b"a 1 2 3\nb 1 2\n")
     with pytest.raises(InputError, match="line 2: a value is not a finite number"):
         parse(b"a 1 2\nb nan 2\n")
@@ -321,11 +336,16 @@ def test_protocol_layout_and_cropping():
     for b in range(batch):
         for i in range(4):
             assert torch.equal(q[b, 0, i], torch.from_numpy(rows[b * max_len + i]))
-            assert torch.equal(v[b, 0, i], torch.from_numpy(rows[2 * batch * max_len + b * max_len + i]))
+            assert torch.equal(
+                v[b, 0, i], torch.from_numpy(rows[2 * batch * max_len + b * max_len + i])
+            )
     assert torch.equal(k, q) and k.data_ptr() != q.data_ptr()
     full = glove.glove_qkv(rows, batch=batch, max_len=max_len)
     assert full[0].shape == (batch, 1, max_len, d)
-    assert glove.glove_qkv(rows.astype(np.float64), batch=batch, max_len=max_len)[2].dtype == torch.float64
+    assert (
+        glove.glove_qkv(rows.astype(np.float64), batch=batch, max_len=max_len)[2].dtype
+        == torch.float64
+    )
 
 
 def test_protocol_too_short_names_both_counts():
@@ -355,10 +375,20 @@ def test_every_glove_form_loads_the_same_vectors(server, cache, tmp_path, monkey
     single = tmp_path / "one.zip"
     single.write_bytes(make_zip({"glove.6B.50d.txt": TEXT50}))
     result = fetch(server, cache)
-    for spec in (f"glove:{text}", f"glove:{both}#50", f"glove:{both}#50d", f"glove:{single}",
-                 f"glove:{result.vectors_path}", f"{text}"):
-        np.testing.assert_array_equal(glove.resolve_glove_source(spec, cache_dir=cache), expected, err_msg=spec)
-    np.testing.assert_array_equal(glove.resolve_glove_source("glove:6B.50d", cache_dir=cache), expected)
+    for spec in (
+        f"glove:{text}",
+        f"glove:{both}#50",
+        f"glove:{both}#50d",
+        f"glove:{single}",
+        f"glove:{result.vectors_path}",
+        f"{text}",
+    ):
+        np.testing.assert_array_equal(
+            glove.resolve_glove_source(spec, cache_dir=cache), expected, err_msg=spec
+        )
+    np.testing.assert_array_equal(
+        glove.resolve_glove_source("glove:6B.50d", cache_dir=cache), expected
+    )
     monkeypatch.setenv("KDECLI_CACHE_DIR", str(cache))
     np.testing.assert_array_equal(glove.resolve_glove_source("glove:glove.6B.50d"), expected)
     assert glove.resolve_glove_source(f"glove:{text}", max_rows=10).shape == (10, 50)
@@ -393,7 +423,9 @@ def test_load_glove_input(tmp_path):
     q, k, v, scale, source = glove.load_glove_input(f"glove:{path}", n=25, batch=2, max_len=40)
     assert q.shape == v.shape == (2, 1, 25, 6) and torch.equal(q, k)
     assert scale == pytest.approx(10**-0.5) and str(path) in source and "batch 2" in source
-    q, _, v, _, _ = glove.load_glove_input(f"glove:{path}", n=80, batch=1, max_len=40)  # n > max_len: longer blocks
+    q, _, v, _, _ = glove.load_glove_input(
+        f"glove:{path}", n=80, batch=1, max_len=40
+    )  # n > max_len: longer blocks
     assert q.shape == (1, 1, 80, 6) and torch.equal(v[0, 0], torch.from_numpy(rows[160:240]))
     with pytest.raises(InputError, match="needs 393,216 rows"):
         glove.load_glove_input(f"glove:{path}")
@@ -411,7 +443,16 @@ def invoke(args, **kwargs):
 
 
 def test_the_command_prints_the_cache_path_and_says_when_there_is_nothing_to_do(server, cache):
-    args = ["--corpus", "6B", "--dim", "50", "--cache-dir", str(cache), "--url", server.url("glove.6B.zip")]
+    args = [
+        "--corpus",
+        "6B",
+        "--dim",
+        "50",
+        "--cache-dir",
+        str(cache),
+        "--url",
+        server.url("glove.6B.zip"),
+    ]
     first = invoke(args)
     assert first.exit_code == 0, first.output
     assert first.stdout.strip() == str(cache / "glove.6B.50d.npy")
@@ -425,8 +466,23 @@ def test_the_command_prints_the_cache_path_and_says_when_there_is_nothing_to_do(
 
 def test_the_command_maps_errors_and_interrupts_to_exit_codes(server, cache, monkeypatch):
     usage = invoke(["--corpus", "7B", "--cache-dir", str(cache)])
-    assert usage.exit_code == 2 and "Error: unknown GloVe corpus `7B`" in usage.stderr and usage.stdout == ""
-    broken = invoke(["--corpus", "6B", "--dim", "50", "--cache-dir", str(cache), "--url", server.url("nothing.zip")])
+    assert (
+        usage.exit_code == 2
+        and "Error: unknown GloVe corpus `7B`" in usage.stderr
+        and usage.stdout == ""
+    )
+    broken = invoke(
+        [
+            "--corpus",
+            "6B",
+            "--dim",
+            "50",
+            "--cache-dir",
+            str(cache),
+            "--url",
+            server.url("nothing.zip"),
+        ]
+    )
     assert broken.exit_code == 1 and "HTTP 404" in broken.stderr
 
     def interrupted(*args, **kwargs):

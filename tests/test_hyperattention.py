@@ -99,8 +99,13 @@ def test_sampled_row_sum_is_unbiased():
     g = gen(3)
     one = sort_into_blocks(q * scale, k, block_size=16, num_projs=3, generator=g)
     blocks = SortedBlocks(
-        one.q_order.expand(trials, 1, -1), one.k_order.expand(trials, 1, -1), one.num_blocks,
-        one.query_block, one.key_block, one.n_q, one.n_k,
+        one.q_order.expand(trials, 1, -1),
+        one.k_order.expand(trials, 1, -1),
+        one.num_blocks,
+        one.query_block,
+        one.key_block,
+        one.n_q,
+        one.n_k,
     )
     many = [x.expand(trials, -1, -1, -1) for x in (q * scale, k, v)]
     lse, _ = hyper_lse(*many, blocks, torch.randint(97, (trials, 1, m), generator=g))

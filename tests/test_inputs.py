@@ -9,9 +9,11 @@ from kdecli.inputs import load_input, resolve_device, resolve_dtype
 
 def arrays(b=2, h=3, n_q=47, n_k=59, d=21, d_v=13, dtype=np.float32):
     rng = np.random.default_rng(0)
-    return (rng.standard_normal((b, h, n_q, d)).astype(dtype),
-            rng.standard_normal((b, h, n_k, d)).astype(dtype),
-            rng.standard_normal((b, h, n_k, d_v)).astype(dtype))
+    return (
+        rng.standard_normal((b, h, n_q, d)).astype(dtype),
+        rng.standard_normal((b, h, n_k, d)).astype(dtype),
+        rng.standard_normal((b, h, n_k, d_v)).astype(dtype),
+    )
 
 
 def test_npz_with_long_names_and_cross_lengths(tmp_path):
@@ -57,8 +59,15 @@ def test_three_npy_files_and_layouts(tmp_path):
 def test_pt_dict_and_stored_scale(tmp_path):
     q, k, v = (torch.from_numpy(x) for x in arrays())
     path = tmp_path / "acts.pt"
-    torch.save({"q": q.to(torch.bfloat16), "k": k.to(torch.bfloat16), "v": v.to(torch.bfloat16),
-                "scale": torch.tensor(0.25)}, path)
+    torch.save(
+        {
+            "q": q.to(torch.bfloat16),
+            "k": k.to(torch.bfloat16),
+            "v": v.to(torch.bfloat16),
+            "scale": torch.tensor(0.25),
+        },
+        path,
+    )
     qkv = load_input(str(path))
     assert qkv.q.dtype == torch.bfloat16 and qkv.scale() == 0.25 and qkv.scale(0.5) == 0.5
 

@@ -54,7 +54,9 @@ def test_uniform_attention_matches_closed_form():
         assert s["output_norm"] == pytest.approx(math.sqrt(n_q) * float(v_bar.norm()), rel=1e-10)
         assert s["attention_norm"] == pytest.approx(math.sqrt(n_q / n_k), rel=1e-6)
         assert s["value_norm"] == pytest.approx(float(torch.linalg.matrix_norm(vs, 2)), rel=1e-12)
-        expected_ratio = math.sqrt(n_k) * float(v_bar.norm()) / float(torch.linalg.matrix_norm(vs, 2))
+        expected_ratio = (
+            math.sqrt(n_k) * float(v_bar.norm()) / float(torch.linalg.matrix_norm(vs, 2))
+        )
         assert s["output_ratio"] == pytest.approx(expected_ratio, rel=1e-6)
         assert s["exp_overflow"] == {"float32": False, "bfloat16": False, "float16": False}
     assert doc["summary"]["entropy"]["mean"]["min"] == pytest.approx(math.log(n_k), rel=1e-12)
@@ -67,15 +69,19 @@ def test_zero_mean_values_under_uniform_attention_warn_about_rel_spectral():
     g = torch.Generator().manual_seed(2)
     v = torch.randn(n, 6, generator=g, dtype=torch.float64)
     v -= v.mean(0)  # the exact output is (numerically) zero
-    doc = inspect_input(qkv_of(torch.zeros(n, 4, dtype=torch.float64), torch.randn(n, 4, generator=g), v),
-                        device="cpu")
+    doc = inspect_input(
+        qkv_of(torch.zeros(n, 4, dtype=torch.float64), torch.randn(n, 4, generator=g), v),
+        device="cpu",
+    )
     assert doc["slices"][0]["output_ratio"] < 1e-12
     assert len(doc["warnings"]) == 1 and "bound_normalized" in doc["warnings"][0]
 
 
 def test_one_hot_attention_entropy_is_zero_and_top_mass_one():
     n, d = 13, 21
-    rows = orthonormal_rows(n, d).float()  # K = Q, orthonormal: logits s on the diagonal, 0 elsewhere
+    rows = orthonormal_rows(
+        n, d
+    ).float()  # K = Q, orthonormal: logits s on the diagonal, 0 elsewhere
     v = torch.randn(n, 5, generator=torch.Generator().manual_seed(3))
     scale = 200.0
     doc = inspect_input(qkv_of(rows, rows, v), scale=scale, device="cpu")
@@ -94,8 +100,9 @@ def test_peaked_attention_matches_closed_form_entropy():
     # logits s on the diagonal and 0 elsewhere: p_ii = eˢ/Z, Z = eˢ + n − 1, H = log Z − s·eˢ/Z
     n, scale = 13, 2.0
     rows = orthonormal_rows(n, 21, seed=4)
-    doc = inspect_input(qkv_of(rows, rows, torch.ones(n, 3, dtype=torch.float64)), scale=scale,
-                        device="cpu")
+    doc = inspect_input(
+        qkv_of(rows, rows, torch.ones(n, 3, dtype=torch.float64)), scale=scale, device="cpu"
+    )
     z = math.exp(scale) + n - 1
     entropy = math.log(z) - scale * math.exp(scale) / z
     s = doc["slices"][0]
@@ -110,8 +117,9 @@ def test_causal_logit_range_covers_visible_entries_only():
     k = torch.tensor([[4.0], [3.0], [2.0], [1.0]], dtype=torch.float64)
     v = torch.ones(4, 2, dtype=torch.float64)
     full = inspect_input(qkv_of(q, k, v), scale=1.0, device="cpu")["slices"][0]
-    causal = inspect_input(qkv_of(q, k, v), scale=1.0, causal=True, device="cpu",
-                           memory_bytes=3 * 8 * 4)["slices"][0]  # one query per chunk
+    causal = inspect_input(
+        qkv_of(q, k, v), scale=1.0, causal=True, device="cpu", memory_bytes=3 * 8 * 4
+    )["slices"][0]  # one query per chunk
     assert (full["logits"]["min"], full["logits"]["max"]) == (1.0, 16.0)
     assert (causal["logits"]["min"], causal["logits"]["max"]) == (4.0, 16.0)
     assert causal["entropy"]["min"] == 0.0  # the first query sees one key
@@ -168,11 +176,17 @@ def test_cli_table_and_output_file(tmp_path):
     assert set(doc["summary"]["logits"]["max"]) == {"mean", "min", "max"}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["inspect", "synthetic:n=9,d=3", "--format", "csv"], "--format must be one of table, json"),
-    (["inspect", "missing.npz"], "missing.npz: no such file"),
-    (["inspect", "synthetic:n=9,nq=5,d=3", "--causal"], "--causal needs as many queries"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["inspect", "synthetic:n=9,d=3", "--format", "csv"],
+            "--format must be one of table, json",
+        ),
+        (["inspect", "missing.npz"], "missing.npz: no such file"),
+        (["inspect", "synthetic:n=9,nq=5,d=3", "--causal"], "--causal needs as many queries"),
+    ],
+)
 def test_cli_refusals(args, message):
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and message in res.stderr and res.stdout == ""

@@ -18,7 +18,7 @@ from tests.conftest import gen, make_qkv, mean_error, rounding_bound
 def test_gray_rank_orders_codes_by_single_bit_flips():
     table = gray_rank_table(5)
     order = torch.argsort(table)  # codes listed in Gray order
-    flips = (order[1:] ^ order[:-1])
+    flips = order[1:] ^ order[:-1]
     assert all(bin(int(x)).count("1") == 1 for x in flips)
     assert sorted(table.tolist()) == list(range(32))
 
@@ -86,5 +86,7 @@ def test_float32_logits_in_the_hundreds_stay_accurate():
     sampled = make_method("kdeformer", 64)(q32, k32, v32, scale=scale, generator=gen(0))
     assert torch.isfinite(sampled).all()
     # at the exact limit the float32 result is as accurate as float32 rounding allows
-    exact_limit = make_method("kdeformer", 64, block_size=97)(q32, k32, v32, scale=scale, generator=gen(0))
+    exact_limit = make_method("kdeformer", 64, block_size=97)(
+        q32, k32, v32, scale=scale, generator=gen(0)
+    )
     assert (exact_limit.double() - ref).abs().max() < 1e-2 * v.abs().max()

@@ -65,5 +65,7 @@ def test_the_command_and_the_library_call_ask_for_huge_pages():
     )
     assert run_python(code).splitlines()[-1] == "1"
     assert run_python(code, THP_MEM_ALLOC_ENABLE="0").splitlines()[-1] == "0"  # the user's wins
-    code = "import kdecli, os; print(kdecli.enable_huge_pages(), os.environ['THP_MEM_ALLOC_ENABLE'])"
+    code = (
+        "import kdecli, os; print(kdecli.enable_huge_pages(), os.environ['THP_MEM_ALLOC_ENABLE'])"
+    )
     assert run_python(code) == "True 1"

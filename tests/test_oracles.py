@@ -13,7 +13,9 @@ from tests.conftest import make_qkv, mean_error
 def brute_topk(q, k, v, scale, m, causal):
     logits = scale * q @ k.transpose(-1, -2)
     if causal:
-        logits = logits.masked_fill(torch.ones_like(logits, dtype=torch.bool).triu(1), float("-inf"))
+        logits = logits.masked_fill(
+            torch.ones_like(logits, dtype=torch.bool).triu(1), float("-inf")
+        )
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
     for idx in torch.cartesian_prod(*(torch.arange(s) for s in q.shape[:-1])).tolist():
         row = logits[tuple(idx)]
@@ -35,8 +37,10 @@ def test_topk_beats_uniform_sampling():
     """The ceiling of sparse methods: its m keys beat m random ones (mean over seeds)."""
     q, k, v = make_qkv(1, 2, 1025, 1025, 16, 8)
     ref = exact_attention(q, k, v, 0.5)
-    topk, uniform = (mean_error(make_method(name, 128), q, k, v, 0.5, ref, range(3))
-                     for name in ("topk", "uniform"))
+    topk, uniform = (
+        mean_error(make_method(name, 128), q, k, v, 0.5, ref, range(3))
+        for name in ("topk", "uniform")
+    )
     assert topk < uniform, (topk, uniform)
 
 
@@ -49,6 +53,7 @@ def test_rankk_is_the_truncated_svd(n_q, n_k):
     best = (u[..., :m] * s[..., None, :m]) @ vh[..., :m, :] @ v
     out = make_method("rankk", m)(q, k, v, scale=0.3)
     assert (out - best).abs().max() <= 1e-9
+
 
 @pytest.mark.parametrize("name,default", [("topk", 131072), ("rankk", 8192)])
 def test_oracles_refuse_above_their_limit_and_say_how_to_raise_it(name, default):

@@ -21,23 +21,36 @@ runner = CliRunner()
 def record(method, budget, errors, flops, seconds=None, status="ok", seed=0, params=None):
     """One result record; ``errors`` is the slice-mean rel_spectral of this seed."""
     return {
-        "method": method, "budget": budget, "seed": seed, "params": params or {"m": budget},
-        "status": status, "reason": None if status == "ok" else "because",
-        "errors": {} if status != "ok" else {"rel_spectral": {"mean": errors, "max": errors,
-                                                              "per_slice": [errors]}},
-        "time": None if seconds is None else {"method_s": {"median": seconds}, "exact_s": None,
-                                              "speedup": None},
+        "method": method,
+        "budget": budget,
+        "seed": seed,
+        "params": params or {"m": budget},
+        "status": status,
+        "reason": None if status == "ok" else "because",
+        "errors": {}
+        if status != "ok"
+        else {"rel_spectral": {"mean": errors, "max": errors, "per_slice": [errors]}},
+        "time": None
+        if seconds is None
+        else {"method_s": {"median": seconds}, "exact_s": None, "speedup": None},
         "flops": flops,
     }
 
 
 def document(records):
     return {
-        "schema_version": 1, "environment": ENVIRONMENT,
-        "input": {"source": "hand", "scale": 0.5, "causal": False,
-                  "shape": {"b": 1, "h": 1, "n_q": 4, "n_k": 4, "d": 2, "d_v": 2}},
-        "floors": {"mean": {m: {"mean": 0.3} for m in ("rel_spectral", "rel_frobenius", "max_row_rel")},
-                   "zero": {}},
+        "schema_version": 1,
+        "environment": ENVIRONMENT,
+        "input": {
+            "source": "hand",
+            "scale": 0.5,
+            "causal": False,
+            "shape": {"b": 1, "h": 1, "n_q": 4, "n_k": 4, "d": 2, "d_v": 2},
+        },
+        "floors": {
+            "mean": {m: {"mean": 0.3} for m in ("rel_spectral", "rel_frobenius", "max_row_rel")},
+            "zero": {},
+        },
         "results": records,
     }
 
@@ -48,19 +61,26 @@ def results():
 
 
 RECORDS = [
-        # a: error falls with the budget; 0.2 at budget 16 reaches a target of 0.2 (inclusive)
-        record("a", 8, 0.5, 100.0), record("a", 16, 0.2, 200.0), record("a", 32, 0.1, 400.0),
-        # b: two settings with equal FLOPs: the faster wins
-        record("b", 8, 0.15, 100.0, seconds=2.0), record("b", 16, 0.12, 100.0, seconds=1.0),
-        # c: one seed below the target, but the seed mean (0.225) is not
-        record("c", 8, 0.10, 50.0, seed=0), record("c", 8, 0.35, 50.0, seed=1),
-        # d: the cheap setting failed on one seed, so it does not count
-        record("d", 8, 0.05, 10.0, seed=0), record("d", 8, None, 10.0, seed=1, status="oom"),
-        record("d", 16, 0.05, 20.0, seconds=0.5, seed=0), record("d", 16, 0.07, 20.0, seconds=0.5, seed=1),
-        # e: no cost model (flops None) ranks after any setting with one
-        record("e", 8, 0.1, None, seconds=0.1), record("e", 16, 0.1, 1e9, seconds=9.0),
-        # f: never reaches it
-        record("f", None, 0.9, 5.0, params={}),
+    # a: error falls with the budget; 0.2 at budget 16 reaches a target of 0.2 (inclusive)
+    record("a", 8, 0.5, 100.0),
+    record("a", 16, 0.2, 200.0),
+    record("a", 32, 0.1, 400.0),
+    # b: two settings with equal FLOPs: the faster wins
+    record("b", 8, 0.15, 100.0, seconds=2.0),
+    record("b", 16, 0.12, 100.0, seconds=1.0),
+    # c: one seed below the target, but the seed mean (0.225) is not
+    record("c", 8, 0.10, 50.0, seed=0),
+    record("c", 8, 0.35, 50.0, seed=1),
+    # d: the cheap setting failed on one seed, so it does not count
+    record("d", 8, 0.05, 10.0, seed=0),
+    record("d", 8, None, 10.0, seed=1, status="oom"),
+    record("d", 16, 0.05, 20.0, seconds=0.5, seed=0),
+    record("d", 16, 0.07, 20.0, seconds=0.5, seed=1),
+    # e: no cost model (flops None) ranks after any setting with one
+    record("e", 8, 0.1, None, seconds=0.1),
+    record("e", 16, 0.1, 1e9, seconds=9.0),
+    # f: never reaches it
+    record("f", None, 0.9, 5.0, params={}),
 ]
 
 
@@ -69,8 +89,13 @@ def test_cheapest_setting_per_method(results):
     assert pareto["target_error"] == 0.2 and pareto["metric"] == "rel_spectral"
     picks = pareto["methods"]
     assert list(picks) == ["a", "b", "c", "d", "e", "f"]
-    assert picks["a"] == {"budget": 16, "params": {"m": 16}, "flops": 200.0, "rel_spectral": 0.2,
-                          "method_s": None}
+    assert picks["a"] == {
+        "budget": 16,
+        "params": {"m": 16},
+        "flops": 200.0,
+        "rel_spectral": 0.2,
+        "method_s": None,
+    }
     assert picks["b"]["budget"] == 16 and picks["b"]["method_s"] == 1.0
     assert picks["c"] is None
     assert picks["d"]["budget"] == 16 and picks["d"]["rel_spectral"] == pytest.approx(0.06)
@@ -113,8 +138,17 @@ def _render(report, fmt):
 
 def test_compare_target_error_option():
     spec = "synthetic:n=64,d=8,kind=clustered"
-    args = ["compare", spec, "--methods", "exact,mean,uniform", "--budgets", "8,32,64", "--seeds", "2",
-            "--no-timing"]
+    args = [
+        "compare",
+        spec,
+        "--methods",
+        "exact,mean,uniform",
+        "--budgets",
+        "8,32,64",
+        "--seeds",
+        "2",
+        "--no-timing",
+    ]
     res = runner.invoke(app, [*args, "--target-error", "0.5", "--format", "json"])
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)

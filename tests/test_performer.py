@@ -5,7 +5,11 @@ import torch
 
 from kdecli.methods import make_method
 from kdecli.methods.features import (
-    favor_features, log_features, random_directions, split_scale, stabilised_features,
+    favor_features,
+    log_features,
+    random_directions,
+    split_scale,
+    stabilised_features,
 )
 from kdecli.reference import exact_attention
 from tests.conftest import anti_aligned_inputs, gen, make_qkv
@@ -13,8 +17,9 @@ from tests.conftest import anti_aligned_inputs, gen, make_qkv
 
 def directions(q, m, seed, orthogonal=True):
     b, h, _, d = q.shape
-    return random_directions(b, h, d, m, orthogonal=orthogonal, generator=gen(seed),
-                             device=q.device, dtype=q.dtype)
+    return random_directions(
+        b, h, d, m, orthogonal=orthogonal, generator=gen(seed), device=q.device, dtype=q.dtype
+    )
 
 
 def dense_favor(q, k, v, scale, omega, causal=False):
@@ -89,8 +94,9 @@ def test_features_estimate_row_sums_without_bias():
     exact = torch.exp(scale * q @ k.transpose(-1, -2)).sum(-1)[0, 0]  # (n,)
     q_many, k_many = q.expand(draws, 1, n, d), k.expand(draws, 1, n, d)
     for orthogonal in (True, False):
-        omega = random_directions(draws, 1, d, m, orthogonal=orthogonal, generator=gen(7),
-                                  device=q.device, dtype=q.dtype)
+        omega = random_directions(
+            draws, 1, d, m, orthogonal=orthogonal, generator=gen(7), device=q.device, dtype=q.dtype
+        )
         qf, kf, log_shift = favor_features(q_many, k_many, scale, omega)
         estimates = torch.exp(log_shift) * (qf * kf.sum(-2, keepdim=True)).sum(-1)  # (S, 1, n)
         mean, stderr = estimates.mean((0, 1)), estimates.std((0, 1)) / draws**0.5

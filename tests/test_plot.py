@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 import kdecli
 from kdecli.cli import app
-from kdecli.results import SCHEMA_VERSION
 from kdecli.errors import UsageError
 from kdecli.report import render, to_json
+from kdecli.results import SCHEMA_VERSION
 
 pytest.importorskip("matplotlib")
 from kdecli.plot import check_plot_path, figure, load_results, plot_reports  # noqa: E402
@@ -30,8 +30,9 @@ def recorded(tmp_path_factory):
     qkv = kdecli.load_input(SPEC)
     paths = {}
     for dtype, fmt in (("float32", "json"), ("float64", "jsonl")):
-        report = kdecli.compare(qkv, METHODS, [8, 16, 32], seeds=2, dtype=dtype, device="cpu",
-                                repeats=1, warmup=0)
+        report = kdecli.compare(
+            qkv, METHODS, [8, 16, 32], seeds=2, dtype=dtype, device="cpu", repeats=1, warmup=0
+        )
         buffer = io.StringIO()
         render(report, fmt, buffer)
         paths[dtype] = folder / f"run-{dtype}.{fmt}"
@@ -50,15 +51,18 @@ def test_budget_plot_has_one_line_per_budgeted_method(recorded):
     lines = method_lines(ax)
     assert set(lines) == {"kdeformer", "uniform"}  # exact: the reference; mean: the floor line
     assert list(lines["kdeformer"].get_xdata()) == [8, 16, 32]
-    seeds = [r.error("rel_spectral") for r in doc.results
-             if r.method == "kdeformer" and r.budget == 16]
+    seeds = [
+        r.error("rel_spectral") for r in doc.results if r.method == "kdeformer" and r.budget == 16
+    ]
     assert len(seeds) == 2 and lines["kdeformer"].get_ydata()[1] == pytest.approx(sum(seeds) / 2)
     bands = [c for c in ax.collections if c.get_gid() == "band"]
     assert len(bands) == 2  # both methods are randomized: a min–max band each
     floors = {line.get_label(): line for line in ax.get_lines() if line.get_gid() == "floor"}
     mean_floor = doc.floors.mean_floor()
     assert any(lbl.startswith("mean-of-V floor") for lbl in floors)
-    assert next(v for k, v in floors.items() if k.startswith("mean-of-V")).get_ydata()[0] == mean_floor
+    assert (
+        next(v for k, v in floors.items() if k.startswith("mean-of-V")).get_ydata()[0] == mean_floor
+    )
     assert ax.get_xscale() == "log"
     title = fig._suptitle.get_text()
     assert SPEC in title and "float32" in title and "cpu" in title and "scale 0.25" in title
@@ -78,17 +82,31 @@ def test_time_and_flops_panels(recorded):
     flops = sorted(r.flops for r in doc.results if r.method == "uniform" and r.seed == 0)
     assert sorted(method_lines(flops_ax)["uniform"].get_xdata()) == flops
     exact_flops = next(r.flops for r in doc.results if r.method == "exact")
-    assert [line.get_xdata()[0] for line in flops_ax.get_lines() if line.get_gid() == "reference"] == [exact_flops]
+    assert [
+        line.get_xdata()[0] for line in flops_ax.get_lines() if line.get_gid() == "reference"
+    ] == [exact_flops]
 
 
 def test_several_files_are_labelled_by_device_and_dtype(recorded, tmp_path):
     docs = [load_results(recorded["float32"]), load_results(recorded["float64"])]
     fig = figure(docs, x="budget")
     labels = set(method_lines(fig.axes[0]))
-    assert labels == {f"{m} · cpu {t}" for m in ("kdeformer", "uniform") for t in ("float32", "float64")}
+    assert labels == {
+        f"{m} · cpu {t}" for m in ("kdeformer", "uniform") for t in ("float32", "float64")
+    }
     out = tmp_path / "both.png"
-    res = runner.invoke(app, ["plot", str(recorded["float32"]), str(recorded["float64"]), "-o", str(out),
-                              "--x", "budget,time"])
+    res = runner.invoke(
+        app,
+        [
+            "plot",
+            str(recorded["float32"]),
+            str(recorded["float64"]),
+            "-o",
+            str(out),
+            "--x",
+            "budget,time",
+        ],
+    )
     assert res.exit_code == 0, res.stderr
     assert out.read_bytes().startswith(PNG) and res.stdout == ""
 
@@ -108,17 +126,45 @@ def test_image_formats_are_valid(recorded, tmp_path):
 def hand_doc(values_by_budget, floor=0.3):
     """A minimal result document: method `a` with the given per-seed errors at each budget."""
     results = [
-        {"method": "a", "budget": budget, "seed": seed, "params": {}, "status": "ok", "reason": None,
-         "flops": 10.0 * budget, "time": None,
-         "errors": {"rel_spectral": {"mean": value, "max": value, "per_slice": [value]}}}
-        for budget, values in values_by_budget.items() for seed, value in enumerate(values)
+        {
+            "method": "a",
+            "budget": budget,
+            "seed": seed,
+            "params": {},
+            "status": "ok",
+            "reason": None,
+            "flops": 10.0 * budget,
+            "time": None,
+            "errors": {"rel_spectral": {"mean": value, "max": value, "per_slice": [value]}},
+        }
+        for budget, values in values_by_budget.items()
+        for seed, value in enumerate(values)
     ]
-    results.append({"method": "b", "budget": 8, "seed": 0, "params": {}, "status": "unsupported",
-                    "reason": "needs n_q == n_k", "errors": {}, "flops": None, "time": None})
-    return {"schema_version": 1, "environment": {"device": "cpu", "dtype": "float32"},
-            "input": {"source": "hand", "shape": {"b": 1, "h": 1, "n_q": 8, "n_k": 64, "d": 4, "d_v": 4},
-                      "scale": 0.5, "causal": False},
-            "floors": {"mean": {"rel_spectral": {"mean": floor}}, "zero": {}}, "results": results}
+    results.append(
+        {
+            "method": "b",
+            "budget": 8,
+            "seed": 0,
+            "params": {},
+            "status": "unsupported",
+            "reason": "needs n_q == n_k",
+            "errors": {},
+            "flops": None,
+            "time": None,
+        }
+    )
+    return {
+        "schema_version": 1,
+        "environment": {"device": "cpu", "dtype": "float32"},
+        "input": {
+            "source": "hand",
+            "shape": {"b": 1, "h": 1, "n_q": 8, "n_k": 64, "d": 4, "d_v": 4},
+            "scale": 0.5,
+            "causal": False,
+        },
+        "floors": {"mean": {"rel_spectral": {"mean": floor}}, "zero": {}},
+        "results": results,
+    }
 
 
 def test_band_is_min_max_over_seeds_and_log_y_only_past_a_decade():
@@ -134,7 +180,9 @@ def test_band_is_min_max_over_seeds_and_log_y_only_past_a_decade():
     assert "Not shown: b (unsupported)" in caption
     fig = figure([hand_doc({8: [0.3], 16: [0.01]})])  # far below 1: no zero-output line
     assert fig.axes[0].get_yscale() == "log"
-    assert not [line for line in fig.axes[0].get_lines() if line.get_label().startswith("zero output")]
+    assert not [
+        line for line in fig.axes[0].get_lines() if line.get_label().startswith("zero output")
+    ]
 
 
 def test_refusals_name_the_file_and_the_problem(tmp_path):
@@ -144,8 +192,14 @@ def test_refusals_name_the_file_and_the_problem(tmp_path):
         "broken.json": ('{"results": [', "is not JSON (line 1"),
         "empty.json": ("", "is empty"),
         "table.csv": ("method,budget,seed\nkdeformer,8,0\n", "is the CSV of `kdecli compare`"),
-        "bad.jsonl": ('{"type": "run", "schema_version": 1}\n{"type": "row"}\n', "line 2 is not a result"),
-        "inspect.json": (json.dumps({"report": "inspect", "schema_version": 1}), "`kdecli inspect` report"),
+        "bad.jsonl": (
+            '{"type": "run", "schema_version": 1}\n{"type": "row"}\n',
+            "line 2 is not a result",
+        ),
+        "inspect.json": (
+            json.dumps({"report": "inspect", "schema_version": 1}),
+            "`kdecli inspect` report",
+        ),
     }
     for name, (text, message) in cases.items():
         path = tmp_path / name
@@ -164,10 +218,21 @@ def test_refusals_on_the_command_line(recorded, tmp_path):
     assert res.exit_code == 2 and f"{other}: is not a kdecli result document" in res.stderr
     res = runner.invoke(app, ["plot", str(recorded["float32"]), "-o", str(tmp_path / "x.jpg")])
     assert res.exit_code == 2 and "x.jpg: cannot write a .jpg image" in res.stderr
-    res = runner.invoke(app, ["plot", str(recorded["float32"]), "--y", "bound_normalized",
-                              "-o", str(tmp_path / "x.png")])
+    res = runner.invoke(
+        app,
+        [
+            "plot",
+            str(recorded["float32"]),
+            "--y",
+            "bound_normalized",
+            "-o",
+            str(tmp_path / "x.png"),
+        ],
+    )
     assert res.exit_code == 2 and "--bound" in res.stderr
-    res = runner.invoke(app, ["plot", str(recorded["float32"]), "--x", "seconds", "-o", str(tmp_path / "x.png")])
+    res = runner.invoke(
+        app, ["plot", str(recorded["float32"]), "--x", "seconds", "-o", str(tmp_path / "x.png")]
+    )
     assert res.exit_code == 2 and "--x must be one of budget, time, flops" in res.stderr
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.jpg").exists()
 
@@ -181,8 +246,11 @@ def test_default_output_path_is_next_to_the_results(recorded):
 
 def test_check_plot_path(tmp_path):
     assert check_plot_path(tmp_path / "fig.svg") == tmp_path / "fig.svg"
-    for bad, message in ((tmp_path / "fig", "suffix-less"), (tmp_path / "fig.gif", ".gif image"),
-                         (tmp_path / "no" / "fig.png", "does not exist")):
+    for bad, message in (
+        (tmp_path / "fig", "suffix-less"),
+        (tmp_path / "fig.gif", ".gif image"),
+        (tmp_path / "no" / "fig.png", "does not exist"),
+    ):
         with pytest.raises(UsageError, match=message):
             check_plot_path(bad)
 
@@ -196,19 +264,60 @@ def test_missing_matplotlib_says_how_to_install(monkeypatch, tmp_path):
 
 def test_compare_plot_option_checks_before_and_draws_after(tmp_path):
     spec = "synthetic:n=64,d=8"
-    res = runner.invoke(app, ["compare", spec, "--methods", "mean,uniform", "--budgets", "8,16",
-                              "--seeds", "2", "--repeats", "1", "--plot", str(tmp_path / "c.bmp")])
+    res = runner.invoke(
+        app,
+        [
+            "compare",
+            spec,
+            "--methods",
+            "mean,uniform",
+            "--budgets",
+            "8,16",
+            "--seeds",
+            "2",
+            "--repeats",
+            "1",
+            "--plot",
+            str(tmp_path / "c.bmp"),
+        ],
+    )
     assert res.exit_code == 2 and "c.bmp" in res.stderr and res.stdout == ""
     out = tmp_path / "c.png"
-    res = runner.invoke(app, ["compare", spec, "--methods", "mean,uniform", "--budgets", "8,16",
-                              "--seeds", "2", "--repeats", "1", "--plot", str(out), "--format", "json"])
+    res = runner.invoke(
+        app,
+        [
+            "compare",
+            spec,
+            "--methods",
+            "mean,uniform",
+            "--budgets",
+            "8,16",
+            "--seeds",
+            "2",
+            "--repeats",
+            "1",
+            "--plot",
+            str(out),
+            "--format",
+            "json",
+        ],
+    )
     assert res.exit_code == 0, res.stderr
-    assert out.read_bytes().startswith(PNG) and json.loads(res.stdout)["schema_version"] == SCHEMA_VERSION
+    assert (
+        out.read_bytes().startswith(PNG)
+        and json.loads(res.stdout)["schema_version"] == SCHEMA_VERSION
+    )
 
 
 def test_plot_reports_accepts_a_report_in_memory(tmp_path):
-    report = kdecli.compare(kdecli.load_input("synthetic:n=40,d=8"), ["uniform"], [4, 8], seeds=2,
-                            timing=False, device="cpu")
+    report = kdecli.compare(
+        kdecli.load_input("synthetic:n=40,d=8"),
+        ["uniform"],
+        [4, 8],
+        seeds=2,
+        timing=False,
+        device="cpu",
+    )
     fig = figure([json.loads(to_json(report))])
     assert set(method_lines(fig.axes[0])) == {"uniform"}
     with pytest.raises(UsageError, match="no time"):

@@ -1,11 +1,17 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kdecli.metrics import slice_errors, summarize
+from kdecli.metrics import slice_errors
 from kdecli.reference import (
-    attention_column_sq_norms, attention_spectral_norm, chunk_rows, exact_attention,
+    attention_column_sq_norms,
+    attention_spectral_norm,
+    chunk_rows,
+    exact_attention,
 )
+from kdecli.results import Summary
 from tests.conftest import make_qkv
 
 
@@ -58,15 +64,17 @@ def test_metrics_on_known_answers():
 def test_bound_normalized_uses_given_norms():
     exact = torch.ones(1, 2, 3, 2, dtype=torch.float64)
     approx = exact * 1.5
-    errs = slice_errors(approx, exact, attention_norm=torch.full((1, 2), 2.0, dtype=torch.float64),
-                        value_norm=torch.full((1, 2), 3.0, dtype=torch.float64))
+    errs = slice_errors(
+        approx,
+        exact,
+        attention_norm=torch.full((1, 2), 2.0, dtype=torch.float64),
+        value_norm=torch.full((1, 2), 3.0, dtype=torch.float64),
+    )
     diff_norm = torch.linalg.matrix_norm(approx - exact, ord=2)
     assert torch.allclose(errs["bound_normalized"], diff_norm / 6.0)
 
 
-def test_summarize_reports_mean_max_and_every_slice():
-    s = summarize(torch.tensor([[0.1, 0.3], [0.2, 0.6]]))
-    assert s["mean"] == pytest.approx(0.3) and s["max"] == pytest.approx(0.6)
-    assert len(s["per_slice"]) == 4
-
-
+def test_summary_reports_mean_max_and_every_slice():
+    s = Summary.of([0.1, 0.3, 0.2, 0.6])
+    assert s.mean == pytest.approx(0.3) and s.max == pytest.approx(0.6) and len(s.per_slice) == 4
+    assert Summary.of([0.1, math.inf]).mean == math.inf  # a non-finite slice is never averaged away

@@ -49,8 +49,13 @@ def union_reference(
 
 @pytest.mark.parametrize(
     "n_q,n_k,chunk,rounds,n_buckets",
-    [(47, 47, 8, 3, 4), (59, 97, 10, 2, 6), (97, 47, 5, 4, 8), (40, 40, 20, 2, 2),
-     (97, 97, 16, 8, 0)],
+    [
+        (47, 47, 8, 3, 4),
+        (59, 97, 10, 2, 6),
+        (97, 47, 5, 4, 8),
+        (40, 40, 20, 2, 2),
+        (97, 97, 16, 8, 0),
+    ],
 )
 def test_matches_the_union_of_rounds_counted_once(n_q, n_k, chunk, rounds, n_buckets):
     q, k, v = make_qkv(1, 2, n_q, n_k, 21, 13)

@@ -2,7 +2,6 @@
 
 import io
 import json
-import re
 
 import pytest
 from typer.testing import CliRunner

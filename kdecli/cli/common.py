@@ -18,14 +18,26 @@ from kdecli.files import check_writable
 stderr = Console(stderr=True)
 
 # ---- option types, one definition each ---------------------------------------------------------
-InputArg = Annotated[Optional[str], typer.Argument(
-    help="file.npz | file.h5[:/group] | file.pt | glove:PATH | synthetic:n=…,d=…,b=…,h=… "
-    "(or give --q/--k/--v .npy files).", show_default=False)]
-Params = Annotated[Optional[list[str]], typer.Option(
-    "--param", "-p", help="key=value (or method.key=value); wins over the budget mapping. Repeatable.")]
+InputArg = Annotated[
+    Optional[str],
+    typer.Argument(
+        help="file.npz | file.h5[:/group] | file.pt | glove:PATH | synthetic:n=…,d=…,b=…,h=… "
+        "(or give --q/--k/--v .npy files).",
+        show_default=False,
+    ),
+]
+Params = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--param",
+        "-p",
+        help="key=value (or method.key=value); wins over the budget mapping. Repeatable.",
+    ),
+]
 
 
 # ---- errors ------------------------------------------------------------------------------------
+
 
 def debug() -> bool:
     return os.environ.get("KDECLI_DEBUG", "") not in ("", "0")
@@ -57,20 +69,25 @@ def handle_errors(command: Callable) -> Callable:
         except (MemoryError, getattr(__import__("torch"), "OutOfMemoryError", MemoryError)) as exc:
             if debug():
                 raise
-            error(f"out of memory: {str(exc).splitlines()[0] if str(exc) else 'no detail'}",
-                  "Use a smaller --n, --batch or budget, or --device cpu.")
+            error(
+                f"out of memory: {str(exc).splitlines()[0] if str(exc) else 'no detail'}",
+                "Use a smaller --n, --batch or budget, or --device cpu.",
+            )
             raise typer.Exit(1) from None
         except Exception as exc:
             if debug():
                 raise
-            error(f"unexpected {type(exc).__name__}: {exc}",
-                  "Set KDECLI_DEBUG=1 for the traceback, and please report it.")
+            error(
+                f"unexpected {type(exc).__name__}: {exc}",
+                "Set KDECLI_DEBUG=1 for the traceback, and please report it.",
+            )
             raise typer.Exit(1) from None
 
     return wrapper
 
 
 # ---- output ------------------------------------------------------------------------------------
+
 
 def check_format(fmt: str, allowed: tuple[str, ...]) -> str:
     if fmt not in allowed:
@@ -111,7 +128,9 @@ class _NoClose:
         return False
 
 
-def parse_params(items: list[str] | None, default_method: str | None = None) -> dict[str, dict[str, Any]]:
+def parse_params(
+    items: list[str] | None, default_method: str | None = None
+) -> dict[str, dict[str, Any]]:
     """``key=value`` and ``method.key=value`` -> {method or "*": {key: value}} (values stay strings;
     each method converts and checks its own)."""
     parsed: dict[str, dict[str, Any]] = {}
@@ -130,8 +149,12 @@ def progress_printer(quiet: bool):
     if quiet or not sys.stderr.isatty():
         return None, None
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=stderr, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=True,
     )
     task = progress.add_task("reference", total=None)
 

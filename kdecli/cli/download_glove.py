@@ -16,20 +16,25 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from kdecli import glove_cache as glove
+from kdecli import glove_cache
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
 
 
 class RichProgress:
-    """`glove.Progress` drawn as a rich bar on stderr: bytes, speed, ETA; hidden when not a terminal."""
+    """`kdecli.download.Progress` drawn as a rich bar on stderr: bytes, speed, ETA; hidden when not a terminal."""
 
     def __init__(self, console: Console, *, show_bar: bool, show_notes: bool):
         self.console, self.show_notes = console, show_notes
         self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeRemainingColumn(), console=console, disable=not show_bar,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not show_bar,
         )
         self.task = None
 
@@ -58,18 +63,40 @@ class RichProgress:
 @c.handle_errors
 @shared_options(out=OUTPUT.only("quiet"))
 def download_glove(
-    corpus: Annotated[str, typer.Option(help="GloVe corpus: 6B, twitter.27B, 42B or 840B.")] = "twitter.27B",
-    dim: Annotated[int, typer.Option(help="Vector width (6B: 50/100/200/300; twitter.27B: 25/50/100/200; "
-                                          "42B, 840B: 300).")] = 100,
-    cache_dir: Annotated[Path | None, typer.Option(
-        help="Cache folder [default: $KDECLI_CACHE_DIR, else $XDG_CACHE_HOME/kdecli or ~/.cache/kdecli].",
-        show_default=False)] = None,
-    url: Annotated[str | None, typer.Option(help="Download the archive from this mirror instead of Stanford.",
-                                            show_default=False)] = None,
-    from_file: Annotated[Path | None, typer.Option(help="Use this archive (.zip) or glove.*.txt already on disk.",
-                                                   show_default=False)] = None,
-    sha256: Annotated[str | None, typer.Option(help="Expected SHA-256 of the archive.", show_default=False)] = None,
-    force: Annotated[bool, typer.Option(help="Download and convert again even if the cache has it.")] = False,
+    corpus: Annotated[
+        str, typer.Option(help="GloVe corpus: 6B, twitter.27B, 42B or 840B.")
+    ] = "twitter.27B",
+    dim: Annotated[
+        int,
+        typer.Option(
+            help="Vector width (6B: 50/100/200/300; twitter.27B: 25/50/100/200; 42B, 840B: 300)."
+        ),
+    ] = 100,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Cache folder [default: $KDECLI_CACHE_DIR, else $XDG_CACHE_HOME/kdecli or ~/.cache/kdecli].",
+            show_default=False,
+        ),
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            help="Download the archive from this mirror instead of Stanford.", show_default=False
+        ),
+    ] = None,
+    from_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Use this archive (.zip) or glove.*.txt already on disk.", show_default=False
+        ),
+    ] = None,
+    sha256: Annotated[
+        str | None, typer.Option(help="Expected SHA-256 of the archive.", show_default=False)
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Download and convert again even if the cache has it.")
+    ] = False,
     *,
     out: OutputOptions,
 ) -> None:
@@ -80,17 +107,32 @@ def download_glove(
     """
     console = Console(stderr=True)
     quiet = out.quiet
-    reporter = RichProgress(console, show_bar=not quiet and console.is_terminal, show_notes=not quiet)
+    reporter = RichProgress(
+        console, show_bar=not quiet and console.is_terminal, show_notes=not quiet
+    )
     try:
         with reporter:
-            result = glove.download_glove(corpus, dim, cache_dir=cache_dir, url=url, from_file=from_file,
-                                          sha256=sha256, force=force, progress=reporter)
+            result = glove_cache.download_glove(
+                corpus,
+                dim,
+                cache_dir=cache_dir,
+                url=url,
+                from_file=from_file,
+                sha256=sha256,
+                force=force,
+                progress=reporter,
+            )
     except KeyboardInterrupt:
-        console.print("Interrupted. Any partial download is kept; run the same command again to resume.",
-                      markup=False, highlight=False)
+        console.print(
+            "Interrupted. Any partial download is kept; run the same command again to resume.",
+            markup=False,
+            highlight=False,
+        )
         raise typer.Exit(130) from None
     if not result.downloaded and not result.converted:
-        reporter.note(f"GloVe {result.corpus} {result.dim}d is already in the cache; nothing to download.")
+        reporter.note(
+            f"GloVe {result.corpus} {result.dim}d is already in the cache; nothing to download."
+        )
     elif result.converted:
         reporter.note(f"Converted {result.rows:,} vectors of width {result.dim}.")
     typer.echo(str(result.vectors_path))

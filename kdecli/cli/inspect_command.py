@@ -5,9 +5,9 @@ from __future__ import annotations
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import INPUT, OUTPUT, RUN, OutputOptions, shared_options
+from kdecli.inspect import FORMATS, inspect_input, render
 from kdecli.runner import RunConfig
 from kdecli.sources import InputOptions, load_input
-from kdecli.inspect import FORMATS, inspect_input, render
 
 
 @app.command("inspect")

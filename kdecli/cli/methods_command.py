@@ -13,20 +13,27 @@ from rich.table import Table
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import INPUT, OUTPUT, RUN, OutputOptions, shared_options
+from kdecli.methods.catalog import describe_methods
 from kdecli.runner import RunConfig
 from kdecli.sources import InputOptions, load_input
-from kdecli.methods.catalog import describe_methods
 
 
 @app.command("methods")
 @c.handle_errors
-@shared_options(inputs=INPUT, run=RUN.only("causal"), out=OUTPUT.only("fmt"), helps={"fmt": "table | json."})
+@shared_options(
+    inputs=INPUT, run=RUN.only("causal"), out=OUTPUT.only("fmt"), helps={"fmt": "table | json."}
+)
 def methods_command(
     name: Optional[str] = typer.Argument(None, help="Show one method only."),
     input_spec: Optional[str] = typer.Option(
-        None, "--input", "-i", help="Also say why each method cannot run on this INPUT (or on "
-        "--q/--k/--v)."),
-    budget: int = typer.Option(256, "--budget", "-b", help="Budget used for --input checks and the mapping shown."),
+        None,
+        "--input",
+        "-i",
+        help="Also say why each method cannot run on this INPUT (or on --q/--k/--v).",
+    ),
+    budget: int = typer.Option(
+        256, "--budget", "-b", help="Budget used for --input checks and the mapping shown."
+    ),
     *,
     inputs: InputOptions,
     run: RunConfig,
@@ -38,7 +45,9 @@ def methods_command(
     if input_spec is not None or inputs.q or inputs.k or inputs.v:
         qkv = load_input(input_spec, inputs)
         tensors = {"q": qkv.q, "k": qkv.k, "v": qkv.v}
-    entries = describe_methods([name] if name else None, budget=budget, causal=run.causal, **tensors)
+    entries = describe_methods(
+        [name] if name else None, budget=budget, causal=run.causal, **tensors
+    )
     if out.fmt == "json":
         sys.stdout.write(json.dumps(entries if name is None else entries[0], indent=2) + "\n")
         return
@@ -75,6 +84,8 @@ def _render(console: Console, e: dict, detailed: bool) -> None:
             table.add_row(p["name"], p["type"], str(p["default"]), p["range"], p["help"])
         console.print(table)
     elif e["params"]:
-        console.print("  params: " + ", ".join(f"{p['name']}={p['default']}" for p in e["params"]),
-                      highlight=False)
+        console.print(
+            "  params: " + ", ".join(f"{p['name']}={p['default']}" for p in e["params"]),
+            highlight=False,
+        )
     console.print()

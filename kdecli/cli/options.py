@@ -63,18 +63,24 @@ OPTIONS: dict[str, Opt] = {
     "seed": Opt(("--seed",), int, 0, "Run seed; each method derives its own from it."),
     "device": Opt(("--device",), str, "auto", "auto | cpu | cuda[:i]."),
     "dtype": Opt(
-        ("--dtype",), Optional[str], None,
+        ("--dtype",),
+        Optional[str],
+        None,
         "float32 | float64 | float16 | bfloat16 (default: the input's).",
     ),  # fmt: skip
     "scale": Opt(
-        ("--scale",), Optional[float], None,
+        ("--scale",),
+        Optional[float],
+        None,
         "Softmax temperature s in softmax(s·QKᵀ) (default 1/√d, or the input's own).",
     ),  # fmt: skip
     "causal": Opt(("--causal",), bool, False, "Causal mask: query i sees keys j ≤ i."),
     "repeats": Opt(("--repeats",), int, 3, "Timed calls per method (median reported)."),
     "warmup": Opt(("--warmup",), int, 1, "Untimed calls before timing."),
     "bound": Opt(
-        ("--bound",), bool, False,
+        ("--bound",),
+        bool,
+        False,
         "Add bound_normalized = ‖Õ−O‖₂/(‖D⁻¹A‖₂‖V‖₂) (power iteration: several exact passes).",
     ),  # fmt: skip
     "timing": Opt(("--timing/--no-timing",), bool, True, "Time methods against exact attention."),
@@ -83,7 +89,9 @@ OPTIONS: dict[str, Opt] = {
     "output": Opt(("--output", "-o"), Optional[Path], None, "Write the results to FILE."),
     "quiet": Opt(("--quiet", "-q"), bool, False, "No progress or notes on stderr."),
     "columns": Opt(
-        ("--columns",), Optional[str], None,
+        ("--columns",),
+        Optional[str],
+        None,
         "Table columns, comma-separated, or `all` (default: what fits the terminal).",
     ),  # fmt: skip
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+
 import typer
 
 from kdecli.cli import common as c
@@ -25,12 +26,20 @@ def default_image(first: Path, x: str, y: str) -> Path:
 )  # fmt: skip
 def plot_command(
     results: list[Path] = typer.Argument(
-        ..., help="Results of `kdecli compare --format json|jsonl -o FILE`; several files are "
-        "drawn together, labelled by device and dtype.", show_default=False),
-    x: str = typer.Option("budget", "--x", help="budget | time | flops, or several comma-separated "
-                          "(one panel each)."),
-    y: str = typer.Option("rel_spectral", "--y", help="rel_spectral | rel_frobenius | max_row_rel | "
-                          "bound_normalized (needs compare --bound)."),
+        ...,
+        help="Results of `kdecli compare --format json|jsonl -o FILE`; several files are "
+        "drawn together, labelled by device and dtype.",
+        show_default=False,
+    ),
+    x: str = typer.Option(
+        "budget", "--x", help="budget | time | flops, or several comma-separated (one panel each)."
+    ),
+    y: str = typer.Option(
+        "rel_spectral",
+        "--y",
+        help="rel_spectral | rel_frobenius | max_row_rel | "
+        "bound_normalized (needs compare --bound).",
+    ),
     *,
     out: OutputOptions,
 ) -> None:

@@ -11,7 +11,7 @@ from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
 from kdecli.errors import UsageError
-from kdecli.pareto import check_target_error, cheapest_settings
+from kdecli.pareto import cheapest_settings, check_target_error
 from kdecli.report import REPORT_FORMATS, parse_columns, render, to_csv
 from kdecli.results import load_document
 
@@ -23,11 +23,15 @@ ONE_DOCUMENT = ("json", "jsonl")
 @shared_options(out=OUTPUT, helps={"fmt": "table | markdown | csv | json | jsonl."})
 def report_command(
     results: list[Path] = typer.Argument(
-        ..., help="Results written by `kdecli compare --format json|jsonl -o FILE`; several files "
-        "are rendered one after the other.", show_default=False,
+        ...,
+        help="Results written by `kdecli compare --format json|jsonl -o FILE`; several files "
+        "are rendered one after the other.",
+        show_default=False,
     ),  # fmt: skip
     target_error: Optional[float] = typer.Option(
-        None, "--target-error", help="Recompute each method's cheapest setting (fewest FLOPs, then "
+        None,
+        "--target-error",
+        help="Recompute each method's cheapest setting (fewest FLOPs, then "
         "time) whose seed-mean rel_spectral is at most this.",
     ),  # fmt: skip
     *,
@@ -58,4 +62,3 @@ def report_command(
             render(report, out.fmt, stream, width=c.file_width(out.output), columns=columns)
     if out.output is not None:
         c.note(f"Wrote {out.output}.", out.quiet)
-

@@ -12,7 +12,7 @@ from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import INPUT, OUTPUT, RUN, OutputOptions, shared_options
 from kdecli.errors import UsageError
-from kdecli.pareto import check_target_error, cheapest_settings
+from kdecli.pareto import cheapest_settings, check_target_error
 from kdecli.report import FORMATS, parse_columns, render
 from kdecli.results import jsonl_header, jsonl_pareto, jsonl_result
 from kdecli.runner import RunConfig, compare
@@ -121,14 +121,17 @@ def _split_list(text: str, what: str, convert=str) -> list:
 def compare_command(
     input_spec: c.InputArg = None,
     methods: str = typer.Option(
-        "exact,kdeformer,performer,reformer,scatterbrain", "--methods",
+        "exact,kdeformer,performer,reformer,scatterbrain",
+        "--methods",
         help="Comma-separated method names.",
     ),  # fmt: skip
     budgets: str = typer.Option("64,128,256,512", "--budgets", help="Comma-separated budgets."),
     param: c.Params = None,
     plot: str = typer.Option(None, "--plot", help="Also draw the error curves to this image file."),
     target_error: Optional[float] = typer.Option(
-        None, "--target-error", help="Also show each method's cheapest setting (fewest FLOPs, then "
+        None,
+        "--target-error",
+        help="Also show each method's cheapest setting (fewest FLOPs, then "
         "time) whose seed-mean rel_spectral is at most this.",
     ),  # fmt: skip
     *,

@@ -2,6 +2,16 @@
 `kdecli methods` lists them: the reference and the floor, the KDEformer paper's method and its
 baselines, the methods that came after, then the analysis-only oracles."""
 
+from kdecli.methods import exact as _exact  # noqa: F401,I001  (registers exact, mean)
+from kdecli.methods import hyperattention as _hyperattention  # noqa: F401
+from kdecli.methods import kdeformer as _kdeformer  # noqa: F401
+from kdecli.methods import nystromformer as _nystromformer  # noqa: F401
+from kdecli.methods import oracles as _oracles  # noqa: F401  (registers topk, rankk)
+from kdecli.methods import performer as _performer  # noqa: F401
+from kdecli.methods import reformer as _reformer  # noqa: F401
+from kdecli.methods import scatterbrain as _scatterbrain  # noqa: F401
+from kdecli.methods import thinformer as _thinformer  # noqa: F401
+from kdecli.methods import uniform as _uniform  # noqa: F401
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.registry import (
     get_method_class,
@@ -11,15 +21,12 @@ from kdecli.methods.registry import (
     register,
 )
 
-from kdecli.methods import exact as _exact  # noqa: F401,I001  (registers exact, mean)
-from kdecli.methods import kdeformer as _kdeformer  # noqa: F401
-from kdecli.methods import performer as _performer  # noqa: F401
-from kdecli.methods import reformer as _reformer  # noqa: F401
-from kdecli.methods import scatterbrain as _scatterbrain  # noqa: F401
-from kdecli.methods import hyperattention as _hyperattention  # noqa: F401
-from kdecli.methods import thinformer as _thinformer  # noqa: F401
-from kdecli.methods import nystromformer as _nystromformer  # noqa: F401
-from kdecli.methods import uniform as _uniform  # noqa: F401
-from kdecli.methods import oracles as _oracles  # noqa: F401  (registers topk, rankk)
-
-__all__ = ["AttentionMethod", "Param", "get_method_class", "make_method", "method_names", "method_of_role", "register"]
+__all__ = [
+    "AttentionMethod",
+    "Param",
+    "get_method_class",
+    "make_method",
+    "method_names",
+    "method_of_role",
+    "register",
+]

@@ -160,7 +160,9 @@ class AttentionMethod:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.role not in ROLES:
-            raise TypeError(f"{cls.__qualname__}.role must be one of {', '.join(ROLES)}; got {cls.role!r}")
+            raise TypeError(
+                f"{cls.__qualname__}.role must be one of {', '.join(ROLES)}; got {cls.role!r}"
+            )
 
     @property
     def oracle(self) -> bool:
@@ -181,7 +183,9 @@ class AttentionMethod:
                 )
         if budget is not None and self.uses_budget:
             if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-                raise ParameterError(f"{self.name}: `budget` must be an integer >= 1; got {budget!r}.")
+                raise ParameterError(
+                    f"{self.name}: `budget` must be an integer >= 1; got {budget!r}."
+                )
         self.budget = budget if self.uses_budget else None
         resolved = {p.name: p.default for p in self.params}
         if self.budget is not None:
@@ -211,8 +215,13 @@ class AttentionMethod:
         return []
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-        generator: torch.Generator | None, causal: bool,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        generator: torch.Generator | None,
+        causal: bool,
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -238,8 +247,14 @@ class AttentionMethod:
         return reasons
 
     def __call__(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-        generator: torch.Generator | None = None, causal: bool = False,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        generator: torch.Generator | None = None,
+        causal: bool = False,
     ) -> torch.Tensor:
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])

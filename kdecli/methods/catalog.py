@@ -11,8 +11,12 @@ from kdecli.methods.registry import get_method_class, method_names
 
 
 def describe_methods(
-    names: list[str] | None = None, q: torch.Tensor | None = None, k: torch.Tensor | None = None,
-    v: torch.Tensor | None = None, budget: int | None = None, causal: bool = False,
+    names: list[str] | None = None,
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    budget: int | None = None,
+    causal: bool = False,
 ) -> list[dict[str, Any]]:
     """One dict per method (all registered ones by default).  Given inputs (and a budget), each
     dict also holds ``reasons``: why the method, built at that budget, cannot run on them."""

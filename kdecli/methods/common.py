@@ -21,9 +21,16 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def get(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         buffer = self._buffers.get(name)
-        if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
+        if (
+            buffer is None
+            or buffer.shape != shape
+            or buffer.dtype != dtype
+            or buffer.device != device
+        ):
             buffer = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
         return buffer
 
@@ -43,7 +50,9 @@ def with_ones_column(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def gather_rows(
+    x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rows of ``x`` (…, n, d) at ``index`` (…, m) -> (…, m, d), each slice indexing its own rows.
 
     One ``index_select`` of whole rows over the flattened slices: several times faster on the CPU

@@ -46,8 +46,15 @@ def split_scale(
 
 
 def random_directions(
-    b: int, h: int, d: int, m: int, *, orthogonal: bool, generator: torch.Generator | None,
-    device: torch.device, dtype: torch.dtype,
+    b: int,
+    h: int,
+    d: int,
+    m: int,
+    *,
+    orthogonal: bool,
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """m directions per batch×head slice, (b, h, m, d), each row distributed as N(0, I_d).
 

@@ -46,9 +46,13 @@ class HyperAttention(AttentionMethod):
         Param("samples", int, 256, "residual keys drawn uniformly with replacement (m)", 1, 2**24),
         Param("num_projs", int, 7, "random hyperplanes of the angular LSH (r)", 1, 30),
         Param(
-            "min_seq_len", int, 0,
+            "min_seq_len",
+            int,
+            0,
             "attention blocks with fewer keys than this are computed exactly (the paper's code: "
-            "4096; the default 0 approximates at every length)", 0, 2**31,
+            "4096; the default 0 approximates at every length)",
+            0,
+            2**31,
         ),
     )
     randomized = True
@@ -151,7 +155,10 @@ def exact_lse(q_scaled, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def hyper_lse(
-    q_scaled: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: SortedBlocks,
+    q_scaled: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    blocks: SortedBlocks,
     sample_index: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lse, output) of the module docstring for given blocks and sampled key indices (b, h, m),

@@ -40,7 +40,9 @@ class KDEformer(AttentionMethod):
         Param("samples", int, 256, "residual keys drawn with replacement (m)", 1, 2**24),
         Param("num_projs", int, 7, "random hyperplanes of the angular LSH (r)", 1, 30),
         Param(
-            "sampling", str, "value-norm",
+            "sampling",
+            str,
+            "value-norm",
             "residual probabilities: value-norm (released code), uniform, or column-norm "
             "(the paper's squared column norms of D⁻¹A, an O(n²d) oracle)",
             choices=SAMPLINGS,
@@ -65,7 +67,9 @@ class KDEformer(AttentionMethod):
         cfg = self.config
         blocks = sort_into_blocks(q, k, cfg["block_size"], cfg["num_projs"], generator)
         sample_index, sample_weight = self.draw_samples(q, k, v, scale, generator)
-        numerator, denominator = sorted_estimate(q, k, v, scale, blocks, sample_index, sample_weight)
+        numerator, denominator = sorted_estimate(
+            q, k, v, scale, blocks, sample_index, sample_weight
+        )
         return blocks.unsort_queries(numerator.div_(denominator.unsqueeze(-1)))
 
     def draw_samples(self, q, k, v, scale, generator):
@@ -82,8 +86,12 @@ class KDEformer(AttentionMethod):
         cfg = self.config
         per_key = 2 * (d + d_v + 1) + 1
         return float(
-            b * h * (2 * (n_q + n_k) * d * cfg["num_projs"]
-                     + n_q * (min(cfg["block_size"], n_k) + cfg["samples"]) * per_key)
+            b
+            * h
+            * (
+                2 * (n_q + n_k) * d * cfg["num_projs"]
+                + n_q * (min(cfg["block_size"], n_k) + cfg["samples"]) * per_key
+            )
         )
 
 
@@ -103,10 +111,13 @@ def sampling_probabilities(kind: str, q, k, v, scale) -> torch.Tensor:
     if kind == "value-norm":
         column_sums = v.sum(-2, keepdim=True)  # 1ᵀV: (b, h, 1, d_v)
         corner = torch.full_like(column_sums[..., :1], float(n_k))
-        gram = torch.cat([
-            torch.cat([v.transpose(-1, -2) @ v, column_sums.transpose(-1, -2)], dim=-1),
-            torch.cat([column_sums, corner], dim=-1),
-        ], dim=-2)
+        gram = torch.cat(
+            [
+                torch.cat([v.transpose(-1, -2) @ v, column_sums.transpose(-1, -2)], dim=-1),
+                torch.cat([column_sums, corner], dim=-1),
+            ],
+            dim=-2,
+        )
         spectral_sq = torch.linalg.eigvalsh(gram)[..., -1:]
         aug_norms = torch.linalg.vector_norm(v, dim=-1).square_().add_(1).sqrt_()  # ‖(v_j, 1)‖₂
         weights = aug_norms / spectral_sq + 1.0 / n_k
@@ -120,8 +131,14 @@ def sampling_probabilities(kind: str, q, k, v, scale) -> torch.Tensor:
 
 
 def sorted_estimate(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, blocks: SortedBlocks,
-    sample_index: torch.Tensor, sample_weight: torch.Tensor, shift: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    blocks: SortedBlocks,
+    sample_index: torch.Tensor,
+    sample_weight: torch.Tensor,
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """N_i split into its value part and its last (row-sum) column, in sorted query order.
 
@@ -161,5 +178,9 @@ def sorted_estimate(
 
 def kdeformer_numerator(q, k, v, scale, blocks, sample_index, sample_weight, shift=None):
     """(N_i[:d_v], N_i[d_v]) of the module docstring in the original query order (for tests)."""
-    numerator, denominator = sorted_estimate(q, k, v, scale, blocks, sample_index, sample_weight, shift)
-    return blocks.unsort_queries(numerator), blocks.unsort_queries(denominator.unsqueeze(-1))[..., 0]
+    numerator, denominator = sorted_estimate(
+        q, k, v, scale, blocks, sample_index, sample_weight, shift
+    )
+    return blocks.unsort_queries(numerator), blocks.unsort_queries(denominator.unsqueeze(-1))[
+        ..., 0
+    ]

@@ -25,7 +25,13 @@ def gray_rank_table(num_bits: int, device: torch.device | str = "cpu") -> torch.
 
 
 def random_directions(
-    b: int, h: int, d: int, num_projs: int, *, dtype: torch.dtype, device: torch.device,
+    b: int,
+    h: int,
+    d: int,
+    num_projs: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Independent Gaussian directions per batch×head slice: (b, h, d, r)."""
@@ -69,12 +75,16 @@ class SortedBlocks:
     def sorted_queries(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of x (b, h, n_q, w) in sorted order, zero-padded: (b, h, num_blocks, query_block, w)."""
         nb, bq = self.num_blocks, self.query_block
-        return pad_dim(gather_rows(x, self.q_order), nb * bq).view(*x.shape[:2], nb, bq, x.shape[-1])
+        return pad_dim(gather_rows(x, self.q_order), nb * bq).view(
+            *x.shape[:2], nb, bq, x.shape[-1]
+        )
 
     def sorted_keys(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of x (b, h, n_k, w) in sorted order, zero-padded: (b, h, num_blocks, key_block, w)."""
         nb, bk = self.num_blocks, self.key_block
-        return pad_dim(gather_rows(x, self.k_order), nb * bk).view(*x.shape[:2], nb, bk, x.shape[-1])
+        return pad_dim(gather_rows(x, self.k_order), nb * bk).view(
+            *x.shape[:2], nb, bk, x.shape[-1]
+        )
 
     def key_valid(self, device: torch.device) -> torch.Tensor | None:
         """(num_blocks, key_block) mask of real (not padded) sorted keys; None when nothing is padded."""
@@ -95,7 +105,10 @@ class SortedBlocks:
 
 
 def sort_into_blocks(
-    q: torch.Tensor, k: torch.Tensor, block_size: int, num_projs: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    num_projs: int,
     generator: torch.Generator | None,
 ) -> SortedBlocks:
     """Hash q and k with the same random directions, sort each, and lay out the blocks."""

@@ -33,8 +33,13 @@ class Nystromformer(AttentionMethod):
     budget_help = "m = number of landmarks (`landmarks`), segment means of Q and of K."
     params = (
         Param("landmarks", int, 64, "segment-mean landmarks per side (m)", 1, 2**20),
-        Param("pinv", str, "iterative", "M⁺ by Newton–Schulz (iterative) or torch.linalg.pinv (exact)",
-              choices=("iterative", "exact")),
+        Param(
+            "pinv",
+            str,
+            "iterative",
+            "M⁺ by Newton–Schulz (iterative) or torch.linalg.pinv (exact)",
+            choices=("iterative", "exact"),
+        ),
         Param("iterations", int, 6, "Newton–Schulz iterations for pinv=iterative", 1, 100),
     )
     cost_help = (
@@ -70,8 +75,16 @@ class Nystromformer(AttentionMethod):
         m_q, m_k = min(self.config["landmarks"], n_q), min(self.config["landmarks"], n_k)
         steps = self.config["iterations"] if self.config["pinv"] == "iterative" else 4
         return float(
-            b * h * (2 * n_q * m_k * d + 2 * m_q * m_k * d + 2 * m_q * n_k * (d + d_v)
-                     + steps * 8 * m_q * m_q * m_k + 2 * m_k * m_q * d_v + 2 * n_q * m_k * d_v)
+            b
+            * h
+            * (
+                2 * n_q * m_k * d
+                + 2 * m_q * m_k * d
+                + 2 * m_q * n_k * (d + d_v)
+                + steps * 8 * m_q * m_q * m_k
+                + 2 * m_k * m_q * d_v
+                + 2 * n_q * m_k * d_v
+            )
         )
 
 

@@ -112,7 +112,10 @@ class RankK(AttentionMethod):
 
     def input_reasons(self, n_q, n_k, d, d_v, causal):
         return _too_large(
-            "rankk", n_q, n_k, self.config["max_n"],
+            "rankk",
+            n_q,
+            n_k,
+            self.config["max_n"],
             "it forms D⁻¹A in float64 and takes an O(n³) eigendecomposition per slice",
         )
 
@@ -136,8 +139,9 @@ def rank_m_attention(q, k, v, scale: float, m: int) -> torch.Tensor:
     v64 = v.to(torch.float64)
     n_q, n_k = p.shape[-2:]
     if n_q <= n_k:
-        basis = torch.linalg.eigh(p @ p.transpose(-1, -2)).eigenvectors[..., -m:]  # top-m, ascending
+        basis = torch.linalg.eigh(p @ p.transpose(-1, -2)).eigenvectors[
+            ..., -m:
+        ]  # top-m, ascending
         return basis @ (basis.transpose(-1, -2) @ (p @ v64))
     basis = torch.linalg.eigh(p.transpose(-1, -2) @ p).eigenvectors[..., -m:]
     return (p @ basis) @ (basis.transpose(-1, -2) @ v64)
-

@@ -27,7 +27,11 @@ import torch
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.common import merge_lse, with_ones_column, working_dtype
 from kdecli.methods.features import (
-    favor_features, log_features, random_directions, split_scale, stabilised_features,
+    favor_features,
+    log_features,
+    random_directions,
+    split_scale,
+    stabilised_features,
 )
 from kdecli.methods.registry import register
 
@@ -65,8 +69,14 @@ class Performer(AttentionMethod):
         dtype, work = q.dtype, working_dtype(q.dtype)
         q, k, v = q.to(work), k.to(work), v.to(work)
         omega = random_directions(
-            b, h, d, self.config["features"], orthogonal=self.config["orthogonal"],
-            generator=generator, device=q.device, dtype=work,
+            b,
+            h,
+            d,
+            self.config["features"],
+            orthogonal=self.config["orthogonal"],
+            generator=generator,
+            device=q.device,
+            dtype=work,
         )
         if causal:
             out = causal_favor(q, k, v, scale, omega)
@@ -79,8 +89,9 @@ class Performer(AttentionMethod):
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         m = self.config["features"]
-        return float(b * h * (2 * (n_q + n_k) * d * m + (n_q + n_k) * m
-                              + 2 * (n_q + n_k) * m * (d_v + 1)))
+        return float(
+            b * h * (2 * (n_q + n_k) * d * m + (n_q + n_k) * m + 2 * (n_q + n_k) * m * (d_v + 1))
+        )
 
 
 def causal_favor(q, k, v, scale, omega):

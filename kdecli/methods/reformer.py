@@ -43,12 +43,20 @@ class Reformer(AttentionMethod):
         Param("chunk_size", int, 64, "keys per sorted chunk (c); a query sees 2c keys", 1, 2**24),
         Param("n_hashes", int, 8, "hash rounds (h)", 1, 64),
         Param(
-            "n_buckets", int, 0,
+            "n_buckets",
+            int,
+            0,
             "buckets per round (even); 0: automatic, the even number nearest n_k / chunk_size "
-            "(at least 2), so that a bucket holds about one chunk", 0, 2**16,
+            "(at least 2), so that a bucket holds about one chunk",
+            0,
+            2**16,
         ),
-        Param("shared_qk", bool, False,
-              "the original model: keys = normalised queries, self masked (a different function)"),
+        Param(
+            "shared_qk",
+            bool,
+            False,
+            "the original model: keys = normalised queries, self masked (a different function)",
+        ),
     )
     randomized = True
     estimates = "softmax"
@@ -106,14 +114,22 @@ class Reformer(AttentionMethod):
     def flops(self, b, h, n_q, n_k, d, d_v):
         cfg = self.config
         c, rounds, nb = min(cfg["chunk_size"], n_k), cfg["n_hashes"], self.n_buckets_for(n_k)
-        return float(b * h * (rounds * (n_q + n_k) * d * nb
-                              + 2 * rounds * n_q * 2 * c * (d + d_v) + 2 * rounds**2 * n_q * 2 * c))
+        return float(
+            b
+            * h
+            * (
+                rounds * (n_q + n_k) * d * nb
+                + 2 * rounds * n_q * 2 * c * (d + d_v)
+                + 2 * rounds**2 * n_q * 2 * c
+            )
+        )
 
 
 def draw_rotations(b, h, rounds, d, n_buckets, generator, device, dtype) -> torch.Tensor:
     """Random rotations R (b, h, rounds, d, n_buckets/2), drawn in float32 for every dtype."""
-    rot = torch.randn(b, h, rounds, d, n_buckets // 2, generator=generator, device=device,
-                      dtype=torch.float32)
+    rot = torch.randn(
+        b, h, rounds, d, n_buckets // 2, generator=generator, device=device, dtype=torch.float32
+    )
     return rot.to(dtype)
 
 
@@ -145,7 +161,9 @@ class ChunkLayout:
     def __init__(self, q_order, k_order, q_chunk, k_chunk, num_chunks, c_q, c_k):
         self.q_order, self.k_order = q_order, k_order
         # uint8 when it fits: the co-occurrence count then runs on one byte per pair.
-        small = torch.uint8 if num_chunks <= 256 else torch.int16 if num_chunks < 2**15 else torch.int32
+        small = (
+            torch.uint8 if num_chunks <= 256 else torch.int16 if num_chunks < 2**15 else torch.int32
+        )
         self.q_chunk = q_chunk.transpose(-1, -2).to(small)
         self.q_chunk_prev = ((q_chunk - 1) % num_chunks).transpose(-1, -2).to(small)
         self.k_chunk = k_chunk.transpose(-1, -2).to(small)
@@ -174,6 +192,7 @@ def one_round(q_scaled, k, v, chunks: ChunkLayout, r: int, shared_qk: bool, work
     q_idx = pad_dim(q_order, nc * c_q, dim=-1).view(b, h, nc, c_q)  # padded rows read query 0
     k_idx = pad_dim(k_order, nc * c_k, dim=-1).view(b, h, nc, c_k)
     k_win_idx = look_back(k_idx)  # (b, h, nc, 2c_k)
+
     def rows(name, x, index, per_slice):
         buffer = workspace.get(name, (b, h, per_slice, x.shape[-1]), x.dtype, x.device)
         return gather_rows(x, index.flatten(2), out=buffer).view(b, h, nc, -1, x.shape[-1])
@@ -212,7 +231,9 @@ def look_back(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.roll(1, dims=2)], dim=3)
 
 
-def co_occurrences(chunks: ChunkLayout, r: int, q_idx, k_win_idx, workspace: Workspace) -> torch.Tensor:
+def co_occurrences(
+    chunks: ChunkLayout, r: int, q_idx, k_win_idx, workspace: Workspace
+) -> torch.Tensor:
     """c_ij for every (query, window key) pair of round r: (b, h, nc, c_q, 2c_k) integers.
 
     In round r' query i meets key j once for each of chunks t_{r'}(i), t_{r'}(i) − 1 (mod n_c)
@@ -224,11 +245,19 @@ def co_occurrences(chunks: ChunkLayout, r: int, q_idx, k_win_idx, workspace: Wor
     shape = (*q_idx.shape, k_win_idx.shape[-1])
     if nc <= 2:  # every round's window is every chunk: n_c = 1 meets each key twice, n_c = 2 once
         return torch.full(shape, rounds * (3 - nc), dtype=torch.int32, device=q_idx.device)
-    def per_round(table, index):  # (rounds, …, rows): each round's ids contiguous, for fast broadcasts
-        return gather_rows(table, index.flatten(2)).view(*index.shape, -1).movedim(-1, 0).contiguous()
 
-    tq, tq_prev, tk = (per_round(chunks.q_chunk, q_idx), per_round(chunks.q_chunk_prev, q_idx),
-                       per_round(chunks.k_chunk, k_win_idx))
+    def per_round(
+        table, index
+    ):  # (rounds, …, rows): each round's ids contiguous, for fast broadcasts
+        return (
+            gather_rows(table, index.flatten(2)).view(*index.shape, -1).movedim(-1, 0).contiguous()
+        )
+
+    tq, tq_prev, tk = (
+        per_round(chunks.q_chunk, q_idx),
+        per_round(chunks.q_chunk_prev, q_idx),
+        per_round(chunks.k_chunk, k_win_idx),
+    )
     # Count the misses instead of the meetings: [a ≠ b] = min(a − b, 1) in wrapping uint8 (or
     # min(a XOR b, 1)) is three cheap integer passes, while a comparison writing a bool tensor is
     # about 5× slower on the CPU.  Counts stay below 2·rounds, so uint8 holds them when ids do.

@@ -18,7 +18,9 @@ def register(cls: M) -> M:
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} has no `name`")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"a method named {cls.name!r} is already registered ({_REGISTRY[cls.name]})")
+        raise ValueError(
+            f"a method named {cls.name!r} is already registered ({_REGISTRY[cls.name]})"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -68,8 +68,14 @@ class ScatterBrain(AttentionMethod):
         dtype, work = q.dtype, working_dtype(q.dtype)
         q, k, v_aug = q.to(work), k.to(work), with_ones_column(v.to(work))
         omega = random_directions(
-            b, h, d, self.config["features"], orthogonal=self.config["orthogonal"],
-            generator=generator, device=q.device, dtype=work,
+            b,
+            h,
+            d,
+            self.config["features"],
+            orthogonal=self.config["orthogonal"],
+            generator=generator,
+            device=q.device,
+            dtype=work,
         )
         qf, kf, log_shift = favor_features(q, k, scale, omega)
         lr_total = qf @ (kf.transpose(-1, -2) @ v_aug)  # (b, h, n_q, d_v+1), row sum >= 1
@@ -93,8 +99,15 @@ class ScatterBrain(AttentionMethod):
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         m, w = self.config["features"], min(self.config["local_context"], 2 * n_k)
-        return float(b * h * (2 * (n_q + n_k) * d * m + 2 * (n_q + n_k) * m * (d_v + 1)
-                              + n_q * 1.5 * w * (2 * d + 2 * m + 4 * (d_v + 1))))
+        return float(
+            b
+            * h
+            * (
+                2 * (n_q + n_k) * d * m
+                + 2 * (n_q + n_k) * m * (d_v + 1)
+                + n_q * 1.5 * w * (2 * d + 2 * m + 4 * (d_v + 1))
+            )
+        )
 
 
 def local_band(q_scaled, k, v_aug, qf, kf, pos, radius):
@@ -127,8 +140,9 @@ def local_band(q_scaled, k, v_aug, qf, kf, pos, radius):
     for t0 in range(0, nblocks, group):
         t1 = min(nblocks, t0 + group)
         idx = key_index[t0:t1].reshape(1, 1, -1).expand(b, h, -1)
-        k_win, v_win, kf_win = (gather_rows(x, idx).view(b, h, t1 - t0, window, x.shape[-1])
-                                for x in (k, v_aug, kf))
+        k_win, v_win, kf_win = (
+            gather_rows(x, idx).view(b, h, t1 - t0, window, x.shape[-1]) for x in (k, v_aug, kf)
+        )
         mask = in_band[t0:t1]
         logits = (q_blocks[:, :, t0:t1] @ k_win.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
         top = logits.amax(-1, keepdim=True)  # finite: p_i itself is always in the band
@@ -137,5 +151,8 @@ def local_band(q_scaled, k, v_aug, qf, kf, pos, radius):
         out[:, :, t0:t1] = num[..., :-1] / num[..., -1:]
         prods = (qf_blocks[:, :, t0:t1] @ kf_win.transpose(-1, -2)) * mask
         feat[:, :, t0:t1] = prods @ v_win
-    flat = (lambda x: x.reshape(b, h, nblocks * block, *x.shape[4:])[:, :, :n_q])
-    return flat(lse), flat(out), flat(feat)
+
+    def unblock(x: torch.Tensor) -> torch.Tensor:  # (b, h, blocks, block, ...) -> (b, h, n_q, ...)
+        return x.reshape(b, h, nblocks * block, *x.shape[4:])[:, :, :n_q]
+
+    return unblock(lse), unblock(out), unblock(feat)

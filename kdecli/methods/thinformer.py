@@ -49,8 +49,14 @@ class Thinformer(AttentionMethod):
     )
     params = (
         Param("coreset", int, 256, "target number of key–value pairs kept (m)", 1, 2**24),
-        Param("delta", float, 0.5, "kernel-halving failure probability δ (sets the walk threshold)",
-              1e-12, 1.0),
+        Param(
+            "delta",
+            float,
+            0.5,
+            "kernel-halving failure probability δ (sets the walk threshold)",
+            1e-12,
+            1.0,
+        ),
     )
     randomized = True
     cost_help = (
@@ -73,8 +79,11 @@ class Thinformer(AttentionMethod):
         b, h, n_k, d = k.shape
         rounds = halving_rounds(n_k, self.config["coreset"])
         index, valid = thin(
-            (k * math.sqrt(scale)).reshape(b * h, n_k, d), v.reshape(b * h, n_k, v.shape[-1]),
-            rounds, self.config["delta"], generator,
+            (k * math.sqrt(scale)).reshape(b * h, n_k, d),
+            v.reshape(b * h, n_k, v.shape[-1]),
+            rounds,
+            self.config["delta"],
+            generator,
         )
         index, valid = index.view(b, h, -1), valid.view(b, h, 1, -1)
         logits = (q * scale) @ gather_rows(k, index).transpose(-1, -2)
@@ -97,8 +106,9 @@ def halving_rounds(n_k: int, budget: int) -> int:
     """T >= 0 with n_k/2^T closest to the budget (ties: fewer rounds), at most ⌊log₂ n_k⌋ so that
     the coreset is never empty."""
     rounds = 0
-    while (rounds + 1 <= math.log2(n_k)
-           and abs(n_k / 2 ** (rounds + 1) - budget) < abs(n_k / 2**rounds - budget)):
+    while rounds + 1 <= math.log2(n_k) and abs(n_k / 2 ** (rounds + 1) - budget) < abs(
+        n_k / 2**rounds - budget
+    ):
         rounds += 1
     return rounds
 
@@ -112,7 +122,10 @@ def compress_levels(n_k: int, rounds: int) -> int:
 
 
 def thin(
-    k_scaled: torch.Tensor, v: torch.Tensor, rounds: int, delta: float,
+    k_scaled: torch.Tensor,
+    v: torch.Tensor,
+    rounds: int,
+    delta: float,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Coreset of each slice of (k_scaled, v) (S, n, ·): indices (S, G) and a validity mask (S, G).
@@ -155,7 +168,9 @@ def _halve(k_scaled, v, index, valid, shift, b_sq, delta, generator):
         valid = torch.cat([valid, torch.zeros_like(valid[..., :1])], dim=-1)
     pairs = index.shape[-1] // 2
     flat = index.reshape(slices, -1)
-    kx = gather_rows(k_scaled.unsqueeze(1), flat.unsqueeze(1)).view(slices, groups, -1, k_scaled.shape[-1])
+    kx = gather_rows(k_scaled.unsqueeze(1), flat.unsqueeze(1)).view(
+        slices, groups, -1, k_scaled.shape[-1]
+    )
     vx = gather_rows(v.unsqueeze(1), flat.unsqueeze(1)).view(slices, groups, -1, v.shape[-1])
     kernel = torch.exp(kx @ kx.transpose(-1, -2) - shift.view(-1, 1, 1, 1))
     kernel = kernel * (vx @ vx.transpose(-1, -2) + b_sq.view(-1, 1, 1, 1))
@@ -166,7 +181,9 @@ def _halve(k_scaled, v, index, valid, shift, b_sq, delta, generator):
 
     norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
     threshold = (0.5 + math.log(2 * pairs / delta)) * norms * torch.cummax(norms, dim=-1).values
-    uniform = torch.rand(slices, groups, pairs, generator=generator, device=v.device, dtype=gram.dtype)
+    uniform = torch.rand(
+        slices, groups, pairs, generator=generator, device=v.device, dtype=gram.dtype
+    )
     keep_first = _walk(gram, (2 * uniform - 1) * threshold)
     flip = torch.rand(slices, groups, 1, generator=generator, device=v.device) < 0.5
     keep_first = keep_first ^ flip  # the coreset or its complement, with probability ½ each

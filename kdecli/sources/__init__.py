@@ -23,6 +23,13 @@ from kdecli.sources.names import display_path
 from kdecli.sources.registry import get_source, load_input, register, source_names
 
 __all__ = [
-    "LAYOUTS", "InputOptions", "InputSource", "Loaded", "display_path", "get_source", "load_input",
-    "register", "source_names",
+    "LAYOUTS",
+    "InputOptions",
+    "InputSource",
+    "Loaded",
+    "display_path",
+    "get_source",
+    "load_input",
+    "register",
+    "source_names",
 ]

@@ -43,14 +43,18 @@ class NpzFile(InputSource):
             raise
         except Exception as exc:
             raise InputError(f"{path}: cannot read as .npz ({exc}).") from None
-        return Loaded(**arrays, name=display_path(path), where=spec, layout=options.layout, scale=scale)
+        return Loaded(
+            **arrays, name=display_path(path), where=spec, layout=options.layout, scale=scale
+        )
 
 
 @register
 class Hdf5File(InputSource):
     name = "hdf5"
     kind = "file"
-    summary = "An HDF5 file holding datasets q, k, v (and optionally scale), at the top or in a group."
+    summary = (
+        "An HDF5 file holding datasets q, k, v (and optionally scale), at the top or in a group."
+    )
     form = "file.h5[:/group]"
     suffixes = (".h5", ".hdf5")
     locations = True
@@ -68,7 +72,9 @@ class Hdf5File(InputSource):
             where = f"{path}:{group}" if group else str(path)
             if group and group != "/":
                 if group not in handle:
-                    raise InputError(f"{path}: no group {group!r}; top level holds: {', '.join(handle)}.")
+                    raise InputError(
+                        f"{path}: no group {group!r}; top level holds: {', '.join(handle)}."
+                    )
                 node = handle[group]
                 if not isinstance(node, h5py.Group):
                     raise InputError(f"{where} is a dataset, not a group holding q, k, v.")
@@ -94,11 +100,15 @@ class TorchFile(InputSource):
         except Exception as exc:
             raise InputError(f"{path}: cannot read as a torch file ({exc}).") from None
         if not isinstance(data, dict):
-            raise InputError(f"{path}: holds a {type(data).__name__}; expected a dict of tensors q, k, v.")
+            raise InputError(
+                f"{path}: holds a {type(data).__name__}; expected a dict of tensors q, k, v."
+            )
         names = [str(key) for key in data]
         arrays = {n: data[pick(names, n, options.keys[n], str(path))] for n in ROLES}
         scale = data["scale"] if "scale" in data else None
-        return Loaded(**arrays, name=display_path(path), where=spec, layout=options.layout, scale=scale)
+        return Loaded(
+            **arrays, name=display_path(path), where=spec, layout=options.layout, scale=scale
+        )
 
 
 @register
@@ -112,8 +122,12 @@ class NpyFiles(InputSource):
         paths = {"q": options.q, "k": options.k, "v": options.v}
         arrays = {n: _load_npy(Path(paths[n]), n) for n in ROLES}
         name = "npy:" + ",".join(display_path(paths[n]) for n in ROLES)
-        return Loaded(**arrays, name=name, where=f"npy:{options.q},{options.k},{options.v}",
-                      layout=options.layout)
+        return Loaded(
+            **arrays,
+            name=name,
+            where=f"npy:{options.q},{options.k},{options.v}",
+            layout=options.layout,
+        )
 
 
 def pick(available: list[str], role: str, explicit: str | None, where: str) -> str:
@@ -142,4 +156,3 @@ def _load_npy(path: Path, role: str) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except Exception as exc:
         raise InputError(f"{path}: cannot read as .npy ({exc}).") from None
-

@@ -76,7 +76,9 @@ class InputSource:
     summary: ClassVar[str] = ""  # one line: what the source reads
     form: ClassVar[str] = ""  # how INPUT names it, for help texts: "glove:PATH|NAME"
     suffixes: ClassVar[tuple[str, ...]] = ()  # file formats: the suffixes they claim, lower case
-    locations: ClassVar[bool] = False  # file formats: FILE:LOCATION reads inside the file (HDF5 groups)
+    locations: ClassVar[bool] = (
+        False  # file formats: FILE:LOCATION reads inside the file (HDF5 groups)
+    )
 
     def read(self, spec: str, options: InputOptions) -> Loaded:
         raise NotImplementedError

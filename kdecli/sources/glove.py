@@ -56,12 +56,17 @@ class Glove(InputSource):
 
 
 def glove_qkv(
-    vectors: np.ndarray, n: int | None = None, batch: int = DEFAULT_BATCH, max_len: int = DEFAULT_MAX_LEN
+    vectors: np.ndarray,
+    n: int | None = None,
+    batch: int = DEFAULT_BATCH,
+    max_len: int = DEFAULT_MAX_LEN,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q, K, V of shape (batch, 1, n, d) from GloVe rows by the paper's protocol (module docstring)."""
     vectors = np.asarray(vectors)
     if vectors.ndim != 2:
-        raise InputError(f"GloVe vectors must be a 2-D array (rows, dim); got shape {vectors.shape}.")
+        raise InputError(
+            f"GloVe vectors must be a 2-D array (rows, dim); got shape {vectors.shape}."
+        )
     for name, value in (("batch", batch), ("max_len", max_len)):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise UsageError(f"glove: `{name}` must be a positive integer; got {value!r}.")
@@ -79,7 +84,9 @@ def glove_qkv(
 
     def take(start: int) -> torch.Tensor:
         part = vectors[start : start + block].reshape(batch, max_len, d)[:, :n]
-        return torch.from_numpy(np.array(part, dtype=np.result_type(part.dtype, np.float32))).unsqueeze(1)
+        return torch.from_numpy(
+            np.array(part, dtype=np.result_type(part.dtype, np.float32))
+        ).unsqueeze(1)
 
     q = take(0)
     return q, q.clone(), take(2 * block)
@@ -105,13 +112,17 @@ def _resolve(spec: str, cache_dir, max_rows: int | None) -> tuple[np.ndarray, st
     """(vectors, the input's name for reports, a description with the path for messages)."""
     text = spec.removeprefix("glove:").strip()
     if not text:
-        raise UsageError("`glove:` needs a file or a name, e.g. glove:6B.50d or glove:/data/glove.6B.50d.txt.")
+        raise UsageError(
+            "`glove:` needs a file or a name, e.g. glove:6B.50d or glove:/data/glove.6B.50d.txt."
+        )
     pick = None
     head, sep, frag = text.rpartition("#")
     if sep and head.lower().endswith(".zip"):
         text, pick = head, frag.lower().removesuffix("d")
         if not pick.isdigit():
-            raise UsageError(f"`glove:{text}#{frag}`: the part after # must be a dim such as 50; got {frag!r}.")
+            raise UsageError(
+                f"`glove:{text}#{frag}`: the part after # must be a dim such as 50; got {frag!r}."
+            )
     path = Path(text).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
@@ -127,7 +138,9 @@ def _resolve(spec: str, cache_dir, max_rows: int | None) -> tuple[np.ndarray, st
         described = f"glove:{path} (text, {array.shape[0]:,} rows of width {array.shape[1]} read)"
         return array, f"glove:{display_path(path)}", described
     if path.exists():
-        raise InputError(f"`glove:{text}`: {path} is not a file; give a glove.*.txt, its .zip or a .npy cache.")
+        raise InputError(
+            f"`glove:{text}`: {path} is not a file; give a glove.*.txt, its .zip or a .npy cache."
+        )
     match = _NAME.fullmatch(text)
     variant = None
     if match and not re.search(r"\.(txt|zip|npy)$", text, re.IGNORECASE):
@@ -136,9 +149,11 @@ def _resolve(spec: str, cache_dir, max_rows: int | None) -> tuple[np.ndarray, st
         except UsageError:
             pass
     if variant is None:
-        raise InputError(f"`glove:{text}`: no such file {path}, and no GloVe corpus of that name.",
-                         hint="glove: takes a glove.*.txt, its .zip, a .npy cache, or a cached name such as "
-                         "6B.50d or twitter.27B.100d.")
+        raise InputError(
+            f"`glove:{text}`: no such file {path}, and no GloVe corpus of that name.",
+            hint="glove: takes a glove.*.txt, its .zip, a .npy cache, or a cached name such as "
+            "6B.50d or twitter.27B.100d.",
+        )
     if match["dim"] is None and len(variant.dims) > 1:
         dims = ", ".join(f"glove:{variant.short_name}.{d}d" for d in variant.dims)
         raise UsageError(f"`glove:{text}` needs a dim: {dims}.")
@@ -146,10 +161,15 @@ def _resolve(spec: str, cache_dir, max_rows: int | None) -> tuple[np.ndarray, st
     cache = resolve_cache_dir(cache_dir)
     vectors_path = cache_paths(cache, variant, dim)[0]
     if not vectors_path.exists():
-        raise UsageError(f"GloVe {variant.short_name} {dim}d is not in the cache folder {cache}.",
-                         hint=f"Run `kdecli download-glove --corpus {variant.short_name} --dim {dim}` first.")
+        raise UsageError(
+            f"GloVe {variant.short_name} {dim}d is not in the cache folder {cache}.",
+            hint=f"Run `kdecli download-glove --corpus {variant.short_name} --dim {dim}` first.",
+        )
     array = load_cache(vectors_path)
-    name, described = f"glove:{variant.short_name}.{dim}d", f"glove:{variant.stem(dim)} ({vectors_path})"
+    name, described = (
+        f"glove:{variant.short_name}.{dim}d",
+        f"glove:{variant.stem(dim)} ({vectors_path})",
+    )
     return (array if max_rows is None else array[:max_rows]), name, described
 
 
@@ -163,21 +183,29 @@ def _from_zip(path: Path, pick: str | None, max_rows: int | None) -> tuple[np.nd
         if pick is not None:
             if int(pick) not in by_dim:
                 dims = ", ".join(map(str, by_dim)) or "none"
-                raise InputError(f"{path} holds no member for dim {pick}; the dims it holds: {dims}.")
+                raise InputError(
+                    f"{path} holds no member for dim {pick}; the dims it holds: {dims}."
+                )
             member = by_dim[int(pick)]
         elif len(texts) == 1:
             member = texts[0]
         else:
             choices = ", ".join(f"glove:{path}#{d}" for d in by_dim) or "none"
-            raise UsageError(f"{path} holds {len(texts)} text members ({', '.join(texts) or 'none'}); "
-                             f"pick one by dim: {choices}.")
+            raise UsageError(
+                f"{path} holds {len(texts)} text members ({', '.join(texts) or 'none'}); "
+                f"pick one by dim: {choices}."
+            )
         try:
             with zf.open(member) as stream:
                 array = parse_glove_text(stream, source=f"{path}:{member}", max_rows=max_rows)[0]
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
             raise InputError(f"{path} is corrupt ({exc}).") from None
     name = f"glove:{display_path(path)}" + (f"#{pick}" if pick is not None else "")
-    return array, name, f"glove:{path}:{member} ({array.shape[0]:,} rows of width {array.shape[1]} read)"
+    return (
+        array,
+        name,
+        f"glove:{path}:{member} ({array.shape[0]:,} rows of width {array.shape[1]} read)",
+    )
 
 
 def read_glove(
@@ -199,8 +227,15 @@ def read_glove(
     vectors, name, described = _resolve(spec, cache_dir, need)
     q, k, v = glove_qkv(vectors, n, batch, max_len)
     protocol = f"paper protocol: batch {batch}, n {q.shape[2]}, blocks of {max_len} rows"
-    return Loaded(q, k, v, name=name, where=f"{described}; {protocol}", scale=GLOVE_SCALE,
-                  notes={"read": described, "protocol": protocol})
+    return Loaded(
+        q,
+        k,
+        v,
+        name=name,
+        where=f"{described}; {protocol}",
+        scale=GLOVE_SCALE,
+        notes={"read": described, "protocol": protocol},
+    )
 
 
 def load_glove_input(

@@ -23,7 +23,9 @@ from kdecli.download import resolve_cache_dir
 PACKAGE_FOLDERS = ("site-packages", "dist-packages")
 
 
-def display_path(path: str | os.PathLike, cached_name: Callable[[str], str | None] | None = None) -> str:
+def display_path(
+    path: str | os.PathLike, cached_name: Callable[[str], str | None] | None = None
+) -> str:
     """How reports name the file ``path`` (module docstring); ``cached_name`` maps a file name in
     the download cache to the name its source takes (``glove.6B.50d.npy`` -> ``6B.50d``)."""
     given = Path(path).expanduser()

@@ -29,7 +29,9 @@ def register(cls: S) -> S:
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} has no `name`")
     if cls.kind not in KINDS:
-        raise ValueError(f"{cls.__qualname__}: `kind` must be one of {', '.join(KINDS)}; got {cls.kind!r}")
+        raise ValueError(
+            f"{cls.__qualname__}: `kind` must be one of {', '.join(KINDS)}; got {cls.kind!r}"
+        )
     old = _SOURCES.get(cls.name)
     if old is not None and type(old) is not cls:
         raise ValueError(f"an input source named {cls.name!r} is already registered ({type(old)})")
@@ -37,7 +39,9 @@ def register(cls: S) -> S:
         if type(other) is cls:
             continue
         if cls.kind == "options" == other.kind:
-            raise ValueError(f"{cls.name!r}: the source read from --q/--k/--v is already {other.name!r}")
+            raise ValueError(
+                f"{cls.name!r}: the source read from --q/--k/--v is already {other.name!r}"
+            )
         if cls.kind == "file" and other.kind == "file" and set(cls.suffixes) & set(other.suffixes):
             taken = ", ".join(sorted(set(cls.suffixes) & set(other.suffixes)))
             raise ValueError(f"{cls.name!r}: the suffix {taken} is already read by {other.name!r}")
@@ -58,8 +62,10 @@ def get_source(name: str) -> InputSource:
     except KeyError:
         close = get_close_matches(name, list(_SOURCES), n=1)
         hint = f" Did you mean `{close[0]}`?" if close else ""
-        raise UsageError(f"unknown input source `{name}`.{hint}",
-                         hint="The sources: " + ", ".join(_SOURCES) + ".") from None
+        raise UsageError(
+            f"unknown input source `{name}`.{hint}",
+            hint="The sources: " + ", ".join(_SOURCES) + ".",
+        ) from None
 
 
 def load_input(spec: str | None = None, options: InputOptions | None = None, **fields: Any) -> QKV:
@@ -82,7 +88,10 @@ def find_source(spec: str | None, options: InputOptions) -> tuple[InputSource, s
     """The source that reads INPUT ``spec``, and the spec its ``read`` gets."""
     if spec is None:
         if not (options.q and options.k and options.v):
-            raise UsageError("no input given.", hint=f"Give INPUT ({_forms()}) or all of --q a.npy --k b.npy --v c.npy.")
+            raise UsageError(
+                "no input given.",
+                hint=f"Give INPUT ({_forms()}) or all of --q a.npy --k b.npy --v c.npy.",
+            )
         return next(s for s in _SOURCES.values() if s.kind == "options"), ""
     if options.q or options.k or options.v:
         raise UsageError("give either INPUT or --q/--k/--v, not both.")
@@ -94,8 +103,10 @@ def find_source(spec: str | None, options: InputOptions) -> tuple[InputSource, s
         prefixes = [s.name for s in _SOURCES.values() if s.kind == "prefix"]
         close = get_close_matches(prefix, prefixes, n=1)
         hint = f" Did you mean `{close[0]}:`?" if close else ""
-        raise UsageError(f"unknown input source `{prefix}:` in `{spec}`, and no file of that name.{hint}",
-                         hint=f"INPUT is one of: {_forms()}.")
+        raise UsageError(
+            f"unknown input source `{prefix}:` in `{spec}`, and no file of that name.{hint}",
+            hint=f"INPUT is one of: {_forms()}.",
+        )
     path, _ = split_location(spec)
     if not path.exists():
         raise InputError(f"{path}: no such file.")
@@ -103,8 +114,10 @@ def find_source(spec: str | None, options: InputOptions) -> tuple[InputSource, s
     for source in _SOURCES.values():
         if source.kind == "file" and suffix in source.suffixes:
             return source, spec
-    raise InputError(f"{path}: unknown input format {suffix or '(no suffix)'}.",
-                     hint=f"Use one of: {_forms()}, or three .npy files (--q/--k/--v).")
+    raise InputError(
+        f"{path}: unknown input format {suffix or '(no suffix)'}.",
+        hint=f"Use one of: {_forms()}, or three .npy files (--q/--k/--v).",
+    )
 
 
 def split_location(spec: str) -> tuple[Path, str | None]:

@@ -19,21 +19,30 @@ from kdecli.sources.base import InputOptions, InputSource, Loaded
 from kdecli.sources.registry import register
 
 SAMPLES = {
-    "glove": ("glove_sample.npz", "GloVe 6B 50d vectors by the KDEformer paper's protocol, b = 2, n = 2048"),
+    "glove": (
+        "glove_sample.npz",
+        "GloVe 6B 50d vectors by the KDEformer paper's protocol, b = 2, n = 2048",
+    ),
 }
 
 
 @register
 class Sample(InputSource):
     name = "sample"
-    summary = "A small real input shipped with kdecli: " + ", ".join(f"sample:{n}" for n in SAMPLES) + "."
+    summary = (
+        "A small real input shipped with kdecli: " + ", ".join(f"sample:{n}" for n in SAMPLES) + "."
+    )
     form = "sample:NAME"
 
     def read(self, spec: str, options: InputOptions) -> Loaded:
         name = spec.strip()
         if name not in SAMPLES:
-            raise UsageError(_unknown(name), hint="The samples: " + "; ".join(
-                f"sample:{n} ({about})" for n, (_, about) in SAMPLES.items()) + ".")
+            raise UsageError(
+                _unknown(name),
+                hint="The samples: "
+                + "; ".join(f"sample:{n} ({about})" for n, (_, about) in SAMPLES.items())
+                + ".",
+            )
         with resources.as_file(resources.files("kdecli") / "data" / SAMPLES[name][0]) as path:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {n: archive[n] for n in ("q", "k", "v")}
@@ -43,7 +52,15 @@ class Sample(InputSource):
 
 def _unknown(name: str) -> str:
     if not name:
-        return "`sample:` needs the name of a sample: " + ", ".join(f"sample:{n}" for n in SAMPLES) + "."
+        return (
+            "`sample:` needs the name of a sample: "
+            + ", ".join(f"sample:{n}" for n in SAMPLES)
+            + "."
+        )
     close = get_close_matches(name, list(SAMPLES), n=1)
     did_you = f" Did you mean `sample:{close[0]}`?" if close else ""
-    return f"unknown sample `{name}`.{did_you} The samples: " + ", ".join(f"sample:{n}" for n in SAMPLES) + "."
+    return (
+        f"unknown sample `{name}`.{did_you} The samples: "
+        + ", ".join(f"sample:{n}" for n in SAMPLES)
+        + "."
+    )

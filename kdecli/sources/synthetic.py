@@ -48,13 +48,17 @@ def synthetic_tensors(body: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
             )
         if key == "kind":
             if value not in ("gaussian", "clustered"):
-                raise UsageError(f"synthetic input: kind must be gaussian or clustered; got {value!r}.")
+                raise UsageError(
+                    f"synthetic input: kind must be gaussian or clustered; got {value!r}."
+                )
             options[key] = value
         else:
             try:
                 options[key] = int(value)
             except ValueError:
-                raise UsageError(f"synthetic input: {key} must be an integer; got {value!r}.") from None
+                raise UsageError(
+                    f"synthetic input: {key} must be an integer; got {value!r}."
+                ) from None
             if options[key] < (0 if key == "seed" else 1):
                 raise UsageError(f"synthetic input: {key} must be positive; got {value}.")
     b, h, n, d = options["b"], options["h"], options["n"], options["d"]

@@ -22,7 +22,10 @@ from kdecli.sources.base import Loaded
 def validated(loaded: Loaded) -> QKV:
     """A checked ``QKV`` from a source's ``Loaded`` record."""
     where, layout = loaded.where or loaded.name, loaded.layout
-    t = {n: _to_bhnd(_as_tensor(getattr(loaded, n), n, where), n, where, layout) for n in ("q", "k", "v")}
+    t = {
+        n: _to_bhnd(_as_tensor(getattr(loaded, n), n, where), n, where, layout)
+        for n in ("q", "k", "v")
+    }
     q, k, v = t["q"], t["k"], t["v"]
     default_scale = None if loaded.scale is None else _stored_scale(loaded.scale, where)
     if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
@@ -31,7 +34,9 @@ def validated(loaded: Loaded) -> QKV:
             f"V {tuple(v.shape)} (read as (b, h, n, d), layout {layout})."
         )
     if q.shape[-1] != k.shape[-1]:
-        raise InputError(f"{where}: Q has width {q.shape[-1]} but K has width {k.shape[-1]}; they must match.")
+        raise InputError(
+            f"{where}: Q has width {q.shape[-1]} but K has width {k.shape[-1]}; they must match."
+        )
     if k.shape[-2] != v.shape[-2]:
         raise InputError(
             f"{where}: K has {k.shape[-2]} rows but V has {v.shape[-2]}; every key needs a value."
@@ -45,8 +50,15 @@ def validated(loaded: Loaded) -> QKV:
     if len(dtypes) > 1:  # mixed precision: keep the widest so nothing is lost on load
         widest = max(dtypes, key=lambda dt: torch.finfo(dt).bits)
         q, k, v = q.to(widest), k.to(widest), v.to(widest)
-    return QKV(q.contiguous(), k.contiguous(), v.contiguous(), loaded.name, layout, default_scale,
-               dict(loaded.notes or {}))
+    return QKV(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        loaded.name,
+        layout,
+        default_scale,
+        dict(loaded.notes or {}),
+    )
 
 
 def crop(qkv: QKV, n: int | None, where: str | None = None) -> QKV:
@@ -57,8 +69,15 @@ def crop(qkv: QKV, n: int | None, where: str | None = None) -> QKV:
         raise UsageError(
             f"--n must be in [1, {min(qkv.q.shape[-2], qkv.k.shape[-2])}] for {where or qkv.source}; got {n}."
         )
-    return QKV(qkv.q[..., :n, :].contiguous(), qkv.k[..., :n, :].contiguous(),
-               qkv.v[..., :n, :].contiguous(), qkv.source, qkv.layout, qkv.default_scale, qkv.notes)
+    return QKV(
+        qkv.q[..., :n, :].contiguous(),
+        qkv.k[..., :n, :].contiguous(),
+        qkv.v[..., :n, :].contiguous(),
+        qkv.source,
+        qkv.layout,
+        qkv.default_scale,
+        qkv.notes,
+    )
 
 
 def _as_tensor(value: Any, name: str, where: str) -> torch.Tensor:
