@@ -7,6 +7,9 @@ running it failed.  Both carry a message meant for a person, and an optional hin
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from difflib import get_close_matches
+
 
 class KdecliError(Exception):
     """Base class: a message for a person, and an optional hint that says what to do."""
@@ -35,3 +38,10 @@ class ParameterError(UsageError):
 
 class RuntimeFailure(KdecliError):
     """Running the request failed (out of memory, a write failed, a download broke). Exit code 1."""
+
+
+def unknown_name(what: str, name: str, known: Iterable[str], hint: str) -> UsageError:
+    """ "unknown method `kdeformr`. Did you mean `kdeformer`?": the closest known name, if any."""
+    close = get_close_matches(name, list(known), n=1)
+    suggestion = f" Did you mean `{close[0]}`?" if close else ""
+    return UsageError(f"unknown {what} `{name}`.{suggestion}", hint=hint)

@@ -191,13 +191,15 @@ def _title(docs: Sequence[RunReport], y: str, xs: Sequence[str]) -> str:
 
     inputs = [d.input for d in docs]
     causal = any(i.causal for i in inputs)
-    return "\n".join([
-        f"{y} vs {' and '.join(xs)} · {_distinct([i.source for i in inputs])}",
-        f"{_distinct([shape(i) for i in inputs])} · scale "
-        f"{_distinct([format(i.scale, '.4g') for i in inputs])}"
-        + (" · causal" if causal else "")
-        + f" · {_distinct([d.environment.label() for d in docs])}",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"{y} vs {' and '.join(xs)} · {_distinct([i.source for i in inputs])}",
+            f"{_distinct([shape(i) for i in inputs])} · scale "
+            f"{_distinct([format(i.scale, '.4g') for i in inputs])}"
+            + (" · causal" if causal else "")
+            + f" · {_distinct([d.environment.label() for d in docs])}",
+        ]
+    )
 
 
 def _exact_time(doc: RunReport) -> float | None:

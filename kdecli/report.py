@@ -284,9 +284,13 @@ def render_pareto(report: RunReport, rows: list[Setting], console: Console) -> N
         title_justify="left",
     )
     for column, justify in (
-        ("method", "left"), ("budget", "right"), ("FLOPs", "right"),
-        (metric, "right"), ("time", "right"), ("parameters", "left"),
-    ):  # fmt: skip
+        ("method", "left"),
+        ("budget", "right"),
+        ("FLOPs", "right"),
+        (metric, "right"),
+        ("time", "right"),
+        ("parameters", "left"),
+    ):
         table.add_column(column, justify=justify, overflow="fold")
     for name, pick in pareto.methods.items():
         if pick is None:
@@ -304,9 +308,13 @@ def render_pareto(report: RunReport, rows: list[Setting], console: Console) -> N
             continue
         budget = "—" if pick.budget is None else str(pick.budget)
         table.add_row(
-            name, budget, fmt_flops(pick.flops), f"{pick.error:.4g}", fmt_time(pick.method_s),
+            name,
+            budget,
+            fmt_flops(pick.flops),
+            f"{pick.error:.4g}",
+            fmt_time(pick.method_s),
             fmt_params(pick.params),
-        )  # fmt: skip
+        )
     console.print(table)
 
 
@@ -329,13 +337,20 @@ def to_markdown(report: RunReport, columns: Sequence[str] | None = None) -> str:
     lines += ["", floors_line(report), "", environment_line(report)]
     if report.pareto is not None:
         picks = [
-            f"- {name}: " + ("not reached" if pick is None else
-                             f"budget {pick.budget}, {fmt_flops(pick.flops)} FLOPs, "
-                             f"{report.pareto.metric} {pick.error:.4g}")
+            f"- {name}: "
+            + (
+                "not reached"
+                if pick is None
+                else f"budget {pick.budget}, {fmt_flops(pick.flops)} FLOPs, "
+                f"{report.pareto.metric} {pick.error:.4g}"
+            )
             for name, pick in report.pareto.methods.items()
-        ]  # fmt: skip
-        lines += ["", f"Cheapest setting with {report.pareto.metric} ≤ "
-                  f"{report.pareto.target_error:g}:", *picks]  # fmt: skip
+        ]
+        lines += [
+            "",
+            f"Cheapest setting with {report.pareto.metric} ≤ {report.pareto.target_error:g}:",
+            *picks,
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -355,11 +370,16 @@ def to_csv(report: RunReport) -> str:
     writer.writeheader()
     for r in report.results:
         row = {
-            "method": r.method, "budget": r.budget, "seed": r.seed, "status": r.status,
-            "reason": r.reason, "oracle": r.oracle, "flops": r.flops,
+            "method": r.method,
+            "budget": r.budget,
+            "seed": r.seed,
+            "status": r.status,
+            "reason": r.reason,
+            "oracle": r.oracle,
+            "flops": r.flops,
             "beats_mean_floor": r.beats_mean_floor,
             "params": json.dumps(r.params, sort_keys=True),
-        }  # fmt: skip
+        }
         for m in METRICS:
             summary = r.errors.get(m)
             row[f"{m}_mean"] = None if summary is None else summary.mean

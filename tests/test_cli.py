@@ -183,3 +183,14 @@ def test_python_dash_m_and_console_script_work():
         timeout=120,
     )
     assert res.returncode == 0 and json.loads(res.stdout)
+
+
+def test_methods_and_commands_are_listed_in_their_documented_order():
+    from kdecli.methods import method_names
+
+    assert method_names() == [
+        "exact", "mean", "kdeformer", "performer", "reformer", "scatterbrain",
+        "hyperattention", "thinformer", "nystromformer", "uniform", "topk", "rankk",
+    ]  # fmt: skip
+    commands = [c.name for c in app.registered_commands]
+    assert commands == ["approx", "compare", "methods", "inspect", "plot", "report", "download-glove"]

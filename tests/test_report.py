@@ -39,8 +39,16 @@ def table_of(report, width, columns=None):
 
 
 def test_report_prints_the_table_compare_printed(tmp_path):
-    args = [SPEC, "--methods", "exact,mean,uniform", "--budgets", "8,16", "--seeds", "2",
-            "--no-timing"]  # fmt: skip
+    args = [
+        SPEC,
+        "--methods",
+        "exact,mean,uniform",
+        "--budgets",
+        "8,16",
+        "--seeds",
+        "2",
+        "--no-timing",
+    ]
     printed = invoke("compare", *args, "--target-error", "0.9")
     saved = tmp_path / "run.jsonl"
     assert invoke("compare", *args, "--format", "jsonl", "-o", saved).exit_code == 0
@@ -139,8 +147,11 @@ def test_beats_mean_floor_says_which_side_of_the_floor_a_method_is(tmp_path):
     assert by["uniform", 1].beats_mean_floor is False
     assert by["topk", 64].beats_mean_floor is True
     assert by["mean", None].beats_mean_floor is None  # the floor itself
-    rows = {line.split("│")[1].strip() + " " + line.split("│")[2].strip(): line
-            for line in table_of(report, 200).splitlines() if line.startswith("│")}  # fmt: skip
+    rows = {
+        line.split("│")[1].strip() + " " + line.split("│")[2].strip(): line
+        for line in table_of(report, 200).splitlines()
+        if line.startswith("│")
+    }
     assert "not below mean floor" in rows["uniform 1"]
     assert "not below mean floor" not in rows["topk (oracle) 64"]
     assert "not below mean floor" not in rows["mean —"]

@@ -17,8 +17,15 @@ SPEC = "synthetic:n=64,d=8,b=1,h=2,kind=clustered"
 @pytest.fixture(scope="module")
 def report():
     qkv = kdecli.load_input(SPEC)
-    return kdecli.compare(qkv, ["exact", "mean", "kdeformer", "topk"], [8, 16], seeds=2,
-                          repeats=1, warmup=0, device="cpu")  # fmt: skip
+    return kdecli.compare(
+        qkv,
+        ["exact", "mean", "kdeformer", "topk"],
+        [8, 16],
+        seeds=2,
+        repeats=1,
+        warmup=0,
+        device="cpu",
+    )
 
 
 def write(tmp_path, report, fmt):
@@ -34,8 +41,10 @@ def test_documents_round_trip_to_the_same_records(report, tmp_path, fmt):
     loaded = load_document(write(tmp_path, report, fmt))
     assert loaded.results == report.results
     assert (loaded.environment, loaded.input, loaded.floors) == (
-        report.environment, report.input, report.floors,
-    )  # fmt: skip
+        report.environment,
+        report.input,
+        report.floors,
+    )
     assert loaded.to_dict() == report.to_dict()
 
 
@@ -43,8 +52,12 @@ def test_every_result_keeps_its_environment_and_role(report):
     doc = report.to_dict()
     assert doc["schema_version"] == SCHEMA_VERSION == 2
     roles = {r["method"]: r["role"] for r in doc["results"]}
-    assert roles == {"exact": "reference", "mean": "baseline", "kdeformer": "approximation",
-                     "topk": "oracle"}  # fmt: skip
+    assert roles == {
+        "exact": "reference",
+        "mean": "baseline",
+        "kdeformer": "approximation",
+        "topk": "oracle",
+    }
     assert all(r["environment"] == doc["environment"] for r in doc["results"])
     assert [r["oracle"] for r in doc["results"]].count(True) == 2  # topk at two budgets
 
@@ -75,11 +88,14 @@ def test_version_one_documents_still_load(report, tmp_path):
         (lambda d: d["results"][2].update(budget="8"), "results[2].budget", "must be an integer"),
         (lambda d: d["input"]["shape"].pop("n_k"), "input.shape.n_k", "is missing"),
         (lambda d: d["input"].update(scale="big"), "input.scale", "must be a number"),
-        (lambda d: d["results"][3]["errors"].update(rel_spectral=[1]),
-         "results[3].errors.rel_spectral", "must be an object"),
+        (
+            lambda d: d["results"][3]["errors"].update(rel_spectral=[1]),
+            "results[3].errors.rel_spectral",
+            "must be an object",
+        ),
         (lambda d: d.update(schema_version=7), "schema_version 7", "reads 1, 2"),
     ],
-)  # fmt: skip
+)
 def test_a_bad_document_names_the_file_and_the_field(report, tmp_path, edit, field, problem):
     doc = report.to_dict()
     edit(doc)

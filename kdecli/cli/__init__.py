@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from kdecli.cli import download_glove as _download_glove  # noqa: F401,E402
-from kdecli.cli import inspect_command as _inspect_command  # noqa: F401,E402
-from kdecli.cli import methods_command as _methods_command  # noqa: F401,E402
-from kdecli.cli import plot_command as _plot_command  # noqa: F401,E402
-from kdecli.cli import report_command as _report_command  # noqa: F401,E402
-
-# Each module adds its command(s) to `app` when imported; this order is the order of --help.
-from kdecli.cli import run_commands as _run_commands  # noqa: F401,E402,I001  (approx, compare)
 from kdecli.cli.app import app
+
+# Each module adds its command(s) to `app` when imported: this is the order of --help.
+# isort: off
+from kdecli.cli import run_commands as _run_commands  # noqa: F401  (approx, compare)
+from kdecli.cli import methods_command as _methods_command  # noqa: F401
+from kdecli.cli import inspect_command as _inspect_command  # noqa: F401
+from kdecli.cli import plot_command as _plot_command  # noqa: F401
+from kdecli.cli import report_command as _report_command  # noqa: F401
+from kdecli.cli import download_glove as _download_glove  # noqa: F401
+# isort: on
 
 
 def main() -> None:

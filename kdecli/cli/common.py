@@ -26,6 +26,14 @@ InputArg = Annotated[
         show_default=False,
     ),
 ]
+TargetError = Annotated[
+    Optional[float],
+    typer.Option(
+        "--target-error",
+        help="Also show each method's cheapest setting (fewest FLOPs, then time) whose seed-mean "
+        "rel_spectral is at most this.",
+    ),
+]
 Params = Annotated[
     Optional[list[str]],
     typer.Option(

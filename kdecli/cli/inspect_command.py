@@ -13,9 +13,11 @@ from kdecli.sources import InputOptions, load_input
 @app.command("inspect")
 @c.handle_errors
 @shared_options(
-    inputs=INPUT, run=RUN.only("device", "scale", "causal"), out=OUTPUT.without("columns"),
+    inputs=INPUT,
+    run=RUN.only("device", "scale", "causal"),
+    out=OUTPUT.without("columns"),
     helps={"fmt": "table | json."},
-)  # fmt: skip
+)
 def inspect_command(
     input_spec: c.InputArg = None, *, inputs: InputOptions, run: RunConfig, out: OutputOptions
 ) -> None:

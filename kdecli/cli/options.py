@@ -67,13 +67,13 @@ OPTIONS: dict[str, Opt] = {
         Optional[str],
         None,
         "float32 | float64 | float16 | bfloat16 (default: the input's).",
-    ),  # fmt: skip
+    ),
     "scale": Opt(
         ("--scale",),
         Optional[float],
         None,
         "Softmax temperature s in softmax(s·QKᵀ) (default 1/√d, or the input's own).",
-    ),  # fmt: skip
+    ),
     "causal": Opt(("--causal",), bool, False, "Causal mask: query i sees keys j ≤ i."),
     "repeats": Opt(("--repeats",), int, 3, "Timed calls per method (median reported)."),
     "warmup": Opt(("--warmup",), int, 1, "Untimed calls before timing."),
@@ -82,7 +82,7 @@ OPTIONS: dict[str, Opt] = {
         bool,
         False,
         "Add bound_normalized = ‖Õ−O‖₂/(‖D⁻¹A‖₂‖V‖₂) (power iteration: several exact passes).",
-    ),  # fmt: skip
+    ),
     "timing": Opt(("--timing/--no-timing",), bool, True, "Time methods against exact attention."),
     # output: where and how
     "fmt": Opt(("--format", "-f"), str, "table", "table | json | jsonl | csv."),
@@ -93,7 +93,7 @@ OPTIONS: dict[str, Opt] = {
         Optional[str],
         None,
         "Table columns, comma-separated, or `all` (default: what fits the terminal).",
-    ),  # fmt: skip
+    ),
 }
 
 

@@ -21,9 +21,11 @@ def default_image(first: Path, x: str, y: str) -> Path:
 @c.handle_errors
 @shared_options(
     out=OUTPUT.only("output", "quiet"),
-    helps={"output": "Image file: .png, .svg or .pdf (default: next to the first results file, "
-           "named after it and the axes)."},
-)  # fmt: skip
+    helps={
+        "output": "Image file: .png, .svg or .pdf (default: next to the first results file, "
+        "named after it and the axes)."
+    },
+)
 def plot_command(
     results: list[Path] = typer.Argument(
         ...,

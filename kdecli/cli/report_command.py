@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -27,13 +26,8 @@ def report_command(
         help="Results written by `kdecli compare --format json|jsonl -o FILE`; several files "
         "are rendered one after the other.",
         show_default=False,
-    ),  # fmt: skip
-    target_error: Optional[float] = typer.Option(
-        None,
-        "--target-error",
-        help="Recompute each method's cheapest setting (fewest FLOPs, then "
-        "time) whose seed-mean rel_spectral is at most this.",
-    ),  # fmt: skip
+    ),
+    target_error: c.TargetError = None,
     *,
     out: OutputOptions,
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -63,11 +63,15 @@ def _run(
 
         with progress or contextlib.nullcontext():
             report = compare(
-                qkv, sweep.methods, sweep.budgets, run, params=sweep.params,
+                qkv,
+                sweep.methods,
+                sweep.budgets,
+                run,
+                params=sweep.params,
                 on_start=(lambda r: write_line(jsonl_header(r))) if streaming else None,
                 on_result=(lambda rec: write_line(jsonl_result(rec))) if streaming else None,
                 on_progress=update,
-            )  # fmt: skip
+            )
         if target_error is not None:
             report.pareto = cheapest_settings(report.results, target_error)
             if streaming:
@@ -124,16 +128,11 @@ def compare_command(
         "exact,kdeformer,performer,reformer,scatterbrain",
         "--methods",
         help="Comma-separated method names.",
-    ),  # fmt: skip
+    ),
     budgets: str = typer.Option("64,128,256,512", "--budgets", help="Comma-separated budgets."),
     param: c.Params = None,
     plot: str = typer.Option(None, "--plot", help="Also draw the error curves to this image file."),
-    target_error: Optional[float] = typer.Option(
-        None,
-        "--target-error",
-        help="Also show each method's cheapest setting (fewest FLOPs, then "
-        "time) whose seed-mean rel_spectral is at most this.",
-    ),  # fmt: skip
+    target_error: c.TargetError = None,
     *,
     inputs: InputOptions,
     run: RunConfig,
@@ -141,7 +140,8 @@ def compare_command(
 ) -> None:
     """Run every method × budget × seed against one exact reference; mean ± std over seeds."""
     sweep = Sweep(
-        _split_list(methods, "methods"), _split_list(budgets, "budgets", int),
+        _split_list(methods, "methods"),
+        _split_list(budgets, "budgets", int),
         c.parse_params(param),
-    )  # fmt: skip
+    )
     _run(input_spec, inputs, sweep, run, out, plot=plot, target_error=target_error)

@@ -2,16 +2,6 @@
 `kdecli methods` lists them: the reference and the floor, the KDEformer paper's method and its
 baselines, the methods that came after, then the analysis-only oracles."""
 
-from kdecli.methods import exact as _exact  # noqa: F401,I001  (registers exact, mean)
-from kdecli.methods import hyperattention as _hyperattention  # noqa: F401
-from kdecli.methods import kdeformer as _kdeformer  # noqa: F401
-from kdecli.methods import nystromformer as _nystromformer  # noqa: F401
-from kdecli.methods import oracles as _oracles  # noqa: F401  (registers topk, rankk)
-from kdecli.methods import performer as _performer  # noqa: F401
-from kdecli.methods import reformer as _reformer  # noqa: F401
-from kdecli.methods import scatterbrain as _scatterbrain  # noqa: F401
-from kdecli.methods import thinformer as _thinformer  # noqa: F401
-from kdecli.methods import uniform as _uniform  # noqa: F401
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.registry import (
     get_method_class,
@@ -20,6 +10,20 @@ from kdecli.methods.registry import (
     method_of_role,
     register,
 )
+
+# Registration order is the order `kdecli methods` lists them.
+# isort: off
+from kdecli.methods import exact as _exact  # noqa: F401  (registers exact, mean)
+from kdecli.methods import kdeformer as _kdeformer  # noqa: F401
+from kdecli.methods import performer as _performer  # noqa: F401
+from kdecli.methods import reformer as _reformer  # noqa: F401
+from kdecli.methods import scatterbrain as _scatterbrain  # noqa: F401
+from kdecli.methods import hyperattention as _hyperattention  # noqa: F401
+from kdecli.methods import thinformer as _thinformer  # noqa: F401
+from kdecli.methods import nystromformer as _nystromformer  # noqa: F401
+from kdecli.methods import uniform as _uniform  # noqa: F401
+from kdecli.methods import oracles as _oracles  # noqa: F401  (registers topk, rankk)
+# isort: on
 
 __all__ = [
     "AttentionMethod",

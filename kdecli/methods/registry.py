@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from difflib import get_close_matches
 from typing import Any, TypeVar
 
-from kdecli.errors import UsageError
+from kdecli.errors import unknown_name
 from kdecli.methods.base import AttentionMethod
 
 _REGISTRY: dict[str, type[AttentionMethod]] = {}
@@ -33,12 +32,8 @@ def get_method_class(name: str) -> type[AttentionMethod]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        close = get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" Did you mean `{close[0]}`?" if close else ""
-        raise UsageError(
-            f"unknown method `{name}`.{hint}",
-            hint="Run `kdecli methods` for the list: " + ", ".join(_REGISTRY) + ".",
-        ) from None
+        hint = "Run `kdecli methods` for the list: " + ", ".join(_REGISTRY) + "."
+        raise unknown_name("method", name, _REGISTRY, hint) from None
 
 
 def method_of_role(role: str) -> type[AttentionMethod]:

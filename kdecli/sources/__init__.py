@@ -14,13 +14,17 @@ needs from ``InputOptions``; every source's result goes through the same validat
 by the rule of ``names.display_path`` for files.
 """
 
-from kdecli.sources import array_files as _array_files  # noqa: F401  (npz, hdf5, pt, npy)
-from kdecli.sources import glove as _glove  # noqa: F401
-from kdecli.sources import sample as _sample  # noqa: F401
-from kdecli.sources import synthetic as _synthetic  # noqa: F401
 from kdecli.sources.base import LAYOUTS, InputOptions, InputSource, Loaded
 from kdecli.sources.names import display_path
 from kdecli.sources.registry import get_source, load_input, register, source_names
+
+# Registration order is the order sources are listed and tried.
+# isort: off
+from kdecli.sources import array_files as _array_files  # noqa: F401  (npz, hdf5, pt, npy)
+from kdecli.sources import glove as _glove  # noqa: F401
+from kdecli.sources import synthetic as _synthetic  # noqa: F401
+from kdecli.sources import sample as _sample  # noqa: F401
+# isort: on
 
 __all__ = [
     "LAYOUTS",

@@ -13,7 +13,7 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kdecli.errors import InputError, UsageError
+from kdecli.errors import InputError, UsageError, unknown_name
 from kdecli.qkv import QKV
 from kdecli.sources.base import KINDS, LAYOUTS, InputOptions, InputSource
 from kdecli.sources.validate import crop, validated
@@ -60,12 +60,8 @@ def get_source(name: str) -> InputSource:
     try:
         return _SOURCES[name]
     except KeyError:
-        close = get_close_matches(name, list(_SOURCES), n=1)
-        hint = f" Did you mean `{close[0]}`?" if close else ""
-        raise UsageError(
-            f"unknown input source `{name}`.{hint}",
-            hint="The sources: " + ", ".join(_SOURCES) + ".",
-        ) from None
+        hint = "The sources: " + ", ".join(_SOURCES) + "."
+        raise unknown_name("input source", name, _SOURCES, hint) from None
 
 
 def load_input(spec: str | None = None, options: InputOptions | None = None, **fields: Any) -> QKV:
