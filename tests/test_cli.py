@@ -193,4 +193,12 @@ def test_methods_and_commands_are_listed_in_their_documented_order():
         "hyperattention", "thinformer", "nystromformer", "uniform", "topk", "rankk",
     ]  # fmt: skip
     commands = [c.name for c in app.registered_commands]
-    assert commands == ["approx", "compare", "methods", "inspect", "plot", "report", "download-glove"]
+    assert commands == [
+        "approx",
+        "compare",
+        "methods",
+        "inspect",
+        "plot",
+        "report",
+        "download-glove",
+    ]
