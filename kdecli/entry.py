@@ -1,14 +1,30 @@
-"""The ``kdecli`` command's entry point: process tuning first, then the command line.
+"""The ``kdecli`` command's entry point: process set-up first, then the command line.
 
-Huge pages must be asked for before torch allocates anything, so this module sets them up before
-it imports the CLI (which imports torch).
+Huge pages must be asked for before torch allocates anything, so they are set up before the CLI
+(which imports torch) is imported.  SIGTERM is made to behave like Ctrl-C, and either one during
+the second or so of start-up ends with one line, not a traceback.
 """
+
+import sys
 
 from kdecli.tuning import enable_huge_pages
 
 
 def main() -> None:
-    enable_huge_pages()
-    from kdecli.cli import main as run_cli
+    import signal
 
+    enable_huge_pages()
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+        from kdecli.cli import main as run_cli
+    except KeyboardInterrupt as exc:
+        terminated = type(exc).__name__ == "Terminated"
+        sys.stderr.write("Terminated.\n" if terminated else "Interrupted.\n")
+        sys.exit(143 if terminated else 130)
     run_cli()
+
+
+def _terminate(signum, frame) -> None:
+    from kdecli.errors import Terminated
+
+    raise Terminated()

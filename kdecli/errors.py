@@ -45,3 +45,18 @@ def unknown_name(what: str, name: str, known: Iterable[str], hint: str) -> Usage
     close = get_close_matches(name, list(known), n=1)
     suggestion = f" Did you mean `{close[0]}`?" if close else ""
     return UsageError(f"unknown {what} `{name}`.{suggestion}", hint=hint)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would raise KeyboardInterrupt: the run ends the same way."""
+
+
+# How allocators say they ran out: torch.OutOfMemoryError (CUDA), MemoryError, and the CPU
+# allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory: you tried to allocate …").
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OUT_OF_MEMORY)

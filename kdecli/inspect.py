@@ -27,6 +27,7 @@ from typing import Any, TextIO
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from kdecli import __version__
 from kdecli.errors import UsageError
@@ -309,7 +310,7 @@ def render_table(doc: dict[str, Any], console: Console, max_slices: int = 32) ->
         f"d={shape['d']} d_v={shape['d_v']}  {dtype_text}  scale={inp['scale']:.6g}"
         + ("  causal" if inp["causal"] else "")
     )
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title), title_justify="left")  # the source is user text: no markup
     for column in (
         "slice",
         "‖Q‖_F / max row",

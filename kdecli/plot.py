@@ -34,7 +34,7 @@ from typing import Any
 
 from kdecli.aggregate import group_settings
 from kdecli.errors import UsageError
-from kdecli.files import check_writable
+from kdecli.files import atomic_path, check_writable, write_failure
 from kdecli.metrics import METRICS
 from kdecli.results import Environment, InputInfo, Result, RunReport, load_document
 
@@ -430,10 +430,9 @@ def plot_reports(
     ``path`` (.png, .svg or .pdf) and return the path."""
     path = check_plot_path(path)
     fig = figure(docs, x, y, names=names)
-    try:
-        fig.savefig(path, dpi=150, bbox_inches="tight")
+    try:  # drawn to a temporary file beside it, renamed into place when complete
+        with atomic_path(path) as partial:
+            fig.savefig(partial, dpi=150, bbox_inches="tight", format=path.suffix[1:].lower())
     except OSError as exc:
-        from kdecli.errors import RuntimeFailure
-
-        raise RuntimeFailure(f"cannot write {path}: {exc.strerror or exc}.") from None
+        raise write_failure(str(path), exc) from None
     return path

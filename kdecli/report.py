@@ -21,6 +21,7 @@ from typing import TextIO
 from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from kdecli.aggregate import Setting, aggregate
 from kdecli.errors import UsageError
@@ -214,7 +215,7 @@ def render_table(report: RunReport, console: Console, columns: Sequence[str] | N
         # asked for explicitly: draw them all, past the terminal's edge rather than cut a number
         natural = 1 + sum(3 + _width(c, rows) for c in chosen)
         console.width = max(console.width, natural)
-    table = Table(title=report.input.describe(), title_justify="left")
+    table = Table(title=Text(report.input.describe()), title_justify="left")
     for column in chosen:
         wraps = column.key == "status"
         table.add_column(
@@ -228,13 +229,14 @@ def render_table(report: RunReport, console: Console, columns: Sequence[str] | N
         style = None if row.status == "ok" else "red"
         if row.beats_mean_floor is False:
             style = "yellow"
-        table.add_row(*(column.cell(row) for column in chosen), style=style)
+        table.add_row(*(Text(column.cell(row)) for column in chosen), style=style)
     console.print(table)
     if left_out:
         console.print(
             f"Not shown at width {console.width}: {', '.join(left_out)} "
             "(--columns all shows every column; --columns a,b,... chooses).",
             highlight=False,
+            markup=False,
         )
     _print_footer(report, rows, console)
 
@@ -244,11 +246,11 @@ def _print_footer(report: RunReport, rows: list[Setting], console: Console) -> N
         f"  {method_label(r)} @ {budget_label(r)}: {fmt_params(r.params)}" for r in rows if r.params
     ]
     if lines:
-        console.print("resolved parameters:\n" + "\n".join(lines), highlight=False)
+        console.print("resolved parameters:\n" + "\n".join(lines), highlight=False, markup=False)
     if report.pareto is not None:
         render_pareto(report, rows, console)
-    console.print(floors_line(report), highlight=False)
-    console.print(environment_line(report), highlight=False)
+    console.print(floors_line(report), highlight=False, markup=False)
+    console.print(environment_line(report), highlight=False, markup=False)
 
 
 def floors_line(report: RunReport) -> str:
@@ -304,17 +306,11 @@ def render_pareto(report: RunReport, rows: list[Setting], console: Console) -> N
                 if reached
                 else "not reached (no ok result)"
             )
-            table.add_row(name, "—", "—", best, "—", "—", style="yellow")
+            table.add_row(*map(Text, (name, "—", "—", best, "—", "—")), style="yellow")
             continue
         budget = "—" if pick.budget is None else str(pick.budget)
-        table.add_row(
-            name,
-            budget,
-            fmt_flops(pick.flops),
-            f"{pick.error:.4g}",
-            fmt_time(pick.method_s),
-            fmt_params(pick.params),
-        )
+        cells = (name, budget, fmt_flops(pick.flops), f"{pick.error:.4g}", fmt_time(pick.method_s))
+        table.add_row(*map(Text, (*cells, fmt_params(pick.params))))
     console.print(table)
 
 
@@ -398,6 +394,13 @@ def _finite_or_none(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def render_text(report: RunReport, fmt: str, **options) -> str:
+    """``render`` into a string (so a file is written in one piece)."""
+    buffer = io.StringIO()
+    render(report, fmt, buffer, **options)
+    return buffer.getvalue()
+
+
 def render(
     report: RunReport,
     fmt: str,
@@ -405,8 +408,10 @@ def render(
     *,
     width: int | None = None,
     columns: Sequence[str] | None = None,
+    colour: bool = False,
 ) -> None:
-    """Write ``report`` to ``stream`` in one of ``REPORT_FORMATS``."""
+    """Write ``report`` to ``stream`` in one of ``REPORT_FORMATS`` (``colour``: ANSI styles in the
+    table, for a terminal)."""
     if fmt == "json":
         stream.write(to_json(report) + "\n")
     elif fmt == "jsonl":
@@ -422,7 +427,7 @@ def render(
     elif fmt == "table":
         if width is None and not stream.isatty():
             width = FILE_WIDTH
-        console = Console(file=stream, width=width, soft_wrap=False)
+        console = Console(file=stream, width=width, soft_wrap=False, force_terminal=colour or None)
         render_table(report, console, columns)
     else:
         raise ValueError(fmt)

@@ -512,6 +512,7 @@ class RunReport:
     results: list[Result] = field(default_factory=list)
     pareto: Pareto | None = None
     kdecli_version: str = __version__
+    interrupted: bool = False  # the run was stopped: ``results`` holds what finished
 
     def header_dict(self) -> dict[str, Any]:
         """Everything but the results and the Pareto picks: the first line of a JSONL stream."""
@@ -521,7 +522,7 @@ class RunReport:
             "environment": self.environment.to_dict(),
             "input": self.input.to_dict(),
             "floors": self.floors.to_dict(),
-        }
+        } | ({"interrupted": True} if self.interrupted else {})
 
     def to_dict(self) -> dict[str, Any]:
         doc = self.header_dict()
@@ -578,6 +579,7 @@ class RunReport:
             results=records,
             pareto=None if pareto is None else Pareto.from_dict(pareto),
             kdecli_version=top.str("kdecli_version", "?"),
+            interrupted=top.bool("interrupted", False),
         )
 
 

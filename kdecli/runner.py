@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from kdecli.aggregate import beats_floor
-from kdecli.errors import ParameterError, UsageError
+from kdecli.errors import ParameterError, RuntimeFailure, UsageError, is_out_of_memory
 from kdecli.inputs import QKV, resolve_device, resolve_dtype
 from kdecli.methods import get_method_class, make_method, method_of_role
 from kdecli.methods.base import AttentionMethod
@@ -141,6 +141,7 @@ def compare(
     on_start: Callable[[RunReport], None] | None = None,
     on_result: ResultFn | None = None,
     on_progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
     **settings: Any,
 ) -> RunReport:
     """Run every method × budget × seed on ``qkv`` and measure it against exact attention.
@@ -150,7 +151,8 @@ def compare(
     ``params`` maps a method name (or ``"*"`` for every method that has the parameter) to named
     parameters.  ``on_start(report)`` is called once the reference and floors exist (before any
     method runs), ``on_result(result)`` after each record, ``on_progress(done, total, label)``
-    before each.
+    before each.  ``should_stop()`` is asked before each record: once it says True the run ends
+    there, and the report (``interrupted``) holds the records that finished.
     """
     config = replace(config or RunConfig(), **settings)
     config.check()
@@ -170,15 +172,26 @@ def compare(
     causal = config.causal
 
     ref_inputs = qkv.to(device, torch.float64)
-    reference = exact_attention(
-        ref_inputs.q, ref_inputs.k, ref_inputs.v, softmax_scale, causal=causal
-    )
-    norms = None
-    if config.bound:
-        norms = (
-            attention_spectral_norm(ref_inputs.q, ref_inputs.k, softmax_scale, causal=causal),
-            spectral_norm(ref_inputs.v),
+    try:
+        reference = exact_attention(
+            ref_inputs.q, ref_inputs.k, ref_inputs.v, softmax_scale, causal=causal
         )
+        norms = None
+        if config.bound:
+            norms = (
+                attention_spectral_norm(ref_inputs.q, ref_inputs.k, softmax_scale, causal=causal),
+                spectral_norm(ref_inputs.v),
+            )
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        shape = qkv.shape
+        raise RuntimeFailure(
+            f"out of memory computing the float64 exact reference on {device} (b·h = "
+            f"{shape['b'] * shape['h']}, n_q = {shape['n_q']}, n_k = {shape['n_k']}): "
+            f"{_first_line(exc)}",
+            hint="Use a smaller --n or --batch, or another --device.",
+        ) from None
     work = qkv.to(device, work_dtype)
     env = environment(device, work_dtype)
     report = RunReport(
@@ -191,8 +204,12 @@ def compare(
     if on_start:
         on_start(report)
 
+    def stopping() -> bool:
+        report.interrupted = report.interrupted or bool(should_stop and should_stop())
+        return report.interrupted
+
     exact_time = None
-    if config.timing:
+    if config.timing and not stopping():
         exact_time = _time_exact(work, softmax_scale, config, device)
     seed_list = [config.seed + i for i in range(config.seeds)]
     total = sum(len(seed_list) if get_method_class(j.method).randomized else 1 for j in jobs)
@@ -200,8 +217,10 @@ def compare(
     for job in jobs:
         method = make_method(job.method, job.budget, **job.params)
         job_seeds = seed_list if method.randomized else seed_list[:1]
-        method_time: Timing | None | str = None
+        method_time: Timing | _Failed | None = None
         for run_seed in job_seeds:
+            if stopping():
+                break
             if on_progress:
                 on_progress(done, total, f"{job.method} budget={job.budget} seed={run_seed}")
             outcome = _run_one(
@@ -214,6 +233,8 @@ def compare(
                         method, work, softmax_scale, config, run_seed, device
                     )
                 time = _result_time(method_time, exact_time)
+                if isinstance(method_time, _Failed):  # the errors stand; the record says why
+                    outcome = replace(outcome, status=method_time.status, reason=method_time.reason)
             beats = None
             if method.role != "baseline":
                 beats = beats_floor(outcome.error("rel_spectral"), mean_floor)
@@ -222,8 +243,10 @@ def compare(
             if on_result:
                 on_result(record)
             done += 1
+        if report.interrupted:
+            break
     if on_progress:
-        on_progress(done, total, "done")
+        on_progress(done, total, "interrupted" if report.interrupted else "done")
     return report
 
 
@@ -294,11 +317,11 @@ def _run_one(method, work: QKV, reference, scale, causal, run_seed, device, norm
                 causal=causal,
                 generator=_generator(device, run_seed, method.name),
             )
-    except torch.OutOfMemoryError as exc:
-        return _Outcome("oom", _first_line(exc), flops=flops)
     except (ParameterError, UsageError) as exc:
         return _Outcome("unsupported", exc.message, flops=flops)
-    except Exception as exc:  # one method's bug must not lose the others' results
+    except Exception as exc:  # one method's bug or allocation must not lose the others' results
+        if is_out_of_memory(exc):
+            return _Outcome("oom", _first_line(exc), flops=flops)
         return _Outcome("error", f"{type(exc).__name__}: {_first_line(exc)}", flops=flops)
     expected = (*reference.shape[:-1], reference.shape[-1])
     if tuple(out.shape) != expected:
@@ -321,7 +344,21 @@ def _summaries(errors: dict[str, torch.Tensor]) -> dict[str, Summary]:
     return {name: Summary.of(values.reshape(-1).tolist()) for name, values in errors.items()}
 
 
-def _time_method(method, work, scale, config: RunConfig, run_seed, device) -> Timing | str:
+@dataclass(frozen=True)
+class _Failed:
+    """A timing that could not be taken: ``oom`` or ``error``, and why."""
+
+    status: str
+    reason: str
+
+    @classmethod
+    def of(cls, exc: Exception, what: str) -> _Failed:
+        if is_out_of_memory(exc):
+            return cls("oom", f"{what} ran out of memory: {_first_line(exc)}")
+        return cls("error", f"{what} failed: {type(exc).__name__}: {_first_line(exc)}")
+
+
+def _time_method(method, work, scale, config: RunConfig, run_seed, device) -> Timing | _Failed:
     generator = _generator(device, run_seed, method.name)
 
     def call():
@@ -330,11 +367,11 @@ def _time_method(method, work, scale, config: RunConfig, run_seed, device) -> Ti
 
     try:
         return time_call(call, device, repeats=config.repeats, warmup=config.warmup)
-    except torch.OutOfMemoryError as exc:
-        return f"timing ran out of memory: {_first_line(exc)}"
+    except Exception as exc:  # the timing pass is as fault-tolerant as the correctness pass
+        return _Failed.of(exc, "timing")
 
 
-def _time_exact(work: QKV, scale, config: RunConfig, device) -> Timing | str:
+def _time_exact(work: QKV, scale, config: RunConfig, device) -> Timing | _Failed:
     exact = method_of_role("reference")()
     try:  # at least two warm-up calls: the first SDPA calls of a process set up thread buffers
         return time_call(
@@ -343,18 +380,20 @@ def _time_exact(work: QKV, scale, config: RunConfig, device) -> Timing | str:
             repeats=config.repeats,
             warmup=max(config.warmup, 2),
         )
-    except torch.OutOfMemoryError as exc:
-        return f"exact attention ran out of memory: {_first_line(exc)}"
+    except Exception as exc:
+        return _Failed.of(exc, "timing exact attention")
 
 
 def _time_stat(timing: Timing) -> TimeStat:
     return TimeStat(timing.median, timing.iqr, timing.repeats, timing.peak_memory_bytes)
 
 
-def _result_time(method_time: Timing | str, exact_time: Timing | str | None) -> ResultTime:
-    if isinstance(method_time, str):
-        return ResultTime(None, None, None, note=method_time)
-    if not isinstance(exact_time, Timing):
+def _result_time(method_time: Timing | _Failed, exact_time: Timing | _Failed | None) -> ResultTime:
+    if isinstance(method_time, _Failed):
+        return ResultTime(None, None, None, note=method_time.reason)
+    if isinstance(exact_time, _Failed):
+        return ResultTime(_time_stat(method_time), None, None, note=exact_time.reason)
+    if exact_time is None:
         return ResultTime(_time_stat(method_time), None, None)
     return ResultTime(
         _time_stat(method_time), _time_stat(exact_time), exact_time.median / method_time.median

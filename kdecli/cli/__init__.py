@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 from kdecli.cli.app import app
+from kdecli.errors import Terminated
 
 # Each module adds its command(s) to `app` when imported: this is the order of --help.
 # isort: off
@@ -16,7 +19,12 @@ from kdecli.cli import download_glove as _download_glove  # noqa: F401
 
 
 def main() -> None:
-    app(prog_name="kdecli")
+    try:
+        app(prog_name="kdecli")
+    except KeyboardInterrupt as exc:  # between start-up and a command's own handler
+        terminated = isinstance(exc, Terminated)
+        sys.stderr.write("Terminated.\n" if terminated else "Interrupted.\n")
+        sys.exit(143 if terminated else 130)
 
 
 __all__ = ["app", "main"]

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kdecli.errors import KdecliError, RuntimeFailure, UsageError
+from kdecli.errors import KdecliError, Terminated, UsageError, is_out_of_memory
 from kdecli.files import check_writable
 
 stderr = Console(stderr=True)
@@ -52,9 +54,10 @@ def debug() -> bool:
 
 
 def error(message: str, hint: str | None = None) -> None:
-    stderr.print(f"[bold red]Error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    """``Error: message`` on stderr; the message is never read as markup (it quotes user text)."""
+    stderr.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if hint:
-        stderr.print(f"Hint: {hint}", highlight=False, soft_wrap=True)
+        stderr.print(f"Hint: {hint}", highlight=False, markup=False, soft_wrap=True)
 
 
 def handle_errors(command: Callable) -> Callable:
@@ -71,24 +74,31 @@ def handle_errors(command: Callable) -> Callable:
                 raise
             error(exc.message, exc.hint)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            stderr.print("Interrupted.")
-            raise typer.Exit(130) from None
-        except (MemoryError, getattr(__import__("torch"), "OutOfMemoryError", MemoryError)) as exc:
-            if debug():
-                raise
-            error(
-                f"out of memory: {str(exc).splitlines()[0] if str(exc) else 'no detail'}",
-                "Use a smaller --n, --batch or budget, or --device cpu.",
-            )
-            raise typer.Exit(1) from None
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            stderr.print("Terminated." if terminated else "Interrupted.", highlight=False)
+            raise typer.Exit(143 if terminated else 130) from None
+        except BrokenPipeError:
+            # the reader went away (`| head`): say nothing, as other tools do, and stop writing
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(141) from None
         except Exception as exc:
             if debug():
                 raise
-            error(
-                f"unexpected {type(exc).__name__}: {exc}",
-                "Set KDECLI_DEBUG=1 for the traceback, and please report it.",
-            )
+            if is_out_of_memory(exc):
+                error(
+                    f"out of memory: {_first_line(exc)}",
+                    "Use a smaller --n, --batch or budget, or another --device.",
+                )
+            elif isinstance(exc, OSError):
+                where = f"{exc.filename}: " if exc.filename else ""
+                error(f"{where}{exc.strerror or exc}.")
+            else:
+                error(
+                    f"unexpected {type(exc).__name__}: {exc}",
+                    "Set KDECLI_DEBUG=1 for the traceback, and please report it.",
+                )
             raise typer.Exit(1) from None
 
     return wrapper
@@ -109,31 +119,16 @@ def check_output(path: Path | None) -> None:
         check_writable(path, f"--output {path}")
 
 
-def file_width(path: Path | None) -> int | None:
-    """A table written to a file is 160 columns wide; on a terminal it takes the terminal's width."""
-    return 160 if path is not None else None
+def table_width(path: Path | None) -> int:
+    """A table is 160 columns wide in a file, the terminal's width on one, 200 down a pipe."""
+    if path is not None:
+        return 160
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else 200
 
 
-def open_output(path: Path | None):
-    """stdout, or the file (created only now); a failed write is a runtime failure."""
-    if path is None:
-        return _NoClose(sys.stdout)
-    try:
-        return open(path, "w", encoding="utf-8")
-    except OSError as exc:
-        raise RuntimeFailure(f"cannot write {path}: {exc.strerror}.") from None
-
-
-class _NoClose:
-    def __init__(self, stream):
-        self.stream = stream
-
-    def __enter__(self):
-        return self.stream
-
-    def __exit__(self, *exc):
-        self.stream.flush()
-        return False
+def colour(path: Path | None) -> bool:
+    """Colours only on a terminal."""
+    return path is None and sys.stdout.isatty()
 
 
 def parse_params(
@@ -167,11 +162,22 @@ def progress_printer(quiet: bool):
     task = progress.add_task("reference", total=None)
 
     def update(done: int, total: int, label: str) -> None:
-        progress.update(task, completed=done, total=total, description=label)
+        progress.update(task, completed=done, total=total, description=escape(label))
 
     return progress, update
 
 
 def note(message: str, quiet: bool) -> None:
+    """A line on stderr (unless --quiet), printed as it is: never read as markup."""
     if not quiet:
-        stderr.print(message, highlight=False, soft_wrap=True)
+        stderr.print(message, highlight=False, markup=False, soft_wrap=True)
+
+
+def warn(message: str, quiet: bool) -> None:
+    if not quiet:
+        stderr.print(f"[yellow]Warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
+
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import INPUT, OUTPUT, RUN, OutputOptions, shared_options
+from kdecli.files import Output
 from kdecli.inspect import FORMATS, inspect_input, render
 from kdecli.runner import RunConfig
 from kdecli.sources import InputOptions, load_input
@@ -27,9 +30,11 @@ def inspect_command(
     c.check_output(out.output)
     qkv = load_input(input_spec, inputs)
     doc = inspect_input(qkv, scale=run.scale, causal=run.causal, device=run.device)
-    with c.open_output(out.output) as stream:
-        render(doc, out.fmt, stream, width=c.file_width(out.output))
+    buffer = io.StringIO()
+    render(doc, out.fmt, buffer, width=c.table_width(out.output))
+    with Output(out.output) as output:
+        output.write(buffer.getvalue())
     for warning in doc["warnings"]:
-        c.note(f"[yellow]Warning:[/] {warning}", out.quiet)
+        c.warn(warning, out.quiet)
     if out.output is not None:
         c.note(f"Wrote {out.output}.", out.quiet)

@@ -10,8 +10,9 @@ from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
 from kdecli.errors import UsageError
+from kdecli.files import Output
 from kdecli.pareto import cheapest_settings, check_target_error
-from kdecli.report import REPORT_FORMATS, parse_columns, render, to_csv
+from kdecli.report import REPORT_FORMATS, parse_columns, render_text, to_csv
 from kdecli.results import load_document
 
 ONE_DOCUMENT = ("json", "jsonl")
@@ -46,13 +47,14 @@ def report_command(
     if target_error is not None:
         for report in reports:
             report.pareto = cheapest_settings(report.results, target_error)
-    with c.open_output(out.output) as stream:
+    with Output(out.output) as output:
         for i, report in enumerate(reports):
             if i and out.fmt in ("table", "markdown"):
-                stream.write("\n")
+                output.write("\n")
             if i and out.fmt == "csv":  # one header for all files
-                stream.write(to_csv(report).split("\n", 1)[1])
+                output.write(to_csv(report).split("\n", 1)[1])
                 continue
-            render(report, out.fmt, stream, width=c.file_width(out.output), columns=columns)
+            width, colour = c.table_width(out.output), c.colour(out.output)
+            output.write(render_text(report, out.fmt, width=width, columns=columns, colour=colour))
     if out.output is not None:
         c.note(f"Wrote {out.output}.", out.quiet)

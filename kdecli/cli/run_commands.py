@@ -11,10 +11,12 @@ import typer
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import INPUT, OUTPUT, RUN, OutputOptions, shared_options
-from kdecli.errors import UsageError
+from kdecli.cli.signals import graceful_stop
+from kdecli.errors import Terminated, UsageError
+from kdecli.files import Output
 from kdecli.pareto import cheapest_settings, check_target_error
-from kdecli.report import FORMATS, parse_columns, render
-from kdecli.results import jsonl_header, jsonl_pareto, jsonl_result
+from kdecli.report import FORMATS, parse_columns, render_text
+from kdecli.results import RunReport, jsonl_header, jsonl_pareto, jsonl_result
 from kdecli.runner import RunConfig, compare
 from kdecli.sources import InputOptions, load_input
 
@@ -37,6 +39,7 @@ def _run(
     plot: str | None = None,
     target_error: float | None = None,
 ) -> None:
+    # everything that can be refused is refused before any output is opened
     c.check_format(out.fmt, FORMATS)
     columns = parse_columns(out.columns)
     c.check_output(out.output)
@@ -53,31 +56,52 @@ def _run(
 
         check_plot_path(plot)
     qkv = load_input(input_spec, inputs)
+    streaming = out.fmt == "jsonl"
     progress, update = c.progress_printer(out.quiet)
-    with c.open_output(out.output) as stream:
-        streaming = out.fmt == "jsonl"
+    started: list[RunReport] = []  # the report as it grows, for what to keep if stopped at once
 
-        def write_line(line: str) -> None:
-            stream.write(line + "\n")
-            stream.flush()
+    def on_start(report: RunReport) -> None:
+        started.append(report)
+        if streaming:
+            output.write(jsonl_header(report) + "\n")
 
-        with progress or contextlib.nullcontext():
-            report = compare(
-                qkv,
-                sweep.methods,
-                sweep.budgets,
-                run,
-                params=sweep.params,
-                on_start=(lambda r: write_line(jsonl_header(r))) if streaming else None,
-                on_result=(lambda rec: write_line(jsonl_result(rec))) if streaming else None,
-                on_progress=update,
-            )
-        if target_error is not None:
-            report.pareto = cheapest_settings(report.results, target_error)
-            if streaming:
-                write_line(jsonl_pareto(report.pareto))
-        if not streaming:
-            render(report, out.fmt, stream, width=c.file_width(out.output), columns=columns)
+    exit_code = 0
+    with Output(out.output, flush_each=streaming) as output:
+        with graceful_stop(lambda line: c.note(line, out.quiet)) as stop:
+            try:
+                with progress or contextlib.nullcontext():
+                    report = compare(
+                        qkv, sweep.methods, sweep.budgets, run, params=sweep.params,
+                        on_start=on_start, on_progress=update, should_stop=stop.requested,
+                        on_result=(lambda r: output.write(jsonl_result(r) + "\n")) if streaming else None,
+                    )  # fmt: skip
+                exit_code = stop.exit_code if report.interrupted else 0
+            except KeyboardInterrupt as exc:  # a second signal: stop at once, keep what finished
+                if not (started and started[0].results):
+                    raise
+                report, report.interrupted = started[0], True
+                exit_code = 143 if isinstance(exc, Terminated) else 130
+        if report.interrupted and not report.results:
+            output.discard()  # nothing finished: the previous file stays as it was
+        else:
+            if target_error is not None and not report.interrupted:
+                report.pareto = cheapest_settings(report.results, target_error)
+                if streaming:
+                    output.write(jsonl_pareto(report.pareto) + "\n")
+            if not streaming:
+                output.write(
+                    render_text(
+                        report,
+                        out.fmt,
+                        width=c.table_width(out.output),
+                        columns=columns,
+                        colour=c.colour(out.output),
+                    )  # fmt: skip
+                )
+    if report.interrupted:
+        where = output.label if report.results else f"nothing; {output.label} left as it was"
+        c.note(f"Interrupted: kept {len(report.results)} finished records in {where}.", out.quiet)
+        raise typer.Exit(exit_code)
     if out.output is not None:
         c.note(f"Wrote {out.output}.", out.quiet)
     if plot is not None:
