@@ -3,8 +3,12 @@
 ``GloveServer`` serves in-memory files on 127.0.0.1 from a thread.  Its ``mode`` decides how it
 treats a ``Range`` request: ``"range"`` answers 206 with the slice, ``"norange"`` ignores the
 header and answers 200 with everything.  ``cut_after`` makes the next ``cuts`` responses announce
-their full length but close the connection after that many body bytes.  ``requests`` records the
-``(path, Range header)`` of every request, so a test can tell what was (not) downloaded.
+their full length but close the connection after that many body bytes.  ``statuses`` is a list of
+HTTP error codes answered, one each, to the next requests (``[503, 503]``: two failures, then the
+file).  ``delay_s`` throttles a body: it is sent in pieces of ``piece`` bytes with that pause after
+each, so that two clients overlap; ``hold`` (an Event) keeps every body back until it is set.
+``requests`` records the ``(path, Range header)`` of every
+request, so a test can tell what was (not) downloaded.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import io
 import re
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -24,6 +29,10 @@ class GloveServer:
         self.mode = "range"
         self.cut_after: int | None = None
         self.cuts = 0
+        self.statuses: list[int] = []
+        self.delay_s = 0.0
+        self.piece = 16_384
+        self.hold: threading.Event | None = None
         self.requests: list[tuple[str, str | None]] = []
         self._lock = threading.Lock()
         server = self
@@ -60,6 +69,10 @@ class GloveServer:
             cut = self.cut_after if self.cuts > 0 else None
             if cut is not None:
                 self.cuts -= 1
+            status = self.statuses.pop(0) if self.statuses else None
+        if status is not None:
+            handler.send_error(status)
+            return
         body = self.files.get(path)
         if body is None:
             handler.send_error(404, "Not Found")
@@ -82,8 +95,14 @@ class GloveServer:
         if status == 206:
             handler.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         handler.end_headers()
-        handler.wfile.write(part if cut is None else part[:cut])
-        handler.wfile.flush()
+        if self.hold is not None:
+            self.hold.wait(60)
+        part = part if cut is None else part[:cut]
+        step = self.piece if self.delay_s else max(len(part), 1)
+        for i in range(0, len(part), step):
+            handler.wfile.write(part[i : i + step])
+            handler.wfile.flush()
+            time.sleep(self.delay_s)
         handler.close_connection = True
 
 

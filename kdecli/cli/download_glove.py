@@ -28,7 +28,7 @@ class RichProgress:
     def __init__(self, console: Console, *, show_bar: bool, show_notes: bool):
         self.console, self.show_notes = console, show_notes
         self.bar = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),  # file names are not markup
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
@@ -56,7 +56,7 @@ class RichProgress:
 
     def note(self, message: str) -> None:
         if self.show_notes:
-            self.console.print(message, markup=False, highlight=False)
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("download-glove")
@@ -97,13 +97,21 @@ def download_glove(
     force: Annotated[
         bool, typer.Option(help="Download and convert again even if the cache has it.")
     ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Check the cache files and the archive against the SHA-256 digests written with "
+            "them (NAME.sha256); rebuild what fails."
+        ),
+    ] = False,
     *,
     out: OutputOptions,
 ) -> None:
     """Download a Stanford GloVe archive (resumable, verified) and convert one dim to a binary cache.
 
     Prints the path of the cache file (.npy) on stdout; use it as `glove:PATH`, or give
-    `glove:6B.50d` style names to the other commands.
+    `glove:6B.50d` style names to the other commands.  A broken transfer is retried (5 times in a
+    row, waiting 1 to 16 s) and resumed; a second run into the same cache waits for the first.
     """
     console = Console(stderr=True)
     quiet = out.quiet
@@ -120,6 +128,7 @@ def download_glove(
                 from_file=from_file,
                 sha256=sha256,
                 force=force,
+                verify=verify,
                 progress=reporter,
             )
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdecli.download import resolve_cache_dir, zip_problem
+from kdecli.download import member_damage, resolve_cache_dir, zip_problem
 from kdecli.errors import InputError, UsageError
 from kdecli.glove_cache import (
     cache_paths,
@@ -165,7 +165,10 @@ def _resolve(spec: str, cache_dir, max_rows: int | None) -> tuple[np.ndarray, st
             f"GloVe {variant.short_name} {dim}d is not in the cache folder {cache}.",
             hint=f"Run `kdecli download-glove --corpus {variant.short_name} --dim {dim}` first.",
         )
-    array = load_cache(vectors_path)
+    rebuild = (
+        f"Run `kdecli download-glove --corpus {variant.short_name} --dim {dim}` to rebuild it."
+    )
+    array = load_cache(vectors_path, hint=rebuild)
     name, described = (
         f"glove:{variant.short_name}.{dim}d",
         f"glove:{variant.stem(dim)} ({vectors_path})",
@@ -196,8 +199,15 @@ def _from_zip(path: Path, pick: str | None, max_rows: int | None) -> tuple[np.nd
                 f"pick one by dim: {choices}."
             )
         try:
-            with zf.open(member) as stream:
-                array = parse_glove_text(stream, source=f"{path}:{member}", max_rows=max_rows)[0]
+            try:
+                with zf.open(member) as stream:
+                    source = f"{path}:{member}"
+                    array = parse_glove_text(stream, source=source, max_rows=max_rows)[0]
+            except InputError:  # a parse error may be the first sign of damage
+                damage = member_damage(zf, zf.getinfo(member))
+                if damage is None:
+                    raise
+                raise zipfile.BadZipFile(damage) from None
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
             raise InputError(f"{path} is corrupt ({exc}).") from None
     name = f"glove:{display_path(path)}" + (f"#{pick}" if pick is not None else "")
