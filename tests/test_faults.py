@@ -236,3 +236,25 @@ def test_a_full_standard_output_is_named(tmp_path):
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "cannot write standard output: No space left on device." in stderr
+
+
+def test_a_plot_that_fails_half_way_leaves_the_earlier_image(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from kdecli.plot import plot_reports
+
+    report = kdecli.compare(kdecli.load_input(SPEC), ["uniform"], [4, 8], seeds=2, timing=False)
+    image = tmp_path / "errors.png"
+    plot_reports([report], image)
+    before = image.read_bytes()
+
+    def broken(self, fname, **kwargs):
+        Path(fname).write_bytes(b"half a picture")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(Exception, match=f"cannot write {image}: No space left on device"):
+        plot_reports([report], image)
+    assert image.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["errors.png"]
