@@ -251,6 +251,10 @@ def _print_footer(report: RunReport, rows: list[Setting], console: Console) -> N
         render_pareto(report, rows, console)
     console.print(floors_line(report), highlight=False, markup=False)
     console.print(environment_line(report), highlight=False, markup=False)
+    if report.interrupted:
+        console.print(
+            f"The run was interrupted: {len(report.results)} records finished.", style="yellow"
+        )
 
 
 def floors_line(report: RunReport) -> str:
@@ -331,6 +335,8 @@ def to_markdown(report: RunReport, columns: Sequence[str] | None = None) -> str:
     ]
     lines += ["| " + " | ".join(escape(c.cell(row)) for c in chosen) + " |" for row in rows]
     lines += ["", floors_line(report), "", environment_line(report)]
+    if report.interrupted:
+        lines += ["", f"The run was interrupted: {len(report.results)} records finished."]
     if report.pareto is not None:
         picks = [
             f"- {name}: "

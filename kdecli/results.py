@@ -70,9 +70,6 @@ class _Reader:
             f"{self.where}: `{self._name(key)}` must be {expected}; got {got}.", hint=READS_HINT
         )
 
-    def has(self, key: str) -> bool:
-        return self.data.get(key) is not None
-
     def child(self, key: str) -> _Reader:
         if key not in self.data:
             raise SchemaError(f"{self.where}: `{self._name(key)}` is missing.", hint=READS_HINT)
@@ -85,8 +82,7 @@ class _Reader:
         return self._get(key, default, lambda v: isinstance(v, str), "a string")
 
     def int(self, key: str, default: Any = ...) -> Any:
-        ok = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-        return self._get(key, default, ok, "an integer")
+        return self._get(key, default, _is_int, "an integer")
 
     def number(self, key: str, default: Any = ...) -> Any:
         value = self._get(key, default, _is_number, "a number")
@@ -99,8 +95,7 @@ class _Reader:
         return self._get(key, default, lambda v: isinstance(v, dict), "an object")
 
     def list(self, key: str) -> list[Any]:
-        value = self._get(key, ..., lambda v: isinstance(v, list), "a list")
-        return value
+        return self._get(key, ..., lambda v: isinstance(v, list), "a list")
 
     def _get(self, key: str, default: Any, ok, expected: str) -> Any:
         if key not in self.data or self.data[key] is None:
@@ -115,6 +110,10 @@ class _Reader:
         if not ok(value):
             raise self._fail(key, expected)
         return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:

@@ -112,3 +112,15 @@ def test_from_dict_refuses_what_is_not_a_document():
         RunReport.from_dict([1, 2], "x.json")
     with pytest.raises(UsageError, match="lacks schema_version, input"):
         RunReport.from_dict({"results": []}, "x.json")
+
+
+def test_an_interrupted_document_says_so_everywhere(report, tmp_path):
+    stopped = RunReport.from_dict(report.to_dict())
+    stopped.results, stopped.interrupted = stopped.results[:3], True
+    loaded = load_document(write(tmp_path, stopped, "json"))
+    assert loaded.interrupted and len(loaded.results) == 3
+    assert (
+        "The run was interrupted: 3 records finished."
+        in write(tmp_path, loaded, "table").read_text()
+    )
+    assert "interrupted" not in report.to_dict()  # a finished run's document is unchanged
