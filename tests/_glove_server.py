@@ -136,3 +136,10 @@ def make_zip(members: dict[str, bytes]) -> bytes:
         for name, data in members.items():
             zf.writestr(name, data)
     return out.getvalue()
+
+
+# The archive both GloVe test files serve: two dimensions of one small vocabulary.
+ROWS = 300
+TEXT50 = glove_text(*make_vectors(ROWS, 50, seed=0))
+TEXT100 = glove_text(*make_vectors(ROWS, 100, seed=1))
+ARCHIVE = make_zip({"glove.6B.50d.txt": TEXT50, "glove.6B.100d.txt": TEXT100})

@@ -17,22 +17,17 @@ from kdecli import download, glove_cache
 from kdecli import glove_text as text_format  # `glove_text` is the test server's text writer
 from kdecli.errors import InputError, RuntimeFailure, UsageError
 from kdecli.sources import glove
+from tests._glove_server import (
+    ARCHIVE,
+    ROWS,
+    TEXT50,
+    TEXT100,
+    GloveServer,
+    expected_vectors,
+    make_vectors,
+    make_zip,
+)
 
-try:
-    from tests._glove_server import (
-        GloveServer,
-        expected_vectors,
-        glove_text,
-        make_vectors,
-        make_zip,
-    )
-except ImportError:  # tests/ is not a package: pytest puts this folder on sys.path
-    from _glove_server import GloveServer, expected_vectors, glove_text, make_vectors, make_zip
-
-ROWS = 300
-TEXT50 = glove_text(*make_vectors(ROWS, 50, seed=0))
-TEXT100 = glove_text(*make_vectors(ROWS, 100, seed=1))
-ARCHIVE = make_zip({"glove.6B.50d.txt": TEXT50, "glove.6B.100d.txt": TEXT100})
 WORDS50 = make_vectors(ROWS, 50, seed=0)[1]
 
 
