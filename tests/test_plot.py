@@ -263,50 +263,15 @@ def test_missing_matplotlib_says_how_to_install(monkeypatch, tmp_path):
 
 
 def test_compare_plot_option_checks_before_and_draws_after(tmp_path):
-    spec = "synthetic:n=64,d=8"
-    res = runner.invoke(
-        app,
-        [
-            "compare",
-            spec,
-            "--methods",
-            "mean,uniform",
-            "--budgets",
-            "8,16",
-            "--seeds",
-            "2",
-            "--repeats",
-            "1",
-            "--plot",
-            str(tmp_path / "c.bmp"),
-        ],
-    )
+    run = ["compare", "synthetic:n=64,d=8", "--methods", "mean,uniform", "--budgets", "8,16",
+           "--seeds", "2", "--repeats", "1"]  # fmt: skip
+    res = runner.invoke(app, [*run, "--plot", str(tmp_path / "c.bmp")])
     assert res.exit_code == 2 and "c.bmp" in res.stderr and res.stdout == ""
     out = tmp_path / "c.png"
-    res = runner.invoke(
-        app,
-        [
-            "compare",
-            spec,
-            "--methods",
-            "mean,uniform",
-            "--budgets",
-            "8,16",
-            "--seeds",
-            "2",
-            "--repeats",
-            "1",
-            "--plot",
-            str(out),
-            "--format",
-            "json",
-        ],
-    )
+    res = runner.invoke(app, [*run, "--plot", str(out), "--format", "json"])
     assert res.exit_code == 0, res.stderr
-    assert (
-        out.read_bytes().startswith(PNG)
-        and json.loads(res.stdout)["schema_version"] == SCHEMA_VERSION
-    )
+    assert out.read_bytes().startswith(PNG)
+    assert json.loads(res.stdout)["schema_version"] == SCHEMA_VERSION
 
 
 def test_plot_reports_accepts_a_report_in_memory(tmp_path):
