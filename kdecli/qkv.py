@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -15,7 +15,9 @@ class QKV:
 
     ``source`` is the input's name as reports and plot titles print it (``glove:6B.50d``,
     ``sample:glove``, ``data/acts.h5:/layer3``); ``default_scale`` is the softmax temperature the
-    input carries, if any; ``notes`` holds what a source wants to record beside the name.
+    input carries, if any, and ``default_causal`` whether it is causal (a capture of a decoder
+    layer); ``layer`` is the model layer it was captured from; ``notes`` holds what a source wants
+    to record beside the name.
     """
 
     q: torch.Tensor
@@ -25,6 +27,8 @@ class QKV:
     layout: str = "bhnd"
     default_scale: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    default_causal: bool | None = None
+    layer: int | None = None
 
     @property
     def shape(self) -> dict[str, int]:
@@ -46,14 +50,13 @@ class QKV:
             return self.default_scale
         return 1.0 / math.sqrt(self.q.shape[-1])
 
+    def causal(self, override: bool | None = None) -> bool:
+        """Causal masking: an explicit choice, else the input's own, else not causal."""
+        if override is not None:
+            return bool(override)
+        return bool(self.default_causal)
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> QKV:
         dtype = dtype or self.q.dtype
-        return QKV(
-            self.q.to(device, dtype),
-            self.k.to(device, dtype),
-            self.v.to(device, dtype),
-            self.source,
-            self.layout,
-            self.default_scale,
-            dict(self.notes),
-        )
+        moved = (t.to(device, dtype) for t in (self.q, self.k, self.v))
+        return replace(self, **dict(zip("qkv", moved)), notes=dict(self.notes))

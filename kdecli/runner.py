@@ -61,7 +61,7 @@ class RunConfig:
     device: str | torch.device = "auto"
     dtype: str | torch.dtype | None = None
     scale: float | None = None
-    causal: bool = False
+    causal: bool | None = None  # None: the input's own flag (a decoder capture), else False
     repeats: int = 3
     warmup: int = 1
     bound: bool = False
@@ -156,7 +156,9 @@ def compare(
     """
     config = replace(config or RunConfig(), **settings)
     config.check()
-    if config.causal and qkv.q.shape[-2] != qkv.k.shape[-2]:
+    causal = qkv.causal(config.causal)
+    config = replace(config, causal=causal)  # resolved: the timing pass reads it too
+    if causal and qkv.q.shape[-2] != qkv.k.shape[-2]:
         raise UsageError(
             f"--causal needs as many queries as keys; got n_q = {qkv.q.shape[-2]}, "
             f"n_k = {qkv.k.shape[-2]}."
@@ -169,7 +171,6 @@ def compare(
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise UsageError(f"--scale must be a positive number; got {softmax_scale}.")
     jobs = plan_jobs(list(methods), list(budgets), params, qkv.k.shape[-2])
-    causal = config.causal
 
     ref_inputs = qkv.to(device, torch.float64)
     try:

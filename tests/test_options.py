@@ -24,6 +24,8 @@ def test_input_options_are_offered_alike_by_every_command_that_reads_input():
     for name in INPUT.names:
         flag, text = OPTIONS[name].flags[0], OPTIONS[name].help
         for command, text_of_help in helps.items():
+            if name == "all_layers" and command in ("inspect", "methods"):  # one input at a time
+                continue
             assert flag in text_of_help and text in text_of_help, (command, flag)
 
 

@@ -16,7 +16,7 @@ from kdecli.sources import InputOptions, load_input
 @app.command("inspect")
 @c.handle_errors
 @shared_options(
-    inputs=INPUT,
+    inputs=INPUT.without("all_layers"),
     run=RUN.only("device", "scale", "causal"),
     out=OUTPUT.without("columns"),
     helps={"fmt": "table | json."},
@@ -29,7 +29,7 @@ def inspect_command(
     c.check_format(out.fmt, FORMATS)
     c.check_output(out.output)
     qkv = load_input(input_spec, inputs)
-    doc = inspect_input(qkv, scale=run.scale, causal=run.causal, device=run.device)
+    doc = inspect_input(qkv, scale=run.scale, causal=qkv.causal(run.causal), device=run.device)
     buffer = io.StringIO()
     render(doc, out.fmt, buffer, width=c.table_width(out.output))
     with Output(out.output) as output:

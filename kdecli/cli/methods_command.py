@@ -21,7 +21,10 @@ from kdecli.sources import InputOptions, load_input
 @app.command("methods")
 @c.handle_errors
 @shared_options(
-    inputs=INPUT, run=RUN.only("causal"), out=OUTPUT.only("fmt"), helps={"fmt": "table | json."}
+    inputs=INPUT.without("all_layers"),
+    run=RUN.only("causal"),
+    out=OUTPUT.only("fmt"),
+    helps={"fmt": "table | json."},
 )
 def methods_command(
     name: Optional[str] = typer.Argument(None, help="Show one method only."),
@@ -41,13 +44,11 @@ def methods_command(
 ) -> None:
     """List every method: summary, paper, budget mapping, parameters, capabilities."""
     c.check_format(out.fmt, ("table", "json"))
-    tensors = {}
+    tensors, causal = {}, bool(run.causal)
     if input_spec is not None or inputs.q or inputs.k or inputs.v:
         qkv = load_input(input_spec, inputs)
-        tensors = {"q": qkv.q, "k": qkv.k, "v": qkv.v}
-    entries = describe_methods(
-        [name] if name else None, budget=budget, causal=run.causal, **tensors
-    )
+        tensors, causal = {"q": qkv.q, "k": qkv.k, "v": qkv.v}, qkv.causal(run.causal)
+    entries = describe_methods([name] if name else None, budget=budget, causal=causal, **tensors)
     if out.fmt == "json":
         sys.stdout.write(json.dumps(entries if name is None else entries[0], indent=2) + "\n")
         return

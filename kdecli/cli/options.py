@@ -74,7 +74,18 @@ OPTIONS: dict[str, Opt] = {
         None,
         "Softmax temperature s in softmax(s·QKᵀ) (default 1/√d, or the input's own).",
     ),
-    "causal": Opt(("--causal",), bool, False, "Causal mask: query i sees keys j ≤ i."),
+    "all_layers": Opt(
+        ("--all-layers",),
+        bool,
+        False,
+        "Every layer of a capture (FILE.h5:/layer* picks some): one reference per layer.",
+    ),  # fmt: skip
+    "causal": Opt(
+        ("--causal/--no-causal",),
+        Optional[bool],
+        None,
+        "Causal mask: query i sees keys j ≤ i (default: the input's own flag, else off).",
+    ),  # fmt: skip
     "repeats": Opt(("--repeats",), int, 3, "Timed calls per method (median reported)."),
     "warmup": Opt(("--warmup",), int, 1, "Untimed calls before timing."),
     "bound": Opt(

@@ -16,7 +16,7 @@ by the rule of ``names.display_path`` for files.
 
 from kdecli.sources.base import LAYOUTS, InputOptions, InputSource, Loaded
 from kdecli.sources.names import display_path
-from kdecli.sources.registry import get_source, load_input, register, source_names
+from kdecli.sources.registry import get_source, load_input, load_inputs, register, source_names
 
 # Registration order is the order sources are listed and tried.
 # isort: off
@@ -34,6 +34,7 @@ __all__ = [
     "display_path",
     "get_source",
     "load_input",
+    "load_inputs",
     "register",
     "source_names",
 ]

@@ -10,6 +10,8 @@ temperature its producer used, which becomes the input's default scale.  Arrays 
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from pathlib import Path
 
 import numpy as np
@@ -80,9 +82,48 @@ class Hdf5File(InputSource):
                     raise InputError(f"{where} is a dataset, not a group holding q, k, v.")
             names = [name for name, item in node.items() if isinstance(item, h5py.Dataset)]
             arrays = {n: node[pick(names, n, options.keys[n], where)][()] for n in ROLES}
-            scale = node["scale"][()] if "scale" in names else None
+            # a dataset `scale`, or the attributes `kdecli capture` writes on each layer
+            scale = node["scale"][()] if "scale" in names else node.attrs.get("scale")
+            causal, layer = node.attrs.get("causal"), node.attrs.get("layer")
         name = display_path(path) + (f":{group}" if group else "")
-        return Loaded(**arrays, name=name, where=spec, layout=options.layout, scale=scale)
+        return Loaded(
+            **arrays, name=name, where=spec, layout=options.layout, scale=scale,
+            causal=None if causal is None else bool(causal),
+            layer=None if layer is None else int(layer),
+        )  # fmt: skip
+
+    def expand(self, spec: str, options: InputOptions) -> list[str]:
+        """``file.h5:/layer*`` (a glob over groups), or every group holding q, k, v when
+        ``all_layers``: one spec per group, in layer order."""
+        import h5py
+
+        path, group = split_location(spec)
+        pattern = group if group and any(c in group for c in "*?[") else None
+        if pattern is None and not options.all_layers:
+            return [spec]
+        try:
+            handle = h5py.File(path, "r")
+        except Exception as exc:
+            raise InputError(f"{path}: cannot read as HDF5 ({exc}).") from None
+        found = []
+        with handle:
+
+            def visit(name: str, item) -> None:
+                if isinstance(item, h5py.Group) and {"q", "k", "v"} <= set(item):
+                    if pattern is None or fnmatch.fnmatchcase("/" + name, pattern):
+                        found.append(("/" + name, item.attrs.get("layer")))
+
+            handle.visititems(visit)
+        if not found:
+            what = f"no group matching {pattern!r}" if pattern else "no group holding q, k, v"
+            raise InputError(f"{path}: {what}.")
+        found.sort(key=lambda g: (g[1] is None, g[1] if g[1] is not None else 0, _natural(g[0])))
+        return [f"{path}:{name}" for name, _ in found]
+
+
+def _natural(name: str) -> list:
+    """/layer10 after /layer9."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 @register

@@ -20,7 +20,8 @@ class InputOptions:
 
     ``q``/``k``/``v``: three .npy files instead of INPUT; ``q_key``/``k_key``/``v_key``: the names
     of the arrays in a file; ``layout``: how 4-d arrays are laid out (``bhnd`` or ``bnhd``); ``n``:
-    keep the first n queries and keys (every source); ``batch``: the GloVe protocol's batch size.
+    keep the first n queries and keys (every source); ``batch``: the GloVe protocol's batch size;
+    ``all_layers``: read every layer of a capture (``load_inputs``).
     """
 
     q: str | None = None
@@ -32,6 +33,7 @@ class InputOptions:
     layout: str = "bhnd"
     n: int | None = None
     batch: int | None = None
+    all_layers: bool = False
 
     @property
     def keys(self) -> dict[str, str | None]:
@@ -46,7 +48,7 @@ class Loaded:
     ``name`` is what reports print (``glove:6B.50d``; see ``display_path``); ``where`` is what error
     messages name, the input as the person gave it (default: ``name``).  ``layout`` says how 4-d
     arrays are laid out; ``scale`` is a stored softmax temperature (checked to be one positive
-    number) or None.
+    number) or None; ``causal`` a stored causal flag or None; ``layer`` the model layer of a capture.
     """
 
     q: Any
@@ -57,6 +59,8 @@ class Loaded:
     layout: str = "bhnd"
     scale: Any = None
     notes: dict[str, Any] | None = None
+    causal: Any = None
+    layer: int | None = None
 
 
 KINDS = ("prefix", "file", "options")

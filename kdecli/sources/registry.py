@@ -80,6 +80,24 @@ def load_input(spec: str | None = None, options: InputOptions | None = None, **f
     return crop(validated(loaded), options.n, loaded.where or loaded.name)
 
 
+def load_inputs(
+    spec: str | None = None, options: InputOptions | None = None, **fields: Any
+) -> list[QKV]:
+    """Every input INPUT names: one, or each layer of a capture (``file.h5:/layer*``, or
+    ``all_layers``), in layer order."""
+    options = replace(options, **fields) if options is not None else InputOptions(**fields)
+    source, body = find_source(spec, options)
+    expand = getattr(source, "expand", None)
+    if expand is None:
+        if options.all_layers:
+            raise UsageError(
+                f"--all-layers reads every layer of a capture (an HDF5 file); {spec} has no layers."
+            )
+        return [load_input(spec, options)]
+    one = replace(options, all_layers=False)
+    return [load_input(part, one) for part in expand(body, options)]
+
+
 def find_source(spec: str | None, options: InputOptions) -> tuple[InputSource, str]:
     """The source that reads INPUT ``spec``, and the spec its ``read`` gets."""
     if spec is None:

@@ -9,6 +9,7 @@ matching batch, heads and widths; mixed precisions become the widest.  Every pro
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,8 @@ def validated(loaded: Loaded) -> QKV:
         layout,
         default_scale,
         dict(loaded.notes or {}),
+        default_causal=None if loaded.causal is None else bool(loaded.causal),
+        layer=loaded.layer,
     )
 
 
@@ -69,15 +72,8 @@ def crop(qkv: QKV, n: int | None, where: str | None = None) -> QKV:
         raise UsageError(
             f"--n must be in [1, {min(qkv.q.shape[-2], qkv.k.shape[-2])}] for {where or qkv.source}; got {n}."
         )
-    return QKV(
-        qkv.q[..., :n, :].contiguous(),
-        qkv.k[..., :n, :].contiguous(),
-        qkv.v[..., :n, :].contiguous(),
-        qkv.source,
-        qkv.layout,
-        qkv.default_scale,
-        qkv.notes,
-    )
+    cropped = (t[..., :n, :].contiguous() for t in (qkv.q, qkv.k, qkv.v))
+    return replace(qkv, **dict(zip("qkv", cropped)))
 
 
 def _as_tensor(value: Any, name: str, where: str) -> torch.Tensor:
