@@ -27,6 +27,8 @@ _LAZY = {
     "RunConfig": "kdecli.runner",
     "approx": "kdecli.runner",
     "compare": "kdecli.runner",
+    "compare_layers": "kdecli.runner",
+    "load_inputs": "kdecli.sources",
     "RunReport": "kdecli.results",
     "load_document": "kdecli.results",
 }

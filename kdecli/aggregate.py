@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kdecli.metrics import METRICS
@@ -42,6 +42,11 @@ class Setting:
     records: tuple[Result, ...]
     errors: dict[str, SeedStats]
     beats_mean_floor: bool | None
+    over_layers: bool = False  # a mean over the layers of a capture, not one layer
+
+    @property
+    def layer(self) -> int | str | None:
+        return "all" if self.over_layers else self.first.layer
 
     @property
     def first(self) -> Result:
@@ -109,13 +114,16 @@ def group_settings(results: Iterable[Result]) -> list[tuple[Result, ...]]:
 
 
 def aggregate(
-    results: Iterable[Result], mean_floor: float | None = None, metric: str = "rel_spectral"
+    results: Iterable[Result],
+    mean_floor: float | Callable[[int | None], float | None] | None = None,
+    metric: str = "rel_spectral",
 ) -> list[Setting]:
-    """One ``Setting`` per method × budget × parameters, in order of first appearance.
+    """One ``Setting`` per layer × method × budget × parameters, in order of first appearance.
 
-    ``beats_mean_floor`` compares the seed-mean ``metric`` with ``mean_floor``; a baseline (the
-    floor itself) gets None.
+    ``beats_mean_floor`` compares the seed-mean ``metric`` with the mean-of-V floor: a number, or
+    a function of the layer (each layer of a capture has its own); a baseline gets None.
     """
+    floor_of = mean_floor if callable(mean_floor) else (lambda layer: mean_floor)
     settings = []
     for records in group_settings(results):
         ok = [r for r in records if r.ok]
@@ -132,6 +140,36 @@ def aggregate(
                 )
         beats = None
         if records[0].role != "baseline" and metric in errors:
-            beats = beats_floor(errors[metric].mean, mean_floor)
+            beats = beats_floor(errors[metric].mean, floor_of(records[0].layer))
         settings.append(Setting(tuple(records), errors, beats))
     return settings
+
+
+def mean_over_layers(
+    settings: Iterable[Setting],
+    mean_floor: Callable[[int | None], float | None],
+    metric: str = "rel_spectral",
+) -> list[Setting]:
+    """Per method × budget × parameters over the layers of a capture: the mean over layers of
+    each layer's seed-mean (``std`` is then the spread over layers), compared with the mean of the
+    layers' floors."""
+    groups: dict[tuple, list[Setting]] = {}
+    for setting in settings:
+        if setting.first.layer is not None:
+            groups.setdefault(setting.first.setting[1:], []).append(setting)
+    means = []
+    for group in groups.values():
+        errors = {}
+        for name in METRICS:
+            values = [s.errors[name].mean for s in group if name in s.errors]
+            if len(values) == len(group):
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                worst = max(s.errors[name].max for s in group)
+                errors[name] = SeedStats(statistics.fmean(values), spread, worst)
+        floors = [mean_floor(s.first.layer) for s in group]
+        beats = None
+        if group[0].role != "baseline" and metric in errors and None not in floors:
+            beats = beats_floor(errors[metric].mean, statistics.fmean(floors))
+        records = tuple(r for s in group for r in s.records)
+        means.append(Setting(records, errors, beats, over_layers=True))
+    return means

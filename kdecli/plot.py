@@ -43,6 +43,7 @@ X_AXES = {
     "budget": "budget (keys or features per query)",
     "time": "time per call (s, median)",
     "flops": "FLOPs per call (cost model)",
+    "layer": "layer of the model",
 }
 Y_LABELS = {
     "rel_spectral": "rel_spectral  ‖Õ−O‖₂ / ‖O‖₂",
@@ -266,6 +267,10 @@ def figure(
         raise UsageError(f"no result holds {y}; nothing to plot.", hint=hint)
 
     labels = _doc_labels(docs, names)
+    if "layer" in xs:
+        if xs != ["layer"]:
+            raise UsageError("--x layer draws a panel of its own; give it alone.")
+        return _layer_figure(docs, y, labels)
     several = len(docs) > 1
     drawn = [r.method for d in docs for r in d.results if r.role != "reference"]
     colors = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(drawn))}
@@ -415,6 +420,60 @@ def figure(
         fontsize="small",
         gid="caption",
     )
+    return fig
+
+
+def _layer_figure(docs: Sequence[RunReport], y: str, labels: Sequence[str]):
+    """Error against layer: one line per method × budget (mean over seeds, min–max band), and the
+    mean-of-V floor of each layer as a dashed line."""
+    from matplotlib.figure import Figure
+
+    if not any(d.layers for d in docs):
+        raise UsageError(
+            "no result has a layer: --x layer draws runs over a capture's layers.",
+            hint="Run `kdecli compare CAPTURE.h5 --all-layers` (or CAPTURE.h5:/layer*).",
+        )
+    fig = Figure(figsize=(9.0, 5.2), layout="constrained")
+    ax = fig.subplots()
+    several = len(docs) > 1
+    values: list[float] = []
+    for doc, label, (dash, marker) in zip(docs, labels, DOC_STYLES * len(docs)):
+        where = f" · {label}" if several else ""
+        floors = [(x.layer, x.floors.mean.get(y)) for x in doc.layers if x.layer is not None]
+        floors = [(layer, f.mean) for layer, f in floors if f is not None and _finite(f.mean)]
+        if floors:
+            ax.plot(*zip(*floors), color="0.35", linestyle="--", linewidth=1, gid="floor",
+                    label=f"mean-of-V floor{where}")  # fmt: skip
+        lines: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in doc.results:
+            if r.ok and r.layer is not None and r.role in ("approximation", "oracle"):
+                if _finite(r.error(y)):
+                    lines[r.method, r.budget, r.role][r.layer].append(r.error(y))
+        for i, ((method, budget, role), by_layer) in enumerate(lines.items()):
+            layers = sorted(by_layer)
+            means = [sum(by_layer[n]) / len(by_layer[n]) for n in layers]
+            values += means
+            name = method + (" (oracle)" if role == "oracle" else "")
+            name += ("" if budget is None else f" @ {budget}") + where
+            ax.plot(layers, means, linestyle=dash, marker=marker, color=f"C{i % 10}", label=name,
+                    gid="method")  # fmt: skip
+            if any(len(by_layer[n]) > 1 for n in layers):
+                low = [min(by_layer[n]) for n in layers]
+                high = [max(by_layer[n]) for n in layers]
+                ax.fill_between(layers, low, high, color=f"C{i % 10}", alpha=0.18, linewidth=0,
+                                gid="band")  # fmt: skip
+    if not values:
+        raise UsageError(f"nothing to plot: no result with status ok has {y} and a layer.")
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) > 10 * min(positive):
+        ax.set_yscale("log", nonpositive="mask")
+    all_layers = sorted({x.layer for d in docs for x in d.layers if x.layer is not None})
+    ax.set_xticks(all_layers)
+    ax.set_xlabel(X_AXES["layer"])
+    ax.set_ylabel(Y_LABELS[y] + "\nmean over slices and seeds")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+    fig.suptitle(_title(docs, y, ["layer"]), fontsize="medium", x=0.01, ha="left")
     return fig
 
 

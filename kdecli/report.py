@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from kdecli.aggregate import Setting, aggregate
+from kdecli.aggregate import Setting, aggregate, mean_over_layers
 from kdecli.errors import UsageError
 from kdecli.metrics import METRICS
 from kdecli.results import RunReport, jsonl_header, jsonl_pareto, jsonl_result, to_json
@@ -128,6 +128,7 @@ class Column:
 def _columns() -> list[Column]:
     """Every column, in display order."""
     columns = [
+        Column("layer", "layer", lambda s: "—" if s.layer is None else str(s.layer), "left"),
         Column("method", "method", method_label, "left"),
         Column("budget", "budget", budget_label),
     ]
@@ -149,7 +150,7 @@ def _columns() -> list[Column]:
 
 COLUMNS = _columns()
 COLUMN_KEYS = tuple(c.key for c in COLUMNS)
-ALWAYS = ("method", "budget", "rel_spectral", "time", "speedup", "status")
+ALWAYS = ("layer", "method", "budget", "rel_spectral", "time", "speedup", "status")
 # Joined while they fit, in this order: the spread of the primary metric first, then the other
 # metrics, then what the time is measured against.
 OPTIONAL = (
@@ -185,6 +186,8 @@ def choose_columns(
     """The columns to draw at ``width`` and the names of those left out for lack of room."""
     present = {m for row in rows for m in row.errors}
     available = {c.key: c for c in COLUMNS if c.needs is None or c.needs in present}
+    if all(row.layer is None for row in rows):  # not a run over a capture's layers
+        available.pop("layer")
     if asked is not None:
         return [available[key] for key in COLUMN_KEYS if key in asked and key in available], []
     widths = {key: _width(column, rows) for key, column in available.items()}
@@ -209,13 +212,13 @@ def choose_columns(
 
 
 def render_table(report: RunReport, console: Console, columns: Sequence[str] | None = None) -> None:
-    rows = aggregate(report.results, report.floors.mean_floor(PRIMARY))
+    rows = table_rows(report)
     chosen, left_out = choose_columns(rows, console.width, columns)
     if columns is not None:
         # asked for explicitly: draw them all, past the terminal's edge rather than cut a number
         natural = 1 + sum(3 + _width(c, rows) for c in chosen)
         console.width = max(console.width, natural)
-    table = Table(title=Text(report.input.describe()), title_justify="left")
+    table = Table(title=Text(title(report)), title_justify="left")
     for column in chosen:
         wraps = column.key == "status"
         table.add_column(
@@ -242,9 +245,13 @@ def render_table(report: RunReport, console: Console, columns: Sequence[str] | N
 
 
 def _print_footer(report: RunReport, rows: list[Setting], console: Console) -> None:
-    lines = [
-        f"  {method_label(r)} @ {budget_label(r)}: {fmt_params(r.params)}" for r in rows if r.params
-    ]
+    lines = list(
+        dict.fromkeys(  # once per setting, not once per layer
+            f"  {method_label(r)} @ {budget_label(r)}: {fmt_params(r.params)}"
+            for r in rows
+            if r.params
+        )
+    )
     if lines:
         console.print("resolved parameters:\n" + "\n".join(lines), highlight=False, markup=False)
     if report.pareto is not None:
@@ -257,7 +264,35 @@ def _print_footer(report: RunReport, rows: list[Setting], console: Console) -> N
         )
 
 
+def title(report: RunReport) -> str:
+    """The input (the first layer's, for a run over layers) and how many layers there are."""
+    text = report.input.describe()
+    if len(report.layers) > 1:
+        text += f"  ({len(report.layers)} layers: {', '.join(str(x.layer) for x in report.layers)})"
+    return text
+
+
+def table_rows(report: RunReport) -> list[Setting]:
+    """The table's rows: one per (layer ×) method × budget; then, over layers, their means."""
+
+    def floor(layer: int | None) -> float | None:
+        return report.floors_of(layer).mean_floor(PRIMARY)
+
+    rows = aggregate(report.results, floor)
+    if report.layers:
+        rows += mean_over_layers(rows, floor)
+    return rows
+
+
 def floors_line(report: RunReport) -> str:
+    if report.layers:
+        per_layer = [(x.layer, x.floors.mean_floor(PRIMARY)) for x in report.layers]
+        listed = ", ".join(f"{layer}: {value:.4g}" for layer, value in per_layer)
+        mean = sum(value for _, value in per_layer) / len(per_layer)
+        return (
+            f"floors: mean-of-V baseline rel_spectral by layer {listed} (mean {mean:.4g}); zero "
+            "output 1 on every relative norm. Rows `all`: the mean over layers, ± std over layers."
+        )
     mean, zero = report.floors.mean, report.floors.zero
     text = (
         f"floors: mean-of-V baseline rel_spectral {mean['rel_spectral'].mean:.4g} "
@@ -320,7 +355,7 @@ def render_pareto(report: RunReport, rows: list[Setting], console: Console) -> N
 
 def to_markdown(report: RunReport, columns: Sequence[str] | None = None) -> str:
     """The table as GitHub Markdown (every column unless ``columns`` chooses), with its caption."""
-    rows = aggregate(report.results, report.floors.mean_floor(PRIMARY))
+    rows = table_rows(report)
     chosen, _ = choose_columns(rows, 10**6, columns)
 
     def escape(text: str) -> str:
@@ -328,7 +363,7 @@ def to_markdown(report: RunReport, columns: Sequence[str] | None = None) -> str:
 
     headers = [escape(c.one_line_header) for c in chosen]
     lines = [
-        f"**{escape(report.input.describe())}**",
+        f"**{escape(title(report))}**",
         "",
         "| " + " | ".join(headers) + " |",
         "|" + "|".join("---:" if c.justify == "right" else "---" for c in chosen) + "|",

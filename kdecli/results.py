@@ -3,13 +3,16 @@
 A document (``--format json``) is a run header — schema version, kdecli version, the environment,
 the input, the floors — and a list of results, one per method × budget × seed; ``--format jsonl``
 writes the header as a ``{"type": "run"}`` line and each result as a ``{"type": "result"}`` line.
+A run over several layers of a capture also has ``layers`` (each layer's input and floors; in
+JSONL a ``{"type": "layer"}`` line before that layer's results), and each result its ``layer``.
 Every record has ``to_dict`` and ``from_dict``; ``load_document`` reads either form and checks it,
 naming the file and the field at fault.
 
 Version history (``SCHEMA_VERSION`` is defined here and nowhere else):
   1  the first release.
   2  each result keeps its own ``environment`` (the machine it ran on), so a document merged from
-     several machines stays true; each result declares its method's ``role``.  Version-1 documents
+     several machines stays true; each result declares its method's ``role`` and its ``layer``
+     (null but for captures), and runs over layers list them in ``layers``.  Version-1 documents
      still load: their results take the header's environment, and roles come from the registry.
 """
 
@@ -368,6 +371,7 @@ class Result:
     flops: float | None
     beats_mean_floor: bool | None
     environment: Environment
+    layer: int | None = None  # the model layer of a capture's input; None for a plain input
 
     @property
     def oracle(self) -> bool:
@@ -378,9 +382,10 @@ class Result:
         return self.status == "ok"
 
     @property
-    def setting(self) -> tuple[str, int | None, str]:
-        """The key that groups a setting's seeds: method, budget and resolved parameters."""
-        return (self.method, self.budget, json.dumps(self.params, sort_keys=True, default=str))
+    def setting(self) -> tuple[int | None, str, int | None, str]:
+        """The key that groups a setting's seeds: layer, method, budget, resolved parameters."""
+        params = json.dumps(self.params, sort_keys=True, default=str)
+        return (self.layer, self.method, self.budget, params)
 
     def error(self, metric: str) -> float | None:
         summary = self.errors.get(metric)
@@ -402,6 +407,7 @@ class Result:
             "flops": self.flops,
             "beats_mean_floor": self.beats_mean_floor,
             "environment": self.environment.to_dict(),
+            "layer": self.layer,
         }
 
     @classmethod
@@ -432,6 +438,7 @@ class Result:
             flops=r.number("flops", None),
             beats_mean_floor=r.bool("beats_mean_floor", None),
             environment=default_environment if env is None else Environment.from_dict(env),
+            layer=r.int("layer", None),
         )
 
 
@@ -501,6 +508,26 @@ class Pareto:
         return cls(r.number("target_error"), metric, methods)
 
 
+@dataclass(frozen=True)
+class LayerInfo:
+    """One layer of a run over a capture's layers: its input as run and its floors."""
+
+    layer: int | None
+    input: InputInfo
+    floors: Floors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "input": self.input.to_dict(), "floors": self.floors.to_dict()}
+
+    @classmethod
+    def from_dict(cls, r: _Reader) -> LayerInfo:
+        return cls(
+            r.int("layer", None),
+            InputInfo.from_dict(r.child("input")),
+            Floors.from_dict(r.child("floors")),
+        )
+
+
 @dataclass
 class RunReport:
     """A whole document: the run header and its results (appended as the run goes)."""
@@ -512,6 +539,16 @@ class RunReport:
     pareto: Pareto | None = None
     kdecli_version: str = __version__
     interrupted: bool = False  # the run was stopped: ``results`` holds what finished
+    # a run over several layers of a capture: each layer's input and floors (``input`` and
+    # ``floors`` above are the first layer's)
+    layers: list[LayerInfo] = field(default_factory=list)
+
+    def floors_of(self, layer: int | None) -> Floors:
+        """The floors that a result of ``layer`` is measured against."""
+        return next((x.floors for x in self.layers if x.layer == layer), self.floors)
+
+    def input_of(self, layer: int | None) -> InputInfo:
+        return next((x.input for x in self.layers if x.layer == layer), self.input)
 
     def header_dict(self) -> dict[str, Any]:
         """Everything but the results and the Pareto picks: the first line of a JSONL stream."""
@@ -525,6 +562,8 @@ class RunReport:
 
     def to_dict(self) -> dict[str, Any]:
         doc = self.header_dict()
+        if self.layers:
+            doc["layers"] = [layer.to_dict() for layer in self.layers]
         doc["results"] = [r.to_dict() for r in self.results]
         if self.pareto is not None:
             doc["pareto"] = self.pareto.to_dict()
@@ -579,6 +618,10 @@ class RunReport:
             pareto=None if pareto is None else Pareto.from_dict(pareto),
             kdecli_version=top.str("kdecli_version", "?"),
             interrupted=top.bool("interrupted", False),
+            layers=[
+                LayerInfo.from_dict(_Reader(item, where, f"layers[{i}]"))
+                for i, item in enumerate(doc.get("layers") or [])
+            ],
         )
 
 
@@ -625,7 +668,7 @@ def load_document(path: str | os.PathLike) -> RunReport:
 
 def _from_jsonl(lines: list[str], path: Path) -> dict[str, Any]:
     head: dict[str, Any] = {}
-    results, pareto = [], None
+    results, layers, pareto = [], [], None
     for number, line in enumerate(lines, 1):
         try:
             item = json.loads(line)
@@ -639,6 +682,8 @@ def _from_jsonl(lines: list[str], path: Path) -> dict[str, Any]:
             head = body
         elif kind == "result":
             results.append(body)
+        elif kind == "layer":
+            layers.append(body)
         elif kind == "pareto":
             pareto = body
         else:
@@ -648,6 +693,8 @@ def _from_jsonl(lines: list[str], path: Path) -> dict[str, Any]:
                 hint=READS_HINT,
             )
     doc = {**head, "results": results}
+    if layers:
+        doc["layers"] = layers
     if pareto is not None:
         doc["pareto"] = pareto
     return doc
@@ -659,6 +706,11 @@ def to_json(report: RunReport) -> str:
 
 def jsonl_header(report: RunReport) -> str:
     return json.dumps(clean({"type": "run", **report.header_dict()}), allow_nan=False)
+
+
+def jsonl_layer(layer: LayerInfo) -> str:
+    """Before the results of each layer of a run over a capture: ``{"type": "layer", ...}``."""
+    return json.dumps(clean({"type": "layer", **layer.to_dict()}), allow_nan=False)
 
 
 def jsonl_result(result: Result) -> str:

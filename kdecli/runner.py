@@ -33,6 +33,7 @@ from kdecli.results import (
     Environment,
     Floors,
     InputInfo,
+    LayerInfo,
     Result,
     ResultTime,
     RunReport,
@@ -249,6 +250,66 @@ def compare(
     if on_progress:
         on_progress(done, total, "interrupted" if report.interrupted else "done")
     return report
+
+
+def compare_layers(
+    inputs: Sequence[QKV],
+    methods: Sequence[str] = ("kdeformer",),
+    budgets: Sequence[int] = (256,),
+    config: RunConfig | None = None,
+    *,
+    on_start: Callable[[RunReport], None] | None = None,
+    on_layer: Callable[[LayerInfo], None] | None = None,
+    on_result: ResultFn | None = None,
+    on_progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    **options: Any,
+) -> RunReport:
+    """``compare`` on each input in turn — the layers of a capture — into one report.
+
+    Each layer has its own exact reference, floors and timings; its records carry its ``layer``
+    and ``report.layers`` its input and floors.  ``on_start`` is called once, when the first layer
+    is ready; ``on_layer(info)`` when each layer is.  A single input without a layer is a plain
+    ``compare``.
+    """
+    if len(inputs) == 1 and inputs[0].layer is None:
+        return compare(
+            inputs[0], methods, budgets, config, on_start=on_start, on_result=on_result,
+            on_progress=on_progress, should_stop=should_stop, **options,
+        )  # fmt: skip
+    combined: RunReport | None = None
+    for qkv in inputs:
+
+        def started(part: RunReport, layer: int | None = qkv.layer) -> None:
+            nonlocal combined
+            info = LayerInfo(layer, part.input, part.floors)
+            if combined is None:
+                combined = replace(part, results=[], layers=[info])
+                if on_start:
+                    on_start(combined)
+            else:
+                combined.layers.append(info)
+            if on_layer:
+                on_layer(info)
+
+        def finished(record: Result, layer: int | None = qkv.layer) -> None:
+            record = replace(record, layer=layer)
+            combined.results.append(record)
+            if on_result:
+                on_result(record)
+
+        def progress(done: int, total: int, label: str, layer: int | None = qkv.layer) -> None:
+            if on_progress:
+                on_progress(done, total, f"layer {layer}: {label}")
+
+        part = compare(
+            qkv, methods, budgets, config, on_start=started, on_result=finished,
+            on_progress=progress, should_stop=should_stop, **options,
+        )  # fmt: skip
+        if part.interrupted:
+            combined.interrupted = True
+            break
+    return combined
 
 
 def approx(

@@ -34,7 +34,9 @@ def plot_command(
         show_default=False,
     ),
     x: str = typer.Option(
-        "budget", "--x", help="budget | time | flops, or several comma-separated (one panel each)."
+        "budget",
+        "--x",
+        help="budget | time | flops, or several comma-separated (one panel each); or layer (runs over a capture's layers).",
     ),
     y: str = typer.Option(
         "rel_spectral",

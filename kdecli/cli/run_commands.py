@@ -16,9 +16,9 @@ from kdecli.errors import Terminated, UsageError
 from kdecli.files import Output
 from kdecli.pareto import cheapest_settings, check_target_error
 from kdecli.report import FORMATS, parse_columns, render_text
-from kdecli.results import RunReport, jsonl_header, jsonl_pareto, jsonl_result
-from kdecli.runner import RunConfig, compare
-from kdecli.sources import InputOptions, load_input
+from kdecli.results import RunReport, jsonl_header, jsonl_layer, jsonl_pareto, jsonl_result
+from kdecli.runner import RunConfig, compare_layers
+from kdecli.sources import InputOptions, load_inputs
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def _run(
         from kdecli.plot import check_plot_path
 
         check_plot_path(plot)
-    qkv = load_input(input_spec, inputs)
+    layers = load_inputs(input_spec, inputs)
     streaming = out.fmt == "jsonl"
     progress, update = c.progress_printer(out.quiet)
     started: list[RunReport] = []  # the report as it grows, for what to keep if stopped at once
@@ -65,15 +65,19 @@ def _run(
         if streaming:
             output.write(jsonl_header(report) + "\n")
 
+    def line(encode):  # a JSONL record, written as one line and flushed
+        return lambda record: output.write(encode(record) + "\n")
+
     exit_code = 0
     with Output(out.output, flush_each=streaming) as output:
         with graceful_stop(lambda line: c.note(line, out.quiet)) as stop:
             try:
                 with progress or contextlib.nullcontext():
-                    report = compare(
-                        qkv, sweep.methods, sweep.budgets, run, params=sweep.params,
+                    report = compare_layers(
+                        layers, sweep.methods, sweep.budgets, run, params=sweep.params,
                         on_start=on_start, on_progress=update, should_stop=stop.requested,
-                        on_result=(lambda r: output.write(jsonl_result(r) + "\n")) if streaming else None,
+                        on_layer=line(jsonl_layer) if streaming else None,
+                        on_result=line(jsonl_result) if streaming else None,
                     )  # fmt: skip
                 exit_code = stop.exit_code if report.interrupted else 0
             except KeyboardInterrupt as exc:  # a second signal: stop at once, keep what finished
