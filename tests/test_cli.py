@@ -200,5 +200,6 @@ def test_methods_and_commands_are_listed_in_their_documented_order():
         "inspect",
         "plot",
         "report",
+        "capture",
         "download-glove",
     ]

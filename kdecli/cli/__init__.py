@@ -14,6 +14,7 @@ from kdecli.cli import methods_command as _methods_command  # noqa: F401
 from kdecli.cli import inspect_command as _inspect_command  # noqa: F401
 from kdecli.cli import plot_command as _plot_command  # noqa: F401
 from kdecli.cli import report_command as _report_command  # noqa: F401
+from kdecli.cli import capture_command as _capture_command  # noqa: F401
 from kdecli.cli import download_glove as _download_glove  # noqa: F401
 # isort: on
 
