@@ -485,3 +485,114 @@ def test_without_transformers_help_works_and_capture_says_how_to_install(tmp_pat
     res = _without_transformers(run_cli.format(args=args))
     assert res.returncode == 2, res.stderr
     assert "pip install 'kdecli[hf]'" in res.stderr and not out.exists()
+
+
+# ---- GGUF: a tiny Llama written with the gguf package as llama.cpp lays it out ------------------
+
+needs_gguf = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("transformers", "gguf", "accelerate")),
+    reason="needs transformers, gguf and accelerate (transformers 5 reads .gguf only with it)",
+)
+
+
+def _write_tiny_gguf(path: Path, model, text: str) -> None:
+    """``model`` (a LlamaForCausalLM) as llama.cpp's converter writes it: F32 tensors under
+    llama.cpp's names, q and k rows permuted per head, and a character-level sentencepiece-style
+    vocabulary (so the file carries its own tokenizer)."""
+    import gguf
+
+    config = model.config
+    vocab = config.vocab_size
+    chars = sorted(set(text.replace(" ", "\u2581")) - {"\u2581"})
+    tokens = ["<unk>", "<s>", "</s>", "\u2581", *chars][:vocab]
+    tokens += [f"<extra{i}>" for i in range(vocab - len(tokens))]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(vocab)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 3 + [-float(i) for i in range(vocab - 3)])
+    writer.add_token_types(types + [gguf.TokenType.NORMAL] * (vocab - 3))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(False)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+
+    def permute(w, heads):  # llama.cpp's rotary layout of q and k rows
+        return (
+            w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(w.shape)
+        )
+
+    for name, tensor in model.state_dict().items():
+        array = tensor.numpy().astype(np.float32)
+        if name.endswith("q_proj.weight"):
+            array = permute(array, config.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            array = permute(array, config.num_key_value_heads)
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def gguf_model(tmp_path_factory, text_file):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=POSITIONS,
+    )
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    _write_tiny_gguf(path, model, text_file.read_text("utf-8"))
+    return path, model
+
+
+@needs_gguf
+def test_a_gguf_file_loads_as_the_model_it_was_written_from(gguf_model):
+    from kdecli.hf import load_model
+
+    path, source = gguf_model
+    loaded = load_model(path).state_dict()
+    expected = source.model.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[name], expected[name]) for name in expected)
+
+
+@needs_gguf
+def test_capture_from_a_gguf_file(gguf_model, text_file, tmp_path):
+    path, _ = gguf_model
+    out = tmp_path / "gguf.h5"
+    res = invoke("capture", path, "--text", text_file, "--tokens", N, "--chunks", 2, "-o", out)
+    assert res.exit_code == 0, res.output
+    assert "GGUF" not in res.stderr  # transformers' own tqdm bar is kept off stderr
+    with h5py.File(out, "r") as f:
+        assert f.attrs["model"] == "tiny-llama.gguf" and f.attrs["model_type"] == "llama"
+        assert len(f.attrs["config_sha256"]) == 64
+    for layer in (0, 1):
+        data = _read(out, layer)
+        assert data["kv_head"].tolist() == [0, 0, 1, 1] and bool(data["causal"])
+        q, k, v = data["q"], data["k"], data["v"]
+        ref = exact_attention(q, k, v, float(data["scale"]), causal=True)
+        assert (data["o"].double() - ref).abs().max() <= float32_bound(q, k, v, data["scale"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,7 +96,9 @@ def load_model(
     src = source if isinstance(source, ModelSource) else model_source(source)
     if src.gguf_file:
         _require_gguf()
-    with quiet_transformers():
+    # a .gguf load draws its own tqdm bar, which transformers' switch does not reach
+    hush = contextlib.redirect_stderr(io.StringIO()) if src.gguf_file else contextlib.nullcontext()
+    with quiet_transformers(), hush:
         try:
             model = transformers.AutoModel.from_pretrained(
                 src.folder,
@@ -141,10 +144,14 @@ def config_sha256(src: ModelSource, model: torch.nn.Module) -> str:
 
 
 def _require_gguf() -> None:
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
+    """transformers reads .gguf files with the `gguf` package, and (5.x) refuses to without
+    `accelerate` too."""
+    import importlib.util
+
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
         raise UsageError(
-            "reading .gguf files needs the `gguf` package, which is not installed.",
-            hint=f"Run `{INSTALL_HINT}`.",
-        ) from None
+            f"reading .gguf files needs {' and '.join(missing)}, not installed.",
+            hint=f"Run `{INSTALL_HINT}`"
+            + (" and `pip install accelerate`." if "accelerate" in missing else "."),
+        )
