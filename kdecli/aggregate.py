@@ -93,7 +93,10 @@ class Setting:
 
     @property
     def time(self) -> ResultTime | None:
-        """The setting's timing (measured once per setting, shared by its seeds)."""
+        """The setting's timing (measured once per setting, shared by its seeds); none for a mean
+        over layers, whose layers were each timed on their own."""
+        if self.over_layers:
+            return None
         return next((r.time for r in self.ok_records if r.time and r.time.method_s), None)
 
     @property

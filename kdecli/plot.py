@@ -437,7 +437,7 @@ def _layer_figure(docs: Sequence[RunReport], y: str, labels: Sequence[str]):
     ax = fig.subplots()
     several = len(docs) > 1
     values: list[float] = []
-    for doc, label, (dash, marker) in zip(docs, labels, DOC_STYLES * len(docs)):
+    for doc, label, (_, marker) in zip(docs, labels, DOC_STYLES * len(docs)):  # a marker per file
         where = f" · {label}" if several else ""
         floors = [(x.layer, x.floors.mean.get(y)) for x in doc.layers if x.layer is not None]
         floors = [(layer, f.mean) for layer, f in floors if f is not None and _finite(f.mean)]
@@ -449,18 +449,23 @@ def _layer_figure(docs: Sequence[RunReport], y: str, labels: Sequence[str]):
             if r.ok and r.layer is not None and r.role in ("approximation", "oracle"):
                 if _finite(r.error(y)):
                     lines[r.method, r.budget, r.role][r.layer].append(r.error(y))
-        for i, ((method, budget, role), by_layer) in enumerate(lines.items()):
+        methods = list(dict.fromkeys(method for method, _, _ in lines))
+        budgets = list(dict.fromkeys(budget for _, budget, _ in lines))
+        for (method, budget, role), by_layer in lines.items():
+            # a colour per method, a line style per budget
+            colour = f"C{methods.index(method) % 10}"
+            style = ("-", "--", ":", "-.")[budgets.index(budget) % 4]
             layers = sorted(by_layer)
             means = [sum(by_layer[n]) / len(by_layer[n]) for n in layers]
             values += means
             name = method + (" (oracle)" if role == "oracle" else "")
             name += ("" if budget is None else f" @ {budget}") + where
-            ax.plot(layers, means, linestyle=dash, marker=marker, color=f"C{i % 10}", label=name,
+            ax.plot(layers, means, linestyle=style, marker=marker, color=colour, label=name,
                     gid="method")  # fmt: skip
             if any(len(by_layer[n]) > 1 for n in layers):
                 low = [min(by_layer[n]) for n in layers]
                 high = [max(by_layer[n]) for n in layers]
-                ax.fill_between(layers, low, high, color=f"C{i % 10}", alpha=0.18, linewidth=0,
+                ax.fill_between(layers, low, high, color=colour, alpha=0.18, linewidth=0,
                                 gid="band")  # fmt: skip
     if not values:
         raise UsageError(f"nothing to plot: no result with status ok has {y} and a layer.")
@@ -473,7 +478,10 @@ def _layer_figure(docs: Sequence[RunReport], y: str, labels: Sequence[str]):
     ax.set_ylabel(Y_LABELS[y] + "\nmean over slices and seeds")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
-    fig.suptitle(_title(docs, y, ["layer"]), fontsize="medium", x=0.01, ha="left")
+    title = _title(docs, y, ["layer"])
+    for doc in docs:  # name the capture, not its first layer
+        title = title.replace(doc.input.source, doc.input.source.rsplit(":/", 1)[0], 1)
+    fig.suptitle(title, fontsize="medium", x=0.01, ha="left")
     return fig
 
 

@@ -152,6 +152,5 @@ def _require_gguf() -> None:
     if missing:
         raise UsageError(
             f"reading .gguf files needs {' and '.join(missing)}, not installed.",
-            hint=f"Run `{INSTALL_HINT}`"
-            + (" and `pip install accelerate`." if "accelerate" in missing else "."),
+            hint=f"Run `{INSTALL_HINT}` (the extra holds both).",
         )
