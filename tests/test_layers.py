@@ -51,6 +51,9 @@ def test_layers_come_in_order_with_their_scale_and_causal_flag(capture):
     assert [x.layer for x in load_inputs(f"{capture}:/layer[12]")] == [1, 2]
     with pytest.raises(InputError, match="no group matching '/block\\*'"):
         load_inputs(f"{capture}:/block*")
+    with pytest.raises(InputError, match="holds 3 layers") as info:
+        load_inputs(str(capture))  # the file alone: which layer?
+    assert "--all-layers" in info.value.hint
     with pytest.raises(UsageError, match="--all-layers reads every layer of a capture"):
         load_inputs("synthetic:n=16,d=4", all_layers=True)
 

@@ -81,6 +81,13 @@ class Hdf5File(InputSource):
                 if not isinstance(node, h5py.Group):
                     raise InputError(f"{where} is a dataset, not a group holding q, k, v.")
             names = [name for name, item in node.items() if isinstance(item, h5py.Dataset)]
+            layers = [n for n, item in node.items() if isinstance(item, h5py.Group) and "q" in item]
+            if not names and layers:  # a capture: its arrays are one group per layer
+                raise InputError(
+                    f"{where}: holds {len(layers)} layers ({', '.join(layers[:4])}"
+                    f"{', …' if len(layers) > 4 else ''}), not q, k, v.",
+                    hint=f"Pick one ({path}:/{layers[0]}) or run every layer with --all-layers.",
+                )
             arrays = {n: node[pick(names, n, options.keys[n], where)][()] for n in ROLES}
             # a dataset `scale`, or the attributes `kdecli capture` writes on each layer
             scale = node["scale"][()] if "scale" in names else node.attrs.get("scale")
