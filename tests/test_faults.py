@@ -258,3 +258,22 @@ def test_a_plot_that_fails_half_way_leaves_the_earlier_image(tmp_path, monkeypat
         plot_reports([report], image)
     assert image.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["errors.png"]
+
+
+def test_a_disk_that_fills_while_writing_leaves_the_earlier_file(tmp_path, monkeypatch):
+    """The temporary file cannot be completed (as on a full filesystem): the target keeps its
+    old content, the temporary is removed, and the message names the file."""
+    out = tmp_path / "out.json"
+    out.write_text("earlier results")
+    real_fsync = os.fsync
+
+    def full(fd):
+        real_fsync(fd)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    res = invoke("compare", SPEC, "--methods", "mean", "--no-timing", "-f", "json", "-o", out)
+    assert res.exit_code == 1
+    assert f"cannot write {out}: No space left on device." in res.stderr
+    assert out.read_text() == "earlier results"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
