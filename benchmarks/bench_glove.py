@@ -185,45 +185,22 @@ def run(tmp: Path, skip_baseline: bool) -> None:
         times, _ = timed(in_process, 2)
         show("download + extract + convert (glove_cache.download_glove)", times, archive_mb)
 
+        def download_command(folder: Path, *extra: str) -> list[str]:
+            return [sys.executable, "-m", "kdecli", "download-glove", "--corpus", "6B", "--dim",
+                    "50", "--cache-dir", str(folder), "--url", url, *extra]  # fmt: skip
+
         def command(*extra):
             folder = tmp / f"cli{next(runs)}"
-            cmd = [
-                sys.executable,
-                "-m",
-                "kdecli",
-                "download-glove",
-                "--corpus",
-                "6B",
-                "--dim",
-                "50",
-                "--cache-dir",
-                str(folder),
-                "--url",
-                url,
-                "--quiet",
-                *extra,
-            ]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(
+                download_command(folder, "--quiet", *extra), capture_output=True, text=True
+            )
             if done.returncode:
                 raise SystemExit(done.stderr)
             return folder
 
         times, folder = timed(command, 2)
         show("kdecli download-glove (process: download+convert)", times, archive_mb)
-        cached_cmd = [
-            sys.executable,
-            "-m",
-            "kdecli",
-            "download-glove",
-            "--corpus",
-            "6B",
-            "--dim",
-            "50",
-            "--cache-dir",
-            str(folder),
-            "--url",
-            url,
-        ]
+        cached_cmd = download_command(folder)
         times, done = timed(lambda: subprocess.run(cached_cmd, capture_output=True, text=True), 3)
         show("kdecli download-glove, already cached (process)", times)
         print(f"   its stderr: {done.stderr.strip()}")

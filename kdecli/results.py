@@ -547,9 +547,6 @@ class RunReport:
         """The floors that a result of ``layer`` is measured against."""
         return next((x.floors for x in self.layers if x.layer == layer), self.floors)
 
-    def input_of(self, layer: int | None) -> InputInfo:
-        return next((x.input for x in self.layers if x.layer == layer), self.input)
-
     def header_dict(self) -> dict[str, Any]:
         """Everything but the results and the Pareto picks: the first line of a JSONL stream."""
         return {

@@ -17,7 +17,7 @@ import math
 import platform
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -75,9 +75,6 @@ class RunConfig:
             raise UsageError(
                 f"--repeats must be >= 1 and --warmup >= 0; got {self.repeats} and {self.warmup}."
             )
-
-
-RUN_FIELDS = tuple(f.name for f in fields(RunConfig))
 
 
 @dataclass(frozen=True)

@@ -130,9 +130,11 @@ def expected_vectors(text: bytes) -> np.ndarray:
     )
 
 
-def make_zip(members: dict[str, bytes]) -> bytes:
+def make_zip(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    """A zip archive of ``members``; ``ZIP_STORED`` keeps each text as it is, so that one altered
+    byte changes the text and nothing else."""
     out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    with zipfile.ZipFile(out, "w", compression=compression) as zf:
         for name, data in members.items():
             zf.writestr(name, data)
     return out.getvalue()

@@ -280,3 +280,15 @@ def test_a_disk_that_fills_while_writing_leaves_the_earlier_file(tmp_path, monke
     assert f"cannot write {out}: No space left on device." in res.stderr
     assert out.read_text() == "earlier results"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_download_glove_says_terminated_for_sigterm(monkeypatch):
+    from kdecli import glove_cache
+    from kdecli.errors import Terminated
+
+    def killed(*args, **kwargs):
+        raise Terminated()
+
+    monkeypatch.setattr(glove_cache, "download_glove", killed)
+    res = invoke("download-glove", "--corpus", "6B", "--dim", "50")
+    assert res.exit_code == 143 and res.stderr.startswith("Terminated. Any partial download")

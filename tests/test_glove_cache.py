@@ -35,15 +35,6 @@ GOOD_SHA = hashlib.sha256(ARCHIVE).hexdigest()
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def stored_zip(members: dict[str, bytes]) -> bytes:
-    """A zip without compression, so that one altered byte changes the text and nothing else."""
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return out.getvalue()
-
-
 def damaged(archive: bytes, member: str, line: int) -> bytes:
     """``archive`` (stored) with one digit of ``member``'s line ``line`` turned into a letter: the
     structure is sound, the CRC-32 is wrong, and the text fails to parse at that line."""
@@ -59,7 +50,7 @@ def damaged(archive: bytes, member: str, line: int) -> bytes:
     return archive[:at] + b"x" + archive[at + 1 :]
 
 
-STORED = stored_zip({"glove.6B.50d.txt": TEXT50, "glove.6B.100d.txt": TEXT100})
+STORED = make_zip({"glove.6B.50d.txt": TEXT50, "glove.6B.100d.txt": TEXT100}, zipfile.ZIP_STORED)
 BAD_LINE = 217
 DAMAGED = damaged(STORED, "glove.6B.50d.txt", BAD_LINE)
 

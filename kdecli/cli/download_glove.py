@@ -20,6 +20,7 @@ from kdecli import glove_cache
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
+from kdecli.errors import Terminated
 
 
 class RichProgress:
@@ -131,13 +132,14 @@ def download_glove(
                 verify=verify,
                 progress=reporter,
             )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): the README's 130 / 143
+        word = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
         console.print(
-            "Interrupted. Any partial download is kept; run the same command again to resume.",
+            f"{word}. Any partial download is kept; run the same command again to resume.",
             markup=False,
             highlight=False,
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     if not result.downloaded and not result.converted:
         reporter.note(
             f"GloVe {result.corpus} {result.dim}d is already in the cache; nothing to download."
