@@ -364,7 +364,7 @@ def _run_one(method, work: QKV, reference, scale, causal, run_seed, device, norm
     if reasons:
         return _Outcome("unsupported", "; ".join(reasons))
     b, h, n_q, d = work.q.shape
-    flops = method.flops(b, h, n_q, work.k.shape[-2], d, work.v.shape[-1])
+    flops = method.cost(b, h, n_q, work.k.shape[-2], d, work.v.shape[-1], causal)
     flops = flops if math.isfinite(flops) else None
     try:
         with torch.no_grad():

@@ -115,7 +115,13 @@ def test_params_override_budget_mapping():
     )
     assert res.exit_code == 0, res.stderr
     params = json.loads(res.stdout)["results"][0]["params"]
-    assert params == {"block_size": 5, "samples": 32, "num_projs": 3, "sampling": "value-norm"}
+    assert params == {
+        "block_size": 5,
+        "samples": 32,
+        "num_projs": 3,
+        "sampling": "value-norm",
+        "causal_leaf": 32,
+    }
 
 
 @pytest.mark.parametrize(
@@ -169,7 +175,9 @@ def test_methods_listing_json_and_reasons():
     )
     entry = json.loads(res.stdout)
     assert entry["params_at_budget"]["samples"] == 256
-    assert any("causal" in reason for reason in entry["reasons"])
+    assert entry["causal_mode"] == "decomposition" and entry["reasons"] == []
+    res = invoke("methods", "kdeformer", "--input", "synthetic:n=64,d=8", "--format", "json")
+    assert json.loads(res.stdout)["reasons"] == []
     res = invoke("methods", "kdeformer")
     assert "block_size" in res.stdout and "value-norm" in res.stdout
     assert invoke("methods", "nope").exit_code == 2
@@ -201,5 +209,6 @@ def test_methods_and_commands_are_listed_in_their_documented_order():
         "plot",
         "report",
         "capture",
+        "drift",
         "download-glove",
     ]

@@ -252,3 +252,52 @@ def test_error_falls_as_the_budget_grows(name, falling_input):
         mean_error(make_method(name, m), q, k, v, 0.25, ref, seeds) for m in FALLING_BUDGETS
     )
     assert small > large, (FALLING_BUDGETS, small, large)
+
+
+def causal_runnable(name, *shape, **input_options):
+    if not get_method_class(name).supports_causal:
+        pytest.skip(f"{name} has no causal mode")
+    return runnable(name, *shape, causal=True, **input_options)
+
+
+@pytest.mark.parametrize("t", [0, 37, 63, 95])
+@pytest.mark.parametrize("name", ALL)
+def test_causal_no_future_leak(name, t):
+    """Changing keys and values after position t leaves outputs up to t bit-identical (n = 97 at
+    the contract budget: several levels of any recursion, odd pieces padded)."""
+    method, q, k, v = causal_runnable(name, 2, 2, 97, 97, 21, 13)
+    out = method(q, k, v, scale=0.3, generator=gen(4), causal=True)
+    k2, v2 = k.clone(), v.clone()
+    k2[..., t + 1 :, :] = k2[..., t + 1 :, :].flip(-2) * 2 + 1
+    v2[..., t + 1 :, :] = -3 * v2[..., t + 1 :, :]
+    out2 = method(q, k2, v2, scale=0.3, generator=gen(4), causal=True)
+    assert torch.equal(out[..., : t + 1, :], out2[..., : t + 1, :])
+    assert not torch.equal(out[..., t + 1 :, :], out2[..., t + 1 :, :])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_causal_error_falls_as_the_budget_grows(name, falling_input):
+    cls = get_method_class(name)
+    if not cls.uses_budget or not cls.supports_causal:
+        pytest.skip(f"{name} takes no budget or has no causal mode")
+    q, k, v, _ = falling_input
+    ref = exact_attention(q, k, v, 0.25, causal=True)
+    seeds = FALLING_SEEDS if cls.randomized else FALLING_SEEDS[:1]
+    small, large = (
+        mean_error(make_method(name, m), q, k, v, 0.25, ref, seeds, causal=True)
+        for m in FALLING_BUDGETS
+    )
+    assert small > large, (FALLING_BUDGETS, small, large)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_causal_cost_is_at_most_a_log_factor_over_the_full_cost(name):
+    """ALGORITHMS.md §9: log₂(n/leaf) levels of full blocks, each level n/2 × n/2 in pieces, so a
+    decomposed method costs at most about log₂ n times its non-causal call."""
+    method = build(name)
+    if not method.supports_causal:
+        pytest.skip(f"{name} has no causal mode")
+    n = 2**16
+    cost = method.cost(1, 2, n, n, 64, 64, causal=True)
+    assert math.isfinite(cost) and cost > 0
+    assert cost <= math.log2(n) * method.flops(1, 2, n, n, 64, 64), cost

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kdecli.methods import make_method
+from kdecli.methods.oracles import rank_m_attention
 from kdecli.reference import exact_attention
 from tests.conftest import make_qkv, mean_error
 
@@ -71,6 +72,20 @@ def test_oracles_refuse_above_their_limit_and_say_how_to_raise_it(name, default)
     assert make_method(name, 16, max_n=60).not_supported_reasons(q, k, v) == []
 
 
-def test_rankk_says_it_is_not_causal():
-    q, k, v = make_qkv(1, 1, 20, 20, 8)
-    assert make_method("rankk", 4).not_supported_reasons(q, k, v, causal=True)
+def test_causal_rankk_is_exact_halves_plus_a_rank_m_full_block():
+    """One level of the decomposition by hand: the causal halves exact, the full block (queries
+    8..15 after keys 0..7) replaced by its best rank-2 approximation, merged by exact row sums."""
+    q, k, v = make_qkv(1, 1, 16, 16, 8, dtype=torch.float64)
+    scale = 0.4
+    out = make_method("rankk", 2, causal_leaf=8)(q, k, v, scale=scale, causal=True)
+    lower = rank_m_attention(q[..., 8:, :], k[..., :8, :], v[..., :8, :], scale, 2)
+    logits = scale * q @ k.mT
+    causal = logits.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
+    diag_sum = causal[..., 8:, 8:].exp().sum(-1, keepdim=True)
+    low_sum = logits[..., 8:, :8].exp().sum(-1, keepdim=True)
+    diag = exact_attention(q[..., 8:, :], k[..., 8:, :], v[..., 8:, :], scale, causal=True)
+    expected = (diag_sum * diag + low_sum * lower) / (diag_sum + low_sum)
+    assert torch.allclose(out[..., 8:, :], expected, atol=1e-12)
+    first_half = exact_attention(q[..., :8, :], k[..., :8, :], v[..., :8, :], scale, causal=True)
+    assert torch.allclose(out[..., :8, :], first_half, atol=1e-12)
+    assert not torch.allclose(out, exact_attention(q, k, v, scale, causal=True), atol=1e-6)

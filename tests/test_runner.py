@@ -54,9 +54,16 @@ def test_unsupported_input_is_a_status(qkv):
     report = kdecli.compare(qkv, ["kdeformer"], [16], causal=False, timing=False)
     assert report.results[0].status == "ok"
     square = kdecli.load_input("synthetic:n=47,d=8")
-    report = kdecli.compare(square, ["exact", "kdeformer"], [16], causal=True, timing=False)
+    report = kdecli.compare(
+        square,
+        ["exact", "reformer"],
+        [16],
+        causal=True,
+        timing=False,
+        params={"reformer": {"shared_qk": True}},  # the original's shared-QK mode is not causal
+    )
     statuses = {r.method: r.status for r in report.results}
-    assert statuses == {"exact": "ok", "kdeformer": "unsupported"}
+    assert statuses == {"exact": "ok", "reformer": "unsupported"}
     assert "causal" in report.results[1].reason
 
 
@@ -91,6 +98,7 @@ def test_records_have_the_documented_fields(qkv):
         "samples": 32,
         "num_projs": 7,
         "sampling": "value-norm",
+        "causal_leaf": 32,
     }
     assert set(rec["errors"]) == {
         "rel_spectral",

@@ -11,9 +11,10 @@ from kdecli.reference import exact_attention
 from tests.conftest import anti_aligned_inputs, gen, make_qkv, mean_error
 
 
-def dense_scatterbrain(q, k, v, scale, local_context, features, seed):
-    """The n_q × n_k matrix written out: e^ℓ on the band |j − ⌊i·n_k/n_q⌋| < w/2, the unshifted
-    Performer estimate φ(q_i)·φ(k_j) (same directions, same generator) everywhere else."""
+def dense_scatterbrain(q, k, v, scale, local_context, features, seed, offset=0, row_sums=False):
+    """The n_q × n_k matrix written out: e^ℓ on the band |j − p_i| < w/2, p_i = offset +
+    ⌊i·n_k/n_q⌋, the unshifted Performer estimate φ(q_i)·φ(k_j) (same directions, same
+    generator) everywhere else.  ``row_sums``: also the estimated row sums."""
     b, h, n_q, d = q.shape
     n_k = k.shape[-2]
     omega = random_directions(
@@ -22,10 +23,11 @@ def dense_scatterbrain(q, k, v, scale, local_context, features, seed):
     q1, k1 = split_scale(q, k, scale)
     phi_q, phi_k = torch.exp(log_features(q1, omega)), torch.exp(log_features(k1, omega))
     low_rank = phi_q @ phi_k.transpose(-1, -2) / features
-    position = torch.arange(n_q) * n_k // n_q
+    position = offset + torch.arange(n_q) * n_k // n_q
     band = (torch.arange(n_k).view(1, -1) - position.view(-1, 1)).abs() < local_context / 2
     a = torch.where(band, torch.exp(scale * q @ k.transpose(-1, -2)), low_rank)
-    return (a @ v) / a.sum(-1, keepdim=True)
+    out = (a @ v) / a.sum(-1, keepdim=True)
+    return (out, a.sum(-1)) if row_sums else out
 
 
 @pytest.mark.parametrize(
@@ -40,6 +42,19 @@ def test_band_is_exact_and_the_rest_is_the_performer_estimate(n_q, n_k, w):
     ref = dense_scatterbrain(q, k, v, 0.3, w, 32, seed=3)
     assert (out - ref).abs().max() <= 1e-10
     assert w > 1 or n_k == 1 or (out - exact_attention(q, k, v, 0.3)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("w", [1, 9, 40, 200])
+def test_a_causal_full_block_keeps_the_band_at_absolute_positions(w):
+    """In the causal decomposition a full block's queries sit after its keys (offset = 48 here):
+    the band must hold the keys within w/2 *before* each query, and the row sums returned for the
+    merge must be the estimate's own (Â1 + S1)."""
+    q, k, v = make_qkv(1, 2, 48, 48, 21, 13, spread=0.7)
+    method = make_method("scatterbrain", None, local_context=w, features=32)
+    lse, out = method.partial(q, k, v, 0.3, gen(3), 48)
+    ref, sums = dense_scatterbrain(q, k, v, 0.3, w, 32, seed=3, offset=48, row_sums=True)
+    assert (out - ref).abs().max() <= 1e-10
+    assert (lse - sums.log()).abs().max() <= 1e-10
 
 
 def test_error_falls_as_the_band_widens_at_fixed_features():

@@ -61,7 +61,10 @@ def _render(console: Console, e: dict, detailed: bool) -> None:
     flags = [
         "randomized" if e["randomized"] else "deterministic",
         "Q≠K lengths ok" if e["supports_cross"] else "self-attention only",
-        "causal ok" if e["supports_causal"] else "no causal",
+        {
+            "native": "causal ok",
+            "decomposition": "causal by the recursive decomposition",
+        }.get(e["causal_mode"], "no causal"),
     ]
     if e["role"] == "oracle":
         flags.insert(0, "ORACLE (analysis only, reads exact attention)")

@@ -112,6 +112,7 @@ def _convert(kind: type, value: Any) -> Any:
 
 
 ROLES = ("reference", "baseline", "approximation", "oracle")
+CAUSAL_MODES = ("native", "decomposition", "none")
 
 
 class AttentionMethod:
@@ -125,6 +126,9 @@ class AttentionMethod:
       uses_budget                -- False for methods such as ``exact`` and ``mean``
       supports_cross             -- whether n_q may differ from n_k
       supports_causal            -- whether ``causal=True`` is implemented
+      causal_mode                -- "native" (the method's own causal algorithm), "decomposition"
+                                    (the shared recursion of ``kdecli.methods.causal`` over the
+                                    method's ``partial``) or "none"
       role                       -- what the method is for in a report (one of ``ROLES``):
                                     "reference" (exact attention: the errors are rounding, its time
                                     is the one every speed-up divides), "baseline" (a trivial answer
@@ -153,6 +157,7 @@ class AttentionMethod:
     uses_budget: ClassVar[bool] = True
     supports_cross: ClassVar[bool] = True
     supports_causal: ClassVar[bool] = False
+    causal_mode: ClassVar[str] = ""  # set from supports_causal when a class leaves it empty
     role: ClassVar[str] = "approximation"
     estimates: ClassVar[str] = "softmax"
     cost_help: ClassVar[str] = ""
@@ -162,6 +167,15 @@ class AttentionMethod:
         if cls.role not in ROLES:
             raise TypeError(
                 f"{cls.__qualname__}.role must be one of {', '.join(ROLES)}; got {cls.role!r}"
+            )
+        if cls.causal_mode == "decomposition":
+            cls.supports_causal = True
+        elif not cls.causal_mode or cls.causal_mode == "none":
+            cls.causal_mode = "native" if cls.supports_causal else "none"
+        if cls.causal_mode not in CAUSAL_MODES:
+            raise TypeError(
+                f"{cls.__qualname__}.causal_mode must be one of {', '.join(CAUSAL_MODES)}; "
+                f"got {cls.causal_mode!r}"
             )
 
     @property
@@ -226,8 +240,36 @@ class AttentionMethod:
         raise NotImplementedError
 
     def flops(self, b: int, h: int, n_q: int, n_k: int, d: int, d_v: int) -> float:
-        """Approximate floating-point operations of one call (a multiply-add counts as 2)."""
+        """Approximate floating-point operations of one non-causal call (a multiply-add counts
+        as 2); a native causal mode's cost is about the same (its ``cost_help`` says)."""
         return float("nan")
+
+    # ---- the causal decomposition (causal_mode == "decomposition") ---------------------------
+    def partial(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        generator: torch.Generator | None,
+        query_offset: int,
+    ):
+        """The non-causal estimate on one full block with its log row sums, a
+        ``kdecli.methods.causal.Partial`` in the inputs' (working) dtype.  ``query_offset``: the
+        block's first query sits at that key index (a position-aware method needs it)."""
+        raise NotImplementedError(f"{self.name} has no causal decomposition")
+
+    def causal_leaf(self) -> int:
+        """Pieces of at most this many positions are computed exactly by the decomposition."""
+        return int(self.config["causal_leaf"])
+
+    def cost(self, b: int, h: int, n_q: int, n_k: int, d: int, d_v: int, causal: bool) -> float:
+        """``flops`` of one call as it will run: through the decomposition's levels when causal."""
+        if causal and self.causal_mode == "decomposition" and n_q == n_k:
+            from kdecli.methods.causal import decomposed_flops  # it imports this module
+
+            return decomposed_flops(self, b, h, n_q, d, d_v)
+        return self.flops(b, h, n_q, n_k, d, d_v)
 
     # ---- the shared machinery ------------------------------------------------------------------
     def not_supported_reasons(
@@ -275,6 +317,7 @@ class AttentionMethod:
             "randomized": cls.randomized,
             "supports_cross": cls.supports_cross,
             "supports_causal": cls.supports_causal,
+            "causal_mode": cls.causal_mode,
             "role": cls.role,
             "oracle": cls.role == "oracle",
             "cost": cls.cost_help,

@@ -10,11 +10,13 @@ indices π_1..π_m drawn uniformly with replacement (one set per slice):
 
 The mask keeps in-block keys from being counted twice; the residual sum is an unbiased estimate of
 the off-block sum.  A block of attention whose key count is below ``min_seq_len`` is computed exactly.
-Causal (the paper's recursion): split the sequence in halves; both diagonal halves recurse causally
-(stacked as extra heads, so one call per level); the lower-left block, whose queries all come after
-its keys, is non-causal HyperAttention; merge by log-sum-exp.  An odd length gets one zero row
-appended: under the causal mask a last key is seen only by the last (dummy) query, so it changes
-nothing.  Exact when one block holds every key (block_size >= n_k) or n_k < min_seq_len.
+Causal: the paper's recursion, which kdecli shares with every method (``kdecli.methods.causal``):
+both diagonal halves recurse causally, the lower-left block, whose queries all come after its keys,
+is non-causal HyperAttention, and the pieces merge by log-sum-exp; pieces of at most
+max(min_seq_len, block_size) positions are exact (one block would hold all their keys anyway).
+Queries of a full block are sorted among themselves, so a later query can move an earlier one's
+block (never a later key into it).  Exact when one block holds every key (block_size >= n_k) or
+n_k < min_seq_len.
 """
 
 from __future__ import annotations
@@ -24,11 +26,10 @@ import math
 import torch
 
 from kdecli.methods.base import AttentionMethod, Param
-from kdecli.methods.common import gather_rows, merge_lse, pad_dim
+from kdecli.methods.causal import Partial, decomposed_causal, exact_partial, softmax_part
+from kdecli.methods.common import gather_rows, merge_lse
 from kdecli.methods.lsh import SortedBlocks, sort_into_blocks
 from kdecli.methods.registry import register
-
-EXACT_CHUNK_ELEMENTS = 2**25  # logits held at once by the chunked exact pieces
 
 
 @register
@@ -56,7 +57,7 @@ class HyperAttention(AttentionMethod):
         ),
     )
     randomized = True
-    supports_causal = True
+    causal_mode = "decomposition"
     cost_help = (
         "2·(n_q+n_k)·d·r hashing + 2·n_q·(block_size + samples)·(d + d_v) for the block and "
         "sampled products; causal: about the same summed over the log₂(n/min_seq_len) levels."
@@ -72,47 +73,26 @@ class HyperAttention(AttentionMethod):
         return {"block_size": n_k}
 
     def forward(self, q, k, v, scale, generator, causal):
-        q_scaled = q * scale
         if causal:
-            _, out = self._causal(q_scaled, k, v, generator)
-        else:
-            _, out = self._noncausal(q_scaled, k, v, generator)
-        return out
+            return decomposed_causal(self, q, k, v, scale, generator)
+        return self.partial(q, k, v, scale, generator, 0).out
 
-    def _noncausal(self, q_scaled, k, v, generator):
+    def partial(self, q, k, v, scale, generator, query_offset):
         """(lse, output) of non-causal HyperAttention; exact when n_k < min_seq_len."""
         cfg = self.config
+        q_scaled = q * scale
         b, h, _, _ = q_scaled.shape
         n_k = k.shape[-2]
         if n_k < cfg["min_seq_len"]:
-            return exact_lse(q_scaled, k, v, causal=False)
+            return exact_partial(q_scaled, k, v, causal=False)
         blocks = sort_into_blocks(q_scaled, k, cfg["block_size"], cfg["num_projs"], generator)
         index = torch.randint(n_k, (b, h, cfg["samples"]), generator=generator, device=k.device)
         return hyper_lse(q_scaled, k, v, blocks, index)
 
-    def _causal(self, q_scaled, k, v, generator):
-        """(lse, output) of causal HyperAttention by the paper's halving recursion (n_q == n_k)."""
-        b, h, n, _ = q_scaled.shape
-        # Below block_size every piece of the split would be exact anyway (one block holds all
-        # its keys), so stop there too: same result, no recursion down to single rows.
-        if n <= max(self.config["min_seq_len"], self.config["block_size"]):
-            return exact_lse(q_scaled, k, v, causal=True)
-        if n % 2:  # a zero row at the end is seen only by itself under the causal mask
-            lse, out = self._causal(*(pad_dim(x, n + 1) for x in (q_scaled, k, v)), generator)
-            return lse[..., :n], out[..., :n, :]
-        half = n // 2
-        lse_d, out_d = self._causal(
-            *(x.reshape(b, 2 * h, half, x.shape[-1]) for x in (q_scaled, k, v)), generator
-        )
-        lse_d, out_d = lse_d.reshape(b, h, n), out_d.reshape(b, h, n, v.shape[-1])
-        lse_low, out_low = self._noncausal(
-            q_scaled[..., half:, :], k[..., :half, :], v[..., :half, :], generator
-        )
-        lse_2, out_2 = merge_lse(lse_d[..., half:], out_d[..., half:, :], lse_low, out_low)
-        return (
-            torch.cat([lse_d[..., :half], lse_2], dim=-1),
-            torch.cat([out_d[..., :half, :], out_2], dim=-2),
-        )
+    def causal_leaf(self):
+        # Below block_size every piece would be exact anyway (one block holds all its keys), so
+        # stop there too: the same result without recursing down to single rows.
+        return max(self.config["min_seq_len"], self.config["block_size"])
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         cfg = self.config
@@ -123,44 +103,13 @@ class HyperAttention(AttentionMethod):
         return float(b * h * (2 * (n_q + n_k) * d * cfg["num_projs"] + n_q * keys * per_key))
 
 
-def softmax_part(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log Σ_j e^{ℓ_j}, softmax(ℓ)·V) over the last axis; a row with every logit -inf gives
-    (-inf, 0), so it drops out of ``merge_lse``."""
-    c = logits.amax(-1, keepdim=True)
-    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
-    e = torch.exp(logits - c)
-    total = e.sum(-1, keepdim=True)
-    out = (e @ values) / torch.where(total > 0, total, torch.ones_like(total))
-    return (torch.log(total) + c).squeeze(-1), out
-
-
-def exact_lse(q_scaled, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact (lse, output) in query chunks, never holding all n_q × n_k logits at once.
-    Causal assumes query i and key i share a position; a chunk then reads only keys before it."""
-    b, h, n_q, _ = q_scaled.shape
-    n_k = k.shape[-2]
-    step = max(1, EXACT_CHUNK_ELEMENTS // max(1, b * h * n_k))
-    lses, outs = [], []
-    for start in range(0, n_q, step):
-        stop = min(n_q, start + step)
-        keys = stop if causal else n_k
-        logits = q_scaled[..., start:stop, :] @ k[..., :keys, :].transpose(-1, -2)
-        if causal:
-            rows = torch.arange(start, stop, device=k.device).unsqueeze(-1)
-            logits = logits.masked_fill(torch.arange(keys, device=k.device) > rows, float("-inf"))
-        lse, out = softmax_part(logits, v[..., :keys, :])
-        lses.append(lse)
-        outs.append(out)
-    return torch.cat(lses, dim=-1), torch.cat(outs, dim=-2)
-
-
 def hyper_lse(
     q_scaled: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     blocks: SortedBlocks,
     sample_index: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Partial:
     """(lse, output) of the module docstring for given blocks and sampled key indices (b, h, m),
     in the original query order.  The in-block mask comes from block ids: (num_blocks × m) per
     slice, never an n × m float mask beyond the logits themselves."""
@@ -180,4 +129,4 @@ def hyper_lse(
     lse_sample = lse_sample + math.log(n_k / m)  # each sample stands for n_k/m keys
 
     lse, out = merge_lse(lse_block, out_block, lse_sample, out_sample)
-    return blocks.unsort_queries(lse.unsqueeze(-1)).squeeze(-1), blocks.unsort_queries(out)
+    return Partial(blocks.unsort_queries(lse.unsqueeze(-1)).squeeze(-1), blocks.unsort_queries(out))

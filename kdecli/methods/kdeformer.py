@@ -12,6 +12,10 @@ Blocks come from sorting queries and keys by angular-LSH rank (``kdecli.methods.
 keys drawn with replacement from p.  The residual is an unbiased estimate of the off-block sum, and
 the shift c_i (the largest logit the estimate uses) cancels in the ratio but keeps exp finite.
 Exact when one block holds every key (block_size >= n_k).
+
+Causal: the shared decomposition (``kdecli.methods.causal``) with L_i = log N_i[d_v] + c_i, the
+estimated row sum D̃_i.  Queries of a full block are sorted among themselves, so a later query can
+move an earlier one's block (never a later key into it).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from kdecli.methods.base import AttentionMethod, Param
+from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, decomposed_causal
 from kdecli.methods.common import gather_rows, with_ones_column, working_dtype
 from kdecli.methods.lsh import SortedBlocks, sort_into_blocks
 from kdecli.methods.registry import register
@@ -33,7 +38,7 @@ class KDEformer(AttentionMethod):
     paper = "Zandieh, Han, Daliri, Karbasi, KDEformer, ICML 2023"
     budget_help = (
         "m keys per query: block_size = m/2 exact keys in the query's LSH block, samples = m "
-        "residual keys (the paper's GloVe figure labels this 1.5m)."
+        "residual keys (the paper's GloVe figure labels this 1.5m)." + CAUSAL_BUDGET_HELP
     )
     params = (
         Param("block_size", int, 128, "keys per sorted-LSH block, computed exactly", 1, 2**24),
@@ -47,8 +52,10 @@ class KDEformer(AttentionMethod):
             "(the paper's squared column norms of D⁻¹A, an O(n²d) oracle)",
             choices=SAMPLINGS,
         ),
+        CAUSAL_LEAF,
     )
     randomized = True
+    causal_mode = "decomposition"
     cost_help = (
         "2·(n_q+n_k)·d·r hashing + 2·n_q·(block_size + samples)·(d + d_v + 1) for the block and "
         "sampled products."
@@ -56,21 +63,34 @@ class KDEformer(AttentionMethod):
 
     @classmethod
     def params_for_budget(cls, budget):
-        return {"block_size": max(1, budget // 2), "samples": budget}
+        return {"block_size": max(1, budget // 2), "samples": budget, "causal_leaf": budget}
 
     @classmethod
     def exact_limit(cls, n_q, n_k):
         # One block holds every key: the block sum is the whole row, every sample is masked out.
+        # Causal: every full block is smaller than n_k, so one block holds its keys too.
         return {"block_size": n_k}
 
     def forward(self, q, k, v, scale, generator, causal):
+        if causal:
+            return decomposed_causal(self, q, k, v, scale, generator)
+        numerator, denominator, _, blocks = self._estimate(q, k, v, scale, generator)
+        return blocks.unsort_queries(numerator.div_(denominator.unsqueeze(-1)))
+
+    def partial(self, q, k, v, scale, generator, query_offset):
+        numerator, denominator, shift, blocks = self._estimate(q, k, v, scale, generator)
+        out = blocks.unsort_queries(numerator.div_(denominator.unsqueeze(-1)))
+        lse = denominator.log_().add_(shift)  # log D̃_i = log N_i[d_v] + c_i
+        return Partial(blocks.unsort_queries(lse.unsqueeze(-1)).squeeze(-1), out)
+
+    def _estimate(self, q, k, v, scale, generator):
         cfg = self.config
         blocks = sort_into_blocks(q, k, cfg["block_size"], cfg["num_projs"], generator)
         sample_index, sample_weight = self.draw_samples(q, k, v, scale, generator)
-        numerator, denominator = sorted_estimate(
+        numerator, denominator, shift = sorted_estimate(
             q, k, v, scale, blocks, sample_index, sample_weight
         )
-        return blocks.unsort_queries(numerator.div_(denominator.unsqueeze(-1)))
+        return numerator, denominator, shift, blocks
 
     def draw_samples(self, q, k, v, scale, generator):
         """m key indices per slice, drawn with replacement, and their weights 1/(m·p)."""
@@ -139,10 +159,11 @@ def sorted_estimate(
     sample_index: torch.Tensor,
     sample_weight: torch.Tensor,
     shift: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """N_i split into its value part and its last (row-sum) column, in sorted query order.
 
-    Returns (numerator (b, h, nb·bq, d_v), denominator (b, h, nb·bq)); rows past n_q are padding.
+    Returns (numerator (b, h, nb·bq, d_v), denominator (b, h, nb·bq), c (b, h, nb·bq)), c the
+    shift both are computed under; rows past n_q are padding.
     ``shift`` (b, h, n_q) fixes c_i (tests use zero to read unshifted sums); by default c_i is the
     largest logit that query's estimate uses.  The in-block mask is built from block ids, one
     (num_blocks × m) boolean per slice, never an n × m matrix.
@@ -173,12 +194,12 @@ def sorted_estimate(
     numerator = (block_weights @ blocks.sorted_keys(v)).view(b, h, nb * bq, d_v)
     numerator += sampled[..., :d_v].view(b, h, nb * bq, d_v)
     denominator = block_weights.sum(-1).view(b, h, nb * bq) + sampled[..., d_v].view(b, h, nb * bq)
-    return numerator, denominator
+    return numerator, denominator, c.view(b, h, nb * bq)
 
 
 def kdeformer_numerator(q, k, v, scale, blocks, sample_index, sample_weight, shift=None):
     """(N_i[:d_v], N_i[d_v]) of the module docstring in the original query order (for tests)."""
-    numerator, denominator = sorted_estimate(
+    numerator, denominator, _ = sorted_estimate(
         q, k, v, scale, blocks, sample_index, sample_weight, shift
     )
     return blocks.unsort_queries(numerator), blocks.unsort_queries(denominator.unsqueeze(-1))[

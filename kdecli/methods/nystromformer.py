@@ -14,6 +14,13 @@ Z₀ = Mᵀ/(‖M‖₁‖M‖_∞) (the paper: 6), or ``pinv=exact`` (torch.lin
 every landmark is one row, F = M = G = P = D⁻¹A and PP⁺PV = PV: exact with the exact pinv.  The
 paper's depthwise convolution on V is a trained module, not part of the approximation, so it is left
 out.  Half-precision inputs are computed in float32 (the pseudo-inverse needs it) and cast back.
+
+Causal: the shared decomposition (``kdecli.methods.causal``).  Nyström has no row sum of its own
+(its three softmaxes are each normalised), so a full block's is estimated with each key landmark
+standing for its segment S_l: D̃_i = Σ_l |S_l|·e^{s q_i·k̃_l}.  It is exact when every segment is one
+key, and by Jensen's inequality (e^{mean} ≤ mean of e) a lower estimate otherwise.  Query landmarks
+are means over a full block's queries, so a later query moves an earlier one's estimate (never a
+later key into it).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from kdecli.methods.base import AttentionMethod, Param
+from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, decomposed_causal
 from kdecli.methods.common import working_dtype
 from kdecli.methods.registry import register
 
@@ -30,7 +38,9 @@ class Nystromformer(AttentionMethod):
     name = "nystromformer"
     summary = "Nyström approximation F·M⁺·(G V) with segment-mean landmarks."
     paper = "Xiong et al., Nyströmformer, AAAI 2021"
-    budget_help = "m = number of landmarks (`landmarks`), segment means of Q and of K."
+    budget_help = (
+        "m = number of landmarks (`landmarks`), segment means of Q and of K." + CAUSAL_BUDGET_HELP
+    )
     params = (
         Param("landmarks", int, 64, "segment-mean landmarks per side (m)", 1, 2**20),
         Param(
@@ -41,7 +51,9 @@ class Nystromformer(AttentionMethod):
             choices=("iterative", "exact"),
         ),
         Param("iterations", int, 6, "Newton–Schulz iterations for pinv=iterative", 1, 100),
+        CAUSAL_LEAF,
     )
+    causal_mode = "decomposition"
     cost_help = (
         "2·m·(n_q + n_k)·d + 2·m·n_k·d_v for F, G and GV, 2·m²·d for M, about 8·m³ per "
         "Newton–Schulz step, 2·n_q·m·d_v for the product."
@@ -49,27 +61,36 @@ class Nystromformer(AttentionMethod):
 
     @classmethod
     def params_for_budget(cls, budget):
-        return {"landmarks": budget}
+        return {"landmarks": budget, "causal_leaf": budget}
 
     @classmethod
     def exact_limit(cls, n_q, n_k):
-        # A landmark per row: F = M = G = D⁻¹A = P, and P·P⁺·P = P with the exact pinv.
+        # A landmark per row: F = M = G = D⁻¹A = P, and P·P⁺·P = P with the exact pinv; causal:
+        # the same in every full block, and each landmark's segment is one key, so D̃ = D.
         return {"landmarks": max(n_q, n_k), "pinv": "exact"}
 
     def forward(self, q, k, v, scale, generator, causal):
-        in_dtype = v.dtype
-        work = working_dtype(q.dtype)
-        q, k, v = q.to(work), k.to(work), v.to(work)
+        if causal:
+            return decomposed_causal(self, q, k, v, scale, generator)
+        in_dtype, work = v.dtype, working_dtype(q.dtype)
+        _, out = self.partial(q.to(work), k.to(work), v.to(work), scale, generator, 0)
+        return out.to(in_dtype)
+
+    def partial(self, q, k, v, scale, generator, query_offset):
         m = self.config["landmarks"]
         q_land, k_land = segment_means(q, m), segment_means(k, m)
-        f = torch.softmax(scale * q @ k_land.transpose(-1, -2), dim=-1)  # (b, h, n_q, m_k)
+        landmark_logits = scale * q @ k_land.transpose(-1, -2)  # (b, h, n_q, m_k)
+        f = torch.softmax(landmark_logits, dim=-1)
+        # D̃_i = Σ_l |S_l| e^{s q_i·k̃_l}: each landmark stands for its segment of keys.
+        log_sizes = torch.log(segment_sizes(k.shape[-2], m, k.device).to(q.dtype))
+        lse = torch.logsumexp(landmark_logits + log_sizes, dim=-1)
         mid = torch.softmax(scale * q_land @ k_land.transpose(-1, -2), dim=-1)  # (b, h, m_q, m_k)
         g = torch.softmax(scale * q_land @ k.transpose(-1, -2), dim=-1)  # (b, h, m_q, n_k)
         if self.config["pinv"] == "exact":
             mid_pinv = torch.linalg.pinv(mid)
         else:
             mid_pinv = newton_schulz_pinv(mid, self.config["iterations"])
-        return (f @ (mid_pinv @ (g @ v))).to(in_dtype)
+        return Partial(lse, f @ (mid_pinv @ (g @ v)))
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         m_q, m_k = min(self.config["landmarks"], n_q), min(self.config["landmarks"], n_k)
@@ -88,6 +109,13 @@ class Nystromformer(AttentionMethod):
         )
 
 
+def segment_sizes(n: int, m: int, device: torch.device) -> torch.Tensor:
+    """Rows in each of the min(m, n) segments of ``segment_means``: (min(m, n),) int64."""
+    m = min(m, n)
+    bounds = torch.arange(m + 1, device=device) * n // m
+    return bounds[1:] - bounds[:-1]
+
+
 def segment_means(x: torch.Tensor, m: int) -> torch.Tensor:
     """Means of min(m, n) contiguous segments of the rows of x (b, h, n, d): (b, h, min(m, n), d).
 
@@ -97,7 +125,7 @@ def segment_means(x: torch.Tensor, m: int) -> torch.Tensor:
     n = x.shape[-2]
     m = min(m, n)
     bounds = torch.arange(m + 1, device=x.device) * n // m
-    sizes = bounds[1:] - bounds[:-1]
+    sizes = segment_sizes(n, m, x.device)
     longest = -(-n // m)
     rows = bounds[:-1, None] + torch.arange(longest, device=x.device)  # (m, longest)
     inside = rows < bounds[1:, None]

@@ -10,8 +10,11 @@ rankk:  Õ = P_m V with P = D⁻¹A and P_m its best rank-m approximation (trunc
         in both the spectral and the Frobenius norm).  P is formed per slice in float64.  When
         n_q <= n_k, P_m = U_m U_mᵀ P so Õ = U_m (U_mᵀ O) with U_m the top eigenvectors of P Pᵀ;
         otherwise P_m = P W_m W_mᵀ with W_m those of PᵀP: an eigh of the smaller Gram matrix, faster
-        than an SVD of P.  Exact when m >= min(n_q, n_k).  Not causal: a rank-m approximation of a
-        causal matrix is not causal.
+        than an SVD of P.  Exact when m >= min(n_q, n_k).  A rank-m approximation of a causal
+        matrix is not causal (query 0 would see later keys), so causal rankk runs through the
+        shared decomposition (``kdecli.methods.causal``): the best rank-m approximation of each
+        full block, with the block's exact row sums, and exact causal leaves — the ceiling of a
+        low-rank method inside that decomposition.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from kdecli.methods.base import AttentionMethod, Param
+from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, decomposed_causal
 from kdecli.methods.common import working_dtype
 from kdecli.methods.registry import register
 from kdecli.reference import chunk_rows, iter_softmax_chunks
@@ -88,15 +92,14 @@ class RankK(AttentionMethod):
     name = "rankk"
     summary = "Oracle: best rank-m approximation of D⁻¹A times V (the ceiling of low-rank methods)."
     paper = "oracle (kdecli ALGORITHMS.md, `rankk`; Eckart–Young)"
-    budget_help = "m = rank kept (`rank`)."
+    budget_help = "m = rank kept (`rank`)." + CAUSAL_BUDGET_HELP
     params = (
         Param("rank", int, 256, "rank of the truncated SVD of D⁻¹A (m)", 1, 2**24),
         Param("max_n", int, 8192, "refuse inputs with n_q or n_k above this", 1, 2**20),
+        CAUSAL_LEAF,
     )
     role = "oracle"
-    # A rank-m approximation of a causal matrix is not causal (query 0 would see later keys), so
-    # there is no meaningful causal ceiling here.
-    supports_causal = False
+    causal_mode = "decomposition"
     cost_help = (
         "O(n³) per slice: the float64 Gram matrix of D⁻¹A (2·n_q·n_k·min(n_q, n_k)) and its "
         "eigendecomposition (about 9·min(n_q, n_k)³); memory 8·n_q·n_k bytes per slice."
@@ -104,11 +107,12 @@ class RankK(AttentionMethod):
 
     @classmethod
     def params_for_budget(cls, budget):
-        return {"rank": budget}
+        return {"rank": budget, "causal_leaf": budget}
 
     @classmethod
     def exact_limit(cls, n_q, n_k):
-        return {"rank": min(n_q, n_k)}  # rank(D⁻¹A) ≤ min(n_q, n_k): nothing is truncated
+        # rank(D⁻¹A) ≤ min(n_q, n_k): nothing is truncated (causal: nor in any smaller block).
+        return {"rank": min(n_q, n_k)}
 
     def input_reasons(self, n_q, n_k, d, d_v, causal):
         return _too_large(
@@ -120,13 +124,21 @@ class RankK(AttentionMethod):
         )
 
     def forward(self, q, k, v, scale, generator, causal):
+        if causal:
+            return decomposed_causal(self, q, k, v, scale, generator)
+        return self.partial(q, k, v, scale, generator, 0).out.to(v.dtype)
+
+    def partial(self, q, k, v, scale, generator, query_offset):
         b, h, n_q, _ = q.shape
         out = torch.empty(b, h, n_q, v.shape[-1], dtype=torch.float64, device=q.device)
+        lse = torch.empty(b, h, n_q, dtype=torch.float64, device=q.device)
         for i in range(b):  # one slice at a time: P alone takes 8·n_q·n_k bytes
             for j in range(h):
                 sl = (slice(i, i + 1), slice(j, j + 1))
                 out[sl] = rank_m_attention(q[sl], k[sl], v[sl], scale, self.config["rank"])
-        return out.to(v.dtype)
+                logits = (q[sl].to(torch.float64) * scale) @ k[sl].to(torch.float64).mT
+                lse[sl] = torch.logsumexp(logits, dim=-1)  # the oracle knows the exact row sums
+        return Partial(lse.to(q.dtype), out.to(q.dtype))
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         small = min(n_q, n_k)

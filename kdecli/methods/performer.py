@@ -12,9 +12,10 @@ The features are shifted inside the exp (per query over features, per feature ov
 
 Causal: the sums run over j ≤ i, as a scan over chunks of C positions.  The prefix before the chunk
 is a running m × (d_v+1) state (rescaled whenever a feature's key maximum grows, like an online
-softmax); inside the chunk the masked C × C products φ(q_i)·φ(k_j) are formed from the chunk's own
-stabilised features, and the two parts are merged by their log-sum-exps.  Neither part can end with
-a zero row sum (see ``in_chunk``), so the output stays finite with logits in the hundreds.
+softmax); inside the chunk the masked C × C products φ(q_i)·φ(k_j) are formed under shifts that
+depend only on the query and the keys before it (``in_chunk``), so a later key never changes an
+earlier output, not even by rounding; the two parts are merged by their log-sum-exps.  A row sum that
+underflows is recomputed in log space, so the output stays finite with logits in the hundreds.
 Error falls like 1/√m; there is no exact limit.
 """
 
@@ -31,7 +32,6 @@ from kdecli.methods.features import (
     log_features,
     random_directions,
     split_scale,
-    stabilised_features,
 )
 from kdecli.methods.registry import register
 
@@ -125,15 +125,25 @@ def causal_favor(q, k, v, scale, omega):
 def in_chunk(fc, gc, vc):
     """(lse, out) of the masked in-chunk products P_ij = Σ_r exp(f_ir + g_jr), j ≤ i.
 
-    Computed as a product of stabilised features (``stabilised_features`` with the chunk's keys).
-    Its row sums can underflow only when a later key in the chunk dominates every earlier one by
-    e^{80} or more; such rows are recomputed exactly in log space, log P_ij = logsumexp_r(...).
+    Every shift depends on query i and keys j ≤ i only, so a later key of the chunk cannot change
+    an earlier output, not even by rounding: qf_ir = exp(f_ir − a_i) with a_i = max_r f_ir,
+    kf_jr = exp(g_jr − b_j) with b_j = max_r g_jr, and the key's factor e^{b_j} enters as
+    e^{b_j − c_i} with c_i = max_{j ≤ i} b_j (a running max), so that
+
+        P_ij = e^{a_i + c_i} · (qf_i·kf_j) · e^{b_j − c_i},   every factor ≤ 1.
+
+    A row sum can underflow when the query's features all miss its strongest keys' (logits in the
+    hundreds); such rows are recomputed exactly in log space, log P_ij = logsumexp_r(f_ir + g_jr).
     """
-    qf, kf, log_shift = stabilised_features(fc, gc)
     size = fc.shape[-2]
     upper = torch.ones(size, size, dtype=torch.bool, device=fc.device).triu(1)
-    num = (qf @ kf.transpose(-1, -2)).masked_fill(upper, 0.0) @ vc
-    lse = log_shift + torch.log(num[..., -1])
+    a = fc.amax(-1, keepdim=True)  # (b, h, C, 1)
+    key_max = gc.amax(-1)  # b_j: (b, h, C)
+    c = torch.cummax(key_max, dim=-1).values.unsqueeze(-1)  # c_i: (b, h, C, 1)
+    key_factor = torch.exp((key_max.unsqueeze(-2) - c).masked_fill(upper, float("-inf")))
+    products = torch.exp(fc - a) @ torch.exp(gc - key_max.unsqueeze(-1)).transpose(-1, -2)
+    num = (products * key_factor) @ vc
+    lse = (a + c).squeeze(-1) - math.log(fc.shape[-1]) + torch.log(num[..., -1])
     part = num[..., :-1] / num[..., -1:]
     bad = num[..., -1] < torch.finfo(num.dtype).tiny ** 0.5
     if bool(bad.any()):

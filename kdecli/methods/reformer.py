@@ -18,6 +18,12 @@ gives Õ_i = softmax over U_i, each key counted once.  Exact when one chunk hold
 ``shared_qk=true`` computes the original model's function instead: keys are the unit-normalised
 queries (the `k` input is ignored), a query attends to itself only when nothing else is present
 (logit −1e5, as the original), so it estimates a different function from the exact reference.
+
+Causal: the shared decomposition (``kdecli.methods.causal``) with L_i = log Σ_{j ∈ U_i} e^{ℓ_ij}, the
+row sum over the keys query i met, so the merged estimate is the softmax over the union of the keys
+met in every piece.  Queries of a full block are sorted among themselves, so a later query can move
+an earlier one's chunk (never a later key into it).  Not with shared_qk (keys would be the block's
+queries, which come later).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 
 from kdecli.errors import ParameterError
 from kdecli.methods.base import AttentionMethod, Param
+from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, decomposed_causal
 from kdecli.methods.common import Workspace, gather_rows, merge_lse, pad_dim, working_dtype
 from kdecli.methods.registry import register
 
@@ -38,7 +45,10 @@ class Reformer(AttentionMethod):
     name = "reformer"
     summary = "Multi-round angular LSH: sort by bucket, attend within a chunk and the one before."
     paper = "Kitaev, Kaiser, Levskaya, Reformer: The Efficient Transformer, ICLR 2020"
-    budget_help = "m keys per query: chunk_size = m/2 (a query sees 2 chunks), n_hashes = 8."
+    budget_help = (
+        "m keys per query: chunk_size = m/2 (a query sees 2 chunks), n_hashes = 8."
+        + CAUSAL_BUDGET_HELP
+    )
     params = (
         Param("chunk_size", int, 64, "keys per sorted chunk (c); a query sees 2c keys", 1, 2**24),
         Param("n_hashes", int, 8, "hash rounds (h)", 1, 64),
@@ -57,8 +67,10 @@ class Reformer(AttentionMethod):
             False,
             "the original model: keys = normalised queries, self masked (a different function)",
         ),
+        CAUSAL_LEAF,
     )
     randomized = True
+    causal_mode = "decomposition"
     estimates = "softmax"
     cost_help = (
         "h·(n_q+n_k)·d·nb hashing + 2·h·n_q·2c·(d + d_v) for the chunks + 2·h²·n_q·2c comparisons "
@@ -67,11 +79,12 @@ class Reformer(AttentionMethod):
 
     @classmethod
     def params_for_budget(cls, budget):
-        return {"chunk_size": max(1, budget // 2), "n_hashes": 8}
+        return {"chunk_size": max(1, budget // 2), "n_hashes": 8, "causal_leaf": budget}
 
     @classmethod
     def exact_limit(cls, n_q, n_k):
-        return {"chunk_size": n_k}  # one chunk: every query meets every key, each counted once
+        # One chunk: every query meets every key, each counted once (causal: in every full block).
+        return {"chunk_size": n_k}
 
     def check_config(self):
         nb = self.config["n_buckets"]
@@ -84,7 +97,13 @@ class Reformer(AttentionMethod):
             self.estimates = SHARED_QK_ESTIMATES
 
     def input_reasons(self, n_q, n_k, d, d_v, causal):
-        if self.config["shared_qk"] and n_q != n_k:
+        if not self.config["shared_qk"]:
+            return []
+        if causal:
+            return [
+                "shared_qk=true is not causal here (keys would be a full block's later queries)"
+            ]
+        if n_q != n_k:
             return [
                 f"shared_qk=true needs n_q == n_k (keys are the queries); got n_q={n_q}, n_k={n_k}"
             ]
@@ -95,10 +114,15 @@ class Reformer(AttentionMethod):
         return nb if nb else 2 * max(1, round(n_k / (2 * self.config["chunk_size"])))
 
     def forward(self, q, k, v, scale, generator, causal):
+        if causal:
+            return decomposed_causal(self, q, k, v, scale, generator)
+        dtype, work = q.dtype, working_dtype(q.dtype)
+        return self.partial(q.to(work), k.to(work), v.to(work), scale, generator, 0).out.to(dtype)
+
+    def partial(self, q, k, v, scale, generator, query_offset):
         cfg = self.config
         b, h, n_q, d = q.shape
-        dtype, work = q.dtype, working_dtype(q.dtype)
-        q, k, v = q.to(work), k.to(work), v.to(work)
+        work = q.dtype
         if cfg["shared_qk"]:
             k = q / q.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(work).tiny)
         n_k, rounds = k.shape[-2], cfg["n_hashes"]
@@ -109,7 +133,7 @@ class Reformer(AttentionMethod):
         for r in range(rounds):
             lse_r, out_r = one_round(q_scaled, k, v, chunks, r, cfg["shared_qk"], workspace)
             lse, out = (lse_r, out_r) if lse is None else merge_lse(lse, out, lse_r, out_r)
-        return out.to(dtype)
+        return Partial(lse, out)
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         cfg = self.config

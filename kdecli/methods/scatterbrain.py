@@ -22,6 +22,12 @@ Non-positive mass.  With positive features the off-band sum is ≥ 0 in exact ar
 subtraction can leave a rounding residue of either sign.  When the off-band feature mass is no more
 than 64·eps of the total (or the band holds every key), the off-band part is dropped and the query
 gets its exact band attention; the output is always finite.  Exact when the band covers all keys.
+
+Causal: the shared decomposition (``kdecli.methods.causal``), with the band by absolute position: a
+full block's queries sit after its keys (p_i = offset + i), so the band is exact on the keys within
+w/2 before each query wherever they fall, and a query whose band holds none of a block's keys gets
+the Performer estimate alone.  L_i = log(Â1 + S1)_i, the estimated row sum.  Nothing depends on
+other queries.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from kdecli.methods.base import AttentionMethod, Param
+from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, decomposed_causal
 from kdecli.methods.common import gather_rows, merge_lse, pad_dim, with_ones_column, working_dtype
 from kdecli.methods.features import favor_features, random_directions
 from kdecli.methods.registry import register
@@ -41,13 +48,18 @@ class ScatterBrain(AttentionMethod):
     name = "scatterbrain"
     summary = "Sparse + low-rank: exact local band plus Performer random features elsewhere."
     paper = "Chen, Dao, Winsor, Song, Rudra, Ré, Scatterbrain, NeurIPS 2021"
-    budget_help = "m: local_context = m/2 band keys per query (|i − j| < w/2), features = m."
+    budget_help = (
+        "m: local_context = m/2 band keys per query (|i − j| < w/2), features = m."
+        + CAUSAL_BUDGET_HELP
+    )
     params = (
         Param("local_context", int, 128, "band width w: keys |j − p_i| < w/2 are exact", 1, 2**24),
         Param("features", int, 256, "number of Performer random features (m)", 1, 2**16),
         Param("orthogonal", bool, True, "orthogonal random directions; false: i.i.d. Gaussian"),
+        CAUSAL_LEAF,
     )
     randomized = True
+    causal_mode = "decomposition"
     estimates = "softmax"
     cost_help = (
         "2·(n_q+n_k)·d·m features + 2·(n_q+n_k)·m·(d_v+1) low-rank + about "
@@ -56,17 +68,24 @@ class ScatterBrain(AttentionMethod):
 
     @classmethod
     def params_for_budget(cls, budget):
-        return {"local_context": max(1, budget // 2), "features": budget}
+        return {"local_context": max(1, budget // 2), "features": budget, "causal_leaf": budget}
 
     @classmethod
     def exact_limit(cls, n_q, n_k):
-        return {"local_context": 2 * n_k}  # |j − p_i| ≤ n_k − 1 < w/2: the band is every key
+        # |j − p_i| ≤ n_k − 1 < w/2: the band is every key (causal: in a full block of a piece of
+        # n' ≤ n_k positions, p_i − j ≤ n' − 1 too).
+        return {"local_context": 2 * n_k}
 
     def forward(self, q, k, v, scale, generator, causal):
-        b, h, n_q, d = q.shape
-        n_k = k.shape[-2]
+        if causal:
+            return decomposed_causal(self, q, k, v, scale, generator)
         dtype, work = q.dtype, working_dtype(q.dtype)
-        q, k, v_aug = q.to(work), k.to(work), with_ones_column(v.to(work))
+        return self.partial(q.to(work), k.to(work), v.to(work), scale, generator, 0).out.to(dtype)
+
+    def partial(self, q, k, v, scale, generator, query_offset):
+        b, h, n_q, d = q.shape
+        n_k, work = k.shape[-2], q.dtype
+        v_aug = with_ones_column(v)
         omega = random_directions(
             b,
             h,
@@ -81,7 +100,7 @@ class ScatterBrain(AttentionMethod):
         lr_total = qf @ (kf.transpose(-1, -2) @ v_aug)  # (b, h, n_q, d_v+1), row sum >= 1
 
         radius = (self.config["local_context"] + 1) // 2 - 1  # |j − p_i| < w/2 <=> ≤ radius
-        pos = torch.arange(n_q, device=q.device) * n_k // n_q
+        pos = query_offset + torch.arange(n_q, device=q.device) * n_k // n_q
         band_lse, band_out, lr_band = local_band(q * scale, k, v_aug, qf, kf, pos, radius)
 
         # Off-band feature sums (in units of exp(log_shift)): ≥ 0 in exact arithmetic, since
@@ -94,8 +113,7 @@ class ScatterBrain(AttentionMethod):
         lr_lse = torch.where(keep, log_shift + torch.log(safe_mass), float("-inf"))
         lr_out = torch.where(keep.unsqueeze(-1), lr_off[..., :-1] / safe_mass.unsqueeze(-1), 0.0)
         # (e^{L_band} O_band + e^{L_lr} O_lr) / (e^{L_band} + e^{L_lr}) = (ÂV + SV) / (Â1 + S1)
-        _, out = merge_lse(band_lse, band_out, lr_lse, lr_out)
-        return out.to(dtype)
+        return Partial(*merge_lse(band_lse, band_out, lr_lse, lr_out))
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         m, w = self.config["features"], min(self.config["local_context"], 2 * n_k)
@@ -114,7 +132,8 @@ def local_band(q_scaled, k, v_aug, qf, kf, pos, radius):
     """The band of every query, in blocks of queries against a window of keys.
 
     Returns (lse, out, feat): lse_i = log Σ_{j∈B_i} e^{ℓ_ij} (b, h, n_q), out_i the band's softmax
-    output (b, h, n_q, d_v) and feat_i = Σ_{j∈B_i} qf_i·kf_j ṽ_j (b, h, n_q, d_v+1).  Query block t
+    output (b, h, n_q, d_v) and feat_i = Σ_{j∈B_i} qf_i·kf_j ṽ_j (b, h, n_q, d_v+1).  A query whose
+    band holds no key (p_i past the keys, in a causal full block) gets lse = -inf and out = 0.  Query block t
     covers queries [t·Bq, (t+1)·Bq); its key window is W consecutive keys holding every band key of
     the block (W ≤ n_k), so a block never reaches outside its own batch×head slice.
     """
@@ -145,10 +164,12 @@ def local_band(q_scaled, k, v_aug, qf, kf, pos, radius):
         )
         mask = in_band[t0:t1]
         logits = (q_blocks[:, :, t0:t1] @ k_win.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
-        top = logits.amax(-1, keepdim=True)  # finite: p_i itself is always in the band
+        top = logits.amax(-1, keepdim=True)  # -inf only for a band that holds no key
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         num = torch.exp(logits - top) @ v_win
         lse[:, :, t0:t1] = top.squeeze(-1) + torch.log(num[..., -1])
-        out[:, :, t0:t1] = num[..., :-1] / num[..., -1:]
+        total = num[..., -1:]
+        out[:, :, t0:t1] = num[..., :-1] / torch.where(total > 0, total, torch.ones_like(total))
         prods = (qf_blocks[:, :, t0:t1] @ kf_win.transpose(-1, -2)) * mask
         feat[:, :, t0:t1] = prods @ v_win
 

@@ -25,6 +25,10 @@ Here groups differ in size by at most one, and a group with an odd count has one
 partner: it is kept with probability ½ (a coin from the generator), like every other point.  No key is
 dropped before thinning, and the coreset size can differ from n_k/2^T by a few points.  Exact when no
 round runs (the budget is at least about ¾·n_k).
+
+Causal: the shared decomposition (``kdecli.methods.causal``).  The coreset stands for all n_k pairs,
+so a full block's row sum is estimated as D̃_i = (n_k/|S|)·Σ_{j∈S} e^{ℓ_ij} (exact when S is every
+key).  The coreset depends on keys and values only, never on the queries.
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ import math
 import torch
 
 from kdecli.methods.base import AttentionMethod, Param
+from kdecli.methods.causal import (
+    CAUSAL_BUDGET_HELP,
+    CAUSAL_LEAF,
+    Partial,
+    decomposed_causal,
+    softmax_part,
+)
 from kdecli.methods.common import gather_rows, working_dtype
 from kdecli.methods.registry import register
 
@@ -45,7 +56,7 @@ class Thinformer(AttentionMethod):
     paper = "Carrell, Gong, Shetty, Dwivedi, Mackey, Low-Rank Thinning, ICML 2025"
     budget_help = (
         "m = target coreset size (`coreset`): T halving rounds with n_k/2^T closest to m; every "
-        "query attends to those keys."
+        "query attends to those keys." + CAUSAL_BUDGET_HELP
     )
     params = (
         Param("coreset", int, 256, "target number of key–value pairs kept (m)", 1, 2**24),
@@ -57,8 +68,10 @@ class Thinformer(AttentionMethod):
             1e-12,
             1.0,
         ),
+        CAUSAL_LEAF,
     )
     randomized = True
+    causal_mode = "decomposition"
     cost_help = (
         "about 2·(n_k/2^r)·G_r·(d + d_v) kernel entries per halving round r (G_r the group size, "
         "up to 2·m) + 2·n_q·m·(d + d_v) for attention over the coreset."
@@ -66,16 +79,22 @@ class Thinformer(AttentionMethod):
 
     @classmethod
     def params_for_budget(cls, budget):
-        return {"coreset": budget}
+        return {"coreset": budget, "causal_leaf": budget}
 
     @classmethod
     def exact_limit(cls, n_q, n_k):
-        return {"coreset": n_k}  # n_k/2⁰ is closest to n_k: no halving round, all keys kept
+        # n_k/2⁰ is closest to n_k: no halving round, all keys kept (causal: in every full block,
+        # whose n_k/2 keys are closer to n_k than n_k/4 is).
+        return {"coreset": n_k}
 
     def forward(self, q, k, v, scale, generator, causal):
-        in_dtype = v.dtype
-        work = working_dtype(q.dtype)
-        q, k, v = q.to(work), k.to(work), v.to(work)
+        if causal:
+            return decomposed_causal(self, q, k, v, scale, generator)
+        in_dtype, work = v.dtype, working_dtype(q.dtype)
+        _, out = self.partial(q.to(work), k.to(work), v.to(work), scale, generator, 0)
+        return out.to(in_dtype)
+
+    def partial(self, q, k, v, scale, generator, query_offset):
         b, h, n_k, d = k.shape
         rounds = halving_rounds(n_k, self.config["coreset"])
         index, valid = thin(
@@ -87,8 +106,9 @@ class Thinformer(AttentionMethod):
         )
         index, valid = index.view(b, h, -1), valid.view(b, h, 1, -1)
         logits = (q * scale) @ gather_rows(k, index).transpose(-1, -2)
-        weights = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
-        return (weights @ gather_rows(v, index)).to(in_dtype)
+        lse, out = softmax_part(logits.masked_fill(~valid, float("-inf")), gather_rows(v, index))
+        kept = valid.sum(-1).to(lse.dtype)  # |S| per slice, (b, h, 1)
+        return Partial(lse + torch.log(n_k / kept), out)
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         rounds = halving_rounds(n_k, self.config["coreset"])

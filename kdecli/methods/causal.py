@@ -1,0 +1,171 @@
+"""Causal attention for any method that can return its row sums: the recursive decomposition.
+
+ALGORITHMS.md §9, after HyperAttention (Han et al., ICLR 2024, section 4).  For n positions and the
+mask j ≤ i, split at h = n/2: the causal matrix is two causal halves (queries and keys in [0, h),
+and in [h, n)) plus one full block (queries in [h, n), keys in [0, h)), every query of which comes
+after every key.  The halves recurse until a piece has at most ``leaf`` positions, computed exactly;
+the method runs *non-causally* on each full block.  Every piece p returns, per query, a normalised
+partial output O_p and its log row sum L_p = log Σ_{j ∈ p} e^{ℓ_ij} (estimated by the method on a
+full block), and the pieces merge as
+
+    Õ_i = Σ_p e^{L_p,i} O_p,i / Σ_p e^{L_p,i}          (``merge_lse``, shifted by max_p L_p,i)
+
+Keys after position i never enter a piece that holds query i, so no future key or value reaches
+query i: that is structural, not a property of the method.  (A method that groups the queries of a
+full block among themselves, by LSH rank or by segment means, lets the other queries of that block
+move query i's estimate; queries are not keys, but in a model a later query depends on later tokens.
+Each such method says so in its module docstring.)
+
+The two halves of every piece are stacked as extra heads, (b, h, n) -> (b, 2h, n/2), so each level
+of the recursion is one call of the method, whatever the depth.  An odd piece gets one zero row
+appended; in every piece real rows precede appended ones, so under the causal mask an appended key
+is never seen by a real query, and the appended query's output is cut off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from kdecli.methods.base import Param
+from kdecli.methods.common import merge_lse, pad_dim, working_dtype
+
+EXACT_CHUNK_ELEMENTS = 2**25  # logits held at once by the chunked exact pieces
+
+CAUSAL_LEAF = Param(
+    "causal_leaf",
+    int,
+    128,
+    "causal only: pieces of at most this many positions are computed exactly; the method runs "
+    "on the full blocks between them (ALGORITHMS.md §9)",
+    1,
+    2**24,
+)
+CAUSAL_BUDGET_HELP = (
+    " Causal: the budget applies to each full block of the recursive decomposition, and pieces of "
+    "at most causal_leaf = m positions are exact."
+)
+
+
+class Partial(NamedTuple):
+    """A normalised partial attention and its log row sum: ``out`` (b, h, n_q, d_v) and ``lse``
+    (b, h, n_q) = log Σ_j e^{ℓ_ij} over the keys the piece covers (estimated where the method
+    estimates it).  A row with no keys has lse = -inf and drops out of ``merge_lse``."""
+
+    lse: torch.Tensor
+    out: torch.Tensor
+
+
+# full_block(q, k, v, query_offset) -> Partial: the method, non-causal, on n_q = n_k positions whose
+# queries sit ``query_offset`` positions after its keys (the block's first query at key index
+# query_offset, as a position-aware method such as a local band needs to know).
+FullBlock = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], Partial]
+
+
+def causal_by_halves(
+    full_block: FullBlock,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    leaf: int,
+) -> Partial:
+    """Causal attention (n_q = n_k = n) by the decomposition of the module docstring."""
+    b, h, n, _ = q.shape
+    if n <= max(1, leaf):
+        return exact_partial(q * scale, k, v, causal=True)
+    if n % 2:  # an appended zero row is seen only by itself under the causal mask
+        lse, out = causal_by_halves(
+            full_block, *(pad_dim(x, n + 1) for x in (q, k, v)), scale, leaf
+        )
+        return Partial(lse[..., :n], out[..., :n, :])
+    half = n // 2
+    lse_d, out_d = causal_by_halves(
+        full_block, *(x.reshape(b, 2 * h, half, x.shape[-1]) for x in (q, k, v)), scale, leaf
+    )
+    lse_d, out_d = lse_d.reshape(b, h, n), out_d.reshape(b, h, n, v.shape[-1])
+    lse_low, out_low = full_block(q[..., half:, :], k[..., :half, :], v[..., :half, :], half)
+    lse_2, out_2 = merge_lse(lse_d[..., half:], out_d[..., half:, :], lse_low, out_low)
+    return Partial(
+        torch.cat([lse_d[..., :half], lse_2], dim=-1),
+        torch.cat([out_d[..., :half, :], out_2], dim=-2),
+    )
+
+
+def decomposed_causal(method, q, k, v, scale: float, generator) -> torch.Tensor:
+    """``method``'s causal output through the decomposition: its ``partial`` (non-causal, with row
+    sums) on every full block, pieces of at most ``method.causal_leaf()`` positions exact.
+    Half-precision inputs are computed in float32 (row sums of thousands of keys) and cast back."""
+    work = working_dtype(q.dtype)
+
+    def full_block(qb, kb, vb, query_offset):
+        return method.partial(qb, kb, vb, scale, generator, query_offset)
+
+    q_w, k_w, v_w = q.to(work), k.to(work), v.to(work)
+    _, out = causal_by_halves(full_block, q_w, k_w, v_w, scale, method.causal_leaf())
+    return out.to(v.dtype)
+
+
+def decomposed_flops(method, b: int, h: int, n: int, d: int, d_v: int) -> float:
+    """The cost model of ``decomposed_causal``: the method's own cost summed over the full blocks
+    of every level, plus the exact causal leaves (about half of each leaf's logits)."""
+    total = 0.0
+    for pieces, size in full_blocks(n, method.causal_leaf()):
+        total += method.flops(b, h * pieces, size, size, d, d_v)
+    pieces, size = leaf_count(n, method.causal_leaf())
+    return total + b * h * pieces * size * (size + 1) / 2 * (2 * d + 2 * d_v + 1)
+
+
+def full_blocks(n: int, leaf: int) -> list[tuple[int, int]]:
+    """(pieces, size) of the full blocks at each level of the recursion on n positions: the
+    method's work, level by level (its cost model sums the method's cost over these)."""
+    levels = []
+    pieces = 1
+    while n > max(1, leaf):
+        n += n % 2
+        n //= 2
+        levels.append((pieces, n))
+        pieces *= 2
+    return levels
+
+
+def leaf_count(n: int, leaf: int) -> tuple[int, int]:
+    """(pieces, size) of the exact causal leaves of the recursion on n positions."""
+    pieces = 1
+    while n > max(1, leaf):
+        n = (n + n % 2) // 2
+        pieces *= 2
+    return pieces, n
+
+
+def softmax_part(logits: torch.Tensor, values: torch.Tensor) -> Partial:
+    """(log Σ_j e^{ℓ_j}, softmax(ℓ)·V) over the last axis; a row with every logit -inf gives
+    (-inf, 0), so it drops out of ``merge_lse``."""
+    c = logits.amax(-1, keepdim=True)
+    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+    e = torch.exp(logits - c)
+    total = e.sum(-1, keepdim=True)
+    out = (e @ values) / torch.where(total > 0, total, torch.ones_like(total))
+    return Partial((torch.log(total) + c).squeeze(-1), out)
+
+
+def exact_partial(q_scaled, k, v, causal: bool) -> Partial:
+    """Exact (lse, output) in query chunks, never holding all n_q × n_k logits at once.
+    Causal assumes query i and key i share a position; a chunk then reads only keys before it."""
+    b, h, n_q, _ = q_scaled.shape
+    n_k = k.shape[-2]
+    step = max(1, EXACT_CHUNK_ELEMENTS // max(1, b * h * n_k))
+    lses, outs = [], []
+    for start in range(0, n_q, step):
+        stop = min(n_q, start + step)
+        keys = stop if causal else n_k
+        logits = q_scaled[..., start:stop, :] @ k[..., :keys, :].transpose(-1, -2)
+        if causal:
+            rows = torch.arange(start, stop, device=k.device).unsqueeze(-1)
+            logits = logits.masked_fill(torch.arange(keys, device=k.device) > rows, float("-inf"))
+        lse, out = softmax_part(logits, v[..., :keys, :])
+        lses.append(lse)
+        outs.append(out)
+    return Partial(torch.cat(lses, dim=-1), torch.cat(outs, dim=-2))
