@@ -1,16 +1,24 @@
-"""Hugging Face models through their AttentionInterface: capture each layer's q, k, v and o.
+"""Hugging Face models through their AttentionInterface: capture q, k, v and o; patch; drift.
 
 ``pip install 'kdecli[hf]'`` adds ``transformers`` (and ``gguf`` for ``.gguf`` files).  Importing
 this package does not import transformers; the first function that needs it does, and says how to
 install it when it is missing.  Library use::
 
-    from kdecli.hf import capture
+    from kdecli.hf import capture, drift, patch
     summary = capture("my-model/", "text.txt", tokens=512, chunks=4, output="cap.h5")
+    report = drift("my-model/", "text.txt", methods=["kdeformer"], budgets=[64, 128])
+    with patch(model, "kdeformer", budget=128, layers=[3, 4, 5]):
+        model.generate(ids, max_new_tokens=20)
 
 One function registered under the name ``kdecli`` (``kdecli.hf.interface``) receives every layer's
 query, key and value after the projections and RoPE, and returns the attention output; what it does
 in a layer is a dispatch on the layer's index (``attention_function``), so a capture and, later, a
 method run inside the model share the same registration.
+
+The modules behind ``patch`` and ``drift`` are ``patching`` and ``model_drift``: a submodule named
+like the function it exports would replace that function on this package once imported
+(Python sets ``kdecli.hf.<submodule>`` on import), and ``kdecli.hf.patch(model)`` would then be a
+module.
 """
 
 from __future__ import annotations
@@ -21,13 +29,19 @@ from typing import Any
 _LAZY = {
     "capture": "kdecli.hf.capture",
     "CaptureSummary": "kdecli.hf.capture",
-    "parse_layers": "kdecli.hf.capture",
+    "parse_layers": "kdecli.hf.text",
     "AttentionCall": "kdecli.hf.interface",
     "attention_function": "kdecli.hf.interface",
     "use_attention": "kdecli.hf.interface",
     "NAME": "kdecli.hf.interface",
     "load_model": "kdecli.hf.models",
     "load_tokenizer": "kdecli.hf.models",
+    "patch": "kdecli.hf.patching",
+    "Patch": "kdecli.hf.patching",
+    "drift": "kdecli.hf.model_drift",
+    "DriftReport": "kdecli.drift_results",
+    "DriftResult": "kdecli.drift_results",
+    "load_drift": "kdecli.drift_results",
 }
 
 __all__ = list(_LAZY)

@@ -39,6 +39,8 @@ from kdecli.hf.interface import (
     NAME,
     AttentionCall,
     attention_function,
+    extra_terms,
+    mask_problem,
     not_routed,
     register,
     require_transformers,
@@ -52,12 +54,17 @@ from kdecli.hf.models import (
     model_source,
     quiet_transformers,
 )
+from kdecli.hf.text import (  # noqa: F401  (parse_layers: kdecli.hf.capture.parse_layers, as before)
+    check_counts,
+    check_positions,
+    chunk_ids,
+    n_layers,
+    parse_layers,
+    read_text,
+)
 
 FORMAT_VERSION = 1
 Progress = Callable[[int, int, str], None]
-
-# kwargs of the attention call that add terms softmax(s·QKᵀ)V does not have
-_EXTRA_TERMS = ("position_bias", "softcap", "s_aux", "sinks")
 
 
 @dataclass(frozen=True)
@@ -70,37 +77,6 @@ class CaptureSummary:
     tokens: int
     seconds: float
     bytes: int
-
-
-def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
-    """``"0,3-5"`` (or a list of ints, or None for all) -> sorted layer indices in [0, n_layers)."""
-    if spec is None:
-        return list(range(n_layers))
-    if isinstance(spec, str):
-        layers: set[int] = set()
-        for item in (part.strip() for part in spec.split(",")):
-            first, dash, last = item.partition("-")
-            try:
-                lo = int(first)
-                hi = int(last) if dash else lo
-            except ValueError:
-                raise UsageError(
-                    f"--layers must look like 0,3-5 (indices and ranges); got {spec!r}."
-                ) from None
-            if hi < lo:
-                raise UsageError(f"--layers: range {item} runs backwards; got {spec!r}.")
-            layers.update(range(lo, hi + 1))
-    else:
-        layers = {int(i) for i in spec}
-    if not layers:
-        raise UsageError("--layers is empty.")
-    bad = sorted(i for i in layers if not 0 <= i < n_layers)
-    if bad:
-        raise UsageError(
-            f"--layers {', '.join(map(str, bad))}: out of range; the model has {n_layers} "
-            f"layers (0–{n_layers - 1})."
-        )
-    return sorted(layers)
 
 
 @dataclass
@@ -127,7 +103,7 @@ def check_plain(call: AttentionCall) -> None:
     reproduce: extra score terms, cross-attention or a cache, a mask other than full or causal
     (padding, a sliding window narrower than the chunk)."""
     where = f"layer {call.layer}"
-    extra = [name for name in _EXTRA_TERMS if call.kwargs.get(name) is not None]
+    extra = extra_terms(call)
     if extra:
         raise UsageError(
             f"{where} adds {', '.join(extra)} to its attention scores; kdecli captures plain "
@@ -139,47 +115,13 @@ def check_plain(call: AttentionCall) -> None:
             f"{where}: {n_q} queries against {n_k} keys (cross-attention or a cache); kdecli "
             "captures self-attention only."
         )
-    if call.mask is None:
-        return
-    mask = call.mask
-    if mask.dtype == torch.bool:
-        allowed = mask
-    else:
-        allowed = mask == 0
-        if not (allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all():
-            raise UsageError(f"{where}: the attention mask adds a bias to the scores.")
-    expected = torch.ones(n_q, n_k, dtype=torch.bool, device=mask.device)
-    if call.causal:
-        expected = expected.tril()
-    if not torch.equal(allowed.expand(*allowed.shape[:-2], n_q, n_k), expected.expand_as(allowed)):
-        kind = "causal" if call.causal else "full"
-        raise UsageError(
-            f"{where}: the attention mask is not the plain {kind} pattern (padding, or a sliding "
-            f"window narrower than {n_q} tokens); use a smaller --tokens."
-        )
+    problem = mask_problem(call.mask, n_q, n_k, call.causal)
+    if problem is not None:
+        raise UsageError(f"{where}: the attention mask {problem}; use a smaller --tokens.")
 
 
 def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.float32, torch.float64) else torch.float32
-
-
-def _read_text(text_path: Path) -> bytes:
-    if not text_path.is_file():
-        raise UsageError(f"--text {text_path}: no such file.")
-    return text_path.read_bytes()
-
-
-def _n_layers(config) -> int:
-    text_config = config.get_text_config()
-    n = getattr(text_config, "num_hidden_layers", None)
-    if not isinstance(n, int):
-        raise UsageError(f"model type `{config.model_type}`: its config gives no layer count.")
-    return n
-
-
-def _max_positions(config) -> int | None:
-    n = getattr(config.get_text_config(), "max_position_embeddings", None)
-    return n if isinstance(n, int) and n > 0 else None
 
 
 def capture(
@@ -200,16 +142,10 @@ def capture(
     opened; a failure or interrupt during the run leaves no file."""
     started = time.perf_counter()
     output, text_path = Path(output), Path(text_path)
-    for name, value in (("tokens", tokens), ("chunks", chunks)):
-        if not isinstance(value, int) or value < 1:
-            raise UsageError(f"--{name} must be a positive integer; got {value!r}.")
+    check_counts(tokens, chunks)
     check_writable(output, f"--output {output}")
     src = model_source(model_path)
-    text_bytes = _read_text(text_path)
-    try:
-        text = text_bytes.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"--text {text_path}: not UTF-8 text ({exc.reason}).") from None
+    text_bytes, text = read_text(text_path)
     transformers = require_transformers()
     work_dtype = (
         dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
@@ -220,28 +156,13 @@ def capture(
     register()
     set_implementation(model, NAME)  # refuses a model that does not route through the interface
     config = model.config
-    n_layers = _n_layers(config)
-    chosen = parse_layers(layers, n_layers)
-    positions = _max_positions(config)
-    if positions is not None and tokens > positions:
-        raise UsageError(
-            f"--tokens {tokens}: the model takes at most {positions} positions "
-            f"(max_position_embeddings)."
-        )
-    ids = _token_ids(load_tokenizer(src), text)
-    vocab = getattr(config.get_text_config(), "vocab_size", None)
-    if ids and isinstance(vocab, int) and max(ids) >= vocab:
-        raise UsageError(
-            f"the tokenizer beside {src.name} makes token id {max(ids)}, but the model's "
-            f"vocabulary has {vocab} entries: they do not belong together."
-        )
-    if len(ids) < tokens * chunks:
-        raise UsageError(
-            f"--text {text_path.name} is {len(ids)} tokens long for this model's tokenizer; "
-            f"--chunks {chunks} × --tokens {tokens} needs {tokens * chunks}.",
-            hint="Give a longer text, or fewer or shorter chunks.",
-        )
-    batches = torch.tensor(ids[: tokens * chunks], dtype=torch.long).view(chunks, 1, tokens)
+    chosen = parse_layers(layers, n_layers(config))
+    check_positions(config, tokens)
+    ids = chunk_ids(
+        load_tokenizer(src), text, config, tokens=tokens, chunks=chunks,
+        model_name=src.name, text_name=text_path.name,
+    )  # fmt: skip
+    batches = ids.view(chunks, 1, tokens)
 
     import h5py
 
@@ -290,12 +211,6 @@ def capture(
         seconds=time.perf_counter() - started,
         bytes=output.stat().st_size,
     )
-
-
-def _token_ids(tokenizer, text: str) -> list[int]:
-    with quiet_transformers():  # "sequence longer than the model's maximum": we cut it ourselves
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return list(ids)
 
 
 def _versions(transformers) -> dict[str, str]:

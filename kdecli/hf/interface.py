@@ -101,6 +101,42 @@ class AttentionCall:
         return out.transpose(1, 2)
 
 
+# kwargs of the attention call that add terms softmax(s·QKᵀ)V does not have
+EXTRA_TERMS = ("position_bias", "softcap", "s_aux", "sinks")
+
+
+def extra_terms(call: AttentionCall) -> list[str]:
+    """The kwargs of ``call`` that add something to the scores (ALiBi-style biases, soft caps,
+    attention sinks): softmax(s·QKᵀ)V with the call's scale cannot reproduce them."""
+    return [name for name in EXTRA_TERMS if call.kwargs.get(name) is not None]
+
+
+def mask_problem(mask: torch.Tensor | None, n_q: int, n_k: int, causal: bool) -> str | None:
+    """None when ``mask`` allows exactly what the causal flag says — every key, or with ``causal``
+    key j for query i iff j ≤ i + n_k − n_q (the queries are the last n_q positions, as in a
+    decode step) — else what is wrong with it, as a phrase ("is not the plain causal pattern
+    …").  A bool mask is True where attention is allowed; an additive one is 0 there and very
+    negative elsewhere."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        allowed = mask == 0
+        if not (allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all():
+            return "adds a bias to the scores"
+    expected = torch.ones(n_q, n_k, dtype=torch.bool, device=mask.device)
+    if causal:
+        expected = expected.tril(n_k - n_q)
+    if torch.equal(allowed.expand(*allowed.shape[:-2], n_q, n_k), expected.expand_as(allowed)):
+        return None
+    kind = "causal" if causal else "full"
+    return (
+        f"is not the plain {kind} pattern (padding, or a sliding window narrower than the "
+        f"{n_k} keys)"
+    )
+
+
 class AttentionFunction:
     """A function with transformers' attention signature that dispatches on the layer index.
 

@@ -85,22 +85,47 @@ def quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+def is_causal_lm(source: str | Path | ModelSource) -> bool:
+    """Whether the folder holds a causal language model with its head (its config's
+    ``architectures`` says ``…ForCausalLM`` or ``…LMHeadModel``); a .gguf file, which records no
+    architecture class, when its model type has a causal-LM class and no masked-LM one."""
+    transformers = require_transformers()
+    src = source if isinstance(source, ModelSource) else model_source(source)
+    if not src.gguf_file:
+        config = json.loads((src.folder / "config.json").read_text("utf-8"))
+        names = config.get("architectures") or []
+        return any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names if isinstance(n, str))
+    from transformers.models.auto import modeling_auto as auto
+
+    with quiet_transformers():
+        model_type = transformers.AutoConfig.from_pretrained(
+            src.folder, local_files_only=True, **src.kwargs()
+        ).model_type
+    return (
+        model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
+
+
 def load_model(
     source: str | Path | ModelSource,
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    causal_lm: bool = False,
 ) -> torch.nn.Module:
-    """The base model (no task head) in eval mode, with transformers' default attention."""
+    """The base model (no task head) in eval mode, with transformers' default attention; with
+    ``causal_lm`` the model with its language-model head (its output has ``logits``)."""
     transformers = require_transformers()
     src = source if isinstance(source, ModelSource) else model_source(source)
+    auto_class = transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
     if src.gguf_file:
         _require_gguf()
     # a .gguf load draws its own tqdm bar, which transformers' switch does not reach
     hush = contextlib.redirect_stderr(io.StringIO()) if src.gguf_file else contextlib.nullcontext()
     with quiet_transformers(), hush:
         try:
-            model = transformers.AutoModel.from_pretrained(
+            model = auto_class.from_pretrained(
                 src.folder,
                 dtype=dtype,
                 local_files_only=True,

@@ -1,0 +1,95 @@
+"""`kdecli drift MODEL --text FILE --methods ... --budgets ...`: an approximation inside a model."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from kdecli.cli import common as c
+from kdecli.cli.app import app
+from kdecli.cli.options import OUTPUT, RUN, OutputOptions, shared_options
+from kdecli.cli.run_commands import _split_list
+from kdecli.files import Output
+from kdecli.runner import RunConfig
+
+FORMATS = ("table", "json", "csv")  # kdecli.drift_report.FORMATS, without importing rich tables
+
+
+@app.command("drift")
+@c.handle_errors
+@shared_options(
+    run=RUN.only("seeds", "seed", "device", "dtype", "repeats", "warmup", "timing"),
+    out=OUTPUT.only("fmt", "output", "quiet"),
+    helps={
+        "fmt": "table | json | csv.",
+        "dtype": "float32 | float64 | float16 | bfloat16: the model's working precision "
+        "(default float32).",
+        "repeats": "Timed forwards per setting (median reported).",
+    },
+)
+def drift_command(
+    model: str = typer.Argument(
+        ...,
+        help="A local model folder (config.json and safetensors) or a .gguf file; its tokenizer "
+        "is read from beside it. Nothing is downloaded.",
+        show_default=False,
+    ),
+    text: Path = typer.Option(
+        ..., "--text", help="A UTF-8 text file, tokenized once.", show_default=False
+    ),
+    methods: str = typer.Option(
+        "kdeformer,performer", "--methods", help="Comma-separated method names."
+    ),
+    budgets: str = typer.Option("64,128", "--budgets", help="Comma-separated budgets."),
+    layers: Optional[str] = typer.Option(
+        None, "--layers", help="Layers to run the methods in, e.g. 0,3-5 (default: all)."
+    ),
+    tokens: int = typer.Option(512, "--tokens", help="N: tokens per chunk."),
+    chunks: int = typer.Option(1, "--chunks", help="K: chunks of N tokens."),
+    param: c.Params = None,
+    *,
+    run: RunConfig,
+    out: OutputOptions,
+) -> None:
+    """Run a model with exact attention and with each method × budget × seed in the chosen
+    layers, on the same tokens: hidden-state drift per layer, and KL, top-1 agreement and
+    perplexity (causal LMs) or embedding cosine (encoders), beside the `mean` baseline's."""
+    c.check_format(out.fmt, FORMATS)
+    c.check_output(out.output)
+    run.check()
+    method_list = _split_list(methods, "methods")
+    params = c.parse_params(param)
+    shared = params.pop("*", {})
+    from kdecli.methods import get_method_class
+
+    for name in method_list:  # a bare key=value goes to every method that has that parameter
+        own = {
+            k: v for k, v in shared.items() if k in {p.name for p in get_method_class(name).params}
+        }
+        if own:
+            params[name] = {**own, **params.get(name, {})}
+    from kdecli.drift_report import render_text
+    from kdecli.hf.model_drift import drift
+
+    progress, update = c.progress_printer(out.quiet)
+    with progress or contextlib.nullcontext():
+        report = drift(
+            model, text, method_list, _split_list(budgets, "budgets", int),
+            layers=layers, seeds=[run.seed + i for i in range(run.seeds)], tokens=tokens,
+            chunks=chunks, device=run.device, dtype=run.dtype, params=params,
+            timing=run.timing, repeats=run.repeats, warmup=run.warmup, progress=update,
+        )  # fmt: skip
+    with Output(out.output) as output:
+        output.write(
+            render_text(
+                report, out.fmt, width=c.table_width(out.output), colour=c.colour(out.output)
+            )
+        )
+    failed = [r for r in report.results if not r.ok]
+    for r in failed:
+        c.warn(f"{r.method} (budget {r.budget}): {r.status}: {r.reason}", out.quiet)
+    if out.output is not None:
+        c.note(f"Wrote {out.output}.", out.quiet)
