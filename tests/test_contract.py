@@ -301,3 +301,23 @@ def test_causal_cost_is_at_most_a_log_factor_over_the_full_cost(name):
     cost = method.cost(1, 2, n, n, 64, 64, causal=True)
     assert math.isfinite(cost) and cost > 0
     assert cost <= math.log2(n) * method.flops(1, 2, n, n, 64, 64), cost
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_causal_later_queries_move_earlier_outputs_only_where_declared(name):
+    """In a model a later query depends on later tokens.  A method whose full blocks group their
+    queries (LSH rank, landmarks, a low-rank factor) declares ``causal_query_coupled``; every other
+    method must leave outputs up to t bit-identical when the queries after t change.  A declared
+    method must really couple (else the declaration misleads)."""
+    method, q, k, v = causal_runnable(name, 1, 2, 97, 97, 21, 13)
+    out = method(q, k, v, scale=0.3, generator=gen(4), causal=True)
+    moved = False
+    for t in (20, 48, 70, 90):
+        q2 = q.clone()
+        q2[..., t + 1 :, :] = q2[..., t + 1 :, :].flip(-2) * 2 + 1
+        out2 = method(q2, k, v, scale=0.3, generator=gen(4), causal=True)
+        same = torch.equal(out[..., : t + 1, :], out2[..., : t + 1, :])
+        if not method.causal_query_coupled:
+            assert same, f"{name}: queries after {t} changed earlier outputs"
+        moved |= not same
+    assert moved == method.causal_query_coupled

@@ -199,6 +199,7 @@ def test_cli_json_table_and_csv(model_dirs, text_file, tmp_path):
                "--layers", "0,2", "--seeds", 2, "-f", "json", "-o", out)  # fmt: skip
     assert res.exit_code == 0, res.output
     assert res.stdout == "" and f"Wrote {out}" in res.stderr
+    assert "optimistic" not in res.stderr  # neither method groups a full block's queries
     doc = json.loads(out.read_text())
     assert doc["layers"] == [0, 2] and [r["budget"] for r in doc["results"]] == [None, 4, 8]
     assert doc["results"][1]["seeds"] == [0, 1] and doc["floor"]["method"] == "mean"
@@ -212,6 +213,18 @@ def test_cli_json_table_and_csv(model_dirs, text_file, tmp_path):
     header, row = res.stdout.splitlines()[:2]
     assert header.startswith("method,budget,status") and "cosine_floor" in header
     assert row.startswith("uniform,4,ok")
+
+
+def test_cli_warns_when_a_methods_queries_are_coupled_in_a_decoder(model_dirs, text_file):
+    common = ("--text", text_file, "--tokens", N, "--chunks", K, "--device", "cpu", "--no-timing")
+    res = _cli("drift", model_dirs["llama"], *common, "--methods", "kdeformer,uniform",
+               "--budgets", 8, "--seeds", 1)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    warning = [line for line in res.stderr.splitlines() if "optimistic" in line]
+    assert len(warning) == 1 and "kdeformer" in warning[0] and "uniform" not in warning[0]
+    res = _cli("drift", model_dirs["bert"], *common, "--methods", "kdeformer", "--budgets", 8,
+               "--seeds", 1)  # fmt: skip
+    assert res.exit_code == 0 and "optimistic" not in res.stderr  # an encoder: nothing to leak
 
 
 def test_cli_errors_are_one_line(model_dirs, text_file):

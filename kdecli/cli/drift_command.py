@@ -91,5 +91,13 @@ def drift_command(
     failed = [r for r in report.results if not r.ok]
     for r in failed:
         c.warn(f"{r.method} (budget {r.budget}): {r.status}: {r.reason}", out.quiet)
+    coupled = [m for m in method_list if get_method_class(m).causal_query_coupled]
+    if report.model.output == "next-token" and coupled:
+        c.warn(
+            f"{', '.join(coupled)}: causally, a full block groups its queries, so a later token's "
+            "query can move an earlier position's output (no later key reaches it); their "
+            "perplexity and KL may read slightly optimistic.",
+            out.quiet,
+        )
     if out.output is not None:
         c.note(f"Wrote {out.output}.", out.quiet)

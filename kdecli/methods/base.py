@@ -129,6 +129,12 @@ class AttentionMethod:
       causal_mode                -- "native" (the method's own causal algorithm), "decomposition"
                                     (the shared recursion of ``kdecli.methods.causal`` over the
                                     method's ``partial``) or "none"
+      causal_query_coupled       -- causal only: a full block of the decomposition groups its
+                                    queries among themselves (LSH rank, landmarks, a low-rank
+                                    factor), so a later query can move an earlier position's
+                                    estimate; no later key or value ever reaches it.  In a model a
+                                    later query depends on later tokens, so next-token figures
+                                    (perplexity) of such a method can read slightly optimistic
       role                       -- what the method is for in a report (one of ``ROLES``):
                                     "reference" (exact attention: the errors are rounding, its time
                                     is the one every speed-up divides), "baseline" (a trivial answer
@@ -158,6 +164,7 @@ class AttentionMethod:
     supports_cross: ClassVar[bool] = True
     supports_causal: ClassVar[bool] = False
     causal_mode: ClassVar[str] = ""  # set from supports_causal when a class leaves it empty
+    causal_query_coupled: ClassVar[bool] = False
     role: ClassVar[str] = "approximation"
     estimates: ClassVar[str] = "softmax"
     cost_help: ClassVar[str] = ""
@@ -318,6 +325,7 @@ class AttentionMethod:
             "supports_cross": cls.supports_cross,
             "supports_causal": cls.supports_causal,
             "causal_mode": cls.causal_mode,
+            "causal_query_coupled": cls.causal_query_coupled,
             "role": cls.role,
             "oracle": cls.role == "oracle",
             "cost": cls.cost_help,

@@ -58,6 +58,7 @@ class HyperAttention(AttentionMethod):
     )
     randomized = True
     causal_mode = "decomposition"
+    causal_query_coupled = True  # a full block's queries are sorted into blocks together
     cost_help = (
         "2·(n_q+n_k)·d·r hashing + 2·n_q·(block_size + samples)·(d + d_v) for the block and "
         "sampled products; causal: about the same summed over the log₂(n/min_seq_len) levels."

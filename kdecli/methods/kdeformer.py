@@ -56,6 +56,7 @@ class KDEformer(AttentionMethod):
     )
     randomized = True
     causal_mode = "decomposition"
+    causal_query_coupled = True  # a full block's queries are sorted into blocks together
     cost_help = (
         "2·(n_q+n_k)·d·r hashing + 2·n_q·(block_size + samples)·(d + d_v + 1) for the block and "
         "sampled products."

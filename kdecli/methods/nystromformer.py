@@ -54,6 +54,7 @@ class Nystromformer(AttentionMethod):
         CAUSAL_LEAF,
     )
     causal_mode = "decomposition"
+    causal_query_coupled = True  # query landmarks are means over a full block's queries
     cost_help = (
         "2·m·(n_q + n_k)·d + 2·m·n_k·d_v for F, G and GV, 2·m²·d for M, about 8·m³ per "
         "Newton–Schulz step, 2·n_q·m·d_v for the product."

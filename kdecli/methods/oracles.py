@@ -14,7 +14,8 @@ rankk:  Õ = P_m V with P = D⁻¹A and P_m its best rank-m approximation (trunc
         matrix is not causal (query 0 would see later keys), so causal rankk runs through the
         shared decomposition (``kdecli.methods.causal``): the best rank-m approximation of each
         full block, with the block's exact row sums, and exact causal leaves — the ceiling of a
-        low-rank method inside that decomposition.
+        low-rank method inside that decomposition.  The rank-m factor of a full block mixes its
+        queries, so a later query moves an earlier one's estimate (never a later key into it).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class RankK(AttentionMethod):
     )
     role = "oracle"
     causal_mode = "decomposition"
+    causal_query_coupled = True  # a rank-m factor of a full block mixes its queries
     cost_help = (
         "O(n³) per slice: the float64 Gram matrix of D⁻¹A (2·n_q·n_k·min(n_q, n_k)) and its "
         "eigendecomposition (about 9·min(n_q, n_k)³); memory 8·n_q·n_k bytes per slice."

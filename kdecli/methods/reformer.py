@@ -71,6 +71,7 @@ class Reformer(AttentionMethod):
     )
     randomized = True
     causal_mode = "decomposition"
+    causal_query_coupled = True  # a full block's queries are sorted into blocks together
     estimates = "softmax"
     cost_help = (
         "h·(n_q+n_k)·d·nb hashing + 2·h·n_q·2c·(d + d_v) for the chunks + 2·h²·n_q·2c comparisons "
