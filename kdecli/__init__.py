@@ -18,7 +18,7 @@ from typing import Any
 
 from kdecli.tuning import enable_huge_pages
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _LAZY = {
     "attention": "kdecli.api",
