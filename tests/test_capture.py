@@ -241,7 +241,7 @@ def test_gqa_keys_are_expanded_and_the_mapping_recorded(captures):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_capturing_leaves_the_model_output_bit_identical(arch, model_dirs, text_file):
     from kdecli.hf import attention_function, load_model, use_attention
-    from kdecli.hf.capture import Recorder
+    from kdecli.hf.capturing import Recorder
 
     ids = _chunk_ids(model_dirs[arch], text_file, 1)
     with torch.inference_mode():
@@ -264,7 +264,7 @@ def test_chunks_are_the_texts_tokens_in_order_without_padding(
 ):
     """Chunk c is tokens [cN, (c+1)N) of the text tokenized once (no special tokens), run alone."""
     from kdecli.hf import attention_function, load_model, use_attention
-    from kdecli.hf.capture import Recorder
+    from kdecli.hf.capturing import Recorder
 
     model = load_model(model_dirs[arch])
     stored = _read(captures[arch], 1)
@@ -282,7 +282,7 @@ def test_a_padding_mask_is_refused(model_dirs):
     """With the mask function registered under `kdecli`, padding reaches the attention function
     (it would arrive as None otherwise) and the recorder refuses it."""
     from kdecli.hf import attention_function, load_model, use_attention
-    from kdecli.hf.capture import Recorder
+    from kdecli.hf.capturing import Recorder
 
     model = load_model(model_dirs["llama"])
     ids = torch.randint(2, 300, (2, N))
@@ -596,3 +596,19 @@ def test_capture_from_a_gguf_file(gguf_model, text_file, tmp_path):
         q, k, v = data["q"], data["k"], data["v"]
         ref = exact_attention(q, k, v, float(data["scale"]), causal=True)
         assert (data["o"].double() - ref).abs().max() <= float32_bound(q, k, v, data["scale"])
+
+
+def test_the_package_names_are_the_functions_whichever_module_was_imported_first():
+    """A submodule named like the function it exports would replace that function on the package
+    once imported (``kdecli.hf.capture`` the module, not the function): none is so named."""
+    import kdecli.cli.capture_command  # noqa: F401  (imports the modules behind the names)
+    import kdecli.cli.drift_command  # noqa: F401
+    import kdecli.hf
+    import kdecli.hf.capturing  # noqa: F401
+    import kdecli.hf.model_drift  # noqa: F401
+    import kdecli.hf.patching  # noqa: F401
+
+    for name in ("capture", "drift", "patch"):
+        assert callable(getattr(kdecli.hf, name)) and not isinstance(
+            getattr(kdecli.hf, name), type(kdecli.hf)
+        ), name

@@ -50,7 +50,7 @@ def capture_command(
     layer's scale and causal flag.  `kdecli compare FILE.h5:/layer3` reads one layer back."""
     if out.output is None:
         raise UsageError("capture needs --output OUT.h5.")
-    from kdecli.hf.capture import capture
+    from kdecli.hf.capturing import capture
 
     progress, update = c.progress_printer(out.quiet)
     with progress or contextlib.nullcontext():

@@ -27,8 +27,8 @@ from importlib import import_module
 from typing import Any
 
 _LAZY = {
-    "capture": "kdecli.hf.capture",
-    "CaptureSummary": "kdecli.hf.capture",
+    "capture": "kdecli.hf.capturing",
+    "CaptureSummary": "kdecli.hf.capturing",
     "parse_layers": "kdecli.hf.text",
     "AttentionCall": "kdecli.hf.interface",
     "attention_function": "kdecli.hf.interface",

@@ -54,7 +54,7 @@ from kdecli.hf.models import (
     model_source,
     quiet_transformers,
 )
-from kdecli.hf.text import (  # noqa: F401  (parse_layers: kdecli.hf.capture.parse_layers, as before)
+from kdecli.hf.text import (
     check_counts,
     check_positions,
     chunk_ids,
