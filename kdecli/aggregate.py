@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from kdecli.metrics import METRICS
-from kdecli.results import Result, ResultTime
+from kdecli.results import Result, ResultTime, Summary
+
+_MEASURED = Summary(None, None)  # a stand-in for a metric a record does not hold
 
 STATUS_ORDER = ("error", "oom", "unsupported", "ok")  # worst first
 
@@ -28,11 +30,22 @@ def beats_floor(error: float | None, floor: float | None) -> bool | None:
 
 @dataclass(frozen=True)
 class SeedStats:
-    """One metric of one setting over its seeds."""
+    """One metric of one setting over its seeds.
+
+    Under a row-sampled reference, ``low`` and ``high`` bound the seed-mean: the means over seeds
+    of each record's interval bounds.  Every seed is measured on the same rows and the same
+    bootstrap resamples, so its estimates move together (comonotone): the quantile of their mean
+    is then the mean of their quantiles, and where they are less than fully dependent this
+    interval is the wider one (conservative).  ``lower_bound``: the values are maxima over the
+    sampled rows, lower bounds of the true ones.
+    """
 
     mean: float
     std: float
     max: float
+    low: float | None = None
+    high: float | None = None
+    lower_bound: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,9 +116,57 @@ class Setting:
     def flops(self) -> float | None:
         return next((r.flops for r in self.ok_records if r.flops is not None), None)
 
+    @property
+    def flops_fraction(self) -> float | None:
+        """FLOPs over exact attention's at the same shape (the same for every seed)."""
+        return next(
+            (r.flops_fraction for r in self.ok_records if r.flops_fraction is not None), None
+        )
+
+    @property
+    def keys_per_query(self) -> float | None:
+        return next(
+            (r.keys_per_query for r in self.ok_records if r.keys_per_query is not None), None
+        )
+
     def error(self, metric: str) -> float | None:
         stats = self.errors.get(metric)
         return None if stats is None else stats.mean
+
+    def unavailable(self, metric: str) -> str | None:
+        """Why ``metric`` was not measured (a row-sampled reference cannot), if it was not."""
+        return next((r.errors[metric].note for r in self.ok_records if metric in r.errors), None)
+
+
+def primary_metric(results: Iterable[Result]) -> str:
+    """rel_spectral, or rel_frobenius where the records were measured on a row sample (which
+    cannot give rel_spectral): the metric that ranks settings and meets the floor."""
+    sampled = any(r.ok and r.errors.get("rel_spectral", _MEASURED).note for r in results)
+    return "rel_frobenius" if sampled else "rel_spectral"
+
+
+def _seed_stats(records: Sequence[Result], name: str) -> SeedStats | None:
+    """Mean and std over seeds of the records' slice-means; max over slices and seeds; the mean
+    interval bounds (see ``SeedStats``)."""
+    summaries = [r.errors[name] for r in records if name in r.errors]
+    means = [s.mean for s in summaries if s.mean is not None]
+    if not means:
+        return None
+    maxima = [s.max for s in summaries if s.note is None]
+    intervals = [s.interval for s in summaries if s.mean is not None]
+    low = high = None
+    if all(i is not None and i.low is not None and i.high is not None for i in intervals):
+        low = statistics.fmean(i.low for i in intervals)
+        high = statistics.fmean(i.high for i in intervals)
+    return SeedStats(
+        statistics.fmean(means),
+        statistics.stdev(means) if len(means) > 1 else 0.0,
+        # a null max is a non-finite value that JSON could not hold
+        math.inf if None in maxima else max(maxima),
+        low,
+        high,
+        any(s.lower_bound for s in summaries),
+    )
 
 
 def group_settings(results: Iterable[Result]) -> list[tuple[Result, ...]]:
@@ -132,15 +193,9 @@ def aggregate(
         ok = [r for r in records if r.ok]
         errors = {}
         for name in METRICS:
-            means = [r.error(name) for r in ok if r.error(name) is not None]
-            if means:
-                maxima = [r.errors[name].max for r in ok if name in r.errors]
-                errors[name] = SeedStats(
-                    statistics.fmean(means),
-                    statistics.stdev(means) if len(means) > 1 else 0.0,
-                    # a null max is a non-finite value that JSON could not hold
-                    math.inf if None in maxima else max(maxima),
-                )
+            stats = _seed_stats(ok, name)
+            if stats is not None:
+                errors[name] = stats
         beats = None
         if records[0].role != "baseline" and metric in errors:
             beats = beats_floor(errors[metric].mean, floor_of(records[0].layer))
@@ -168,7 +223,15 @@ def mean_over_layers(
             if len(values) == len(group):
                 spread = statistics.stdev(values) if len(values) > 1 else 0.0
                 worst = max(s.errors[name].max for s in group)
-                errors[name] = SeedStats(statistics.fmean(values), spread, worst)
+                stats = [s.errors[name] for s in group]
+                low = high = None  # as over seeds: the mean of the layers' bounds
+                if all(x.low is not None and x.high is not None for x in stats):
+                    low = statistics.fmean(x.low for x in stats)
+                    high = statistics.fmean(x.high for x in stats)
+                bounded = any(x.lower_bound for x in stats)
+                errors[name] = SeedStats(
+                    statistics.fmean(values), spread, worst, low, high, bounded
+                )
         floors = [mean_floor(s.first.layer) for s in group]
         beats = None
         if group[0].role != "baseline" and metric in errors and None not in floors:

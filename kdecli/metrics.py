@@ -20,7 +20,7 @@ def spectral_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(x.to(torch.float64), ord=2)
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     # 0/0 (an all-zero exact output approximated exactly) is no error; x/0 with x > 0 is infinite.
     safe = torch.where(den > 0, den, torch.ones_like(den))
     out = num / safe
@@ -46,10 +46,10 @@ def slice_errors(
     diff_spectral = spectral_norm(diff)
     row_err = diff.norm(dim=-1)
     errors = {
-        "rel_spectral": _ratio(diff_spectral, spectral_norm(exact)),
-        "rel_frobenius": _ratio(diff.flatten(-2).norm(dim=-1), exact.flatten(-2).norm(dim=-1)),
-        "max_row_rel": _ratio(row_err, exact.norm(dim=-1)).amax(dim=-1),
+        "rel_spectral": ratio(diff_spectral, spectral_norm(exact)),
+        "rel_frobenius": ratio(diff.flatten(-2).norm(dim=-1), exact.flatten(-2).norm(dim=-1)),
+        "max_row_rel": ratio(row_err, exact.norm(dim=-1)).amax(dim=-1),
     }
     if attention_norm is not None and value_norm is not None:
-        errors["bound_normalized"] = _ratio(diff_spectral, attention_norm * value_norm)
+        errors["bound_normalized"] = ratio(diff_spectral, attention_norm * value_norm)
     return errors

@@ -6,6 +6,8 @@ the table) is at most E, and pick the one with the fewest FLOPs (the method's co
 broken by the measured median time.  A setting without a FLOPs figure ranks after every setting with
 one; a method that never reaches E gets ``None``.  This is one point of the error-vs-cost Pareto
 front per method: the answer to "what does it cost to be this accurate with method X?".
+The metric is rel_spectral by default, or rel_frobenius for records measured on a row-sampled
+reference (which cannot give rel_spectral): its estimate, not its interval's bound, is compared.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from kdecli.aggregate import aggregate
+from kdecli.aggregate import aggregate, primary_metric
 from kdecli.errors import UsageError
 from kdecli.metrics import METRICS
 from kdecli.results import Pareto, ParetoPick, Result
@@ -34,12 +36,15 @@ def check_target_error(target_error: float, metric: str = "rel_spectral") -> flo
 
 
 def cheapest_settings(
-    results: Iterable[Result], target_error: float, metric: str = "rel_spectral"
+    results: Iterable[Result], target_error: float, metric: str | None = None
 ) -> Pareto:
     """Each method's cheapest setting with seed-mean ``metric`` ≤ ``target_error`` (or None).
 
-    Every method in ``results`` appears, in the order of first appearance.
+    Every method in ``results`` appears, in the order of first appearance.  ``metric`` None:
+    ``aggregate.primary_metric`` (rel_spectral, or rel_frobenius under a row sample).
     """
+    results = list(results)
+    metric = primary_metric(results) if metric is None else metric
     target = check_target_error(target_error, metric)
     best: dict[str, tuple[tuple[float, float], ParetoPick] | None] = {}
     for setting in aggregate(results, metric=metric):

@@ -102,10 +102,20 @@ class Point:
     budget: int | None
     x: float | None
     ys: list[float]  # one slice-mean per seed
+    # under a row-sampled reference: each seed's 95 % interval of its slice-mean
+    intervals: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
         return sum(self.ys) / len(self.ys)
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The seed-mean's interval: the mean of the seeds' bounds (as in the table)."""
+        if not self.intervals:
+            return None
+        lows, highs = zip(*self.intervals)
+        return sum(lows) / len(lows), sum(highs) / len(highs)
 
 
 @dataclass
@@ -152,7 +162,12 @@ def collect_series(doc: RunReport, x: str, y: str) -> tuple[list[Series], list[s
             if xv is None and not (x == "budget" and budget is None):
                 no_x.append(method)
                 continue
-            s.points.append(Point(budget, None if xv is None else float(xv), ys))
+            intervals = [
+                (i.low, i.high)
+                for i in (r.errors[y].interval for r in records if y in r.errors)
+                if i is not None and _finite(i.low) and _finite(i.high)
+            ]
+            s.points.append(Point(budget, None if xv is None else float(xv), ys, intervals))
         s.points.sort(key=lambda p: (p.budget is None, p.budget or 0, p.x or 0))
         if s.points:
             series.append(s)
@@ -260,6 +275,13 @@ def figure(
     docs = [
         _as_report(doc, names[i] if names else f"document {i + 1}") for i, doc in enumerate(docs)
     ]
+    fallback = None
+    if y == "rel_spectral" and all(d.reference.sampled for d in docs):
+        y = "rel_frobenius"  # rel_spectral needs every row; a row sample estimates rel_frobenius
+        fallback = (
+            "These results used a row-sampled reference, which cannot give rel_spectral: "
+            "rel_frobenius is drawn instead."
+        )
     if not any(y in r.errors for d in docs for r in d.results):
         hint = (
             "Run `kdecli compare` with --bound to measure it." if y == "bound_normalized" else None
@@ -278,6 +300,7 @@ def figure(
     axes = fig.subplots(1, len(xs), sharey=True, squeeze=False)[0]
     left_out: list[str] = []
     seeds_seen = 1
+    sampled = False  # some point has a row sample's interval
     for ax, axis in zip(axes, xs):
         values: list[float] = []
         budgets: set[int] = set()
@@ -321,6 +344,12 @@ def figure(
                         )
                     else:  # x steps back (timing noise): a band would fold over itself; use bars
                         ax.vlines(px, low, high, color=color, alpha=0.35, linewidth=4, gid="band")
+                bounded = [p for p in s.points if p.interval is not None]
+                if bounded:  # a row sample's 95 % intervals, as error bars
+                    intervals = [p.interval for p in bounded]
+                    ax.vlines([p.x for p in bounded], *zip(*intervals), color=color,
+                              linewidth=1.2, gid="interval")  # fmt: skip
+                    sampled = True
                 budgets.update(p.budget for p in s.points if p.budget is not None)
         if not values:
             continue
@@ -409,6 +438,13 @@ def figure(
         caption += " On budget axes `mean` is the dashed mean-of-V floor."
     if several:
         caption += " Line styles tell the results files apart."
+    if sampled:
+        caption += (
+            " Thin bars: the 95 % bootstrap interval of the row-sampled estimate (the mean of the "
+            "seeds' bounds)."
+        )
+    if fallback:
+        caption += " " + fallback
     if left_out:
         caption += " Not shown: " + "; ".join(dict.fromkeys(left_out)) + "."
     fig.text(

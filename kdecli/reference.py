@@ -32,8 +32,13 @@ def iter_softmax_chunks(
     *,
     causal: bool = False,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    positions: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield (start, stop, P[..., start:stop, :]) in float64, P = softmax(s·QKᵀ) (causal: j ≤ i)."""
+    """Yield (start, stop, P[..., start:stop, :]) in float64, P = softmax(s·QKᵀ) (causal: j ≤ i).
+
+    ``positions`` (n_q,) are the queries' positions for the causal mask when ``q`` holds some rows
+    of a longer sequence (a row sample); by default query i sits at position i.
+    """
     q64, k64 = q.to(torch.float64), k.to(torch.float64)
     b, h, n_q, _ = q.shape
     n_k = k.shape[-2]
@@ -43,7 +48,8 @@ def iter_softmax_chunks(
         stop = min(n_q, start + step)
         logits = (q64[..., start:stop, :] * scale) @ k_t
         if causal:
-            rows = torch.arange(start, stop, device=q.device).unsqueeze(-1)
+            rows = torch.arange(start, stop, device=q.device)
+            rows = (rows if positions is None else positions[start:stop].to(q.device)).unsqueeze(-1)
             cols = torch.arange(n_k, device=q.device)
             logits.masked_fill_(cols > rows, float("-inf"))
         logits -= logits.amax(-1, keepdim=True)
@@ -60,12 +66,13 @@ def exact_attention(
     *,
     causal: bool = False,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(s·QKᵀ)V in float64, (b, h, n_q, d_v)."""
+    """softmax(s·QKᵀ)V in float64, (b, h, n_q, d_v); ``positions`` as in ``iter_softmax_chunks``."""
     v64 = v.to(torch.float64)
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float64, device=q.device)
     for start, stop, probs in iter_softmax_chunks(
-        q, k, scale, causal=causal, memory_bytes=memory_bytes
+        q, k, scale, causal=causal, memory_bytes=memory_bytes, positions=positions
     ):
         out[..., start:stop, :] = probs @ v64
     return out

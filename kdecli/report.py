@@ -23,10 +23,17 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from kdecli.aggregate import Setting, aggregate, mean_over_layers
+from kdecli.aggregate import Setting, aggregate, mean_over_layers, primary_metric
 from kdecli.errors import UsageError
 from kdecli.metrics import METRICS
-from kdecli.results import RunReport, jsonl_header, jsonl_pareto, jsonl_result, to_json
+from kdecli.results import (
+    RunReport,
+    Summary,
+    jsonl_header,
+    jsonl_pareto,
+    jsonl_result,
+    to_json,
+)
 
 FORMATS = ("table", "json", "jsonl", "csv")
 REPORT_FORMATS = ("table", "markdown", "csv", "json", "jsonl")
@@ -84,14 +91,27 @@ def status_text(setting: Setting) -> str:
     return text
 
 
+NOT_AVAILABLE = "n/a (rows)"  # a metric a row-sampled reference cannot give (rel_spectral)
+LOWER_BOUND = "≥ "  # a max over sampled rows: the true max is at least this
+
+
+def _missing(setting: Setting, metric: str) -> str:
+    return NOT_AVAILABLE if setting.unavailable(metric) else "—"
+
+
 def _error_mean(metric: str) -> Callable[[Setting], str]:
     def cell(setting: Setting) -> str:
         stats = setting.errors.get(metric)
         if stats is None:
-            return "—"
+            return _missing(setting, metric)
+        text = f"{stats.mean:.4f}"
         if len(setting.ok_records) > 1:
-            return f"{stats.mean:.4f} ± {stats.std:.4f}"
-        return f"{stats.mean:.4f}"
+            text += f" ± {stats.std:.4f}"
+        if stats.low is not None and stats.high is not None:
+            # a row sample's 95 % interval, under the estimate (a line of its own keeps the column
+            # narrow; Markdown puts it beside)
+            text += f"\n[{stats.low:.4f}, {stats.high:.4f}]"
+        return (LOWER_BOUND if stats.lower_bound else "") + text
 
     return cell
 
@@ -99,14 +119,40 @@ def _error_mean(metric: str) -> Callable[[Setting], str]:
 def _error_max(metric: str) -> Callable[[Setting], str]:
     def cell(setting: Setting) -> str:
         stats = setting.errors.get(metric)
-        return "—" if stats is None else f"{stats.max:.4f}"
+        if stats is None:
+            return _missing(setting, metric)
+        return (LOWER_BOUND if stats.lower_bound else "") + f"{stats.max:.4f}"
 
     return cell
 
 
+EXTRAPOLATED = "≈"  # marks an exact time (and the speed-up over it) scaled from a row sample
+
+
+def _extrapolated(setting: Setting) -> bool:
+    time = setting.time
+    return bool(time is not None and time.exact_s is not None and time.exact_s.extrapolated)
+
+
+def _mark(setting: Setting, text: str) -> str:
+    return f"{EXTRAPOLATED} {text}" if _extrapolated(setting) and text != "—" else text
+
+
 def _speedup(setting: Setting) -> str:
     time = setting.time
-    return f"{time.speedup:.1f}×" if time is not None and time.speedup else "—"
+    return _mark(setting, f"{time.speedup:.1f}×") if time is not None and time.speedup else "—"
+
+
+def _exact_time(setting: Setting) -> str:
+    return _mark(setting, fmt_time(setting.time and setting.time.exact_median))
+
+
+def _fraction(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}"
+
+
+def _keys(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
 
 
 @dataclass(frozen=True)
@@ -140,9 +186,16 @@ def _columns() -> list[Column]:
         )
     columns += [
         Column("time", "time", lambda s: fmt_time(s.time and s.time.method_median)),
-        Column("exact_time", "exact", lambda s: fmt_time(s.time and s.time.exact_median)),
+        Column("exact_time", "exact", _exact_time),
         Column("speedup", "speed-up", _speedup),
         Column("flops", "FLOPs", lambda s: fmt_flops(s.flops)),
+        Column(
+            "flops_fraction",
+            "FLOPs\n/exact",
+            lambda s: _fraction(s.flops_fraction),
+            flat="FLOPs / exact",
+        ),  # fmt: skip
+        Column("keys", "keys\n/query", lambda s: _keys(s.keys_per_query), flat="keys per query"),
         Column("status", "status", status_text, "left"),
     ]
     return columns
@@ -151,11 +204,12 @@ def _columns() -> list[Column]:
 COLUMNS = _columns()
 COLUMN_KEYS = tuple(c.key for c in COLUMNS)
 ALWAYS = ("layer", "method", "budget", "rel_spectral", "time", "speedup", "status")
-# Joined while they fit, in this order: the spread of the primary metric first, then the other
-# metrics, then what the time is measured against.
+# Joined while they fit, in this order: the spread of the primary metric first, the cost as a
+# fraction of exact attention's, then the other metrics, then what the time is measured against
+# and what a query pays.
 OPTIONAL = (
-    "rel_spectral_max", "rel_frobenius", "max_row_rel", "bound", "exact_time",
-    "rel_frobenius_max", "max_row_rel_max", "bound_max", "flops",
+    "rel_spectral_max", "flops_fraction", "rel_frobenius", "max_row_rel", "bound", "exact_time",
+    "keys", "rel_frobenius_max", "max_row_rel_max", "bound_max", "flops",
 )  # fmt: skip
 
 
@@ -184,7 +238,7 @@ def choose_columns(
     rows: Sequence[Setting], width: int, asked: Sequence[str] | None = None
 ) -> tuple[list[Column], list[str]]:
     """The columns to draw at ``width`` and the names of those left out for lack of room."""
-    present = {m for row in rows for m in row.errors}
+    present = {m for row in rows for m in METRICS if m in row.errors or row.unavailable(m)}
     available = {c.key: c for c in COLUMNS if c.needs is None or c.needs in present}
     if all(row.layer is None for row in rows):  # not a run over a capture's layers
         available.pop("layer")
@@ -196,9 +250,15 @@ def choose_columns(
     def table_width(keys: list[str]) -> int:  # each column: its cells, padding 2, a border
         return 1 + sum(3 + (status_width if k == "status" else widths[k]) for k in keys)
 
-    chosen = [key for key in ALWAYS if key in available]
+    always, optional = ALWAYS, OPTIONAL
+    if primary_metric(r for row in rows for r in row.records) != PRIMARY:
+        # a row sample: its rel_frobenius estimate leads; rel_spectral (n/a) joins if it fits
+        always = tuple("rel_frobenius" if key == PRIMARY else key for key in ALWAYS)
+        rest = [key for key in OPTIONAL if key not in ("rel_frobenius", "rel_spectral_max")]
+        optional = (PRIMARY, *rest, "rel_spectral_max")
+    chosen = [key for key in always if key in available]
     left_out = []
-    for key in OPTIONAL:
+    for key in optional:
         if key not in available:
             continue
         if table_width([*chosen, key]) <= width:
@@ -257,7 +317,11 @@ def _print_footer(report: RunReport, rows: list[Setting], console: Console) -> N
     if report.pareto is not None:
         render_pareto(report, rows, console)
     console.print(floors_line(report), highlight=False, markup=False)
+    console.print(reference_line(report), highlight=False, markup=False)
     console.print(environment_line(report), highlight=False, markup=False)
+    note = extrapolated_line(rows)
+    if note:
+        console.print(note, highlight=False, markup=False)
     if report.interrupted:
         console.print(
             f"The run was interrupted: {len(report.results)} records finished.", style="yellow"
@@ -275,33 +339,90 @@ def title(report: RunReport) -> str:
 def table_rows(report: RunReport) -> list[Setting]:
     """The table's rows: one per (layer ×) method × budget; then, over layers, their means."""
 
-    def floor(layer: int | None) -> float | None:
-        return report.floors_of(layer).mean_floor(PRIMARY)
+    metric = report.reference.primary_metric  # rel_frobenius under a row sample
 
-    rows = aggregate(report.results, floor)
+    def floor(layer: int | None) -> float | None:
+        return report.floors_of(layer).mean_floor(metric)
+
+    rows = aggregate(report.results, floor, metric)
     if report.layers:
-        rows += mean_over_layers(rows, floor)
+        rows += mean_over_layers(rows, floor, metric)
     return rows
 
 
+def _fmt_estimate(summary: Summary) -> str:
+    """A floor's value: ``0.1234``, with ``[low, high]`` under a row sample, ``≥`` for a bound."""
+    text = f"{summary.mean:.4g}"
+    interval = summary.interval
+    if interval is not None and interval.low is not None and interval.high is not None:
+        text += f" [{interval.low:.4g}, {interval.high:.4g}]"
+    return (LOWER_BOUND if summary.lower_bound else "") + text
+
+
 def floors_line(report: RunReport) -> str:
+    metric = report.reference.primary_metric
     if report.layers:
-        per_layer = [(x.layer, x.floors.mean_floor(PRIMARY)) for x in report.layers]
+        per_layer = [(x.layer, x.floors.mean_floor(metric)) for x in report.layers]
         listed = ", ".join(f"{layer}: {value:.4g}" for layer, value in per_layer)
         mean = sum(value for _, value in per_layer) / len(per_layer)
         return (
-            f"floors: mean-of-V baseline rel_spectral by layer {listed} (mean {mean:.4g}); zero "
+            f"floors: mean-of-V baseline {metric} by layer {listed} (mean {mean:.4g}); zero "
             "output 1 on every relative norm. Rows `all`: the mean over layers, ± std over layers."
         )
     mean, zero = report.floors.mean, report.floors.zero
+    others = [m for m in ("rel_frobenius", "max_row_rel") if m != metric and m in mean]
+    listed = ", ".join(f"{m} {_fmt_estimate(mean[m])}" for m in others)
     text = (
-        f"floors: mean-of-V baseline rel_spectral {mean['rel_spectral'].mean:.4g} "
-        f"(rel_frobenius {mean['rel_frobenius'].mean:.4g}, max_row_rel "
-        f"{mean['max_row_rel'].mean:.4g}); zero output 1 on every relative norm"
+        f"floors: mean-of-V baseline {metric} {_fmt_estimate(mean[metric])} ({listed}); "
+        "zero output 1 on every relative norm"
     )
-    if "bound_normalized" in zero:
+    if "bound_normalized" in zero and zero["bound_normalized"].mean is not None:
         text += f" (bound_normalized {zero['bound_normalized'].mean:.4g})"
+    if report.reference.sampled:
+        text += (
+            f"; measured on the same sampled rows as every method, and `not below mean floor` "
+            f"compares {metric}"
+        )
     return text + "."
+
+
+def reference_line(report: RunReport) -> str:
+    """Which exact reference the errors are measured against, and what that means for them."""
+    ref = report.reference
+    spec = _reference_spec(report)
+    asked = "" if ref.requested == spec else f" (--reference {ref.requested})"
+    if not ref.sampled:
+        return f"reference: full{asked}: the exact float64 output of every query."
+    n_q = report.input.shape.n_q
+    level = f"{100 * (ref.level or 0.95):g} %"
+    return (
+        f"reference: rows:{ref.rows}{asked}: exact float64 outputs of {ref.rows} of {n_q} queries, "
+        f"the same rows in every slice (drawn from seed {ref.seed}). rel_frobenius is a ratio "
+        f"estimate, [low, high] its {level} bootstrap interval ({ref.draws} resamples of the "
+        "rows; over seeds, the mean of the seeds' bounds); max_row_rel is the max over the "
+        f"sampled rows, a lower bound ({LOWER_BOUND.strip()}); rel_spectral and bound_normalized "
+        f"need every row: {NOT_AVAILABLE}."
+    )
+
+
+def extrapolated_line(rows: Sequence[Setting]) -> str | None:
+    """The footnote of ``≈``: exact attention's time came from a row sample."""
+    parts = sorted(
+        {
+            (s.time.exact_s.extrapolated_rows, s.first.environment.device)
+            for s in rows
+            if _extrapolated(s)
+        },
+        key=str,
+    )
+    if not parts:
+        return None
+    sizes = ", ".join(f"{r} rows" for r, _ in parts)
+    return (
+        f"{EXTRAPOLATED} exact time extrapolated from {sizes} (too costly to time in full: SDPA "
+        "timed on those query rows against every key, scaled by n_q/R; causal, also by the causal "
+        "fraction); the speed-up divides it."
+    )
 
 
 def environment_line(report: RunReport) -> str:
@@ -369,7 +490,10 @@ def to_markdown(report: RunReport, columns: Sequence[str] | None = None) -> str:
         "|" + "|".join("---:" if c.justify == "right" else "---" for c in chosen) + "|",
     ]
     lines += ["| " + " | ".join(escape(c.cell(row)) for c in chosen) + " |" for row in rows]
-    lines += ["", floors_line(report), "", environment_line(report)]
+    lines += ["", floors_line(report), "", reference_line(report), "", environment_line(report)]
+    note = extrapolated_line(rows)
+    if note:
+        lines += ["", note]
     if report.interrupted:
         lines += ["", f"The run was interrupted: {len(report.results)} records finished."]
     if report.pareto is not None:
@@ -397,7 +521,9 @@ CSV_FIELDS = [
     "method", "budget", "seed", "status", "reason", "params", "oracle",
     *(f"{m}_{s}" for m in METRICS for s in ("mean", "max")),
     "method_s_median", "method_s_iqr", "exact_s_median", "speedup", "flops", "beats_mean_floor",
-    "scale", "dtype", "device",
+    "scale", "dtype", "device", "keys_per_query", "flops_fraction", "budget_mode",
+    "method_s_repeats", "exact_s_extrapolated", "peak_memory_bytes", "memory_source",
+    "rel_frobenius_low", "rel_frobenius_high", "reference",
 ]  # fmt: skip
 
 
@@ -426,9 +552,28 @@ def to_csv(report: RunReport) -> str:
         row["method_s_iqr"] = method_s.iqr if method_s else None
         row["exact_s_median"] = time.exact_median if time else None
         row["speedup"] = time.speedup if time else None
+        row["method_s_repeats"] = method_s.repeats if method_s else None
+        row["exact_s_extrapolated"] = time.exact_s.extrapolated if time and time.exact_s else None
+        row["peak_memory_bytes"] = method_s.peak_memory_bytes if method_s else None
+        row["memory_source"] = method_s.memory_source if method_s else None
+        row.update(
+            keys_per_query=r.keys_per_query,
+            flops_fraction=r.flops_fraction,
+            budget_mode=r.budget_mode,
+        )
         row.update(scale=report.input.scale, dtype=r.environment.dtype, device=r.environment.device)
+        interval = r.errors.get("rel_frobenius", Summary(None, None)).interval
+        row["rel_frobenius_low"] = None if interval is None else interval.low
+        row["rel_frobenius_high"] = None if interval is None else interval.high
+        row["reference"] = _reference_spec(report)
         writer.writerow({k: _finite_or_none(v) for k, v in row.items()})
     return buffer.getvalue()
+
+
+def _reference_spec(report: RunReport) -> str:
+    """``full`` or ``rows:R``: the CSV's ``reference`` column."""
+    ref = report.reference
+    return f"rows:{ref.rows}" if ref.sampled else "full"
 
 
 def _finite_or_none(value):

@@ -14,6 +14,12 @@ Version history (``SCHEMA_VERSION`` is defined here and nowhere else):
      several machines stays true; each result declares its method's ``role`` and its ``layer``
      (null but for captures), and runs over layers list them in ``layers``.  Version-1 documents
      still load: their results take the header's environment, and roles come from the registry.
+     kdecli 0.4 adds, within version 2 (older documents load with the defaults): per result
+     ``keys_per_query``, ``flops_fraction``, ``budget_mode``; per time ``calls_per_sample``,
+     ``min_time``, ``memory_source``, ``extrapolated`` and ``extrapolated_rows``.
+     From kdecli 0.4 a document may say which exact reference it used (``reference``: full, or
+     a sample of query rows whose errors are estimates with ``interval``s); optional, and absent
+     means full, so the version stays 2.
 """
 
 from __future__ import annotations
@@ -133,25 +139,89 @@ def _kind(value: Any) -> str:
 # ---- the records ---------------------------------------------------------------------------------
 
 
+def _numbers(values: Any) -> tuple[float | None, ...]:
+    return tuple(None if v is None else float(v) for v in values or [])
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A confidence interval (``level``, e.g. 0.95) of an estimated metric: of its mean over
+    slices (``low``, ``high``) and of each slice's value."""
+
+    low: float | None
+    high: float | None
+    per_slice_low: tuple[float | None, ...] = ()
+    per_slice_high: tuple[float | None, ...] = ()
+    level: float = 0.95
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "level": self.level,
+            "low": self.low,
+            "high": self.high,
+            "per_slice_low": list(self.per_slice_low),
+            "per_slice_high": list(self.per_slice_high),
+        }
+
+    @classmethod
+    def from_dict(cls, r: _Reader) -> Interval:
+        return cls(
+            r.number("low", None),
+            r.number("high", None),
+            _numbers(r.data.get("per_slice_low")),
+            _numbers(r.data.get("per_slice_high")),
+            r.number("level", 0.95),
+        )
+
+
 @dataclass(frozen=True)
 class Summary:
-    """One metric of one record over batch×head slices: mean, max, and every slice."""
+    """One metric of one record over batch×head slices: mean, max, and every slice.
+
+    Under a row-sampled reference (``reference.mode`` "rows") a value is an estimate: ``interval``
+    holds its confidence interval, ``lower_bound`` marks a value that can only be below the truth
+    (a max over the sampled rows), and a metric the sample cannot measure has no values and a
+    ``note`` that says why.  The three are written only when set, so full-reference documents read
+    as before.
+    """
 
     mean: float | None
     max: float | None
     per_slice: tuple[float | None, ...] = ()
+    interval: Interval | None = None
+    lower_bound: bool = False
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "max": self.max, "per_slice": list(self.per_slice)}
+        out: dict[str, Any] = {
+            "mean": self.mean,
+            "max": self.max,
+            "per_slice": list(self.per_slice),
+        }
+        if self.interval is not None:
+            out["interval"] = self.interval.to_dict()
+        if self.lower_bound:
+            out["lower_bound"] = True
+        if self.note is not None:
+            out["note"] = self.note
+        return out
 
     @classmethod
     def from_dict(cls, reader: _Reader) -> Summary:
-        per_slice = reader.data.get("per_slice") or []
+        interval = reader.optional_child("interval")
         return cls(
             reader.number("mean", None),
             reader.number("max", None),
-            tuple(None if v is None else float(v) for v in per_slice),
+            _numbers(reader.data.get("per_slice")),
+            None if interval is None else Interval.from_dict(interval),
+            reader.bool("lower_bound", False),
+            reader.str("note", None),
         )
+
+    @classmethod
+    def unavailable(cls, note: str) -> Summary:
+        """A metric this reference cannot measure, and why."""
+        return cls(None, None, note=note)
 
     @classmethod
     def of(cls, values: list[float]) -> Summary:
@@ -291,28 +361,50 @@ class Floors:
 
 @dataclass(frozen=True)
 class TimeStat:
-    """Seconds per call: median, inter-quartile range, repeats; peak memory on CUDA."""
+    """Seconds per call: median and inter-quartile range over ``repeats`` samples (each the mean
+    of ``calls_per_sample`` calls), and the call's peak memory with its source: "cuda"
+    (``max_memory_allocated``) or "rss" (the sampled RSS increase on the CPU).  ``extrapolated``:
+    exact attention timed on ``extrapolated_rows`` query rows and scaled to all of them (too
+    costly to time in full; ALGORITHMS.md §10).  ``min_time``: the seconds of timed calls the
+    samples had to reach (``--min-time``)."""
 
     median: float | None
     iqr: float | None
     repeats: int
     peak_memory_bytes: int | None = None
+    calls_per_sample: int = 1
+    memory_source: str | None = None
+    extrapolated: bool = False
+    extrapolated_rows: int | None = None
+    min_time: float | None = None  # the seconds of timed calls asked for (--min-time)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "median": self.median,
             "iqr": self.iqr,
             "repeats": self.repeats,
+            "calls_per_sample": self.calls_per_sample,
             "peak_memory_bytes": self.peak_memory_bytes,
+            "memory_source": self.memory_source,
+            "extrapolated": self.extrapolated,
+            "extrapolated_rows": self.extrapolated_rows,
+            "min_time": self.min_time,
         }
 
     @classmethod
     def from_dict(cls, r: _Reader) -> TimeStat:
+        peak = r.int("peak_memory_bytes", None)
         return cls(
             r.number("median", None),
             r.number("iqr", None),
             r.int("repeats", 0),
-            r.int("peak_memory_bytes", None),
+            peak,
+            r.int("calls_per_sample", 1),
+            # before 0.4 only CUDA recorded a peak
+            r.str("memory_source", None) or (None if peak is None else "cuda"),
+            r.bool("extrapolated", False),
+            r.int("extrapolated_rows", None),
+            r.number("min_time", None),
         )
 
 
@@ -372,6 +464,11 @@ class Result:
     beats_mean_floor: bool | None
     environment: Environment
     layer: int | None = None  # the model layer of a capture's input; None for a plain input
+    # what a query pays: keys (or features) per query, the FLOPs over exact attention's at the
+    # same shape (causal-aware), and how the budget was mapped ("paper" or "keys")
+    keys_per_query: float | None = None
+    flops_fraction: float | None = None
+    budget_mode: str = "paper"
 
     @property
     def oracle(self) -> bool:
@@ -405,6 +502,9 @@ class Result:
             "errors": {k: v.to_dict() for k, v in self.errors.items()},
             "time": None if self.time is None else self.time.to_dict(),
             "flops": self.flops,
+            "keys_per_query": self.keys_per_query,
+            "flops_fraction": self.flops_fraction,
+            "budget_mode": self.budget_mode,
             "beats_mean_floor": self.beats_mean_floor,
             "environment": self.environment.to_dict(),
             "layer": self.layer,
@@ -439,6 +539,9 @@ class Result:
             beats_mean_floor=r.bool("beats_mean_floor", None),
             environment=default_environment if env is None else Environment.from_dict(env),
             layer=r.int("layer", None),
+            keys_per_query=r.number("keys_per_query", None),
+            flops_fraction=r.number("flops_fraction", None),
+            budget_mode=r.str("budget_mode", "paper"),
         )
 
 
@@ -528,6 +631,62 @@ class LayerInfo:
         )
 
 
+@dataclass(frozen=True)
+class ReferenceInfo:
+    """The exact reference a run measured against: every query (``mode`` "full"), or ``rows``
+    query rows drawn with ``seed`` (``mode`` "rows"; ALGORITHMS.md §10), whose errors are
+    estimates with a ``level`` interval from ``draws`` bootstrap resamples of the rows.
+    ``requested`` is what ``--reference`` asked for (``auto`` picks by the input's size)."""
+
+    mode: str = "full"
+    rows: int | None = None
+    seed: int | None = None
+    requested: str = "full"
+    interval: str | None = None  # how the intervals were computed: "bootstrap"
+    draws: int | None = None
+    level: float | None = None
+
+    @property
+    def sampled(self) -> bool:
+        return self.mode == "rows"
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric that ranks and meets the floor: rel_spectral, which needs every row, or
+        rel_frobenius under a row sample."""
+        return "rel_frobenius" if self.sampled else "rel_spectral"
+
+    def to_dict(self) -> dict[str, Any]:
+        interval = None
+        if self.interval is not None:
+            interval = {"method": self.interval, "draws": self.draws, "level": self.level}
+        return {
+            "mode": self.mode,
+            "rows": self.rows,
+            "seed": self.seed,
+            "requested": self.requested,
+            "interval": interval,
+        }
+
+    @classmethod
+    def from_dict(cls, r: _Reader) -> ReferenceInfo:
+        mode = r.str("mode", "full")
+        if mode not in ("full", "rows"):
+            raise SchemaError(
+                f"{r.where}: `{r.path}.mode` must be full or rows; got {mode!r}.", hint=READS_HINT
+            )
+        interval = r.optional_child("interval")
+        return cls(
+            mode,
+            r.int("rows", None),
+            r.int("seed", None),
+            r.str("requested", mode),
+            None if interval is None else interval.str("method", None),
+            None if interval is None else interval.int("draws", None),
+            None if interval is None else interval.number("level", None),
+        )
+
+
 @dataclass
 class RunReport:
     """A whole document: the run header and its results (appended as the run goes)."""
@@ -542,6 +701,8 @@ class RunReport:
     # a run over several layers of a capture: each layer's input and floors (``input`` and
     # ``floors`` above are the first layer's)
     layers: list[LayerInfo] = field(default_factory=list)
+    # the exact reference: every query, or a sample of rows (documents before 0.4: full)
+    reference: ReferenceInfo = ReferenceInfo()
 
     def floors_of(self, layer: int | None) -> Floors:
         """The floors that a result of ``layer`` is measured against."""
@@ -555,6 +716,7 @@ class RunReport:
             "environment": self.environment.to_dict(),
             "input": self.input.to_dict(),
             "floors": self.floors.to_dict(),
+            "reference": self.reference.to_dict(),
         } | ({"interrupted": True} if self.interrupted else {})
 
     def to_dict(self) -> dict[str, Any]:
@@ -607,6 +769,7 @@ class RunReport:
             for i, item in enumerate(results)
         ]
         pareto = top.optional_child("pareto")
+        reference = top.optional_child("reference")
         return cls(
             environment=environment,
             input=InputInfo.from_dict(top.child("input")),
@@ -619,6 +782,7 @@ class RunReport:
                 LayerInfo.from_dict(_Reader(item, where, f"layers[{i}]"))
                 for i, item in enumerate(doc.get("layers") or [])
             ],
+            reference=ReferenceInfo() if reference is None else ReferenceInfo.from_dict(reference),
         )
 
 

@@ -2,8 +2,9 @@
 
 1. Check every request before running anything (unknown names, bad parameters, budgets > n_k are
    usage errors, so a long run never dies half way on a typo).
-2. Compute the float64 reference once (chunked), the floors (``mean`` baseline, zero output), and
-   optionally ‖D⁻¹A‖₂ for ``bound_normalized``.
+2. Compute the float64 reference once (chunked; under ``reference="rows:R"`` only for R seeded
+   query rows, whose errors are estimates: ``kdecli.row_reference``), the floors (``mean``
+   baseline, zero output, on the same rows), and optionally ‖D⁻¹A‖₂ for ``bound_normalized``.
 3. Correctness pass: each method × budget × seed with its own generator, errors per slice.
 4. Timing pass: each method × budget once, and exact attention (SDPA) once, in the working dtype,
    on the working device, same thread count.
@@ -26,14 +27,16 @@ from kdecli.aggregate import beats_floor
 from kdecli.errors import ParameterError, RuntimeFailure, UsageError, is_out_of_memory
 from kdecli.inputs import QKV, resolve_device, resolve_dtype
 from kdecli.methods import get_method_class, make_method, method_of_role
-from kdecli.methods.base import AttentionMethod
+from kdecli.methods.base import BUDGET_MODES, AttentionMethod
 from kdecli.metrics import slice_errors, spectral_norm
 from kdecli.reference import attention_spectral_norm, exact_attention
 from kdecli.results import (
     Environment,
     Floors,
     InputInfo,
+    Interval,
     LayerInfo,
+    ReferenceInfo,
     Result,
     ResultTime,
     RunReport,
@@ -41,7 +44,23 @@ from kdecli.results import (
     Summary,
     TimeStat,
 )
+from kdecli.row_reference import (
+    BOOTSTRAP_DRAWS,
+    LEVEL,
+    RowEstimate,
+    RowSample,
+    parse_reference,
+    resolve_reference,
+    sample_rows,
+)
 from kdecli.timing import Timing, time_call
+
+# Exact attention is timed in full while one call's FLOPs stay under this (about 15 s on 2 CPU
+# cores at ~80 GFLOP/s: n = 65536, d = 64, b·h = 1 — 1.1e12 — is still timed in full, so speed-ups
+# there are both measured; n = 131072 is not); above it, SDPA runs on EXTRAPOLATION_ROWS query rows
+# against every key and the time is scaled (ALGORITHMS.md §10).
+EXACT_TIMING_LIMIT_FLOPS = {"cpu": 1.5e12, "cuda": 1e14}
+EXTRAPOLATION_ROWS = 4096
 
 ProgressFn = Callable[[int, int, str], None]
 ResultFn = Callable[[Result], None]
@@ -54,7 +73,13 @@ class RunConfig:
     ``device`` is ``auto``, ``cpu`` or ``cuda[:i]`` (or a ``torch.device``); ``dtype`` the working
     precision (default: the input's); ``scale`` the softmax temperature (default: the input's, else
     1/√d).  ``seeds`` consecutive seeds from ``seed`` run each randomized setting; ``bound`` adds
-    ``bound_normalized``; ``timing=False`` skips the timing pass.
+    ``bound_normalized``; ``timing=False`` skips the timing pass.  Each timed setting gets at
+    least ``repeats`` samples and ``min_time`` seconds of timed calls (``kdecli.timing``; 0:
+    exactly ``repeats`` calls).  ``budget_mode`` maps each budget m onto a method's parameters:
+    "paper" (each paper's own reading) or "keys" (every method pays m keys or features per query).
+    ``reference`` is ``full`` (exact output of every query), ``rows:R`` (R seeded query rows:
+    errors become estimates with 95 % intervals; ``kdecli.row_reference``) or ``auto`` (full up to
+    ``row_reference.FULL_REFERENCE_LIMIT``, else ``rows:4096``).
     """
 
     seeds: int = 1
@@ -65,15 +90,25 @@ class RunConfig:
     causal: bool | None = None  # None: the input's own flag (a decoder capture), else False
     repeats: int = 3
     warmup: int = 1
+    min_time: float = 0.0  # 0: exactly ``repeats`` calls, as before 0.4; the CLI's default is 0.2
+    budget_mode: str = "paper"
     bound: bool = False
     timing: bool = True
+    reference: str = "auto"
 
     def check(self) -> None:
+        parse_reference(self.reference)  # a UsageError that names the allowed specs
         if self.seeds < 1:
             raise UsageError(f"--seeds must be at least 1; got {self.seeds}.")
         if self.repeats < 1 or self.warmup < 0:
             raise UsageError(
                 f"--repeats must be >= 1 and --warmup >= 0; got {self.repeats} and {self.warmup}."
+            )
+        if not (self.min_time >= 0 and math.isfinite(self.min_time)):
+            raise UsageError(f"--min-time must be a number of seconds >= 0; got {self.min_time}.")
+        if self.budget_mode not in BUDGET_MODES:
+            raise UsageError(
+                f"--budget-mode must be one of {', '.join(BUDGET_MODES)}; got {self.budget_mode!r}."
             )
 
 
@@ -82,6 +117,7 @@ class Job:
     method: str
     budget: int | None
     params: dict[str, Any]
+    budget_mode: str = "paper"
 
 
 def derive_seed(run_seed: int, method: str) -> int:
@@ -94,8 +130,10 @@ def plan_jobs(
     budgets: Sequence[int],
     params: dict[str, dict[str, Any]] | None,
     n_k: int,
+    budget_mode: str = "paper",
 ) -> list[Job]:
-    """Validate names, parameters and budgets; one job per method × budget (one for budget-free)."""
+    """Validate names, parameters and budgets; one job per method × budget (one for budget-free),
+    each budget mapped by ``budget_mode``."""
     params = params or {}
     for name in params:
         if name != "*" and name not in methods:
@@ -110,8 +148,8 @@ def plan_jobs(
         if cls.uses_budget and not budgets:
             raise UsageError(f"`{name}` needs a budget; give --budget or --budgets.")
         for budget in method_budgets:
-            make_method(name, budget, **own)  # raises ParameterError with the parameter's name
-            jobs.append(Job(name, budget, own))
+            make_method(name, budget, budget_mode=budget_mode, **own)  # names a bad parameter
+            jobs.append(Job(name, budget, own, budget_mode))
     uses_budget = any(job.budget is not None for job in jobs)
     for budget in budgets if uses_budget else []:  # after names and parameters: those say more
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
@@ -168,19 +206,12 @@ def compare(
     softmax_scale = qkv.scale(config.scale)
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise UsageError(f"--scale must be a positive number; got {softmax_scale}.")
-    jobs = plan_jobs(list(methods), list(budgets), params, qkv.k.shape[-2])
+    jobs = plan_jobs(list(methods), list(budgets), params, qkv.k.shape[-2], config.budget_mode)
 
     ref_inputs = qkv.to(device, torch.float64)
+    plan = resolve_reference(config.reference, qkv.shape)
     try:
-        reference = exact_attention(
-            ref_inputs.q, ref_inputs.k, ref_inputs.v, softmax_scale, causal=causal
-        )
-        norms = None
-        if config.bound:
-            norms = (
-                attention_spectral_norm(ref_inputs.q, ref_inputs.k, softmax_scale, causal=causal),
-                spectral_norm(ref_inputs.v),
-            )
+        reference = _Reference.compute(ref_inputs, softmax_scale, causal, plan.rows, config)
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
@@ -196,9 +227,11 @@ def compare(
     report = RunReport(
         environment=env,
         input=describe_input(qkv, softmax_scale, causal),
-        floors=floors(reference, ref_inputs.v, causal, norms),
+        floors=floors(reference, ref_inputs.v, causal),
+        reference=reference.info(str(parse_reference(config.reference)), config.seed),
     )
-    mean_floor = report.floors.mean_floor()
+    primary = report.reference.primary_metric  # rel_frobenius under a row sample
+    mean_floor = report.floors.mean_floor(primary)
     del ref_inputs
     if on_start:
         on_start(report)
@@ -214,17 +247,16 @@ def compare(
     total = sum(len(seed_list) if get_method_class(j.method).randomized else 1 for j in jobs)
     done = 0
     for job in jobs:
-        method = make_method(job.method, job.budget, **job.params)
+        method = make_method(job.method, job.budget, budget_mode=job.budget_mode, **job.params)
         job_seeds = seed_list if method.randomized else seed_list[:1]
+        paid = _Paid.of(method, work, causal)
         method_time: Timing | _Failed | None = None
         for run_seed in job_seeds:
             if stopping():
                 break
             if on_progress:
                 on_progress(done, total, f"{job.method} budget={job.budget} seed={run_seed}")
-            outcome = _run_one(
-                method, work, reference, softmax_scale, causal, run_seed, device, norms
-            )
+            outcome = _run_one(method, work, reference, softmax_scale, causal, run_seed, device)
             time = None
             if config.timing and outcome.status == "ok":
                 if method_time is None:
@@ -236,8 +268,8 @@ def compare(
                     outcome = replace(outcome, status=method_time.status, reason=method_time.reason)
             beats = None
             if method.role != "baseline":
-                beats = beats_floor(outcome.error("rel_spectral"), mean_floor)
-            record = _record(method, run_seed, outcome, time, beats, env)
+                beats = beats_floor(outcome.error(primary), mean_floor)
+            record = _record(method, run_seed, outcome, time, beats, env, paid)
             report.results.append(record)
             if on_result:
                 on_result(record)
@@ -341,7 +373,29 @@ def _generator(device: torch.device, run_seed: int, name: str) -> torch.Generato
     return torch.Generator(device=device).manual_seed(derive_seed(run_seed, name))
 
 
-def _record(method: AttentionMethod, run_seed, outcome: _Outcome, time, beats, env) -> Result:
+@dataclass(frozen=True)
+class _Paid:
+    """What one call of a method pays on this input: keys per query, and exact attention's FLOPs
+    at the same shape (causal-aware), the denominator of ``flops_fraction``."""
+
+    keys_per_query: float | None
+    exact_flops: float
+
+    @classmethod
+    def of(cls, method: AttentionMethod, work: QKV, causal: bool) -> _Paid:
+        b, h, n_q, d = work.q.shape
+        n_k, d_v = work.k.shape[-2], work.v.shape[-1]
+        keys = method.paid_keys(n_q, n_k, causal)
+        exact = method_of_role("reference")().cost(b, h, n_q, n_k, d, d_v, causal)
+        return cls(keys if math.isfinite(keys) else None, exact)
+
+    def fraction(self, flops: float | None) -> float | None:
+        return None if flops is None or self.exact_flops <= 0 else flops / self.exact_flops
+
+
+def _record(
+    method: AttentionMethod, run_seed, outcome: _Outcome, time, beats, env, paid: _Paid
+) -> Result:
     return Result(
         method=method.name,
         budget=method.budget,
@@ -356,10 +410,13 @@ def _record(method: AttentionMethod, run_seed, outcome: _Outcome, time, beats, e
         flops=outcome.flops,
         beats_mean_floor=beats,
         environment=env,
+        keys_per_query=paid.keys_per_query,
+        flops_fraction=paid.fraction(outcome.flops),
+        budget_mode=method.budget_mode,
     )
 
 
-def _run_one(method, work: QKV, reference, scale, causal, run_seed, device, norms) -> _Outcome:
+def _run_one(method, work: QKV, reference: _Reference, scale, causal, run_seed, device) -> _Outcome:
     reasons = method.not_supported_reasons(work.q, work.k, work.v, causal)
     if reasons:
         return _Outcome("unsupported", "; ".join(reasons))
@@ -382,7 +439,7 @@ def _run_one(method, work: QKV, reference, scale, causal, run_seed, device, norm
         if is_out_of_memory(exc):
             return _Outcome("oom", _first_line(exc), flops=flops)
         return _Outcome("error", f"{type(exc).__name__}: {_first_line(exc)}", flops=flops)
-    expected = (*reference.shape[:-1], reference.shape[-1])
+    expected = (*work.q.shape[:-1], work.v.shape[-1])
     if tuple(out.shape) != expected:
         return _Outcome(
             "error", f"returned shape {tuple(out.shape)}; expected {expected}", flops=flops
@@ -390,17 +447,87 @@ def _run_one(method, work: QKV, reference, scale, causal, run_seed, device, norm
     bad = int((~torch.isfinite(out)).sum())
     if bad:
         return _Outcome("error", f"non-finite output: {bad} NaN or infinite values", flops=flops)
-    return _Outcome(
-        errors=_summaries(slice_errors(out, reference, **_norm_kwargs(norms))), flops=flops
-    )
-
-
-def _norm_kwargs(norms) -> dict[str, torch.Tensor]:
-    return {"attention_norm": norms[0], "value_norm": norms[1]} if norms else {}
+    return _Outcome(errors=reference.errors(out), flops=flops)
 
 
 def _summaries(errors: dict[str, torch.Tensor]) -> dict[str, Summary]:
     return {name: Summary.of(values.reshape(-1).tolist()) for name, values in errors.items()}
+
+
+# Why a row sample leaves a metric out (the record's ``note``).
+NOT_UNDER_ROWS = {
+    "rel_spectral": "not available under a row-sampled reference: ‖Õ − O‖₂ is an operator norm "
+    "of the whole error matrix, which no sample of its rows bounds (--reference full measures it)",
+    "bound_normalized": "not available under a row-sampled reference: it needs ‖Õ − O‖₂ and "
+    "‖D⁻¹A‖₂ of every row (--reference full measures it)",
+}
+ROWS_SEED_NAME = "reference/rows"  # the row sample's seed derives from the run seed and this
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """What every output is measured against: the exact float64 output of every query, or of a
+    row sample (``RowSample``), and for ``bound_normalized`` the pair (‖D⁻¹A‖₂, ‖V‖₂)."""
+
+    exact: torch.Tensor | RowSample
+    norms: tuple[torch.Tensor, torch.Tensor] | None = None
+    bound: bool = False  # bound_normalized was asked for
+
+    @classmethod
+    def compute(cls, inputs: QKV, scale, causal, rows: int | None, config: RunConfig) -> _Reference:
+        """Every row (``rows`` None), or ``rows`` query rows drawn with a seed from the run's."""
+        q, k, v = inputs.q, inputs.k, inputs.v
+        if rows is not None:
+            seed = derive_seed(config.seed, ROWS_SEED_NAME)
+            return cls(sample_rows(q, k, v, scale, rows, seed, causal=causal), bound=config.bound)
+        norms = None
+        if config.bound:
+            norms = (
+                attention_spectral_norm(q, k, scale, causal=causal),
+                spectral_norm(v),
+            )
+        return cls(exact_attention(q, k, v, scale, causal=causal), norms, config.bound)
+
+    @property
+    def n_q(self) -> int:
+        return self.exact.n_q if isinstance(self.exact, RowSample) else self.exact.shape[-2]
+
+    def info(self, requested: str, run_seed: int) -> ReferenceInfo:
+        if not isinstance(self.exact, RowSample):
+            return ReferenceInfo("full", requested=requested)
+        rows = self.exact.count
+        return ReferenceInfo("rows", rows, run_seed, requested, "bootstrap", BOOTSTRAP_DRAWS, LEVEL)
+
+    def errors(self, out: torch.Tensor) -> dict[str, Summary]:
+        """The errors of a full output (b, h, n_q, d_v), one ``Summary`` per metric."""
+        if not isinstance(self.exact, RowSample):
+            kwargs = {}
+            if self.norms is not None:
+                kwargs = {"attention_norm": self.norms[0], "value_norm": self.norms[1]}
+            return _summaries(slice_errors(out, self.exact, **kwargs))
+        errors = _row_summaries(self.exact.estimate(out))
+        if self.bound:
+            errors["bound_normalized"] = Summary.unavailable(NOT_UNDER_ROWS["bound_normalized"])
+        return errors
+
+
+def _row_summaries(estimate: RowEstimate) -> dict[str, Summary]:
+    """A row sample's estimates as records: rel_frobenius with its interval (of the slice-mean and
+    of each slice), max_row_rel as a lower bound, rel_spectral absent with the reason."""
+    frobenius = Summary.of(estimate.rel_frobenius.reshape(-1).tolist())
+    interval = Interval(
+        estimate.mean_low,
+        estimate.mean_high,
+        tuple(estimate.low.reshape(-1).tolist()),
+        tuple(estimate.high.reshape(-1).tolist()),
+        LEVEL,
+    )
+    worst = Summary.of(estimate.max_row_rel.reshape(-1).tolist())
+    return {
+        "rel_spectral": Summary.unavailable(NOT_UNDER_ROWS["rel_spectral"]),
+        "rel_frobenius": replace(frobenius, interval=interval),
+        "max_row_rel": replace(worst, lower_bound=True),
+    }
 
 
 @dataclass(frozen=True)
@@ -425,26 +552,70 @@ def _time_method(method, work, scale, config: RunConfig, run_seed, device) -> Ti
             method(work.q, work.k, work.v, scale=scale, causal=config.causal, generator=generator)
 
     try:
-        return time_call(call, device, repeats=config.repeats, warmup=config.warmup)
+        return time_call(
+            call, device, repeats=config.repeats, warmup=config.warmup, min_time=config.min_time
+        )
     except Exception as exc:  # the timing pass is as fault-tolerant as the correctness pass
         return _Failed.of(exc, "timing")
 
 
-def _time_exact(work: QKV, scale, config: RunConfig, device) -> Timing | _Failed:
+def _time_exact(
+    work: QKV,
+    scale,
+    config: RunConfig,
+    device,
+    *,
+    limit_flops: float | None = None,
+    rows: int | None = None,
+) -> Timing | _Failed:
+    """SDPA's time on ``work``: in full while its cost is at most ``limit_flops`` (default
+    ``EXACT_TIMING_LIMIT_FLOPS`` of the device), else extrapolated from R = min(rows, n_q) rows
+    (default ``EXTRAPOLATION_ROWS``).
+
+    The time of exact attention is linear in its query rows, so T(n_q) ≈ T(R) · n_q/R.  Causal:
+    the R rows run non-causally against all n_k keys and the time is scaled by the causal
+    fraction (n_k + 1)/(2 n_k) too, the share of the products a causal kernel computes; R rows
+    of the causal matrix would not do, as the last rows cost more than the first.
+    """
     exact = method_of_role("reference")()
+    b, h, n_q, d = work.q.shape
+    n_k, d_v, causal = work.k.shape[-2], work.v.shape[-1], bool(config.causal)
+    if limit_flops is None:
+        limit_flops = EXACT_TIMING_LIMIT_FLOPS.get(device.type, EXACT_TIMING_LIMIT_FLOPS["cpu"])
+    rows = EXTRAPOLATION_ROWS if rows is None else rows
+    part = n_q
+    if exact.cost(b, h, n_q, n_k, d, d_v, causal) > limit_flops:
+        part = min(rows, n_q)
+    q = work.q if part == n_q else work.q[..., :part, :].contiguous()
+    masked = causal and part == n_q
     try:  # at least two warm-up calls: the first SDPA calls of a process set up thread buffers
-        return time_call(
-            lambda: exact(work.q, work.k, work.v, scale=scale, causal=config.causal),
+        timing = time_call(
+            lambda: exact(q, work.k, work.v, scale=scale, causal=masked),
             device,
             repeats=config.repeats,
             warmup=max(config.warmup, 2),
+            min_time=config.min_time,
         )
     except Exception as exc:
         return _Failed.of(exc, "timing exact attention")
+    if part == n_q:
+        return timing
+    fraction = (n_k + 1) / (2 * n_k) if causal else 1.0
+    return timing.extrapolated(n_q / part * fraction, part)
 
 
 def _time_stat(timing: Timing) -> TimeStat:
-    return TimeStat(timing.median, timing.iqr, timing.repeats, timing.peak_memory_bytes)
+    return TimeStat(
+        timing.median,
+        timing.iqr,
+        timing.repeats,
+        timing.peak_memory_bytes,
+        calls_per_sample=timing.calls_per_sample,
+        memory_source=timing.memory_source,
+        min_time=timing.min_time,
+        extrapolated=timing.extrapolated_rows is not None,
+        extrapolated_rows=timing.extrapolated_rows,
+    )
 
 
 def _result_time(method_time: Timing | _Failed, exact_time: Timing | _Failed | None) -> ResultTime:
@@ -459,15 +630,14 @@ def _result_time(method_time: Timing | _Failed, exact_time: Timing | _Failed | N
     )
 
 
-def floors(reference: torch.Tensor, v64: torch.Tensor, causal: bool, norms) -> Floors:
-    """Errors of the two trivial answers: the mean of V for every query, and zeros."""
+def floors(reference: _Reference, v64: torch.Tensor, causal: bool) -> Floors:
+    """Errors of the two trivial answers: the mean of V for every query, and zeros (under a row
+    sample, on the same rows as every method)."""
     mean_out = method_of_role("baseline")()(
-        v64.new_zeros(*reference.shape[:-1], 1), v64, v64, causal=causal
+        v64.new_zeros(*v64.shape[:-2], reference.n_q, 1), v64, v64, causal=causal
     )
-    kwargs = _norm_kwargs(norms)
     return Floors(
-        mean=_summaries(slice_errors(mean_out, reference, **kwargs)),
-        zero=_summaries(slice_errors(torch.zeros_like(reference), reference, **kwargs)),
+        mean=reference.errors(mean_out), zero=reference.errors(torch.zeros_like(mean_out))
     )
 
 

@@ -33,7 +33,7 @@ TargetError = Annotated[
     typer.Option(
         "--target-error",
         help="Also show each method's cheapest setting (fewest FLOPs, then time) whose seed-mean "
-        "rel_spectral is at most this.",
+        "rel_spectral (rel_frobenius under --reference rows:R) is at most this.",
     ),
 ]
 Params = Annotated[

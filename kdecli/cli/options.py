@@ -88,6 +88,19 @@ OPTIONS: dict[str, Opt] = {
     ),  # fmt: skip
     "repeats": Opt(("--repeats",), int, 3, "Timed calls per method (median reported)."),
     "warmup": Opt(("--warmup",), int, 1, "Untimed calls before timing."),
+    "min_time": Opt(
+        ("--min-time",),
+        float,
+        0.2,
+        "Seconds of timed calls per setting at least, beside --repeats (0: exactly --repeats).",
+    ),
+    "budget_mode": Opt(
+        ("--budget-mode",),
+        str,
+        "paper",
+        "paper: each method maps the budget as its paper does; keys: every method pays m keys "
+        "or features per query.",
+    ),
     "bound": Opt(
         ("--bound",),
         bool,
@@ -95,6 +108,14 @@ OPTIONS: dict[str, Opt] = {
         "Add bound_normalized = ‖Õ−O‖₂/(‖D⁻¹A‖₂‖V‖₂) (power iteration: several exact passes).",
     ),
     "timing": Opt(("--timing/--no-timing",), bool, True, "Time methods against exact attention."),
+    "reference": Opt(
+        ("--reference",),
+        str,
+        "auto",
+        "full | rows:R | auto. rows:R: exact outputs of R seeded query rows only; errors become "
+        "estimates with 95 % intervals (no rel_spectral). auto: full while it takes about a "
+        "minute on a 2-core CPU, else rows:4096.",
+    ),
     # output: where and how
     "fmt": Opt(("--format", "-f"), str, "table", "table | json | jsonl | csv."),
     "output": Opt(("--output", "-o"), Optional[Path], None, "Write the results to FILE."),

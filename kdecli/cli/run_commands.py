@@ -41,6 +41,7 @@ def _run(
 ) -> None:
     # everything that can be refused is refused before any output is opened
     c.check_format(out.fmt, FORMATS)
+    run.check()  # a bad --reference or --seeds fails before the input is read
     columns = parse_columns(out.columns)
     c.check_output(out.output)
     if target_error is not None:
