@@ -45,3 +45,28 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise UsageError(f"--device must be auto, cpu or cuda[:i]; got {name!r}.")
     return device
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes a new allocation can take on ``device`` now, or None when it cannot be told.
+
+    CUDA: the driver's free memory (``torch.cuda.mem_get_info``).  CPU: the kernel's
+    ``MemAvailable`` (free memory plus what it can reclaim without swapping: what a process can
+    allocate before the OOM killer acts), else the free physical pages.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -604,7 +604,8 @@ def _time_exact(
     return timing.extrapolated(n_q / part * fraction, part)
 
 
-def _time_stat(timing: Timing) -> TimeStat:
+def time_stat(timing: Timing) -> TimeStat:
+    """The record of a ``Timing``: what JSON keeps of it."""
     return TimeStat(
         timing.median,
         timing.iqr,
@@ -622,11 +623,11 @@ def _result_time(method_time: Timing | _Failed, exact_time: Timing | _Failed | N
     if isinstance(method_time, _Failed):
         return ResultTime(None, None, None, note=method_time.reason)
     if isinstance(exact_time, _Failed):
-        return ResultTime(_time_stat(method_time), None, None, note=exact_time.reason)
+        return ResultTime(time_stat(method_time), None, None, note=exact_time.reason)
     if exact_time is None:
-        return ResultTime(_time_stat(method_time), None, None)
+        return ResultTime(time_stat(method_time), None, None)
     return ResultTime(
-        _time_stat(method_time), _time_stat(exact_time), exact_time.median / method_time.median
+        time_stat(method_time), time_stat(exact_time), exact_time.median / method_time.median
     )
 
 

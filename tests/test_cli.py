@@ -210,5 +210,6 @@ def test_methods_and_commands_are_listed_in_their_documented_order():
         "report",
         "capture",
         "drift",
+        "scale",
         "download-glove",
     ]

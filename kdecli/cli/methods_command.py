@@ -72,8 +72,13 @@ def _render(console: Console, e: dict, detailed: bool) -> None:
     console.print(f"  paper: {e['paper']}", highlight=False)
     console.print(f"  budget: {e['budget']}", highlight=False)
     if "params_at_budget" in e:
-        mapped = " ".join(f"{k}={v}" for k, v in e["params_at_budget"].items())
-        console.print(f"  at budget: {mapped}", highlight=False)
+        for mode, key in (("paper", "params_at_budget"), ("keys", "params_at_keys")):
+            mapped = " ".join(f"{k}={v}" for k, v in e[key].items())
+            paid = e.get("keys_per_query", {}).get(mode)
+            on_input = "" if paid is None else f"  ({paid:.4g} keys per query on this input)"
+            console.print(
+                f"  at budget (--budget-mode {mode}): {mapped}{on_input}", highlight=False
+            )
     console.print(f"  {', '.join(flags)}", highlight=False)
     if e["cost"]:
         console.print(f"  cost model: {e['cost']}", highlight=False)

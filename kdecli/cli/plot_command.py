@@ -9,6 +9,7 @@ import typer
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
+from kdecli.errors import UsageError
 from kdecli.plot import load_results, plot_reports
 
 
@@ -36,7 +37,7 @@ def plot_command(
     x: str = typer.Option(
         "budget",
         "--x",
-        help="budget | time | flops, or several comma-separated (one panel each); or layer (runs over a capture's layers).",
+        help="budget | time | flops, or several comma-separated (one panel each); or layer (runs over a capture's layers); or n (a `kdecli scale` document).",
     ),
     y: str = typer.Option(
         "rel_spectral",
@@ -47,7 +48,17 @@ def plot_command(
     *,
     out: OutputOptions,
 ) -> None:
-    """Draw error against budget, time or FLOPs: one line per method, seeds as a band, floors."""
+    """Draw error against budget, time or FLOPs: one line per method, seeds as a band, floors.
+    A `kdecli scale` document (or --x n) draws time and error against n on log axes."""
+    from kdecli.plot_scale import is_scale_document, load_scale, plot_scale
+
+    if x == "n" or is_scale_document(results[0]):
+        if len(results) != 1 or not is_scale_document(results[0]):
+            raise UsageError("--x n draws one `kdecli scale --format json` document.")
+        path = out.output if out.output is not None else default_image(results[0], "n", "time")
+        written = plot_scale(load_scale(results[0]), path)
+        c.note(f"Wrote {written}.", out.quiet)
+        return
     path = out.output if out.output is not None else default_image(results[0], x, y)
     docs = [load_results(file) for file in results]
     written = plot_reports(docs, path, x=x, y=y, names=[file.name for file in results])

@@ -62,7 +62,7 @@ from kdecli.hf.text import (
 )
 from kdecli.methods import AttentionMethod, get_method_class, make_method, method_of_role
 from kdecli.results import ResultTime, TimeStat
-from kdecli.runner import environment
+from kdecli.runner import environment, time_stat
 from kdecli.timing import Timing, time_call
 
 Progress = Callable[[int, int, str], None]
@@ -365,7 +365,7 @@ def _time_forward(model, chunk, patch: Patch | None, repeats, warmup, enabled):
                 timing = time_call(call, chunk.device, repeats=repeats, warmup=warmup)
     except Exception as exc:
         return _failure(exc)[1]
-    return TimeStat(timing.median, timing.iqr, timing.repeats, timing.peak_memory_bytes)
+    return time_stat(timing)
 
 
 def _result(setting: Setting, causal_lm: bool, timed, exact_time) -> DriftResult:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from kdecli.errors import ParameterError
+from kdecli.methods.common import working_dtype
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ def _convert(kind: type, value: Any) -> Any:
 
 
 ROLES = ("reference", "baseline", "approximation", "oracle")
+BUDGET_MODES = ("paper", "keys")  # how a budget m maps onto parameters (``budget_mapping``)
 CAUSAL_MODES = ("native", "decomposition", "none")
 
 
@@ -146,7 +148,10 @@ class AttentionMethod:
                                     override it from its configuration)
 
     Class methods:
-      params_for_budget(budget)  -- the budget's mapping onto the parameters
+      params_for_budget(budget)  -- the budget's mapping onto the parameters (``budget_mode``
+                                    "paper": each paper's own reading of m)
+      params_for_keys(m)         -- the mapping under ``budget_mode`` "keys": every method pays
+                                    m keys (or features) per query, ``keys_per_query`` ≈ m
       exact_limit(n_q, n_k)      -- the parameters under which the method is exact (up to
                                     rounding) on inputs of that size, causal or not, whatever the
                                     budget and the other parameters: ``cls(budget, **limit)``
@@ -190,7 +195,7 @@ class AttentionMethod:
         """Analysis only (reads the exact attention matrix); the JSON field of the same name."""
         return self.role == "oracle"
 
-    def __init__(self, budget: int | None = None, **overrides: Any):
+    def __init__(self, budget: int | None = None, *, budget_mode: str = "paper", **overrides: Any):
         known = {p.name: p for p in self.params}
         for key in overrides:
             if key not in known:
@@ -207,10 +212,16 @@ class AttentionMethod:
                 raise ParameterError(
                     f"{self.name}: `budget` must be an integer >= 1; got {budget!r}."
                 )
+        if budget_mode not in BUDGET_MODES:
+            raise ParameterError(
+                f"{self.name}: `budget_mode` must be one of {', '.join(BUDGET_MODES)}; "
+                f"got {budget_mode!r}."
+            )
         self.budget = budget if self.uses_budget else None
+        self.budget_mode = budget_mode
         resolved = {p.name: p.default for p in self.params}
         if self.budget is not None:
-            resolved.update(self.params_for_budget(self.budget))
+            resolved.update(self.budget_mapping(self.budget, budget_mode))
         resolved.update(overrides)  # an explicit parameter always wins over the budget mapping
         self.config: dict[str, Any] = {
             name: known[name].coerce(self.name, value) for name, value in resolved.items()
@@ -222,6 +233,17 @@ class AttentionMethod:
     def params_for_budget(cls, budget: int) -> dict[str, Any]:
         """Map the shared budget onto this method's parameters (before explicit overrides)."""
         return {}
+
+    @classmethod
+    def params_for_keys(cls, budget: int) -> dict[str, Any]:
+        """The mapping under which a query pays ``budget`` keys or features (``keys_per_query``).
+        By default the paper mapping: right for a method whose budget already counts them."""
+        return cls.params_for_budget(budget)
+
+    @classmethod
+    def budget_mapping(cls, budget: int, mode: str = "paper") -> dict[str, Any]:
+        """``params_for_budget`` (mode "paper") or ``params_for_keys`` (mode "keys")."""
+        return cls.params_for_keys(budget) if mode == "keys" else cls.params_for_budget(budget)
 
     @classmethod
     def exact_limit(cls, n_q: int, n_k: int) -> dict[str, Any] | None:
@@ -270,6 +292,21 @@ class AttentionMethod:
         """Pieces of at most this many positions are computed exactly by the decomposition."""
         return int(self.config["causal_leaf"])
 
+    def keys_per_query(self, n_q: int, n_k: int, causal: bool = False) -> float:
+        """Keys (or random features, or landmarks) one query pays for, on average, in a call on
+        n_q × n_k inputs; ``causal`` only for a native causal mode (the decomposition's average
+        is ``paid_keys``'s).  NaN where the method does not say."""
+        return float("nan")
+
+    def paid_keys(self, n_q: int, n_k: int, causal: bool) -> float:
+        """``keys_per_query`` of one call as it will run: averaged over the decomposition's
+        levels when causal, as ``cost`` is."""
+        if causal and self.causal_mode == "decomposition" and n_q == n_k:
+            from kdecli.methods.causal import decomposed_keys_per_query
+
+            return decomposed_keys_per_query(self, n_q)
+        return self.keys_per_query(n_q, n_k, causal)
+
     def cost(self, b: int, h: int, n_q: int, n_k: int, d: int, d_v: int, causal: bool) -> float:
         """``flops`` of one call as it will run: through the decomposition's levels when causal."""
         if causal and self.causal_mode == "decomposition" and n_q == n_k:
@@ -293,7 +330,56 @@ class AttentionMethod:
         if causal and n_q != n_k:
             reasons.append(f"causal attention needs n_q == n_k; got n_q={n_q}, n_k={n_k}")
         reasons += self.input_reasons(n_q, n_k, d, d_v, causal)
+        if not reasons:
+            reasons += self.memory_reasons(q, k, v, causal)
         return reasons
+
+    def memory_reasons(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+    ) -> list[str]:
+        """Why the call would not fit: its estimated memory against what the device has free, so
+        that a run says so before it starts instead of meeting the OOM killer half way."""
+        from kdecli.devices import available_memory
+
+        b, h, n_q, d = q.shape
+        n_k, d_v = k.shape[-2], v.shape[-1]
+        itemsize = torch.empty((), dtype=working_dtype(q.dtype)).element_size()
+        needed = self.call_memory(b, h, n_q, n_k, d, d_v, itemsize, causal)
+        if needed is None:
+            return []
+        free = available_memory(q.device)
+        if free is None or needed <= free:
+            return []
+        return [
+            f"its estimated memory, {needed / 2**30:.1f} GiB for this call, exceeds the "
+            f"{free / 2**30:.1f} GiB available on {q.device.type}"
+        ]
+
+    def memory_bytes(
+        self, b: int, h: int, n_q: int, n_k: int, d: int, d_v: int, itemsize: int
+    ) -> float | None:
+        """Estimated peak memory of one non-causal call beyond its inputs, in bytes (working
+        dtype of ``itemsize`` bytes); an upper estimate checked against measured RSS in
+        tests/test_memory.py.  None: not modelled (no check)."""
+        return None
+
+    def call_memory(
+        self,
+        b: int,
+        h: int,
+        n_q: int,
+        n_k: int,
+        d: int,
+        d_v: int,
+        itemsize: int,
+        causal: bool,
+    ) -> float | None:
+        """``memory_bytes`` as the call will run: the decomposition holds one level's full blocks
+        (n/2 queries in all) plus the partial outputs and row sums it merges."""
+        base = self.memory_bytes(b, h, n_q, n_k, d, d_v, itemsize)
+        if base is None or not (causal and self.causal_mode == "decomposition"):
+            return base
+        return base + 4 * itemsize * b * h * n_q * (d_v + 1)
 
     def __call__(
         self,

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from kdecli.methods.base import BUDGET_MODES
 from kdecli.methods.registry import get_method_class, method_names
 
 
@@ -18,18 +19,26 @@ def describe_methods(
     budget: int | None = None,
     causal: bool = False,
 ) -> list[dict[str, Any]]:
-    """One dict per method (all registered ones by default).  Given inputs (and a budget), each
-    dict also holds ``reasons``: why the method, built at that budget, cannot run on them."""
+    """One dict per method (all registered ones by default).  Given a budget, each dict holds
+    its parameters under both budget modes (``params_at_budget``: "paper", ``params_at_keys``:
+    "keys"); given inputs, also ``reasons``: why the method, built at that budget, cannot run on
+    them, and ``keys_per_query`` under each mode on those inputs."""
     entries = []
     for name in names or method_names():
         cls = get_method_class(name)
         entry = cls.describe()
         if budget is not None and cls.uses_budget:
-            entry["params_at_budget"] = {
-                p.name: p.default for p in cls.params
-            } | cls.params_for_budget(budget)
+            defaults = {p.name: p.default for p in cls.params}
+            entry["params_at_budget"] = defaults | cls.budget_mapping(budget, "paper")
+            entry["params_at_keys"] = defaults | cls.budget_mapping(budget, "keys")
         if q is not None:
             method = cls(budget if cls.uses_budget else None)
             entry["reasons"] = method.not_supported_reasons(q, k, v, causal)
+            if cls.uses_budget and budget is not None:
+                n_q, n_k = q.shape[-2], k.shape[-2]
+                entry["keys_per_query"] = {
+                    mode: cls(budget, budget_mode=mode).paid_keys(n_q, n_k, causal)
+                    for mode in BUDGET_MODES
+                }
         entries.append(entry)
     return entries

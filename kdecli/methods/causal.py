@@ -118,6 +118,16 @@ def decomposed_flops(method, b: int, h: int, n: int, d: int, d_v: int) -> float:
     return total + b * h * pieces * size * (size + 1) / 2 * (2 * d + 2 * d_v + 1)
 
 
+def decomposed_keys_per_query(method, n: int) -> float:
+    """Keys a query pays for in ``decomposed_causal``, averaged over the n queries: at each level
+    the queries of the full blocks (half of all positions) pay the method's non-causal
+    ``keys_per_query`` on a size × size block; a leaf of s positions averages (s + 1)/2 exact keys."""
+    pieces, size = leaf_count(n, method.causal_leaf())
+    positions = pieces * size  # n, or a little more where odd pieces were padded
+    paid = sum(p * s * method.keys_per_query(s, s) for p, s in full_blocks(n, method.causal_leaf()))
+    return paid / positions + (size + 1) / 2
+
+
 def full_blocks(n: int, leaf: int) -> list[tuple[int, int]]:
     """(pieces, size) of the full blocks at each level of the recursion on n positions: the
     method's work, level by level (its cost model sums the method's cost over these)."""

@@ -23,7 +23,9 @@ class Exact(AttentionMethod):
     role = "reference"
     uses_budget = False
     supports_causal = True
-    cost_help = "4·n_q·n_k·d (logits and A·V), plus n_q·n_k exponentials."
+    cost_help = (
+        "4·n_q·n_k·d (logits and A·V), plus n_q·n_k exponentials; causal: (n + 1)/(2n) of that."
+    )
 
     @classmethod
     def exact_limit(cls, n_q, n_k):
@@ -32,8 +34,21 @@ class Exact(AttentionMethod):
     def forward(self, q, k, v, scale, generator, causal):
         return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal)
 
+    def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
+        # SDPA's fused kernels (it gets no mask, only is_causal) keep O(n·d): the output, the row
+        # statistics and a copy of the inputs (measured: 20 MiB at n = 65536, float32).
+        return float(b * h * itemsize * (n_q * (d_v + 2) + 2 * (n_q + n_k) * d))
+
     def flops(self, b, h, n_q, n_k, d, d_v):
         return float(b * h * (2 * n_q * n_k * d + 2 * n_q * n_k * d_v + n_q * n_k))
+
+    def cost(self, b, h, n_q, n_k, d, d_v, causal):
+        # causal SDPA skips the blocks above the diagonal: query i computes i + 1 keys
+        full = self.flops(b, h, n_q, n_k, d, d_v)
+        return full * (n_k + 1) / (2 * n_k) if causal else full
+
+    def keys_per_query(self, n_q, n_k, causal=False):
+        return (n_k + 1) / 2 if causal else float(n_k)  # every key; causal: those up to i
 
 
 @register
@@ -63,5 +78,11 @@ class Mean(AttentionMethod):
             return v.cumsum(-2) / counts.unsqueeze(-1)
         return v.mean(dim=-2, keepdim=True).expand(b, h, n_q, v.shape[-1]).clone()
 
+    def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
+        return float(b * h * itemsize * (n_q + n_k) * d_v)  # the output (causal: the cumsum)
+
     def flops(self, b, h, n_q, n_k, d, d_v):
         return float(b * h * n_k * d_v)
+
+    def keys_per_query(self, n_q, n_k, causal=False):
+        return 0.0  # one mean for all queries: no query pays for any key of its own

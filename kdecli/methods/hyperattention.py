@@ -69,6 +69,18 @@ class HyperAttention(AttentionMethod):
         return {"block_size": max(1, budget // 2), "samples": budget}
 
     @classmethod
+    def params_for_keys(cls, budget):
+        # block + samples = m, as kdeformer's
+        block = max(1, budget // 3)
+        return {"block_size": block, "samples": max(1, budget - block)}
+
+    def keys_per_query(self, n_q, n_k, causal=False):
+        # below min_seq_len the block is exact (every key); otherwise the block and every sample
+        if n_k < self.config["min_seq_len"]:
+            return float(n_k)
+        return float(min(self.config["block_size"], n_k) + self.config["samples"])
+
+    @classmethod
     def exact_limit(cls, n_q, n_k):
         # One block holds every key, so every sample is masked out; causal: no split at all.
         return {"block_size": n_k}
@@ -94,6 +106,19 @@ class HyperAttention(AttentionMethod):
         # Below block_size every piece would be exact anyway (one block holds all its keys), so
         # stop there too: the same result without recursing down to single rows.
         return max(self.config["min_seq_len"], self.config["block_size"])
+
+    def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
+        # softmax_part keeps the logits and their exponentials for the block (B) and the samples
+        # (m), and each part's output before the merge.
+        cfg = self.config
+        if n_k < cfg["min_seq_len"]:
+            from kdecli.methods.causal import EXACT_CHUNK_ELEMENTS
+
+            return float(3 * itemsize * EXACT_CHUNK_ELEMENTS + b * h * n_q * itemsize * 2 * d_v)
+        block, m = min(cfg["block_size"], n_k), cfg["samples"]
+        per_query = itemsize * (2 * block + 2 * m + 2 * d + 4 * d_v + 4) + 16
+        per_key = itemsize * (2 * d + 2 * d_v) + 16
+        return float(b * h * (n_q * per_query + n_k * per_key))
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         cfg = self.config

@@ -67,6 +67,17 @@ class KDEformer(AttentionMethod):
         return {"block_size": max(1, budget // 2), "samples": budget, "causal_leaf": budget}
 
     @classmethod
+    def params_for_keys(cls, budget):
+        # block + samples = m, a third in the block as in the paper's m/2 : m
+        block = max(1, budget // 3)
+        return {"block_size": block, "samples": max(1, budget - block), "causal_leaf": budget}
+
+    def keys_per_query(self, n_q, n_k, causal=False):
+        # A query computes its whole block and every sample (an in-block sample is masked, not
+        # skipped), so it pays block + samples even where that exceeds n_k.
+        return float(min(self.config["block_size"], n_k) + self.config["samples"])
+
+    @classmethod
     def exact_limit(cls, n_q, n_k):
         # One block holds every key: the block sum is the whole row, every sample is masked out.
         # Causal: every full block is smaller than n_k, so one block holds its keys too.
@@ -102,6 +113,15 @@ class KDEformer(AttentionMethod):
         index = torch.multinomial(flat, m, replacement=True, generator=generator).view(b, h, m)
         weight = 1.0 / (m * torch.gather(probs, -1, index))
         return index, weight.to(v.dtype)
+
+    def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
+        # Per query: its block's logits (B), the sample logits (m), the sorted copy, the
+        # numerator; per key: sorted keys and values, the probabilities; int64 sort orders.
+        cfg = self.config
+        block, m = min(cfg["block_size"], n_k), cfg["samples"]
+        per_query = itemsize * (block + m + 2 * d + 2 * d_v + 4) + 16
+        per_key = itemsize * (2 * d + 2 * d_v + 4) + 16
+        return float(b * h * (n_q * per_query + n_k * per_key))
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         cfg = self.config

@@ -64,6 +64,10 @@ class Nystromformer(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"landmarks": budget, "causal_leaf": budget}
 
+    def keys_per_query(self, n_q, n_k, causal=False):
+        # a query meets the m_k landmark keys (at most one per key)
+        return float(min(self.config["landmarks"], n_k))
+
     @classmethod
     def exact_limit(cls, n_q, n_k):
         # A landmark per row: F = M = G = D⁻¹A = P, and P·P⁺·P = P with the exact pinv; causal:
@@ -92,6 +96,14 @@ class Nystromformer(AttentionMethod):
         else:
             mid_pinv = newton_schulz_pinv(mid, self.config["iterations"])
         return Partial(lse, f @ (mid_pinv @ (g @ v)))
+
+    def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
+        # F (n_q × m) and G (m × n_k) with their softmax temporaries, the landmark grids (the
+        # rows gathered per segment), M and its pseudo-inverse.
+        m = self.config["landmarks"]
+        m_q, m_k = min(m, n_q), min(m, n_k)
+        per_rows = (n_q + n_k) * (3 * max(m_q, m_k) + d) + (n_q + n_k) * d
+        return float(b * h * itemsize * (per_rows + 8 * m_q * m_k + n_q * d_v))
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         m_q, m_k = min(self.config["landmarks"], n_q), min(self.config["landmarks"], n_k)

@@ -56,9 +56,20 @@ class TopK(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"keys": budget}
 
+    def keys_per_query(self, n_q, n_k, causal=False):
+        # the m keys kept (an oracle: finding them reads every logit, as its flops say)
+        return float(min(self.config["keys"], n_k))
+
     @classmethod
     def exact_limit(cls, n_q, n_k):
         return {"keys": n_k}  # keeping every key's logit is the full softmax
+
+    def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
+        # One chunk of logits at a time (chunk_rows' budget), its copy with the kept entries and
+        # the softmax, plus the output.
+        from kdecli.reference import DEFAULT_MEMORY_BYTES
+
+        return float(2 * DEFAULT_MEMORY_BYTES + b * h * itemsize * n_q * d_v)
 
     def input_reasons(self, n_q, n_k, d, d_v, causal):
         return _too_large("topk", n_q, n_k, self.config["max_n"], "it reads all n_q·n_k logits")
@@ -111,10 +122,20 @@ class RankK(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"rank": budget, "causal_leaf": budget}
 
+    def keys_per_query(self, n_q, n_k, causal=False):
+        # a query's row of the rank-m factor: m numbers (rank ≤ min(n_q, n_k)); an oracle
+        return float(min(self.config["rank"], n_q, n_k))
+
     @classmethod
     def exact_limit(cls, n_q, n_k):
         # rank(D⁻¹A) ≤ min(n_q, n_k): nothing is truncated (causal: nor in any smaller block).
         return {"rank": min(n_q, n_k)}
+
+    def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
+        # One slice at a time: P in float64, its Gram matrix and eigenvectors (min(n_q, n_k)²
+        # each), and the float64 output of every slice.
+        small = min(n_q, n_k)
+        return float(8 * (2 * n_q * n_k + 3 * small * small) + 8 * b * h * n_q * (d_v + 1))
 
     def input_reasons(self, n_q, n_k, d, d_v, causal):
         return _too_large(

@@ -60,6 +60,11 @@ class Performer(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"features": budget}
 
+    def keys_per_query(self, n_q, n_k, causal=False):
+        # m random features whatever n_k (not capped: features are not keys); causal adds the
+        # in-chunk products with the (C + 1)/2 earlier keys of a query's chunk on average
+        return float(self.config["features"] + ((CAUSAL_CHUNK + 1) / 2 if causal else 0))
+
     @classmethod
     def exact_limit(cls, n_q, n_k):
         return None  # φ(q)·φ(k) equals e^{s q·k} only in expectation, for any finite m
@@ -86,6 +91,12 @@ class Performer(AttentionMethod):
             num = torch.einsum("bhim,bhme->bhie", qf, kv)
             out = num[..., :-1] / num[..., -1:]
         return out.to(dtype)
+
+    def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
+        # Log-features and stabilised features of every query and key (m each, with their
+        # temporaries), the (m × d_v+1) sums, the numerator.
+        m = self.config["features"]
+        return float(b * h * itemsize * ((n_q + n_k) * (4 * m + d_v + 1) + m * (d_v + 1)))
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         m = self.config["features"]

@@ -36,6 +36,7 @@ from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, deco
 from kdecli.methods.common import Workspace, gather_rows, merge_lse, pad_dim, working_dtype
 from kdecli.methods.registry import register
 
+HASH_CHUNK_ELEMENTS = 2**24  # projections held at once while hashing
 SELF_LOGIT = -1e5  # the original's mask value for a query meeting itself under shared QK
 SHARED_QK_ESTIMATES = "shared-QK attention: softmax over j ≠ i of s·q_i·q_j/‖q_j‖ (k ignored)"
 
@@ -81,6 +82,21 @@ class Reformer(AttentionMethod):
     @classmethod
     def params_for_budget(cls, budget):
         return {"chunk_size": max(1, budget // 2), "n_hashes": 8, "causal_leaf": budget}
+
+    @classmethod
+    def params_for_keys(cls, budget):
+        # h rounds of 2 chunks of c keys: c = m / (2h), with h = 8 (fewer rounds below m = 16)
+        rounds = max(1, min(8, budget // 2))
+        return {
+            "chunk_size": max(1, budget // (2 * rounds)),
+            "n_hashes": rounds,
+            "causal_leaf": budget,
+        }
+
+    def keys_per_query(self, n_q, n_k, causal=False):
+        # Each round a query meets its chunk and the one before: 2c products per round, paid even
+        # when a key recurs across rounds (the repeats are counted out afterwards, not skipped).
+        return float(self.config["n_hashes"] * min(2 * self.config["chunk_size"], n_k))
 
     @classmethod
     def exact_limit(cls, n_q, n_k):
@@ -136,6 +152,17 @@ class Reformer(AttentionMethod):
             lse, out = (lse_r, out_r) if lse is None else merge_lse(lse, out, lse_r, out_r)
         return Partial(lse, out)
 
+    def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
+        # Per query: one round's window logits, weights and counts (2c each), the merged and the
+        # round's outputs; per row and round: its bucket (int64) and chunk ids; per key: the
+        # gathered windows (twice: look-back); plus one chunk of hashing projections.
+        cfg = self.config
+        c, rounds = min(cfg["chunk_size"], n_k), cfg["n_hashes"]
+        per_query = itemsize * (3 * 2 * c + 3 * d_v + d) + 12 * rounds
+        per_key = itemsize * 4 * (d + d_v) + 12 * rounds
+        hashing = itemsize * 2 * HASH_CHUNK_ELEMENTS
+        return float(b * h * (n_q * per_query + n_k * per_key) + hashing)
+
     def flops(self, b, h, n_q, n_k, d, d_v):
         cfg = self.config
         c, rounds, nb = min(cfg["chunk_size"], n_k), cfg["n_hashes"], self.n_buckets_for(n_k)
@@ -162,15 +189,23 @@ def hash_buckets(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """bucket = argmax([xR, −xR]) for every round: (b, h, rounds, n) int64.
 
     One round at a time, and without building [xR, −xR]: the projections of all rounds at once
-    take rounds·n·nb/2 numbers per slice.  Ties go to the first half, as argmax over the concat.
+    take rounds·n·nb/2 numbers per slice.  Rows go in chunks of at most HASH_CHUNK_ELEMENTS
+    projections, since nb/2 grows with n (n_buckets ≈ n_k/c): at n = 2^20 one round's projections
+    alone would take 16 GiB.  Ties go to the first half, as argmax over the concat.
     """
-    buckets = []
+    b, h, n, _ = x.shape
+    half = rot.shape[-1]
+    step = max(1, HASH_CHUNK_ELEMENTS // max(1, b * h * half))
+    buckets = torch.empty(b, h, rot.shape[2], n, dtype=torch.int64, device=x.device)
     for r in range(rot.shape[2]):
-        proj = x @ rot[:, :, r]  # (b, h, n, nb/2)
-        top, arg_top = proj.max(dim=-1)
-        low, arg_low = proj.min(dim=-1)
-        buckets.append(torch.where(top >= -low, arg_top, proj.shape[-1] + arg_low))
-    return torch.stack(buckets, dim=2)
+        for start in range(0, n, step):
+            proj = x[:, :, start : start + step] @ rot[:, :, r]  # (b, h, rows, nb/2)
+            top, arg_top = proj.max(dim=-1)
+            low, arg_low = proj.min(dim=-1)
+            buckets[:, :, r, start : start + step] = torch.where(
+                top >= -low, arg_top, half + arg_low
+            )
+    return buckets
 
 
 class ChunkLayout:

@@ -71,6 +71,20 @@ class ScatterBrain(AttentionMethod):
         return {"local_context": max(1, budget // 2), "features": budget, "causal_leaf": budget}
 
     @classmethod
+    def params_for_keys(cls, budget):
+        # half the budget in the band, the rest in features, so that band keys + features = m
+        width = max(1, budget // 2)
+        return {
+            "local_context": width,
+            "features": max(1, budget - band_keys(width)),
+            "causal_leaf": budget,
+        }
+
+    def keys_per_query(self, n_q, n_k, causal=False):
+        # the band's 2·radius + 1 exact keys (fewer at the edges; capped at n_k) + m features
+        return float(min(band_keys(self.config["local_context"]), n_k) + self.config["features"])
+
+    @classmethod
     def exact_limit(cls, n_q, n_k):
         # |j − p_i| ≤ n_k − 1 < w/2: the band is every key (causal: in a full block of a piece of
         # n' ≤ n_k positions, p_i − j ≤ n' − 1 too).
@@ -99,7 +113,7 @@ class ScatterBrain(AttentionMethod):
         qf, kf, log_shift = favor_features(q, k, scale, omega)
         lr_total = qf @ (kf.transpose(-1, -2) @ v_aug)  # (b, h, n_q, d_v+1), row sum >= 1
 
-        radius = (self.config["local_context"] + 1) // 2 - 1  # |j − p_i| < w/2 <=> ≤ radius
+        radius = band_radius(self.config["local_context"])
         pos = query_offset + torch.arange(n_q, device=q.device) * n_k // n_q
         band_lse, band_out, lr_band = local_band(q * scale, k, v_aug, qf, kf, pos, radius)
 
@@ -115,6 +129,13 @@ class ScatterBrain(AttentionMethod):
         # (e^{L_band} O_band + e^{L_lr} O_lr) / (e^{L_band} + e^{L_lr}) = (ÂV + SV) / (Â1 + S1)
         return Partial(*merge_lse(band_lse, band_out, lr_lse, lr_out))
 
+    def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
+        # Features of queries and keys (as performer), the band's outputs and feature sums per
+        # query, and one group of band blocks at a time (GROUP_ELEMENTS, a few buffers).
+        m = self.config["features"]
+        per_row = 4 * m + 4 * (d_v + 1)
+        return float(itemsize * (b * h * (n_q + n_k) * per_row + 4 * GROUP_ELEMENTS))
+
     def flops(self, b, h, n_q, n_k, d, d_v):
         m, w = self.config["features"], min(self.config["local_context"], 2 * n_k)
         return float(
@@ -126,6 +147,16 @@ class ScatterBrain(AttentionMethod):
                 + n_q * 1.5 * w * (2 * d + 2 * m + 4 * (d_v + 1))
             )
         )
+
+
+def band_radius(width: int) -> int:
+    """|j − p_i| < w/2  <=>  |j − p_i| ≤ radius, for integer positions."""
+    return (width + 1) // 2 - 1
+
+
+def band_keys(width: int) -> int:
+    """Keys in a query's band away from the edges: 2·radius + 1 (odd, w − 1 or w)."""
+    return 2 * band_radius(width) + 1
 
 
 def local_band(q_scaled, k, v_aug, qf, kf, pos, radius):

@@ -81,6 +81,10 @@ class Thinformer(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"coreset": budget, "causal_leaf": budget}
 
+    def keys_per_query(self, n_q, n_k, causal=False):
+        # every query attends to the coreset: n_k / 2^T keys, the size nearest the target m
+        return n_k / 2 ** halving_rounds(n_k, self.config["coreset"])
+
     @classmethod
     def exact_limit(cls, n_q, n_k):
         # n_k/2⁰ is closest to n_k: no halving round, all keys kept (causal: in every full block,
@@ -109,6 +113,15 @@ class Thinformer(AttentionMethod):
         lse, out = softmax_part(logits.masked_fill(~valid, float("-inf")), gather_rows(v, index))
         kept = valid.sum(-1).to(lse.dtype)  # |S| per slice, (b, h, 1)
         return Partial(lse + torch.log(n_k / kept), out)
+
+    def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
+        # Attention over the coreset (logits and weights per query), the scaled keys, and the
+        # kernel rows of one halving round (each point against its group, at most 2·m wide).
+        coreset = max(1, n_k // 2 ** halving_rounds(n_k, self.config["coreset"]))
+        group = min(n_k, 2 * max(coreset, 1))
+        per_query = itemsize * (3 * coreset + d + 2 * d_v)
+        per_key = itemsize * (2 * d + d_v + 2 * group) + 32
+        return float(b * h * (n_q * per_query + n_k * per_key))
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         rounds = halving_rounds(n_k, self.config["coreset"])

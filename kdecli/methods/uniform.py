@@ -36,6 +36,11 @@ class Uniform(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"samples": budget}
 
+    def keys_per_query(self, n_q, n_k, causal=False):
+        # m sampled keys (at most n_k); causal: those before the query, m·(n + 1)/(2n) on average
+        m = min(self.config["samples"], n_k)
+        return m * (n_k + 1) / (2 * n_k) if causal else float(m)
+
     @classmethod
     def exact_limit(cls, n_q, n_k):
         return {"samples": n_k}  # the sample is every key (causal: every key of each prefix)
@@ -47,6 +52,12 @@ class Uniform(AttentionMethod):
         keys = torch.rand(b, h, n_k, generator=generator, device=k.device)
         index = torch.sort(torch.topk(keys, m, dim=-1, largest=False).indices, dim=-1).values
         return sampled_attention(q * scale, k, v, index, causal)
+
+    def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
+        # The logits of every query against its m sampled keys, their softmax, the gathered
+        # keys and values.
+        m = min(self.config["samples"], n_k)
+        return float(b * h * itemsize * (4 * n_q * m + 2 * m * (d + d_v) + 2 * n_q * d_v))
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         m = min(self.config["samples"], n_k)

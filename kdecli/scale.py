@@ -1,0 +1,236 @@
+"""``kdecli scale``: time and error against the sequence length n, with the fitted exponents.
+
+One ``compare`` per length on the same input (``synthetic:`` drawn at each n, or a file cropped to
+its first n queries and keys), each with its own reference (``--reference auto`` turns to a row
+sample past the full reference's reach) and its own timing of exact attention (extrapolated from a
+row sample where a full call would take too long: the record says so).  For each method, and for
+exact attention, the exponent α of time ≈ c·n^α is the least-squares slope of log t against log n:
+
+    α = Σ (x_i − x̄)(y_i − ȳ) / Σ (x_i − x̄)²,   x = log n, y = log t
+
+over the lengths where the method ran.  For exact attention only measured times enter the fit
+when at least two lengths were measured: an extrapolated time is n_q/R times the time of R rows,
+quadratic by construction, so fitting it would only return the assumption.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from kdecli import __version__
+from kdecli.errors import UsageError
+from kdecli.results import Environment, Result, RunReport, SchemaError
+from kdecli.runner import RunConfig, compare
+from kdecli.sources import InputOptions, load_input
+
+SCALE_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Fit:
+    """time ≈ c·n^exponent over ``points`` lengths (from ``n_min`` to ``n_max``)."""
+
+    exponent: float | None
+    points: int
+    n_min: int | None
+    n_max: int | None
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"exponent": self.exponent, "points": self.points, "n_min": self.n_min}
+        out["n_max"] = self.n_max
+        if self.note:
+            out["note"] = self.note
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Fit:
+        return cls(data["exponent"], data["points"], data["n_min"], data["n_max"], data.get("note"))
+
+
+@dataclass
+class ScaleReport:
+    """Every length's run (a whole ``RunReport`` each) and the fitted exponents per method."""
+
+    input: str
+    budget: int | None
+    lengths: list[int]
+    runs: list[RunReport] = field(default_factory=list)
+    fits: dict[str, Fit] = field(default_factory=dict)  # method (and "exact") -> fit
+    environment: Environment | None = None
+    interrupted: bool = False
+    kdecli_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "document": "scale",
+            "schema_version": SCALE_SCHEMA_VERSION,
+            "kdecli_version": self.kdecli_version,
+            "input": self.input,
+            "budget": self.budget,
+            "lengths": list(self.lengths),
+            "interrupted": self.interrupted,
+            "fits": {name: fit.to_dict() for name, fit in self.fits.items()},
+            "runs": [run.to_dict() for run in self.runs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScaleReport:
+        if data.get("document") != "scale":
+            raise SchemaError('not a `kdecli scale` document (no "document": "scale").')
+        report = cls(
+            input=data["input"],
+            budget=data["budget"],
+            lengths=list(data["lengths"]),
+            runs=[RunReport.from_dict(run) for run in data["runs"]],
+            fits={name: Fit.from_dict(fit) for name, fit in data["fits"].items()},
+            interrupted=bool(data.get("interrupted", False)),
+            kdecli_version=data.get("kdecli_version", __version__),
+        )
+        if report.runs:
+            report.environment = report.runs[0].environment
+        return report
+
+    def points(self, method: str) -> list[tuple[int, Result]]:
+        """(n, the method's first ok record) for every length where it ran."""
+        out = []
+        for n, run in zip(self.lengths, self.runs):
+            ok = [r for r in run.results if r.method == method and r.ok]
+            if ok:
+                out.append((n, ok[0]))
+        return out
+
+
+def parse_lengths(spec: str | Sequence[int]) -> list[int]:
+    """``"4096,16384,65536"`` (``k``/``M`` suffixes for 2^10 / 2^20 allowed: ``64k``, ``1M``) ->
+    increasing distinct lengths."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    lengths = []
+    for item in items:
+        text = str(item).strip()
+        match = re.fullmatch(r"(\d+)\s*([kKmM]?)", text)
+        if not match:
+            raise UsageError(
+                f"--n must be comma-separated positive integers (64k and 1M allowed); got {text!r}."
+            )
+        n = int(match.group(1)) * {"": 1, "k": 2**10, "m": 2**20}[match.group(2).lower()]
+        if n < 2:
+            raise UsageError(f"--n: every length must be at least 2; got {n}.")
+        lengths.append(n)
+    if len(set(lengths)) != len(lengths):
+        raise UsageError(f"--n: a length is repeated in {spec!r}.")
+    if len(lengths) < 2:
+        raise UsageError("--n needs at least two lengths to fit an exponent.")
+    return sorted(lengths)
+
+
+def input_at(spec: str, n: int, options: InputOptions | None = None) -> Any:
+    """The input at length n: a ``synthetic:`` spec drawn with n (and nq) set, anything else
+    loaded and cropped to its first n queries and keys (an error when it is shorter)."""
+    options = options or InputOptions()
+    if spec.startswith("synthetic:"):
+        items = [p for p in spec[len("synthetic:") :].split(",") if p.strip()]
+        kept = [p for p in items if p.split("=")[0].strip() not in ("n", "nq")]
+        return load_input("synthetic:" + ",".join([*kept, f"n={n}"]), replace(options, n=None))
+    return load_input(spec, replace(options, n=n))
+
+
+def fit_exponent(points: Sequence[tuple[int, float]]) -> float | None:
+    """Least-squares slope of log t against log n (module docstring); None below two points."""
+    pts = [(math.log(n), math.log(t)) for n, t in points if t and t > 0 and math.isfinite(t)]
+    if len(pts) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sxx
+
+
+def _fit(points: Sequence[tuple[int, float]], note: str | None = None) -> Fit:
+    ns = [n for n, _ in points]
+    return Fit(
+        fit_exponent(points), len(points), min(ns, default=None), max(ns, default=None), note
+    )
+
+
+def fits_of(report: ScaleReport) -> dict[str, Fit]:
+    """Each method's fit, and exact attention's (measured lengths only, when two or more)."""
+    methods: list[str] = []
+    for run in report.runs:
+        methods += [r.method for r in run.results if r.method not in methods]
+    fits = {}
+    for method in methods:
+        timed = [(n, r.time.method_s.median) for n, r in report.points(method) if _timed(r)]
+        fits[method] = _fit(timed)
+    exact: list[tuple[int, float, bool]] = []
+    for n, run in zip(report.lengths, report.runs):
+        timed = [r for r in run.results if r.time is not None and r.time.exact_s is not None]
+        if timed and timed[0].time.exact_s.median:
+            exact.append((n, timed[0].time.exact_s.median, _extrapolated(timed[0])))
+    measured = [(n, t) for n, t, extrapolated in exact if not extrapolated]
+    if len(measured) >= 2:
+        note = None if len(measured) == len(exact) else "measured lengths only"
+        fits["exact"] = _fit(measured, note)
+    else:
+        fits["exact"] = _fit([(n, t) for n, t, _ in exact], "includes extrapolated times")
+    return fits
+
+
+def _timed(record: Result) -> bool:
+    return record.time is not None and record.time.method_s is not None
+
+
+def _extrapolated(record: Result) -> bool:
+    """Whether the record's exact time was extrapolated from a row sample (issue 12, point 2)."""
+    exact = record.time.exact_s if record.time is not None else None
+    return bool(
+        getattr(exact, "extrapolated", False) or getattr(record.time, "extrapolated", False)
+    )
+
+
+def scale(
+    spec: str,
+    methods: Sequence[str],
+    budget: int | None,
+    lengths: Sequence[int],
+    config: RunConfig | None = None,
+    *,
+    options: InputOptions | None = None,
+    params: dict[str, dict[str, Any]] | None = None,
+    on_run: Callable[[int, RunReport], None] | None = None,
+    on_progress: Callable[[int, int, str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    **settings: Any,
+) -> ScaleReport:
+    """``compare`` of ``methods`` at ``budget`` on ``spec`` at every length, then the fits.
+
+    ``on_run(n, report)`` is called as each length finishes; ``should_stop()`` ends the sweep
+    between lengths (and inside one, as ``compare`` does), keeping what finished."""
+    config = replace(config or RunConfig(), **settings)
+    config.check()
+    budgets = [budget] if budget is not None else []
+    report = ScaleReport(input=spec, budget=budget, lengths=[])
+    for index, n in enumerate(lengths):
+        if should_stop and should_stop():
+            report.interrupted = True
+            break
+        if on_progress:
+            on_progress(index, len(lengths), f"n = {n}")
+        qkv = input_at(spec, n, options)
+        run = compare(qkv, methods, budgets, config, params=params, should_stop=should_stop)
+        report.lengths.append(n)
+        report.runs.append(run)
+        report.environment = report.environment or run.environment
+        if on_run:
+            on_run(n, run)
+        if run.interrupted:
+            report.interrupted = True
+            break
+    if on_progress:
+        on_progress(len(report.lengths), len(lengths), "done")
+    report.fits = fits_of(report)
+    return report
