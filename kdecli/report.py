@@ -129,13 +129,15 @@ def _error_max(metric: str) -> Callable[[Setting], str]:
 EXTRAPOLATED = "≈"  # marks an exact time (and the speed-up over it) scaled from a row sample
 
 
-def _extrapolated(setting: Setting) -> bool:
+def _extrapolated(setting: Setting, which: str = "exact_s") -> bool:
+    """Is exact attention's time (``exact_s``, or ``exact_backward_s``) scaled from a row sample?"""
     time = setting.time
-    return bool(time is not None and time.exact_s is not None and time.exact_s.extrapolated)
+    stat = None if time is None else getattr(time, which)
+    return bool(stat is not None and stat.extrapolated)
 
 
-def _mark(setting: Setting, text: str) -> str:
-    return f"{EXTRAPOLATED} {text}" if _extrapolated(setting) and text != "—" else text
+def _mark(setting: Setting, text: str, which: str = "exact_s") -> str:
+    return f"{EXTRAPOLATED} {text}" if _extrapolated(setting, which) and text != "—" else text
 
 
 def _speedup(setting: Setting) -> str:
@@ -145,6 +147,32 @@ def _speedup(setting: Setting) -> str:
 
 def _exact_time(setting: Setting) -> str:
     return _mark(setting, fmt_time(setting.time and setting.time.exact_median))
+
+
+def _backward_time(setting: Setting) -> str:
+    return fmt_time(setting.time and setting.time.backward_median)
+
+
+def _backward_speedup(setting: Setting) -> str:
+    time = setting.time
+    if time is None or not time.backward_speedup:
+        return "—"
+    return _mark(setting, f"{time.backward_speedup:.1f}×", "exact_backward_s")
+
+
+def _exact_backward_time(setting: Setting) -> str:
+    text = fmt_time(setting.time and setting.time.exact_backward_median)
+    return _mark(setting, text, "exact_backward_s")
+
+
+def _timed_backward(setting: Setting) -> bool:
+    """Was a forward + backward asked for in this setting's timing (timed, or why not)?"""
+    time = setting.time
+    return time is not None and (
+        time.backward_s is not None
+        or time.exact_backward_s is not None
+        or time.backward_note is not None
+    )
 
 
 def _fraction(value: float | None) -> str:
@@ -188,6 +216,14 @@ def _columns() -> list[Column]:
         Column("time", "time", lambda s: fmt_time(s.time and s.time.method_median)),
         Column("exact_time", "exact", _exact_time),
         Column("speedup", "speed-up", _speedup),
+        Column("backward", "fwd+bwd", _backward_time),
+        Column("exact_backward", "exact\nfwd+bwd", _exact_backward_time, flat="exact fwd+bwd"),
+        Column(
+            "backward_speedup",
+            "fwd+bwd\nspeed-up",
+            _backward_speedup,
+            flat="fwd+bwd speed-up",
+        ),  # fmt: skip
         Column("flops", "FLOPs", lambda s: fmt_flops(s.flops)),
         Column(
             "flops_fraction",
@@ -204,13 +240,16 @@ def _columns() -> list[Column]:
 COLUMNS = _columns()
 COLUMN_KEYS = tuple(c.key for c in COLUMNS)
 ALWAYS = ("layer", "method", "budget", "rel_spectral", "time", "speedup", "status")
-# Joined while they fit, in this order: the spread of the primary metric first, the cost as a
-# fraction of exact attention's, then the other metrics, then what the time is measured against
-# and what a query pays.
+# Joined while they fit, in this order: the spread of the primary metric first, the forward +
+# backward time and its speed-up (present only when --backward timed them, which asks for them),
+# the cost as a fraction of exact attention's, then the other metrics, then what the time is
+# measured against and what a query pays.
 OPTIONAL = (
-    "rel_spectral_max", "flops_fraction", "rel_frobenius", "max_row_rel", "bound", "exact_time",
-    "keys", "rel_frobenius_max", "max_row_rel_max", "bound_max", "flops",
+    "rel_spectral_max", "backward_speedup", "backward", "flops_fraction", "rel_frobenius",
+    "max_row_rel", "bound", "exact_time", "exact_backward", "keys", "rel_frobenius_max",
+    "max_row_rel_max", "bound_max", "flops",
 )  # fmt: skip
+BACKWARD_COLUMNS = ("backward", "exact_backward", "backward_speedup")
 
 
 def parse_columns(text: str | None) -> tuple[str, ...] | None:
@@ -242,6 +281,9 @@ def choose_columns(
     available = {c.key: c for c in COLUMNS if c.needs is None or c.needs in present}
     if all(row.layer is None for row in rows):  # not a run over a capture's layers
         available.pop("layer")
+    if not any(_timed_backward(row) for row in rows):  # no --backward
+        for key in BACKWARD_COLUMNS:
+            available.pop(key)
     if asked is not None:
         return [available[key] for key in COLUMN_KEYS if key in asked and key in available], []
     widths = {key: _width(column, rows) for key, column in available.items()}
@@ -322,6 +364,9 @@ def _print_footer(report: RunReport, rows: list[Setting], console: Console) -> N
     note = extrapolated_line(rows)
     if note:
         console.print(note, highlight=False, markup=False)
+    backward = backward_lines(rows)
+    if backward:
+        console.print("\n".join(backward), highlight=False, markup=False)
     if report.interrupted:
         console.print(
             f"The run was interrupted: {len(report.results)} records finished.", style="yellow"
@@ -406,12 +451,14 @@ def reference_line(report: RunReport) -> str:
 
 
 def extrapolated_line(rows: Sequence[Setting]) -> str | None:
-    """The footnote of ``≈``: exact attention's time came from a row sample."""
+    """The footnote of ``≈``: exact attention's time (or its forward + backward's) came from a
+    row sample."""
     parts = sorted(
         {
-            (s.time.exact_s.extrapolated_rows, s.first.environment.device)
+            (getattr(s.time, which).extrapolated_rows, s.first.environment.device)
             for s in rows
-            if _extrapolated(s)
+            for which in ("exact_s", "exact_backward_s")
+            if _extrapolated(s, which)
         },
         key=str,
     )
@@ -423,6 +470,16 @@ def extrapolated_line(rows: Sequence[Setting]) -> str | None:
         "timed on those query rows against every key, scaled by n_q/R; causal, also by the causal "
         "fraction); the speed-up divides it."
     )
+
+
+def backward_lines(rows: Sequence[Setting]) -> list[str]:
+    """Under the table: why a setting's forward + backward was not timed (its forward stands)."""
+    notes = dict.fromkeys(
+        f"  {method_label(s)} @ {budget_label(s)}: {s.time.backward_note}"
+        for s in rows
+        if s.time is not None and s.time.backward_note
+    )
+    return ["fwd+bwd not timed:", *notes] if notes else []
 
 
 def environment_line(report: RunReport) -> str:
@@ -494,6 +551,12 @@ def to_markdown(report: RunReport, columns: Sequence[str] | None = None) -> str:
     note = extrapolated_line(rows)
     if note:
         lines += ["", note]
+    backward = backward_lines(rows)
+    if backward:
+        lines += [
+            "",
+            *(f"- {line.strip()}" if line.startswith("  ") else line for line in backward),
+        ]
     if report.interrupted:
         lines += ["", f"The run was interrupted: {len(report.results)} records finished."]
     if report.pareto is not None:
@@ -523,7 +586,10 @@ CSV_FIELDS = [
     "method_s_median", "method_s_iqr", "exact_s_median", "speedup", "flops", "beats_mean_floor",
     "scale", "dtype", "device", "keys_per_query", "flops_fraction", "budget_mode",
     "method_s_repeats", "exact_s_extrapolated", "peak_memory_bytes", "memory_source",
-    "rel_frobenius_low", "rel_frobenius_high", "reference",
+    "rel_frobenius_low", "rel_frobenius_high",
+    "backward_s_median", "backward_s_iqr", "exact_backward_s_median", "backward_speedup",
+    "exact_backward_s_extrapolated", "backward_peak_memory_bytes", "backward_note",
+    "reference",  # last, as before 0.5
 ]  # fmt: skip
 
 
@@ -566,6 +632,16 @@ def to_csv(report: RunReport) -> str:
         row["rel_frobenius_low"] = None if interval is None else interval.low
         row["rel_frobenius_high"] = None if interval is None else interval.high
         row["reference"] = _reference_spec(report)
+        backward, exact_backward = time and time.backward_s, time and time.exact_backward_s
+        row["backward_s_median"] = backward.median if backward else None
+        row["backward_s_iqr"] = backward.iqr if backward else None
+        row["exact_backward_s_median"] = exact_backward.median if exact_backward else None
+        row["backward_speedup"] = time.backward_speedup if time else None
+        row["exact_backward_s_extrapolated"] = (
+            exact_backward.extrapolated if exact_backward else None
+        )
+        row["backward_peak_memory_bytes"] = backward.peak_memory_bytes if backward else None
+        row["backward_note"] = time.backward_note if time else None
         writer.writerow({k: _finite_or_none(v) for k, v in row.items()})
     return buffer.getvalue()
 

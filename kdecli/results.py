@@ -20,6 +20,8 @@ Version history (``SCHEMA_VERSION`` is defined here and nowhere else):
      From kdecli 0.4 a document may say which exact reference it used (``reference``: full, or
      a sample of query rows whose errors are estimates with ``interval``s); optional, and absent
      means full, so the version stays 2.
+     kdecli 0.5 adds, within version 2, per time (``--backward``; written only when set):
+     ``backward_s``, ``exact_backward_s``, ``backward_speedup`` and ``backward_note``.
 """
 
 from __future__ import annotations
@@ -410,12 +412,22 @@ class TimeStat:
 
 @dataclass(frozen=True)
 class ResultTime:
-    """The method's time and exact attention's, from the same run; ``note`` says why one is absent."""
+    """The method's time and exact attention's, from the same run; ``note`` says why one is absent.
+
+    With ``--backward`` also one forward + backward of each (``backward_s``, ``exact_backward_s``:
+    the inputs require grad, the call is the method then ``autograd.grad`` of the output) and
+    their ratio; ``backward_note`` says why the method's was not timed (its forward figures
+    stand).  The four are written only when set, so older documents read as before.
+    """
 
     method_s: TimeStat | None
     exact_s: TimeStat | None
     speedup: float | None
     note: str | None = None
+    backward_s: TimeStat | None = None
+    exact_backward_s: TimeStat | None = None
+    backward_speedup: float | None = None
+    backward_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -425,16 +437,30 @@ class ResultTime:
         }
         if self.note is not None:
             out["note"] = self.note
+        if self.backward_s is not None:
+            out["backward_s"] = self.backward_s.to_dict()
+        if self.exact_backward_s is not None:
+            out["exact_backward_s"] = self.exact_backward_s.to_dict()
+        if self.backward_speedup is not None:
+            out["backward_speedup"] = self.backward_speedup
+        if self.backward_note is not None:
+            out["backward_note"] = self.backward_note
         return out
 
     @classmethod
     def from_dict(cls, r: _Reader) -> ResultTime:
         method, exact = r.optional_child("method_s"), r.optional_child("exact_s")
+        backward = r.optional_child("backward_s")
+        exact_backward = r.optional_child("exact_backward_s")
         return cls(
             None if method is None else TimeStat.from_dict(method),
             None if exact is None else TimeStat.from_dict(exact),
             r.number("speedup", None),
             r.str("note", None),
+            None if backward is None else TimeStat.from_dict(backward),
+            None if exact_backward is None else TimeStat.from_dict(exact_backward),
+            r.number("backward_speedup", None),
+            r.str("backward_note", None),
         )
 
     @property
@@ -444,6 +470,14 @@ class ResultTime:
     @property
     def exact_median(self) -> float | None:
         return None if self.exact_s is None else self.exact_s.median
+
+    @property
+    def backward_median(self) -> float | None:
+        return None if self.backward_s is None else self.backward_s.median
+
+    @property
+    def exact_backward_median(self) -> float | None:
+        return None if self.exact_backward_s is None else self.exact_backward_s.median
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,16 @@
    baseline, zero output, on the same rows), and optionally ‖D⁻¹A‖₂ for ``bound_normalized``.
 3. Correctness pass: each method × budget × seed with its own generator, errors per slice.
 4. Timing pass: each method × budget once, and exact attention (SDPA) once, in the working dtype,
-   on the working device, same thread count.
+   on the working device, same thread count; with ``backward`` also one forward + backward of
+   each (inputs that require grad, ``autograd.grad`` of the output against a fixed random
+   gradient), whose failure leaves the forward's record standing with a note.
 A method that cannot run, runs out of memory, raises, or returns non-finite values gets a status
 and a reason; the others still run.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 import zlib
@@ -61,6 +64,11 @@ from kdecli.timing import Timing, time_call
 # against every key and the time is scaled (ALGORITHMS.md §10).
 EXACT_TIMING_LIMIT_FLOPS = {"cpu": 1.5e12, "cuda": 1e14}
 EXTRAPOLATION_ROWS = 4096
+# One forward + backward of exact attention costs about this many forwards (the backward computes
+# the scores again, then dV, dP, dQ and dK: about twice the forward's products); it scales the
+# cost compared with EXACT_TIMING_LIMIT_FLOPS when the backward is timed.
+FORWARD_BACKWARD_COST = 3.0
+GRAD_OUT_SEED_NAME = "timing/grad_out"  # the backward's fixed output gradient derives from this
 
 ProgressFn = Callable[[int, int, str], None]
 ResultFn = Callable[[Result], None]
@@ -79,7 +87,9 @@ class RunConfig:
     "paper" (each paper's own reading) or "keys" (every method pays m keys or features per query).
     ``reference`` is ``full`` (exact output of every query), ``rows:R`` (R seeded query rows:
     errors become estimates with 95 % intervals; ``kdecli.row_reference``) or ``auto`` (full up to
-    ``row_reference.FULL_REFERENCE_LIMIT``, else ``rows:4096``).
+    ``row_reference.FULL_REFERENCE_LIMIT``, else ``rows:4096``).  ``backward`` also times one
+    forward + backward of each method × budget and of exact attention (SDPA) in the timing pass
+    (``ResultTime.backward_s``, ``exact_backward_s``, ``backward_speedup``).
     """
 
     seeds: int = 1
@@ -95,6 +105,7 @@ class RunConfig:
     bound: bool = False
     timing: bool = True
     reference: str = "auto"
+    backward: bool = False
 
     def check(self) -> None:
         parse_reference(self.reference)  # a UsageError that names the allowed specs
@@ -240,9 +251,12 @@ def compare(
         report.interrupted = report.interrupted or bool(should_stop and should_stop())
         return report.interrupted
 
-    exact_time = None
+    exact_time = exact_backward = grads = None
     if config.timing and not stopping():
         exact_time = _time_exact(work, softmax_scale, config, device)
+    if config.timing and config.backward and not stopping():
+        grads = _GradInputs.of(work, config.seed, device)
+        exact_backward = _time_exact(work, softmax_scale, config, device, grads=grads)
     seed_list = [config.seed + i for i in range(config.seeds)]
     total = sum(len(seed_list) if get_method_class(j.method).randomized else 1 for j in jobs)
     done = 0
@@ -251,6 +265,7 @@ def compare(
         job_seeds = seed_list if method.randomized else seed_list[:1]
         paid = _Paid.of(method, work, causal)
         method_time: Timing | _Failed | None = None
+        backward_time: Timing | _Failed | None = None
         for run_seed in job_seeds:
             if stopping():
                 break
@@ -263,7 +278,14 @@ def compare(
                     method_time = _time_method(
                         method, work, softmax_scale, config, run_seed, device
                     )
+                if grads is not None and backward_time is None:
+                    if not isinstance(method_time, _Failed):  # else the record says why already
+                        backward_time = _time_backward(
+                            method, grads, softmax_scale, config, run_seed, device
+                        )
                 time = _result_time(method_time, exact_time)
+                if backward_time is not None:
+                    time = _with_backward(time, backward_time, exact_backward)
                 if isinstance(method_time, _Failed):  # the errors stand; the record says why
                     outcome = replace(outcome, status=method_time.status, reason=method_time.reason)
             beats = None
@@ -559,6 +581,92 @@ def _time_method(method, work, scale, config: RunConfig, run_seed, device) -> Ti
         return _Failed.of(exc, "timing")
 
 
+@dataclass(frozen=True)
+class _GradInputs:
+    """What a timed forward + backward differentiates: q, k, v as leaves that require grad
+    (copies of the working inputs, made once) and a fixed random gradient of the output."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    grad_out: torch.Tensor
+
+    @classmethod
+    def of(cls, work: QKV, run_seed: int, device: torch.device) -> _GradInputs:
+        q, k, v = (t.detach().clone().requires_grad_(True) for t in (work.q, work.k, work.v))
+        generator = torch.Generator(device=device).manual_seed(
+            derive_seed(run_seed, GRAD_OUT_SEED_NAME)
+        )
+        shape = (*work.q.shape[:-1], work.v.shape[-1])
+        grad_out = torch.randn(shape, generator=generator, device=device, dtype=work.q.dtype)
+        return cls(q, k, v, grad_out)
+
+    def rows(self, part: int) -> _GradInputs:
+        """The first ``part`` query rows (a leaf of their own), every key."""
+        if part == self.q.shape[-2]:
+            return self
+        q = self.q.detach()[..., :part, :].contiguous().requires_grad_(True)
+        return _GradInputs(q, self.k, self.v, self.grad_out[..., :part, :].contiguous())
+
+    def step(self, forward: Callable[..., torch.Tensor]) -> Callable[[], object]:
+        """One timed call: ``forward(q, k, v)``, then the gradients of its output against
+        ``grad_out`` (``autograd.grad`` allocates them afresh, so nothing accumulates)."""
+        leaves = (self.q, self.k, self.v)
+
+        def call():
+            with torch.enable_grad():
+                out = forward(*leaves)
+                return torch.autograd.grad(out, leaves, self.grad_out, allow_unused=True)
+
+        return call
+
+    def check(self, forward: Callable[..., torch.Tensor]) -> str | None:
+        """One untimed forward + backward: why it cannot be timed (a detached output, no
+        gradient, non-finite gradients), or None.  Raises what the method raises."""
+        leaves = (self.q, self.k, self.v)
+        with torch.enable_grad():
+            out = forward(*leaves)
+            if not out.requires_grad:
+                return "backward: the output does not require grad (the method detaches it)"
+            grads = torch.autograd.grad(out, leaves, self.grad_out, allow_unused=True)
+        if all(g is None for g in grads):
+            return "backward: no gradient reaches q, k or v"
+        bad = sum(int((~torch.isfinite(g)).sum()) for g in grads if g is not None)
+        if bad:
+            return f"backward: non-finite gradients: {bad} NaN or infinite values"
+        return None
+
+
+def _time_backward(
+    method, grads: _GradInputs, scale, config: RunConfig, run_seed, device
+) -> Timing | _Failed:
+    """One forward + backward of ``method`` on leaves that require grad, timed as the forward is;
+    a method that declares it cannot (``not_supported_reasons`` of those leaves), returns a
+    detached output or non-finite gradients, or raises, is a ``_Failed`` with the reason."""
+    causal = bool(config.causal)
+    reasons = method.not_supported_reasons(grads.q, grads.k, grads.v, causal)
+    if reasons:
+        return _Failed("unsupported", "backward not supported: " + "; ".join(reasons))
+    generator = _generator(device, run_seed, method.name)  # seeded as the forward's
+
+    def forward(q, k, v):
+        return method(q, k, v, scale=scale, causal=config.causal, generator=generator)
+
+    try:
+        problem = grads.check(forward)
+        if problem:
+            return _Failed("error", problem)
+        return time_call(
+            grads.step(forward),
+            device,
+            repeats=config.repeats,
+            warmup=config.warmup,
+            min_time=config.min_time,
+        )
+    except Exception as exc:
+        return _Failed.of(exc, "backward")
+
+
 def _time_exact(
     work: QKV,
     scale,
@@ -567,15 +675,18 @@ def _time_exact(
     *,
     limit_flops: float | None = None,
     rows: int | None = None,
+    grads: _GradInputs | None = None,
 ) -> Timing | _Failed:
     """SDPA's time on ``work``: in full while its cost is at most ``limit_flops`` (default
     ``EXACT_TIMING_LIMIT_FLOPS`` of the device), else extrapolated from R = min(rows, n_q) rows
-    (default ``EXTRAPOLATION_ROWS``).
+    (default ``EXTRAPOLATION_ROWS``).  With ``grads``, of one forward + backward on its leaves
+    (whose cost counts ``FORWARD_BACKWARD_COST`` forwards).
 
-    The time of exact attention is linear in its query rows, so T(n_q) ≈ T(R) · n_q/R.  Causal:
-    the R rows run non-causally against all n_k keys and the time is scaled by the causal
-    fraction (n_k + 1)/(2 n_k) too, the share of the products a causal kernel computes; R rows
-    of the causal matrix would not do, as the last rows cost more than the first.
+    The time of exact attention is linear in its query rows, so T(n_q) ≈ T(R) · n_q/R (so is its
+    backward's: dQ of R rows, and their share of dK and dV).  Causal: the R rows run non-causally
+    against all n_k keys and the time is scaled by the causal fraction (n_k + 1)/(2 n_k) too,
+    the share of the products a causal kernel computes; R rows of the causal matrix would not
+    do, as the last rows cost more than the first.
     """
     exact = method_of_role("reference")()
     b, h, n_q, d = work.q.shape
@@ -583,21 +694,30 @@ def _time_exact(
     if limit_flops is None:
         limit_flops = EXACT_TIMING_LIMIT_FLOPS.get(device.type, EXACT_TIMING_LIMIT_FLOPS["cpu"])
     rows = EXTRAPOLATION_ROWS if rows is None else rows
+    cost = exact.cost(b, h, n_q, n_k, d, d_v, causal)
+    if grads is not None:
+        cost *= FORWARD_BACKWARD_COST
     part = n_q
-    if exact.cost(b, h, n_q, n_k, d, d_v, causal) > limit_flops:
+    if cost > limit_flops:
         part = min(rows, n_q)
-    q = work.q if part == n_q else work.q[..., :part, :].contiguous()
     masked = causal and part == n_q
+    if grads is None:
+        q = work.q if part == n_q else work.q[..., :part, :].contiguous()
+        call = functools.partial(exact, q, work.k, work.v, scale=scale, causal=masked)
+        what = "timing exact attention"
+    else:
+        call = grads.rows(part).step(lambda q, k, v: exact(q, k, v, scale=scale, causal=masked))
+        what = "timing exact attention's backward"
     try:  # at least two warm-up calls: the first SDPA calls of a process set up thread buffers
         timing = time_call(
-            lambda: exact(q, work.k, work.v, scale=scale, causal=masked),
+            call,
             device,
             repeats=config.repeats,
             warmup=max(config.warmup, 2),
             min_time=config.min_time,
         )
     except Exception as exc:
-        return _Failed.of(exc, "timing exact attention")
+        return _Failed.of(exc, what)
     if part == n_q:
         return timing
     fraction = (n_k + 1) / (2 * n_k) if causal else 1.0
@@ -628,6 +748,31 @@ def _result_time(method_time: Timing | _Failed, exact_time: Timing | _Failed | N
         return ResultTime(time_stat(method_time), None, None)
     return ResultTime(
         time_stat(method_time), time_stat(exact_time), exact_time.median / method_time.median
+    )
+
+
+def _with_backward(
+    time: ResultTime, backward: Timing | _Failed, exact: Timing | _Failed | None
+) -> ResultTime:
+    """``time`` with the forward + backward figures (or why they are missing) added."""
+    notes = []
+    backward_s = exact_s = speedup = None
+    if isinstance(backward, _Failed):
+        notes.append(backward.reason)
+    else:
+        backward_s = time_stat(backward)
+    if isinstance(exact, _Failed):
+        notes.append(exact.reason)
+    elif exact is not None:
+        exact_s = time_stat(exact)
+        if backward_s is not None and backward.median > 0:
+            speedup = exact.median / backward.median
+    return replace(
+        time,
+        backward_s=backward_s,
+        exact_backward_s=exact_s,
+        backward_speedup=speedup,
+        backward_note="; ".join(notes) or None,
     )
 
 

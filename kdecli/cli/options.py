@@ -108,6 +108,13 @@ OPTIONS: dict[str, Opt] = {
         "Add bound_normalized = ‖Õ−O‖₂/(‖D⁻¹A‖₂‖V‖₂) (power iteration: several exact passes).",
     ),
     "timing": Opt(("--timing/--no-timing",), bool, True, "Time methods against exact attention."),
+    "backward": Opt(
+        ("--backward/--no-backward",),
+        bool,
+        False,
+        "Also time one forward + backward of each method and of exact attention (SDPA), "
+        "inputs requiring grad.",
+    ),
     "reference": Opt(
         ("--reference",),
         str,

@@ -23,7 +23,7 @@ FORMATS = ("table", "json", "csv")  # kdecli.scale_report.FORMATS, without impor
 @c.handle_errors
 @shared_options(
     inputs=INPUT.without("n"),
-    run=RUN,
+    run=RUN.without("backward"),
     out=OUTPUT.only("fmt", "output", "quiet"),
     helps={"fmt": "table | json | csv."},
 )
