@@ -321,3 +321,52 @@ def test_causal_later_queries_move_earlier_outputs_only_where_declared(name):
             assert same, f"{name}: queries after {t} changed earlier outputs"
         moved |= not same
     assert moved == method.causal_query_coupled
+
+
+def grad_runnable(name, *shape, causal=False, **input_options):
+    """Like ``runnable`` with q, k, v requiring grad; skips where the method refuses autograd."""
+    q, k, v = make_qkv(*shape, **input_options)
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    method = build(name)
+    reasons = method.not_supported_reasons(q, k, v, causal)
+    if reasons:
+        pytest.skip(f"{name}: {'; '.join(reasons)}")
+    return method, q, k, v
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("name", ALL)
+def test_gradcheck_given_the_draws(name, causal):
+    """The estimator is a deterministic function of q, k, v once its generator is re-seeded per
+    call: its analytic gradients match finite differences (float64, n = 21 at the contract budget,
+    so blocks, samples and one level of the causal decomposition are all on the path)."""
+    method, q, k, v = grad_runnable(name, 1, 1, 21, 21, 4, 3, causal=causal, dtype=torch.float64)
+
+    def fn(q, k, v):
+        return method(q, k, v, scale=0.5, generator=gen(7), causal=causal)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gradients_stay_finite_with_logits_of_several_hundred(name):
+    method, q, k, v = grad_runnable(name, 1, 2, 97, 97, 21, 13, dtype=torch.float32, spread=12.0)
+    for causal in (False, True):
+        if method.not_supported_reasons(q, k, v, causal):
+            continue
+        out = method(q, k, v, scale=21**-0.5, generator=gen(0), causal=causal)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v), allow_unused=True)
+        for g in grads:
+            assert g is None or torch.isfinite(g).all(), (name, causal)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_same_estimate_with_and_without_autograd(name):
+    """Both paths compute the same numbers; without grad the in-place fast path runs (for the
+    methods that have one, ``needs_grad`` says so: checked in tests/test_grad.py)."""
+    method, q, k, v = grad_runnable(name, 2, 2, 97, 97, 21, 13, dtype=torch.float64)
+    with_grad = method(q, k, v, scale=0.3, generator=gen(2))
+    with torch.no_grad():
+        without = method(q, k, v, scale=0.3, generator=gen(2))
+    assert with_grad.requires_grad or not method.supports_grad
+    assert torch.allclose(with_grad.detach(), without, rtol=1e-12, atol=1e-12)

@@ -65,6 +65,7 @@ def _render(console: Console, e: dict, detailed: bool) -> None:
             "native": "causal ok",
             "decomposition": "causal by the recursive decomposition",
         }.get(e["causal_mode"], "no causal"),
+        "autograd ok" if e["supports_grad"] else "no autograd",
     ]
     if e["role"] == "oracle":
         flags.insert(0, "ORACLE (analysis only, reads exact attention)")

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from kdecli.errors import ParameterError
-from kdecli.methods.common import working_dtype
+from kdecli.methods.common import needs_grad, working_dtype
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,9 @@ class AttentionMethod:
       causal_mode                -- "native" (the method's own causal algorithm), "decomposition"
                                     (the shared recursion of ``kdecli.methods.causal`` over the
                                     method's ``partial``) or "none"
+      supports_grad              -- whether autograd can differentiate the estimator with respect
+                                    to q, k and v, given its random draws (``grad_reasons`` may
+                                    still refuse a configuration)
       causal_query_coupled       -- causal only: a full block of the decomposition groups its
                                     queries among themselves (LSH rank, landmarks, a low-rank
                                     factor), so a later query can move an earlier position's
@@ -170,6 +173,7 @@ class AttentionMethod:
     supports_causal: ClassVar[bool] = False
     causal_mode: ClassVar[str] = ""  # set from supports_causal when a class leaves it empty
     causal_query_coupled: ClassVar[bool] = False
+    supports_grad: ClassVar[bool] = True
     role: ClassVar[str] = "approximation"
     estimates: ClassVar[str] = "softmax"
     cost_help: ClassVar[str] = ""
@@ -330,9 +334,16 @@ class AttentionMethod:
         if causal and n_q != n_k:
             reasons.append(f"causal attention needs n_q == n_k; got n_q={n_q}, n_k={n_k}")
         reasons += self.input_reasons(n_q, n_k, d, d_v, causal)
+        if needs_grad(q, k, v):
+            reasons += self.grad_reasons()
         if not reasons:
             reasons += self.memory_reasons(q, k, v, causal)
         return reasons
+
+    def grad_reasons(self) -> list[str]:
+        """Why autograd cannot differentiate this configuration (asked only when an input requires
+        grad); by default from ``supports_grad``."""
+        return [] if self.supports_grad else ["does not support autograd (no backward pass)"]
 
     def memory_reasons(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
@@ -412,6 +423,7 @@ class AttentionMethod:
             "supports_causal": cls.supports_causal,
             "causal_mode": cls.causal_mode,
             "causal_query_coupled": cls.causal_query_coupled,
+            "supports_grad": cls.supports_grad,
             "role": cls.role,
             "oracle": cls.role == "oracle",
             "cost": cls.cost_help,

@@ -11,6 +11,13 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will record this call: then no in-place update may touch a tensor that
+    backward needs.  Without it (inference, no_grad, the benchmarks) the methods keep their
+    in-place fast paths, which save a copy of the largest temporaries."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class Workspace:
     """Buffers reused across the iterations of one call (never across calls: methods keep no state).
 
@@ -18,12 +25,21 @@ class Workspace:
     loop over rounds that allocates its n × window logits anew each time runs at half speed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self.enabled = enabled  # off under autograd: a reused buffer cannot hold a graph's value
 
     def get(
         self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor | None:
+        """The buffer ``name`` of that shape (for ``out=``), or None when the workspace is off."""
+        return self.tensor(name, shape, dtype, device) if self.enabled else None
+
+    def tensor(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
+        """The buffer ``name`` of that shape, reused while the workspace is on (integer scratch,
+        which never enters a graph, may always use it)."""
         buffer = self._buffers.get(name)
         if (
             buffer is None

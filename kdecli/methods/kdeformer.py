@@ -24,7 +24,7 @@ import torch
 
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, decomposed_causal
-from kdecli.methods.common import gather_rows, with_ones_column, working_dtype
+from kdecli.methods.common import gather_rows, needs_grad, with_ones_column, working_dtype
 from kdecli.methods.lsh import SortedBlocks, sort_into_blocks
 from kdecli.methods.registry import register
 
@@ -83,16 +83,23 @@ class KDEformer(AttentionMethod):
         # Causal: every full block is smaller than n_k, so one block holds its keys too.
         return {"block_size": n_k}
 
+    def grad_reasons(self):
+        if self.config["sampling"] == "column-norm":
+            return ["sampling=column-norm (an O(n²d) oracle) has no backward pass"]
+        return []
+
     def forward(self, q, k, v, scale, generator, causal):
         if causal:
             return decomposed_causal(self, q, k, v, scale, generator)
         numerator, denominator, _, blocks = self._estimate(q, k, v, scale, generator)
+        if needs_grad(q, k, v):
+            return blocks.unsort_queries(numerator / denominator.unsqueeze(-1))
         return blocks.unsort_queries(numerator.div_(denominator.unsqueeze(-1)))
 
     def partial(self, q, k, v, scale, generator, query_offset):
         numerator, denominator, shift, blocks = self._estimate(q, k, v, scale, generator)
-        out = blocks.unsort_queries(numerator.div_(denominator.unsqueeze(-1)))
-        lse = denominator.log_().add_(shift)  # log D̃_i = log N_i[d_v] + c_i
+        out = blocks.unsort_queries(numerator / denominator.unsqueeze(-1))
+        lse = torch.log(denominator) + shift  # log D̃_i = log N_i[d_v] + c_i
         return Partial(blocks.unsort_queries(lse.unsqueeze(-1)).squeeze(-1), out)
 
     def _estimate(self, q, k, v, scale, generator):
@@ -160,7 +167,7 @@ def sampling_probabilities(kind: str, q, k, v, scale) -> torch.Tensor:
             dim=-2,
         )
         spectral_sq = torch.linalg.eigvalsh(gram)[..., -1:]
-        aug_norms = torch.linalg.vector_norm(v, dim=-1).square_().add_(1).sqrt_()  # ‖(v_j, 1)‖₂
+        aug_norms = torch.sqrt(v.square().sum(-1) + 1)  # ‖(v_j, 1)‖₂
         weights = aug_norms / spectral_sq + 1.0 / n_k
     elif kind == "column-norm":
         from kdecli.reference import attention_column_sq_norms
@@ -187,15 +194,20 @@ def sorted_estimate(
     shift both are computed under; rows past n_q are padding.
     ``shift`` (b, h, n_q) fixes c_i (tests use zero to read unshifted sums); by default c_i is the
     largest logit that query's estimate uses.  The in-block mask is built from block ids, one
-    (num_blocks × m) boolean per slice, never an n × m matrix.
+    (num_blocks × m) boolean per slice, never an n × m matrix.  Under autograd (``needs_grad``)
+    the same arithmetic runs out of place, and the shift is taken without its gradient (it
+    cancels in the ratio, so its derivative adds nothing but work).
     """
     b, h = q.shape[:2]
     nb, bq = blocks.num_blocks, blocks.query_block
-    q_sorted = blocks.sorted_queries(q).mul_(scale)  # (b, h, nb, bq, d): scaled after the copy
+    inplace = not needs_grad(q, k, v, sample_weight)
+    q_sorted = blocks.sorted_queries(q)  # (b, h, nb, bq, d): scaled after the copy
+    q_sorted = q_sorted.mul_(scale) if inplace else q_sorted * scale
     block_logits = q_sorted @ blocks.sorted_keys(k).transpose(-1, -2)  # (b, h, nb, bq, bk)
     key_valid = blocks.key_valid(k.device)
     if key_valid is not None:  # padded keys (only in the last block) contribute nothing
-        block_logits.masked_fill_(~key_valid[:, None, :], float("-inf"))
+        block_logits.masked_fill_(~key_valid[:, None, :], float("-inf"))  # a matmul's output:
+        # its backward does not read it, so in place is safe under autograd too
 
     # One (nb·bq × d) @ (d × m) product per slice for the samples, viewed per block for the mask.
     k_sample = gather_rows(k, sample_index)  # (b, h, m, d)
@@ -205,11 +217,15 @@ def sorted_estimate(
     sample_logits.masked_fill_(blocks.samples_in_block(sample_index).unsqueeze(3), float("-inf"))
 
     if shift is None:
-        c = torch.maximum(block_logits.amax(-1), sample_logits.amax(-1)).unsqueeze(-1)
+        c = torch.maximum(block_logits.amax(-1), sample_logits.amax(-1)).unsqueeze(-1).detach()
     else:
         c = blocks.sorted_queries(shift.unsqueeze(-1))
-    block_weights = block_logits.sub_(c).exp_()
-    sample_weights = sample_logits.sub_(c).exp_().view(b * h, nb * bq, -1)
+    if inplace:
+        block_weights = block_logits.sub_(c).exp_()
+        sample_weights = sample_logits.sub_(c).exp_().view(b * h, nb * bq, -1)
+    else:
+        block_weights = torch.exp(block_logits - c)
+        sample_weights = torch.exp(sample_logits - c).view(b * h, nb * bq, -1)
     sampled = torch.bmm(sample_weights, v_sample.view(b * h, *v_sample.shape[-2:]))
     d_v = v.shape[-1]
     numerator = (block_weights @ blocks.sorted_keys(v)).view(b, h, nb * bq, d_v)

@@ -113,6 +113,9 @@ class RankK(AttentionMethod):
     role = "oracle"
     causal_mode = "decomposition"
     causal_query_coupled = True  # a rank-m factor of a full block mixes its queries
+    # Analysis only: P is normalised in place chunk by chunk and its top eigenvectors taken, so
+    # there is no backward pass (an oracle needs none).
+    supports_grad = False
     cost_help = (
         "O(n³) per slice: the float64 Gram matrix of D⁻¹A (2·n_q·n_k·min(n_q, n_k)) and its "
         "eigendecomposition (about 9·min(n_q, n_k)³); memory 8·n_q·n_k bytes per slice."

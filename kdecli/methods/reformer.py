@@ -33,7 +33,14 @@ import torch
 from kdecli.errors import ParameterError
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, decomposed_causal
-from kdecli.methods.common import Workspace, gather_rows, merge_lse, pad_dim, working_dtype
+from kdecli.methods.common import (
+    Workspace,
+    gather_rows,
+    merge_lse,
+    needs_grad,
+    pad_dim,
+    working_dtype,
+)
 from kdecli.methods.registry import register
 
 HASH_CHUNK_ELEMENTS = 2**24  # projections held at once while hashing
@@ -146,7 +153,9 @@ class Reformer(AttentionMethod):
         rot = draw_rotations(b, h, rounds, d, self.n_buckets_for(n_k), generator, q.device, work)
         chunks = ChunkLayout.build(hash_buckets(q, rot), hash_buckets(k, rot), cfg["chunk_size"])
 
-        q_scaled, lse, out, workspace = q * scale, None, None, Workspace()
+        # Under autograd the rounds allocate afresh: a reused buffer cannot hold what backward needs.
+        workspace = Workspace(enabled=not needs_grad(q, k, v))
+        q_scaled, lse, out = q * scale, None, None
         for r in range(rounds):
             lse_r, out_r = one_round(q_scaled, k, v, chunks, r, cfg["shared_qk"], workspace)
             lse, out = (lse_r, out_r) if lse is None else merge_lse(lse, out, lse_r, out_r)
@@ -263,7 +272,7 @@ def one_round(q_scaled, k, v, chunks: ChunkLayout, r: int, shared_qk: bool, work
 
     window = (b, h, nc, c_q, 2 * c_k)
     logits = workspace.get("logits", window, q_sorted.dtype, q_sorted.device)
-    torch.matmul(q_sorted, k_win.transpose(-1, -2), out=logits)
+    logits = torch.matmul(q_sorted, k_win.transpose(-1, -2), out=logits)
     if shared_qk:
         logits.masked_fill_(q_idx.unsqueeze(-1) == k_win_idx.unsqueeze(-2), SELF_LOGIT)
     key_valid = look_back((torch.arange(nc * c_k, device=k.device) < n_k).view(1, 1, nc, c_k))
@@ -271,12 +280,18 @@ def one_round(q_scaled, k, v, chunks: ChunkLayout, r: int, shared_qk: bool, work
 
     # e^{ℓ_ij} / c_ij: the count divides the weight instead of shifting the logit by log c_ij,
     # which saves a log and a pass; the shift `top` stays a valid bound since c_ij >= 1.
-    top = logits.amax(-1, keepdim=True)  # finite: every window holds at least one full chunk
-    weights = logits.sub_(top).exp_()
+    top = logits.amax(-1, keepdim=True).detach()  # finite: every window holds a full chunk;
+    # a shift that cancels in the ratio, so it needs no gradient
     count = co_occurrences(chunks, r, q_idx, k_win_idx, workspace)
-    weights /= workspace.get("count_f", window, weights.dtype, weights.device).copy_(count)
-    if not bool(key_valid.all()):
-        weights.masked_fill_(~key_valid.unsqueeze(-2), 0.0)
+    if workspace.enabled:
+        weights = logits.sub_(top).exp_()
+        weights /= workspace.get("count_f", window, weights.dtype, weights.device).copy_(count)
+        if not bool(key_valid.all()):
+            weights.masked_fill_(~key_valid.unsqueeze(-2), 0.0)
+    else:
+        weights = torch.exp(logits - top) / count.to(logits.dtype)  # a copy: count is scratch
+        if not bool(key_valid.all()):
+            weights = weights.masked_fill(~key_valid.unsqueeze(-2), 0.0)
     total = weights.sum(-1)
     lse = (top.squeeze(-1) + torch.log(total)).view(b, h, nc * c_q)[..., :n_q]
     out = ((weights @ v_win) / total.unsqueeze(-1)).view(b, h, nc * c_q, d_v)[:, :, :n_q]
@@ -322,8 +337,8 @@ def co_occurrences(
     # min(a XOR b, 1)) is three cheap integer passes, while a comparison writing a bool tensor is
     # about 5× slower on the CPU.  Counts stay below 2·rounds, so uint8 holds them when ids do.
     dtype = tq.dtype if 2 * rounds < 256 else torch.int16
-    misses = workspace.get("misses", shape, dtype, q_idx.device).zero_()
-    differs = workspace.get("differs", shape, tq.dtype, q_idx.device)
+    misses = workspace.tensor("misses", shape, dtype, q_idx.device).zero_()
+    differs = workspace.tensor("differs", shape, tq.dtype, q_idx.device)
     differ = torch.sub if tq.dtype == torch.uint8 else torch.bitwise_xor
     for other in range(rounds):
         if other != r:
