@@ -71,7 +71,8 @@ def test_cli_budget_mode_and_min_time_reach_the_json():
     assert exact["flops_fraction"] == pytest.approx(1.0) and 0 < kde["flops_fraction"] < 1
     stat = kde["time"]["method_s"]
     assert stat["min_time"] == 0.05 and stat["repeats"] >= 3
-    assert stat["repeats"] * stat["calls_per_sample"] * stat["median"] >= 0.02  # most of 0.05 s
+    # (that the samples reach min_time is tested with a fake clock in tests/test_timing.py: a
+    # product of wall-clock figures here would depend on the machine's load)
     csv = CliRunner().invoke(
         app, ["compare", "synthetic:n=64,d=8", "--methods", "uniform", "--budgets", "8",
               "--min-time", "0", "--format", "csv"],
