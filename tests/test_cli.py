@@ -119,6 +119,7 @@ def test_params_override_budget_mapping():
         "block_size": 5,
         "samples": 32,
         "num_projs": 3,
+        "pairing": "auto",
         "sampling": "value-norm",
         "causal_leaf": 32,
     }

@@ -97,6 +97,7 @@ def test_records_have_the_documented_fields(qkv):
         "block_size": 16,
         "samples": 32,
         "num_projs": 7,
+        "pairing": "auto",
         "sampling": "value-norm",
         "causal_leaf": 32,
     }

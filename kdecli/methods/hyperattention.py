@@ -10,6 +10,10 @@ indices π_1..π_m drawn uniformly with replacement (one set per slice):
 
 The mask keeps in-block keys from being counted twice; the residual sum is an unbiased estimate of
 the off-block sum.  A block of attention whose key count is below ``min_seq_len`` is computed exactly.
+Pairing of query and key blocks: ``rank``, ``aligned`` or ``auto`` (default), as for kdeformer
+(``kdecli.methods.lsh``, ALGORITHMS.md §12).  In the causal decomposition a full block's queries
+and keys are different positions, so ``auto`` pairs them aligned.
+
 Causal: the paper's recursion, which kdecli shares with every method (``kdecli.methods.causal``):
 both diagonal halves recurse causally, the lower-left block, whose queries all come after its keys,
 is non-causal HyperAttention, and the pieces merge by log-sum-exp; pieces of at most
@@ -28,7 +32,7 @@ import torch
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.causal import Partial, decomposed_causal, exact_partial, softmax_part
 from kdecli.methods.common import gather_rows, merge_lse
-from kdecli.methods.lsh import SortedBlocks, sort_into_blocks
+from kdecli.methods.lsh import PAIRINGS, SortedBlocks, resolve_pairing, sort_into_blocks
 from kdecli.methods.registry import register
 
 
@@ -46,6 +50,15 @@ class HyperAttention(AttentionMethod):
         Param("block_size", int, 128, "keys per sorted-LSH block, computed exactly", 1, 2**24),
         Param("samples", int, 256, "residual keys drawn uniformly with replacement (m)", 1, 2**24),
         Param("num_projs", int, 7, "random hyperplanes of the angular LSH (r)", 1, 30),
+        Param(
+            "pairing",
+            str,
+            "auto",
+            "which keys a query's block scores: rank (the t-th query block with the t-th key "
+            "block, the released code), aligned (the keys whose LSH rank is nearest its own; "
+            "ALGORITHMS.md §12), or auto (rank when K = Q, else aligned)",
+            choices=PAIRINGS,
+        ),
         Param(
             "min_seq_len",
             int,
@@ -98,7 +111,10 @@ class HyperAttention(AttentionMethod):
         n_k = k.shape[-2]
         if n_k < cfg["min_seq_len"]:
             return exact_partial(q_scaled, k, v, causal=False)
-        blocks = sort_into_blocks(q_scaled, k, cfg["block_size"], cfg["num_projs"], generator)
+        pairing = resolve_pairing(cfg["pairing"], q, k)  # before scaling: K = Q is asked of q
+        blocks = sort_into_blocks(
+            q_scaled, k, cfg["block_size"], cfg["num_projs"], generator, pairing
+        )
         index = torch.randint(n_k, (b, h, cfg["samples"]), generator=generator, device=k.device)
         return hyper_lse(q_scaled, k, v, blocks, index)
 
@@ -142,14 +158,14 @@ def hyper_lse(
     n_k, m = k.shape[-2], sample_index.shape[-1]
     q_sorted = blocks.sorted_queries(q_scaled)  # (b, h, nb, bq, d)
     block_logits = q_sorted @ blocks.sorted_keys(k).transpose(-1, -2)  # (b, h, nb, bq, bk)
-    valid = blocks.key_valid(k.device)
-    if valid is not None:  # padded keys (only in the last block) contribute nothing
-        block_logits = block_logits.masked_fill(~valid[:, None, :], float("-inf"))
+    excluded = blocks.block_mask(k.device)  # padded keys; aligned: keys outside the window
+    if excluded is not None:
+        block_logits = block_logits.masked_fill(excluded, float("-inf"))
     lse_block, out_block = softmax_part(block_logits, blocks.sorted_keys(v))
 
     k_sample = gather_rows(k, sample_index).unsqueeze(2)  # (b, h, 1, m, d)
     sample_logits = q_sorted @ k_sample.transpose(-1, -2)  # (b, h, nb, bq, m)
-    in_block = blocks.samples_in_block(sample_index).unsqueeze(3)  # (b, h, nb, 1, m)
+    in_block = blocks.sample_mask(sample_index)  # (b, h, nb, 1 or bq, m)
     sample_logits = sample_logits.masked_fill(in_block, float("-inf"))
     lse_sample, out_sample = softmax_part(sample_logits, gather_rows(v, sample_index).unsqueeze(2))
     lse_sample = lse_sample + math.log(n_k / m)  # each sample stands for n_k/m keys
