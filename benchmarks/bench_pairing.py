@@ -56,6 +56,13 @@ def table(title: str, layers: list[QKV], seeds: int) -> None:
                 errs = [r.error("rel_spectral") for r in report.results if r.budget == budget]
                 cells[(method, pairing)][i].append(statistics.fmean(errs))
         floors.append(report.floors.mean_floor())
+    if len(layers) > 1:  # each input (layer) on its own, beside its floor
+        for i, floor in enumerate(floors):
+            print(f"  input {i} (mean-of-V floor {floor:.4f}):")
+            for method, pairing in methods:
+                row = [c[i] for c in cells[(method, pairing)]]
+                print(f"{method:>15} {pairing:>8} " + " ".join(f"{m:8.4f}" for m in row))
+        print("  mean over inputs:")
     for method, pairing in methods:
         means = [statistics.fmean(c) for c in cells[(method, pairing)]]
         print(f"{method:>15} {pairing:>8} " + " ".join(f"{m:8.4f}" for m in means))
