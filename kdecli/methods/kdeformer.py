@@ -32,7 +32,7 @@ import torch
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, decomposed_causal
 from kdecli.methods.common import gather_rows, needs_grad, with_ones_column, working_dtype
-from kdecli.methods.lsh import PAIRINGS, SortedBlocks, resolve_pairing, sort_into_blocks
+from kdecli.methods.lsh import PAIRING, SortedBlocks, resolve_pairing, sort_into_blocks
 from kdecli.methods.registry import register
 
 SAMPLINGS = ("value-norm", "uniform", "column-norm")
@@ -51,15 +51,7 @@ class KDEformer(AttentionMethod):
         Param("block_size", int, 128, "keys per sorted-LSH block, computed exactly", 1, 2**24),
         Param("samples", int, 256, "residual keys drawn with replacement (m)", 1, 2**24),
         Param("num_projs", int, 7, "random hyperplanes of the angular LSH (r)", 1, 30),
-        Param(
-            "pairing",
-            str,
-            "auto",
-            "which keys a query's block scores: rank (the t-th query block with the t-th key "
-            "block, the released code), aligned (the keys whose LSH rank is nearest its own; "
-            "ALGORITHMS.md §12), or auto (rank when K = Q, else aligned)",
-            choices=PAIRINGS,
-        ),
+        PAIRING,
         Param(
             "sampling",
             str,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdecli.methods.base import Param
 from kdecli.methods.common import gather_rows, inverse_permutation, pad_dim, scatter_rows
 
 
@@ -156,6 +157,15 @@ class AlignedBlocks(SortedBlocks):
 
 
 PAIRINGS = ("auto", "rank", "aligned")
+PAIRING = Param(  # the parameter of both sorted-LSH methods
+    "pairing",
+    str,
+    "auto",
+    "which keys a query's block scores: rank (the t-th query block with the t-th key block, the "
+    "released code), aligned (the keys whose LSH rank is nearest its own; ALGORITHMS.md §12), or "
+    "auto (rank when K = Q, else aligned)",
+    choices=PAIRINGS,
+)
 
 
 def resolve_pairing(pairing: str, q: torch.Tensor, k: torch.Tensor) -> str:
