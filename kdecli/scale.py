@@ -170,7 +170,7 @@ def fits_of(report: ScaleReport) -> dict[str, Fit]:
     for n, run in zip(report.lengths, report.runs):
         timed = [r for r in run.results if r.time is not None and r.time.exact_s is not None]
         if timed and timed[0].time.exact_s.median:
-            exact.append((n, timed[0].time.exact_s.median, _extrapolated(timed[0])))
+            exact.append((n, timed[0].time.exact_s.median, exact_extrapolated(timed[0])))
     measured = [(n, t) for n, t, extrapolated in exact if not extrapolated]
     if len(measured) >= 2:
         note = None if len(measured) == len(exact) else "measured lengths only"
@@ -184,7 +184,7 @@ def _timed(record: Result) -> bool:
     return record.time is not None and record.time.method_s is not None
 
 
-def _extrapolated(record: Result) -> bool:
+def exact_extrapolated(record: Result) -> bool:
     """Whether the record's exact time was extrapolated from a row sample (issue 12, point 2)."""
     exact = record.time.exact_s if record.time is not None else None
     return bool(

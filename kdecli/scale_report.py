@@ -16,7 +16,7 @@ from rich.table import Table
 
 from kdecli.report import FILE_WIDTH, fmt_time
 from kdecli.results import Result, clean
-from kdecli.scale import ScaleReport, _extrapolated
+from kdecli.scale import ScaleReport, exact_extrapolated
 
 FORMATS = ("table", "json", "csv")
 
@@ -50,7 +50,7 @@ def rows(report: ScaleReport) -> list[dict]:
                     "status": record.status,
                     "time_s": time.method_s.median if time and time.method_s else None,
                     "exact_s": exact_s,
-                    "exact_extrapolated": _extrapolated(record) if exact_s else None,
+                    "exact_extrapolated": exact_extrapolated(record) if exact_s else None,
                     "speedup": time.speedup if time else None,
                     "metric": metric,
                     "error": value,

@@ -142,12 +142,13 @@ def full_blocks(n: int, leaf: int) -> list[tuple[int, int]]:
 
 
 def leaf_count(n: int, leaf: int) -> tuple[int, int]:
-    """(pieces, size) of the exact causal leaves of the recursion on n positions."""
-    pieces = 1
-    while n > max(1, leaf):
-        n = (n + n % 2) // 2
-        pieces *= 2
-    return pieces, n
+    """(pieces, size) of the exact causal leaves of the recursion on n positions: the halves of
+    the last level, as large as its full blocks (the whole input when it is one leaf)."""
+    levels = full_blocks(n, leaf)
+    if not levels:
+        return 1, n
+    pieces, size = levels[-1]
+    return 2 * pieces, size
 
 
 def softmax_part(logits: torch.Tensor, values: torch.Tensor) -> Partial:
