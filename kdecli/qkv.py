@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -41,6 +42,15 @@ class QKV:
             "d": d,
             "d_v": self.v.shape[-1],
         }
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """The input's identity for job keys (``kdecli.grid``): a digest of Q, K and V's shapes,
+        dtypes and bytes — not of its name, which is a path that differs between machines.
+        Computed once (the tensors are not expected to change in place)."""
+        from kdecli.grid import tensor_digest
+
+        return tensor_digest(self.q, self.k, self.v)
 
     def scale(self, override: float | None = None) -> float:
         """The softmax temperature: an explicit value, else the input's own, else 1/√d."""

@@ -35,6 +35,7 @@ from typing import Any
 
 from kdecli import __version__
 from kdecli.errors import UsageError
+from kdecli.grid import GridInfo, JobEntry
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -503,6 +504,8 @@ class Result:
     keys_per_query: float | None = None
     flops_fraction: float | None = None
     budget_mode: str = "paper"
+    # the record's stable job key (``kdecli.grid``): what resume and merge match records by
+    key: str | None = None
 
     @property
     def oracle(self) -> bool:
@@ -542,7 +545,7 @@ class Result:
             "beats_mean_floor": self.beats_mean_floor,
             "environment": self.environment.to_dict(),
             "layer": self.layer,
-        }
+        } | ({} if self.key is None else {"key": self.key})
 
     @classmethod
     def from_dict(cls, r: _Reader, default_environment: Environment | None = None) -> Result:
@@ -576,6 +579,7 @@ class Result:
             keys_per_query=r.number("keys_per_query", None),
             flops_fraction=r.number("flops_fraction", None),
             budget_mode=r.str("budget_mode", "paper"),
+            key=r.str("key", None),
         )
 
 
@@ -721,6 +725,67 @@ class ReferenceInfo:
         )
 
 
+@dataclass(frozen=True)
+class Conflict:
+    """Records of one job key whose measurements disagree (``kdecli merge``): the kept one is
+    among the results; ``records`` holds the others, so a later merge sees them again."""
+
+    key: str
+    job: JobEntry | None
+    records: tuple[Result, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "job": None if self.job is None else self.job.to_dict(),
+            "records": [record.to_dict() for record in self.records],
+        }
+
+    @classmethod
+    def from_dict(cls, r: _Reader) -> Conflict:
+        job = r.dict("job", None)
+        records = [
+            Result.from_dict(_Reader(item, r.where, f"{r.path}.records[{i}]"))
+            for i, item in enumerate(r.list("records"))
+        ]
+        return cls(r.str("key"), None if job is None else JobEntry.from_dict(job), tuple(records))
+
+
+@dataclass(frozen=True)
+class MergeInfo:
+    """What ``kdecli merge`` found: the grid's records no part holds, and the conflicts."""
+
+    missing: tuple[JobEntry, ...] = ()
+    conflicts: tuple[Conflict, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "missing": [job.to_dict() for job in self.missing],
+            "conflicts": [conflict.to_dict() for conflict in self.conflicts],
+        }
+
+    @classmethod
+    def from_dict(cls, r: _Reader) -> MergeInfo:
+        conflicts = r.data.get("conflicts") or []
+        return cls(
+            tuple(JobEntry.from_dict(job) for job in r.data.get("missing") or []),
+            tuple(
+                Conflict.from_dict(_Reader(item, r.where, f"{r.path}.conflicts[{i}]"))
+                for i, item in enumerate(conflicts)
+            ),
+        )
+
+
+def _grid(top: _Reader, where: str) -> GridInfo | None:
+    data = top.dict("grid", None)
+    if data is None:
+        return None
+    try:
+        return GridInfo.from_dict(data)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise SchemaError(f"{where}: `grid` is malformed ({exc}).", hint=READS_HINT) from None
+
+
 @dataclass
 class RunReport:
     """A whole document: the run header and its results (appended as the run goes)."""
@@ -737,6 +802,10 @@ class RunReport:
     layers: list[LayerInfo] = field(default_factory=list)
     # the exact reference: every query, or a sample of rows (documents before 0.4: full)
     reference: ReferenceInfo = ReferenceInfo()
+    # the job grid the run belongs to, and which shard of it this was (``kdecli.grid``)
+    grid: GridInfo | None = None
+    # a merged document: what the merge found (``kdecli.merge``)
+    merge: MergeInfo | None = None
 
     def floors_of(self, layer: int | None) -> Floors:
         """The floors that a result of ``layer`` is measured against."""
@@ -744,14 +813,18 @@ class RunReport:
 
     def header_dict(self) -> dict[str, Any]:
         """Everything but the results and the Pareto picks: the first line of a JSONL stream."""
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "kdecli_version": self.kdecli_version,
-            "environment": self.environment.to_dict(),
-            "input": self.input.to_dict(),
-            "floors": self.floors.to_dict(),
-            "reference": self.reference.to_dict(),
-        } | ({"interrupted": True} if self.interrupted else {})
+        return (
+            {
+                "schema_version": SCHEMA_VERSION,
+                "kdecli_version": self.kdecli_version,
+                "environment": self.environment.to_dict(),
+                "input": self.input.to_dict(),
+                "floors": self.floors.to_dict(),
+                "reference": self.reference.to_dict(),
+            }
+            | ({"interrupted": True} if self.interrupted else {})
+            | ({} if self.grid is None else {"grid": self.grid.to_dict()})
+        )
 
     def to_dict(self) -> dict[str, Any]:
         doc = self.header_dict()
@@ -760,6 +833,8 @@ class RunReport:
         doc["results"] = [r.to_dict() for r in self.results]
         if self.pareto is not None:
             doc["pareto"] = self.pareto.to_dict()
+        if self.merge is not None:
+            doc["merge"] = self.merge.to_dict()
         return clean(doc)
 
     as_dict = to_dict  # the name of kdecli 0.1
@@ -817,6 +892,8 @@ class RunReport:
                 for i, item in enumerate(doc.get("layers") or [])
             ],
             reference=ReferenceInfo() if reference is None else ReferenceInfo.from_dict(reference),
+            grid=_grid(top, where),
+            merge=None if doc.get("merge") is None else MergeInfo.from_dict(top.child("merge")),
         )
 
 
@@ -850,6 +927,8 @@ def load_document(path: str | os.PathLike) -> RunReport:
     except json.JSONDecodeError:
         first = None
     if isinstance(first, dict) and first.get("type") == "run":
+        if not text.endswith("\n") and len(lines) > 1 and not _is_json(lines[-1]):
+            lines = lines[:-1]  # a line cut short by a crash: the records before it stand
         doc = _from_jsonl(lines, path)
     else:
         try:
@@ -887,12 +966,53 @@ def _from_jsonl(lines: list[str], path: Path) -> dict[str, Any]:
                 '{"type": "run"} line every line must be {"type": "result", ...}.',
                 hint=READS_HINT,
             )
-    doc = {**head, "results": results}
+    doc = {**head, "results": latest_per_key(results)}
     if layers:
-        doc["layers"] = layers
+        doc["layers"] = list({layer.get("layer"): layer for layer in reversed(layers)}.values())[
+            ::-1
+        ]  # a resumed run announces a layer again: its first announcement stands
     if pareto is not None:
         doc["pareto"] = pareto
     return doc
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def latest_per_key(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A resumed run appends the retry of a failed record after it: per job key, the last ``ok``
+    record stands (else the last one), in the place of the key's first record.  Records without
+    a key (files before kdecli 0.6) all stand."""
+    chosen: dict[str, int] = {}
+    for index, record in enumerate(results):
+        key = record.get("key") if isinstance(record, dict) else None
+        if key is None:
+            continue
+        previous = chosen.get(key)
+        if (
+            previous is None
+            or record.get("status") == "ok"
+            or results[previous].get("status") != "ok"
+        ):
+            chosen[key] = index
+    first: dict[str, int] = {}
+    for index, record in enumerate(results):
+        key = record.get("key") if isinstance(record, dict) else None
+        if key is not None:
+            first.setdefault(key, index)
+    out = []
+    for index, record in enumerate(results):
+        key = record.get("key") if isinstance(record, dict) else None
+        if key is None:
+            out.append(record)
+        elif first[key] == index:
+            out.append(results[chosen[key]])
+    return out
 
 
 def to_json(report: RunReport) -> str:

@@ -20,7 +20,7 @@ import functools
 import math
 import platform
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 
 from kdecli.aggregate import beats_floor
 from kdecli.errors import ParameterError, RuntimeFailure, UsageError, is_out_of_memory
+from kdecli.grid import Grid, GridJob, Measurement, record_key, spec_of
 from kdecli.inputs import QKV, resolve_device, resolve_dtype
 from kdecli.methods import get_method_class, make_method, method_of_role
 from kdecli.methods.base import BUDGET_MODES, AttentionMethod
@@ -178,6 +179,88 @@ def plan_jobs(
     return jobs
 
 
+def plan_grid(
+    inputs: Sequence[QKV],
+    methods: Sequence[str] = ("kdeformer",),
+    budgets: Sequence[int] = (256,),
+    config: RunConfig | None = None,
+    *,
+    params: dict[str, dict[str, Any]] | None = None,
+    **settings: Any,
+) -> Grid:
+    """The job grid of ``compare`` over ``inputs`` (one input × method × budget with its seeds per
+    job), each record with its stable key (``kdecli.grid``).  Checks what ``compare`` checks, so
+    a bad request is refused before anything runs."""
+    config = replace(config or RunConfig(), **settings)
+    config.check()
+    seed_list = [config.seed + i for i in range(config.seeds)]
+    jobs: list[GridJob] = []
+    measurements = []
+    for qkv in inputs:
+        setting = _Setting.of(qkv, config)
+        measurements.append(setting.measurement)
+        b, h, n_q, d = qkv.q.shape
+        n_k, d_v = qkv.k.shape[-2], qkv.v.shape[-1]
+        for job in plan_jobs(list(methods), list(budgets), params, n_k, config.budget_mode):
+            method = make_method(job.method, job.budget, budget_mode=job.budget_mode, **job.params)
+            seeds: tuple[int | None, ...] = tuple(seed_list) if method.randomized else (None,)
+            resolved = method.resolved_params
+            keys = tuple(
+                record_key(setting.measurement, method.name, method.budget, resolved, seed)
+                for seed in seeds
+            )
+            cost = method.cost(b, h, n_q, n_k, d, d_v, setting.causal) * len(seeds)
+            jobs.append(
+                GridJob(qkv.layer, job.method, job.budget, job.params, resolved, seeds, keys, cost)
+            )
+    spec = spec_of(measurements, methods, budgets, params or {}, seed_list)
+    return Grid(jobs, spec)
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """How one input is measured under a config: device, working dtype, softmax scale, causal
+    mask and reference plan, resolved (and checked) once, and the key context they make."""
+
+    device: torch.device
+    dtype: torch.dtype
+    scale: float
+    causal: bool
+    measurement: Measurement
+
+    @classmethod
+    def of(cls, qkv: QKV, config: RunConfig) -> _Setting:
+        causal = qkv.causal(config.causal)
+        if causal and qkv.q.shape[-2] != qkv.k.shape[-2]:
+            raise UsageError(
+                f"--causal needs as many queries as keys; got n_q = {qkv.q.shape[-2]}, "
+                f"n_k = {qkv.k.shape[-2]}."
+            )
+        device = config.device
+        device = device if isinstance(device, torch.device) else resolve_device(device)
+        dtype = config.dtype
+        dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype) or qkv.q.dtype
+        scale = qkv.scale(config.scale)
+        if not math.isfinite(scale) or scale <= 0:
+            raise UsageError(f"--scale must be a positive number; got {scale}.")
+        plan = resolve_reference(config.reference, qkv.shape)
+        reference = "full" if plan.rows is None else f"rows:{plan.rows}@{config.seed}"
+        measurement = Measurement(
+            input_digest=qkv.digest,
+            layer=qkv.layer,
+            dtype=str(dtype).removeprefix("torch."),
+            device=device.type,
+            scale=scale,
+            causal=causal,
+            reference=reference,
+            budget_mode=config.budget_mode,
+            bound=config.bound,
+            timing=config.timing,
+            backward=config.backward,
+        )
+        return cls(device, dtype, scale, causal, measurement)
+
+
 def compare(
     qkv: QKV,
     methods: Sequence[str] = ("kdeformer",),
@@ -185,6 +268,8 @@ def compare(
     config: RunConfig | None = None,
     *,
     params: dict[str, dict[str, Any]] | None = None,
+    only: Collection[str] | None = None,
+    reuse: bool = False,
     on_start: Callable[[RunReport], None] | None = None,
     on_result: ResultFn | None = None,
     on_progress: ProgressFn | None = None,
@@ -196,54 +281,28 @@ def compare(
     ``config`` says how (``RunConfig``); keyword ``settings`` override its fields, so
     ``compare(qkv, ["kdeformer"], [256], seeds=3, device="cpu")`` reads as it should.
     ``params`` maps a method name (or ``"*"`` for every method that has the parameter) to named
-    parameters.  ``on_start(report)`` is called once the reference and floors exist (before any
-    method runs), ``on_result(result)`` after each record, ``on_progress(done, total, label)``
-    before each.  ``should_stop()`` is asked before each record: once it says True the run ends
-    there, and the report (``interrupted``) holds the records that finished.
+    parameters.  ``only``: run just the records whose keys (``plan_grid``) it holds — a shard,
+    or what a resumed run has left.  ``reuse``: keep this input's reference and exact timings
+    for the next call on the same input and settings (one per process: what a worker that runs
+    one job per call wants).  ``on_start(report)`` is called once the reference and floors exist
+    (before any method runs), ``on_result(result)`` after each record, ``on_progress(done,
+    total, label)`` before each.  ``should_stop()`` is asked before each record: once it says
+    True the run ends there, and the report (``interrupted``) holds the records that finished.
     """
     config = replace(config or RunConfig(), **settings)
-    config.check()
-    causal = qkv.causal(config.causal)
-    config = replace(config, causal=causal)  # resolved: the timing pass reads it too
-    if causal and qkv.q.shape[-2] != qkv.k.shape[-2]:
-        raise UsageError(
-            f"--causal needs as many queries as keys; got n_q = {qkv.q.shape[-2]}, "
-            f"n_k = {qkv.k.shape[-2]}."
-        )
-    device = config.device
-    device = device if isinstance(device, torch.device) else resolve_device(device)
-    dtype = config.dtype
-    work_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype) or qkv.q.dtype
-    softmax_scale = qkv.scale(config.scale)
-    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
-        raise UsageError(f"--scale must be a positive number; got {softmax_scale}.")
-    jobs = plan_jobs(list(methods), list(budgets), params, qkv.k.shape[-2], config.budget_mode)
-
-    ref_inputs = qkv.to(device, torch.float64)
-    plan = resolve_reference(config.reference, qkv.shape)
-    try:
-        reference = _Reference.compute(ref_inputs, softmax_scale, causal, plan.rows, config)
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
-        shape = qkv.shape
-        raise RuntimeFailure(
-            f"out of memory computing the float64 exact reference on {device} (b·h = "
-            f"{shape['b'] * shape['h']}, n_q = {shape['n_q']}, n_k = {shape['n_k']}): "
-            f"{_first_line(exc)}",
-            hint="Use a smaller --n or --batch, or another --device.",
-        ) from None
-    work = qkv.to(device, work_dtype)
-    env = environment(device, work_dtype)
-    report = RunReport(
-        environment=env,
-        input=describe_input(qkv, softmax_scale, causal),
-        floors=floors(reference, ref_inputs.v, causal),
-        reference=reference.info(str(parse_reference(config.reference)), config.seed),
-    )
+    grid = plan_grid([qkv], methods, budgets, config, params=params)
+    setting = _Setting.of(qkv, config)
+    config = replace(config, causal=setting.causal)  # resolved: the timing pass reads it too
+    device = setting.device
+    wanted = [
+        (job, [seed for seed, key in zip(job.seeds, job.keys) if only is None or key in only])
+        for job in grid.jobs
+    ]
+    wanted = [(job, seeds) for job, seeds in wanted if seeds]
+    prepared = _Prepared.of(qkv, setting, config, reuse)
+    report = replace(prepared.report, results=[])
     primary = report.reference.primary_metric  # rel_frobenius under a row sample
     mean_floor = report.floors.mean_floor(primary)
-    del ref_inputs
     if on_start:
         on_start(report)
 
@@ -251,47 +310,46 @@ def compare(
         report.interrupted = report.interrupted or bool(should_stop and should_stop())
         return report.interrupted
 
-    exact_time = exact_backward = grads = None
-    if config.timing and not stopping():
-        exact_time = _time_exact(work, softmax_scale, config, device)
-    if config.timing and config.backward and not stopping():
-        grads = _GradInputs.of(work, config.seed, device)
-        exact_backward = _time_exact(work, softmax_scale, config, device, grads=grads)
-    seed_list = [config.seed + i for i in range(config.seeds)]
-    total = sum(len(seed_list) if get_method_class(j.method).randomized else 1 for j in jobs)
+    if wanted and config.timing and not stopping():
+        prepared.time_exact(config)
+    total = sum(len(seeds) for _, seeds in wanted)
     done = 0
-    for job in jobs:
-        method = make_method(job.method, job.budget, budget_mode=job.budget_mode, **job.params)
-        job_seeds = seed_list if method.randomized else seed_list[:1]
-        paid = _Paid.of(method, work, causal)
+    work = prepared.work
+    for job, job_seeds in wanted:
+        method = make_method(job.method, job.budget, budget_mode=config.budget_mode, **job.params)
+        paid = _Paid.of(method, work, setting.causal)
         method_time: Timing | _Failed | None = None
         backward_time: Timing | _Failed | None = None
-        for run_seed in job_seeds:
+        for seed in job_seeds:
             if stopping():
                 break
+            run_seed = config.seed if seed is None else seed
             if on_progress:
                 on_progress(done, total, f"{job.method} budget={job.budget} seed={run_seed}")
-            outcome = _run_one(method, work, reference, softmax_scale, causal, run_seed, device)
+            outcome = _run_one(
+                method, work, prepared.reference, setting.scale, setting.causal, run_seed, device
+            )
             time = None
             if config.timing and outcome.status == "ok":
                 if method_time is None:
                     method_time = _time_method(
-                        method, work, softmax_scale, config, run_seed, device
+                        method, work, setting.scale, config, run_seed, device
                     )
-                if grads is not None and backward_time is None:
+                if prepared.grads is not None and backward_time is None:
                     if not isinstance(method_time, _Failed):  # else the record says why already
                         backward_time = _time_backward(
-                            method, grads, softmax_scale, config, run_seed, device
+                            method, prepared.grads, setting.scale, config, run_seed, device
                         )
-                time = _result_time(method_time, exact_time)
+                time = _result_time(method_time, prepared.exact_time)
                 if backward_time is not None:
-                    time = _with_backward(time, backward_time, exact_backward)
+                    time = _with_backward(time, backward_time, prepared.exact_backward)
                 if isinstance(method_time, _Failed):  # the errors stand; the record says why
                     outcome = replace(outcome, status=method_time.status, reason=method_time.reason)
             beats = None
             if method.role != "baseline":
                 beats = beats_floor(outcome.error(primary), mean_floor)
-            record = _record(method, run_seed, outcome, time, beats, env, paid)
+            record = _record(method, run_seed, outcome, time, beats, report.environment, paid)
+            record = replace(record, key=job.key_of(seed))
             report.results.append(record)
             if on_result:
                 on_result(record)
@@ -301,6 +359,79 @@ def compare(
     if on_progress:
         on_progress(done, total, "interrupted" if report.interrupted else "done")
     return report
+
+
+@dataclass
+class _Prepared:
+    """One input made ready to measure against: the working tensors, the exact reference, the
+    report's header (environment, input, floors, reference) and, once asked for, exact
+    attention's timings.  ``reuse`` keeps the last one per process (``_LAST``)."""
+
+    identity: tuple
+    work: QKV
+    reference: _Reference
+    report: RunReport
+    exact_time: Timing | _Failed | None = None
+    exact_backward: Timing | _Failed | None = None
+    grads: _GradInputs | None = None
+    timed: bool = False
+
+    @classmethod
+    def of(cls, qkv: QKV, setting: _Setting, config: RunConfig, reuse: bool) -> _Prepared:
+        global _LAST
+        timing = (config.repeats, config.warmup, config.min_time, config.seed)
+        identity = (setting.measurement, str(setting.device), timing)
+        if reuse and _LAST is not None and _LAST.identity == identity:
+            return _LAST
+        _LAST = None  # free the last input's tensors before computing this one's
+        prepared = cls._compute(qkv, setting, config, identity)
+        if reuse:
+            _LAST = prepared
+        return prepared
+
+    @classmethod
+    def _compute(cls, qkv: QKV, setting: _Setting, config: RunConfig, identity) -> _Prepared:
+        device, causal = setting.device, setting.causal
+        ref_inputs = qkv.to(device, torch.float64)
+        plan = resolve_reference(config.reference, qkv.shape)
+        try:
+            reference = _Reference.compute(ref_inputs, setting.scale, causal, plan.rows, config)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            shape = qkv.shape
+            raise RuntimeFailure(
+                f"out of memory computing the float64 exact reference on {device} (b·h = "
+                f"{shape['b'] * shape['h']}, n_q = {shape['n_q']}, n_k = {shape['n_k']}): "
+                f"{_first_line(exc)}",
+                hint="Use a smaller --n or --batch, or another --device.",
+            ) from None
+        work = qkv.to(device, setting.dtype)
+        report = RunReport(
+            environment=environment(device, setting.dtype),
+            input=describe_input(qkv, setting.scale, causal),
+            floors=floors(reference, ref_inputs.v, causal),
+            reference=reference.info(str(parse_reference(config.reference)), config.seed),
+        )
+        return cls(identity, work, reference, report)
+
+    def time_exact(self, config: RunConfig) -> None:
+        """Exact attention's time (and with ``backward`` its forward + backward), once."""
+        if self.timed:
+            return
+        device, scale = self.reference_device, self.report.input.scale
+        self.exact_time = _time_exact(self.work, scale, config, device)
+        if config.backward:
+            self.grads = _GradInputs.of(self.work, config.seed, device)
+            self.exact_backward = _time_exact(self.work, scale, config, device, grads=self.grads)
+        self.timed = True
+
+    @property
+    def reference_device(self) -> torch.device:
+        return self.work.q.device
+
+
+_LAST: _Prepared | None = None
 
 
 def compare_layers(
@@ -321,8 +452,20 @@ def compare_layers(
     Each layer has its own exact reference, floors and timings; its records carry its ``layer``
     and ``report.layers`` its input and floors.  ``on_start`` is called once, when the first layer
     is ready; ``on_layer(info)`` when each layer is.  A single input without a layer is a plain
-    ``compare``.
+    ``compare``.  With ``only`` (record keys), a layer none of whose records is wanted is skipped
+    whole: its reference is never computed.
     """
+    only = options.get("only")
+    if only is not None:
+        options["only"] = only = frozenset(only)
+    if only is not None and len(inputs) > 1:
+        settings = {k: v for k, v in options.items() if k not in ("only", "reuse")}
+        wanted = [
+            qkv
+            for qkv in inputs
+            if not only.isdisjoint(plan_grid([qkv], methods, budgets, config, **settings).keys)
+        ]
+        inputs = wanted or inputs[:1]  # nothing wanted: one layer's header, no records
     if len(inputs) == 1 and inputs[0].layer is None:
         return compare(
             inputs[0], methods, budgets, config, on_start=on_start, on_result=on_result,

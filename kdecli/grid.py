@@ -1,0 +1,304 @@
+"""The job grid of a sweep: stable job keys, the grid's digest, and deterministic shards.
+
+A *job* is one input × method × budget with its seeds: the seeds stay together because they share
+one timing.  Each seed of a job is one *record*, and each record has a **key**: a digest of
+everything that decides what it measures —
+
+    the input's identity (a digest of Q, K and V's bytes, shapes and dtype, and its layer),
+    method, budget, seed, resolved parameters, budget mode, working dtype, device kind,
+    softmax scale, causal mask and reference mode (``full``, or ``rows:R`` with its row seed),
+    and whether the run adds ``bound_normalized``, times at all, and times the backward —
+
+and nothing that only says how well it was timed (``--repeats``, ``--min-time``) or where the
+input's file lies (so two machines with the same data at different paths agree).  The **grid's
+digest** is a digest of its sorted record keys: it changes exactly when the set of measurements
+does, not with the order methods were listed in, nor with the shard.
+
+Shards (``--num-shards N --shard-id I``): the jobs are sorted by their estimated cost (the
+method's cost model on the input's shape, times its seeds; ties by key) and dealt round-robin,
+job j of that order to shard j mod N — the same on every machine given the same arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+KEY_BYTES = 8  # 16 hex digits: a collision among even a million records has odds ~3e-8
+
+
+def digest(value: Any, size: int = KEY_BYTES) -> str:
+    """The BLAKE2b hex digest of ``value``'s canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(text.encode(), digest_size=size).hexdigest()
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """A digest of the tensors' shapes, dtypes and bytes (on the CPU, contiguous)."""
+    h = hashlib.blake2b(digest_size=KEY_BYTES)
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What every job of one input shares: how it is measured (the context of its keys)."""
+
+    input_digest: str
+    layer: int | None
+    dtype: str
+    device: str  # the device kind: cpu or cuda (not its index: the same job on another GPU)
+    scale: float
+    causal: bool
+    reference: str  # "full", or "rows:R@seed"
+    budget_mode: str
+    bound: bool
+    timing: bool
+    backward: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_digest": self.input_digest,
+            "layer": self.layer,
+            "dtype": self.dtype,
+            "device": self.device,
+            "scale": self.scale,
+            "causal": self.causal,
+            "reference": self.reference,
+            "budget_mode": self.budget_mode,
+            "bound": self.bound,
+            "timing": self.timing,
+            "backward": self.backward,
+        }
+
+
+def record_key(
+    measurement: Measurement,
+    method: str,
+    budget: int | None,
+    params: dict[str, Any],
+    seed: int | None,
+) -> str:
+    """The stable key of one record (see the module docstring)."""
+    return digest(
+        {
+            **measurement.to_dict(),
+            "method": method,
+            "budget": budget,
+            "params": params,
+            "seed": seed,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class GridJob:
+    """One input × method × budget with its seeds, as one shard runs it.
+
+    ``params`` are the parameters as given (what the run passes on), ``resolved`` the method's
+    resolved parameters (what the key and the records name); ``keys`` has one key per seed
+    (``None`` is the one seed of a method that draws nothing); ``cost`` the cost model's FLOPs of
+    all its seeds, which balances the shards.
+    """
+
+    layer: int | None
+    method: str
+    budget: int | None
+    params: dict[str, Any]
+    resolved: dict[str, Any]
+    seeds: tuple[int | None, ...]
+    keys: tuple[str, ...]
+    cost: float
+
+    def key_of(self, seed: int | None) -> str:
+        return self.keys[self.seeds.index(seed)]
+
+    def entries(self) -> list[JobEntry]:
+        return [
+            JobEntry(key, self.layer, self.method, self.budget, seed)
+            for seed, key in zip(self.seeds, self.keys)
+        ]
+
+
+@dataclass(frozen=True)
+class JobEntry:
+    """One record of the grid, as a results file lists it: its key and what a person reads."""
+
+    key: str
+    layer: int | None
+    method: str
+    budget: int | None
+    seed: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "layer": self.layer,
+            "method": self.method,
+            "budget": self.budget,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobEntry:
+        return cls(
+            data["key"], data.get("layer"), data["method"], data.get("budget"), data.get("seed")
+        )
+
+    def describe(self) -> str:
+        """``layer 3 kdeformer budget=64 seed=1``."""
+        parts = [] if self.layer is None else [f"layer {self.layer}"]
+        parts.append(self.method)
+        if self.budget is not None:
+            parts.append(f"budget={self.budget}")
+        if self.seed is not None:
+            parts.append(f"seed={self.seed}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class GridInfo:
+    """What a results file says of its grid: the digest, every record of the whole grid, the
+    settings that define it (``spec``, to name a difference between two grids), and which
+    shard of how many this file's run was (None: the whole grid)."""
+
+    digest: str
+    jobs: tuple[JobEntry, ...]
+    spec: dict[str, Any]
+    shard_id: int | None = None
+    num_shards: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "digest": self.digest,
+            "shard_id": self.shard_id,
+            "num_shards": self.num_shards,
+            "spec": self.spec,
+            "jobs": [job.to_dict() for job in self.jobs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GridInfo:
+        return cls(
+            data["digest"],
+            tuple(JobEntry.from_dict(job) for job in data.get("jobs") or []),
+            dict(data.get("spec") or {}),
+            data.get("shard_id"),
+            data.get("num_shards"),
+        )
+
+    def unsharded(self) -> GridInfo:
+        return GridInfo(self.digest, self.jobs, self.spec)
+
+    def difference(self, other: GridInfo) -> str | None:
+        """None for the same grid, else what differs, in words: the first setting of ``spec``
+        that differs, else the job sets' sizes."""
+        if self.digest == other.digest:
+            return None
+        for name in sorted(set(self.spec) | set(other.spec)):
+            mine, theirs = self.spec.get(name), other.spec.get(name)
+            if mine != theirs:
+                return f"{name} differs ({_short(mine)} vs {_short(theirs)})"
+        return f"the job sets differ ({len(self.jobs)} vs {len(other.jobs)} records)"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass
+class Grid:
+    """Every job of a sweep, in the order the run takes them (input by input, methods and
+    budgets as given), and the settings that define it."""
+
+    jobs: list[GridJob]
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> list[str]:
+        return [key for job in self.jobs for key in job.keys]
+
+    @property
+    def digest(self) -> str:
+        return digest(sorted(self.keys))
+
+    def entries(self) -> tuple[JobEntry, ...]:
+        return tuple(entry for job in self.jobs for entry in job.entries())
+
+    def shard(self, shard_id: int, num_shards: int) -> list[GridJob]:
+        """The jobs of shard ``shard_id`` of ``num_shards`` (0-based), in the grid's order: the
+        jobs sorted by estimated cost, largest first (ties by key), dealt round-robin."""
+        check_shard(shard_id, num_shards)
+        ranked = sorted(self.jobs, key=lambda job: (-_finite(job.cost), job.keys[0]))
+        mine = {id(job) for rank, job in enumerate(ranked) if rank % num_shards == shard_id}
+        return [job for job in self.jobs if id(job) in mine]
+
+    def info(self, shard_id: int | None = None, num_shards: int | None = None) -> GridInfo:
+        return GridInfo(self.digest, self.entries(), self.spec, shard_id, num_shards)
+
+
+def check_shard(shard_id: int | None, num_shards: int | None) -> None:
+    from kdecli.errors import UsageError
+
+    if (shard_id is None) != (num_shards is None):
+        raise UsageError("--shard-id and --num-shards go together: give both or neither.")
+    if num_shards is None:
+        return
+    if num_shards < 1:
+        raise UsageError(f"--num-shards must be at least 1; got {num_shards}.")
+    if not 0 <= shard_id < num_shards:
+        raise UsageError(
+            f"--shard-id counts from 0, so it must be in 0..{num_shards - 1} for --num-shards "
+            f"{num_shards}; got {shard_id}."
+        )
+
+
+def _finite(cost: float) -> float:
+    """Unknown costs (inf, NaN) rank first: the cost model cannot say they are small."""
+    return cost if math.isfinite(cost) else math.inf
+
+
+def keys_of(jobs: Iterable[GridJob]) -> set[str]:
+    return {key for job in jobs for key in job.keys}
+
+
+def spec_of(
+    measurements: Sequence[Measurement],
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    params: dict[str, dict[str, Any]],
+    seeds: Sequence[int],
+) -> dict[str, Any]:
+    """The settings that define a grid, by name, for ``GridInfo.difference`` to name."""
+    first = measurements[0] if measurements else None
+    shared = {} if first is None else first.to_dict()
+    return {
+        "inputs": [
+            {
+                "layer": m.layer,
+                "digest": m.input_digest,
+                "scale": m.scale,
+                "causal": m.causal,
+                "reference": m.reference,
+            }
+            for m in measurements
+        ],
+        "methods": list(methods),
+        "budgets": list(budgets),
+        "params": {name: dict(values) for name, values in sorted(params.items())},
+        "seeds": list(seeds),
+        **{
+            name: shared.get(name)
+            for name in ("dtype", "device", "budget_mode", "bound", "timing", "backward")
+        },
+    }
