@@ -913,6 +913,12 @@ def load_document(path: str | os.PathLike) -> RunReport:
         raise SchemaError(f"{path}: is not a text file.", hint=READS_HINT) from None
     except OSError as exc:
         raise SchemaError(f"{path}: cannot be read ({exc.strerror}).") from None
+    return parse_document(text, path)
+
+
+def parse_document(text: str, path: str | os.PathLike) -> RunReport:
+    """``load_document`` of a file's text; ``path`` names it in messages."""
+    path = Path(path)
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise SchemaError(f"{path}: is empty.", hint=READS_HINT)

@@ -25,6 +25,7 @@ import typer
 
 from kdecli.runner import RunConfig
 from kdecli.sources import InputOptions
+from kdecli.sweep import SweepOptions
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,34 @@ OPTIONS: dict[str, Opt] = {
         "estimates with 95 % intervals (no rel_spectral). auto: full while it takes about a "
         "minute on a 2-core CPU, else rows:4096.",
     ),
+    # sweep: which part of the grid, resumed from where, run by what
+    "num_shards": Opt(
+        ("--num-shards",),
+        Optional[int],
+        None,
+        "Split the job grid into N shards, balanced by the cost model and the same on every "
+        "machine; run one with --shard-id.",
+    ),
+    "shard_id": Opt(
+        ("--shard-id",),
+        Optional[int],
+        None,
+        "Which shard this run is, 0-based (a SLURM array: --shard-id $SLURM_ARRAY_TASK_ID).",
+    ),
+    "resume": Opt(
+        ("--resume",),
+        Optional[Path],
+        None,
+        "Append each record to FILE.jsonl as it finishes; run again, the same command skips "
+        "the records already there with status ok.",
+    ),
+    "executor": Opt(
+        ("--executor",),
+        str,
+        "local",
+        "local: jobs in this process | ray: each job a Ray task, on the cluster RAY_ADDRESS "
+        "names, else a local one (pip install 'kdecli\\[ray]').",
+    ),
     # output: where and how
     "fmt": Opt(("--format", "-f"), str, "table", "table | json | jsonl | csv."),
     "output": Opt(("--output", "-o"), Optional[Path], None, "Write the results to FILE."),
@@ -158,6 +187,7 @@ def _group(cls: type) -> Group:
 INPUT = _group(InputOptions)
 RUN = _group(RunConfig)
 OUTPUT = _group(OutputOptions)
+SWEEP = _group(SweepOptions)
 
 
 def shared_options(

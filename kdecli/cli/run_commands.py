@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import typer
 
 from kdecli.cli import common as c
 from kdecli.cli.app import app
-from kdecli.cli.options import INPUT, OUTPUT, RUN, OutputOptions, shared_options
+from kdecli.cli.options import INPUT, OUTPUT, RUN, SWEEP, OutputOptions, shared_options
 from kdecli.cli.signals import graceful_stop
 from kdecli.errors import Terminated, UsageError
 from kdecli.files import Output
+from kdecli.grid import keys_of
 from kdecli.pareto import cheapest_settings, check_target_error
 from kdecli.report import FORMATS, parse_columns, render_text
 from kdecli.results import RunReport, jsonl_header, jsonl_layer, jsonl_pareto, jsonl_result
-from kdecli.runner import RunConfig, compare_layers
+from kdecli.resume import ResumeFile
+from kdecli.runner import RunConfig, plan_grid
 from kdecli.sources import InputOptions, load_inputs
+from kdecli.sweep import SweepOptions, executor
 
 
 @dataclass(frozen=True)
@@ -38,12 +41,20 @@ def _run(
     out: OutputOptions,
     plot: str | None = None,
     target_error: float | None = None,
+    spread: SweepOptions = SweepOptions(),
 ) -> None:
     # everything that can be refused is refused before any output is opened
     c.check_format(out.fmt, FORMATS)
     run.check()  # a bad --reference or --seeds fails before the input is read
+    spread.check()
     columns = parse_columns(out.columns)
     c.check_output(out.output)
+    if spread.resume is not None and out.output is not None:
+        if out.output.resolve() == spread.resume.resolve():
+            raise UsageError(
+                f"--output and --resume name the same file ({out.output}); --resume appends "
+                "each record to it as it finishes, --output writes the whole report at the end."
+            )
     if target_error is not None:
         check_target_error(target_error)
         if out.fmt == "csv":
@@ -57,56 +68,29 @@ def _run(
 
         check_plot_path(plot)
     layers = load_inputs(input_spec, inputs)
-    streaming = out.fmt == "jsonl"
-    progress, update = c.progress_printer(out.quiet)
-    started: list[RunReport] = []  # the report as it grows, for what to keep if stopped at once
-
-    def on_start(report: RunReport) -> None:
-        started.append(report)
-        if streaming:
-            output.write(jsonl_header(report) + "\n")
-
-    def line(encode):  # a JSONL record, written as one line and flushed
-        return lambda record: output.write(encode(record) + "\n")
-
-    exit_code = 0
-    with Output(out.output, flush_each=streaming) as output:
-        with graceful_stop(lambda line: c.note(line, out.quiet)) as stop:
-            try:
-                with progress or contextlib.nullcontext():
-                    report = compare_layers(
-                        layers, sweep.methods, sweep.budgets, run, params=sweep.params,
-                        on_start=on_start, on_progress=update, should_stop=stop.requested,
-                        on_layer=line(jsonl_layer) if streaming else None,
-                        on_result=line(jsonl_result) if streaming else None,
-                    )  # fmt: skip
-                exit_code = stop.exit_code if report.interrupted else 0
-            except KeyboardInterrupt as exc:  # a second signal: stop at once, keep what finished
-                if not (started and started[0].results):
-                    raise
-                report, report.interrupted = started[0], True
-                exit_code = 143 if isinstance(exc, Terminated) else 130
-        if report.interrupted and not report.results:
-            output.discard()  # nothing finished: the previous file stays as it was
+    grid = plan_grid(layers, sweep.methods, sweep.budgets, run, params=sweep.params)
+    info = grid.info(spread.shard_id, spread.num_shards)
+    jobs = grid.shard(spread.shard_id, spread.num_shards) if spread.sharded else grid.jobs
+    wanted = keys_of(jobs)
+    if spread.sharded:
+        c.note(
+            f"{spread.shard_label().capitalize()}: {len(jobs)} of {len(grid.jobs)} jobs "
+            f"({len(wanted)} of {len(grid.keys)} records; grid {info.digest}).",
+            out.quiet,
+        )
+    with contextlib.ExitStack() as stack:
+        resume = None
+        if spread.resume is not None:
+            resume = stack.enter_context(ResumeFile.open(spread.resume, info))
+            wanted = _resuming(resume, wanted, spread, out.quiet)
+        if resume is not None and not wanted and resume.previous is not None:
+            c.note(f"Nothing left to run: {resume.path} holds every record.", out.quiet)
+            report = _resumed_report(resume, None, info)
+            _render(report, out, columns, target_error, streaming=False)
         else:
-            if target_error is not None and not report.interrupted:
-                report.pareto = cheapest_settings(report.results, target_error)
-                if streaming:
-                    output.write(jsonl_pareto(report.pareto) + "\n")
-            if not streaming:
-                output.write(
-                    render_text(
-                        report,
-                        out.fmt,
-                        width=c.table_width(out.output),
-                        columns=columns,
-                        colour=c.colour(out.output),
-                    )  # fmt: skip
-                )
-    if report.interrupted:
-        where = output.label if report.results else f"nothing; {output.label} left as it was"
-        c.note(f"Interrupted: kept {len(report.results)} finished records in {where}.", out.quiet)
-        raise typer.Exit(exit_code)
+            report = _execute(
+                layers, sweep, run, out, spread, info, wanted, resume, columns, target_error
+            )
     if out.output is not None:
         c.note(f"Wrote {out.output}.", out.quiet)
     if plot is not None:
@@ -114,6 +98,126 @@ def _run(
 
         plot_reports([report], plot)
         c.note(f"Wrote {plot}.", out.quiet)
+
+
+def _resuming(resume: ResumeFile, wanted: frozenset[str], spread: SweepOptions, quiet: bool):
+    """The keys still to run, and a line that says where the resumed run stands."""
+    if resume.dropped_partial:
+        c.note(
+            f"--resume {resume.path}: its last line was cut short; that record runs again.", quiet
+        )
+    if resume.previous is None:
+        return wanted
+    done = wanted & resume.done
+    c.note(
+        f"Resuming {resume.path}: {len(done)} of {len(wanted)} records of "
+        f"{spread.shard_label()} already done; {len(wanted) - len(done)} to run.",
+        quiet,
+    )
+    return frozenset(wanted - done)
+
+
+def _resumed_report(resume: ResumeFile, report: RunReport | None, info) -> RunReport:
+    """The whole file's report: its header, the records this run did not redo, and this run's,
+    in the grid's order."""
+    previous = resume.previous
+    if previous is None:
+        return report
+    new = [] if report is None else report.results
+    redone = frozenset(r.key for r in new)
+    records = resume.previous_records(redone) + new
+    order = {entry.key: i for i, entry in enumerate(info.jobs)}
+    records.sort(key=lambda r: order.get(r.key, len(order)))
+    layers = {layer.layer: layer for layer in (report.layers if report else [])}
+    layers.update({layer.layer: layer for layer in previous.layers})
+    return replace(
+        previous,
+        results=records,
+        layers=[layers[k] for k in sorted(layers, key=lambda k: (k is None, k or 0))],
+        grid=info,
+        interrupted=bool(report and report.interrupted),
+        pareto=None,
+    )
+
+
+def _execute(
+    layers, sweep, run, out, spread, info, wanted, resume, columns, target_error
+) -> RunReport:
+    """Run the wanted records, streaming them as they finish; the whole report."""
+    streaming = out.fmt == "jsonl" and resume is None
+    progress, update = c.progress_printer(out.quiet)
+    started: list[RunReport] = []  # the report as it grows, for what to keep if stopped at once
+
+    def write(line: str) -> None:  # a JSONL line, to the stream and to the resume file
+        if streaming:
+            output.write(line + "\n")
+        if resume is not None:
+            resume.append(line)
+
+    def on_start(report: RunReport) -> None:
+        report.grid = info
+        started.append(report)
+        if streaming or (resume is not None and resume.is_new):
+            write(jsonl_header(report))
+
+    exit_code = 0
+    run_jobs = executor(spread.executor)
+    with Output(out.output, flush_each=streaming) as output:
+        with graceful_stop(lambda line: c.note(line, out.quiet)) as stop:
+            try:
+                with progress or contextlib.nullcontext():
+                    report = run_jobs(
+                        layers, sweep.methods, sweep.budgets, run, params=sweep.params,
+                        only=wanted, on_start=on_start, on_progress=update,
+                        should_stop=stop.requested,
+                        on_layer=lambda layer: write(jsonl_layer(layer)),
+                        on_result=lambda record: write(jsonl_result(record)),
+                    )  # fmt: skip
+                exit_code = stop.exit_code if report.interrupted else 0
+            except KeyboardInterrupt as exc:  # a second signal: stop at once, keep what finished
+                if not (started and started[0].results):
+                    raise
+                report, report.interrupted = started[0], True
+                exit_code = 143 if isinstance(exc, Terminated) else 130
+        finished = len(report.results)
+        if resume is not None:
+            report = _resumed_report(resume, report, info)
+        if report.interrupted and not report.results:
+            output.discard()  # nothing finished: the previous file stays as it was
+        else:
+            _render(report, out, columns, target_error, streaming, output)
+    if report.interrupted:
+        if resume is not None:
+            c.note(
+                f"Interrupted: {resume.path} holds {len(report.results)} finished records "
+                f"({finished} from this run); rerun the same command to go on.",
+                out.quiet,
+            )
+            raise typer.Exit(exit_code)
+        where = output.label if report.results else f"nothing; {output.label} left as it was"
+        c.note(f"Interrupted: kept {len(report.results)} finished records in {where}.", out.quiet)
+        raise typer.Exit(exit_code)
+    return report
+
+
+def _render(report, out, columns, target_error, streaming, output=None) -> None:
+    """The report as ``--format`` asks (a JSONL stream has had its lines already; the Pareto
+    picks follow them)."""
+    if target_error is not None and not report.interrupted:
+        report.pareto = cheapest_settings(report.results, target_error)
+        if streaming:
+            output.write(jsonl_pareto(report.pareto) + "\n")
+    if streaming:
+        return
+    text = render_text(
+        report, out.fmt, width=c.table_width(out.output), columns=columns,
+        colour=c.colour(out.output),
+    )  # fmt: skip
+    if output is not None:
+        output.write(text)
+        return
+    with Output(out.output) as fresh:
+        fresh.write(text)
 
 
 @app.command("approx")
@@ -150,7 +254,7 @@ def _split_list(text: str, what: str, convert=str) -> list:
 
 @app.command("compare")
 @c.handle_errors
-@shared_options(inputs=INPUT, run=RUN, out=OUTPUT)
+@shared_options(inputs=INPUT, run=RUN, out=OUTPUT, spread=SWEEP)
 def compare_command(
     input_spec: c.InputArg = None,
     methods: str = typer.Option(
@@ -166,11 +270,16 @@ def compare_command(
     inputs: InputOptions,
     run: RunConfig,
     out: OutputOptions,
+    spread: SweepOptions,
 ) -> None:
-    """Run every method × budget × seed against one exact reference; mean ± std over seeds."""
+    """Run every method × budget × seed against one exact reference; mean ± std over seeds.
+
+    A grid too large for one machine runs in shards (--num-shards N --shard-id I, each on any
+    machine; `kdecli merge` joins their JSONL), resumes after a crash (--resume FILE.jsonl), or
+    runs its jobs as Ray tasks (--executor ray)."""
     sweep = Sweep(
         _split_list(methods, "methods"),
         _split_list(budgets, "budgets", int),
         c.parse_params(param),
     )
-    _run(input_spec, inputs, sweep, run, out, plot=plot, target_error=target_error)
+    _run(input_spec, inputs, sweep, run, out, plot=plot, target_error=target_error, spread=spread)
