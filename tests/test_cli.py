@@ -209,6 +209,7 @@ def test_methods_and_commands_are_listed_in_their_documented_order():
         "inspect",
         "plot",
         "report",
+        "merge",
         "capture",
         "drift",
         "scale",

@@ -14,6 +14,7 @@ from kdecli.cli import methods_command as _methods_command  # noqa: F401
 from kdecli.cli import inspect_command as _inspect_command  # noqa: F401
 from kdecli.cli import plot_command as _plot_command  # noqa: F401
 from kdecli.cli import report_command as _report_command  # noqa: F401
+from kdecli.cli import merge_command as _merge_command  # noqa: F401
 from kdecli.cli import capture_command as _capture_command  # noqa: F401
 from kdecli.cli import drift_command as _drift_command  # noqa: F401
 from kdecli.cli import scale_command as _scale_command  # noqa: F401
