@@ -209,7 +209,7 @@ class GridInfo:
         for name in sorted(set(self.spec) | set(other.spec)):
             mine, theirs = self.spec.get(name), other.spec.get(name)
             if mine != theirs:
-                return f"{name} differs ({_short(mine)} vs {_short(theirs)})"
+                return f"different {name} ({_short(mine)} vs {_short(theirs)})"
         return f"the job sets differ ({len(self.jobs)} vs {len(other.jobs)} records)"
 
 

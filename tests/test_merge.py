@@ -166,7 +166,7 @@ def test_a_different_grid_is_refused_naming_the_difference(sweep, tmp_path):
     res = invoke("merge", a, other_path, "-o", tmp_path / "all.json")
     assert res.exit_code == 2
     difference = load_document(a).grid.difference(other.grid)  # "budgets differ(s) (… vs …)"
-    assert difference.startswith("budgets differ") and "([32, 64] vs [32, 128])" in difference
+    assert difference.startswith("different budgets") and "([32, 64] vs [32, 128])" in difference
     assert (
         res.stderr.strip() == f"Error: {other_path} is of a different grid than {a}: {difference}."
     )

@@ -228,9 +228,9 @@ def test_resume_refuses_another_grid_another_shard_and_other_files(tmp_path):
     assert invoke(*sweep_args("--resume", path, "-q", methods="exact,uniform")).exit_code == 0
     before = path.read_text()
     res = invoke(*sweep_args("--resume", path, methods="exact,uniform", budgets="16,32"))
-    assert res.exit_code == 2 and "budgets differs ([16, 32, 64] vs [16, 32])" in res.stderr
+    assert res.exit_code == 2 and "different budgets ([16, 32, 64] vs [16, 32])" in res.stderr
     res = invoke(*sweep_args("--resume", path, "--dtype", "float64", methods="exact,uniform"))
-    assert res.exit_code == 2 and "dtype differs" in res.stderr
+    assert res.exit_code == 2 and "different dtype" in res.stderr
     res = invoke(
         *sweep_args("--resume", path, "--num-shards", 2, "--shard-id", 0, methods="exact,uniform")
     )
