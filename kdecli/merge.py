@@ -9,8 +9,8 @@ same bytes, and merging a merge with one of its parts (or with itself) changes n
   A part that is itself a merge gives its conflicts' records back as records.
 - The candidates of a key are its ``ok`` records if it has any (an ok retry supersedes a failure),
   else all of them.  They are grouped by their *measurement*: the record without ``time`` and
-  ``environment`` (timings differ from run to run; errors do not: every generator depends on
-  method and seed only).  Each group's representative is its record whose canonical JSON (sorted
+  ``environment``, its numbers to ``SIGNIFICANT`` digits (timings differ from run to run; errors
+  do not, past rounding: every generator depends on method and seed only).  Each group's representative is its record whose canonical JSON (sorted
   keys) is smallest; the rest of the group are identical duplicates, dropped.  Several groups of
   ok records are a conflict: the smallest representative stands in ``results``, the others go to
   ``merge.conflicts``.  Of failures alone the smallest stands.
@@ -42,6 +42,10 @@ from kdecli.results import (
 )
 
 UNTIMED = ("time", "environment")  # what may differ between two runs of the same measurement
+# Numbers that agree to this many significant digits are the same measurement: the last bits of
+# an SVD (rel_spectral) change with the thread count, and a float32 kernel's with the CPU, so two
+# machines (or a Ray worker's one thread and a local run's two) need not agree bit for bit.
+SIGNIFICANT = 6
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,19 @@ def canonical(value: Any) -> str:
 
 
 def measurement(record: Result) -> str:
-    """What a record measured, as canonical JSON: all of it but its time and environment."""
-    return canonical(_untimed(record))
+    """What a record measured, as canonical JSON: all of it but its time and environment, its
+    numbers to ``SIGNIFICANT`` digits."""
+    return canonical(_rounded(_untimed(record)))
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.{SIGNIFICANT}g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def merge_reports(reports: Sequence[RunReport], names: Sequence[str]) -> Merged:

@@ -209,6 +209,28 @@ def test_identical_duplicates_are_dropped_and_counted(sweep, tmp_path):
     )
 
 
+def test_last_bits_are_not_a_conflict_but_a_digit_is(sweep, tmp_path):
+    """Another thread count changes an SVD's last bits: agreeing to SIGNIFICANT digits is the same
+    measurement; a difference in the 5th digit is not."""
+    full = sweep["full"]
+    doc = json.loads(full.read_text())
+    index = next(i for i, r in enumerate(doc["results"]) if r["method"] == "performer")
+
+    def scaled(factor):
+        def edit(doc):
+            errors = doc["results"][index]["errors"]["rel_spectral"]
+            errors["mean"] *= factor
+            errors["per_slice"] = [v * factor for v in errors["per_slice"]]
+
+        return edit
+
+    noisy = edited(full, tmp_path / "noisy.json", scaled(1 + 3e-13))
+    merged = merged_of(full, noisy)
+    assert merged.conflicts == () and merged.duplicates_dropped == 9
+    other = edited(full, tmp_path / "other.json", scaled(1 + 3e-5))
+    assert len(merged_of(full, other).conflicts) == 1
+
+
 def test_a_conflict_is_reported_and_kept_deterministically(sweep, tmp_path):
     full = sweep["full"]
     doc = json.loads(full.read_text())
