@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from kdecli.metrics import slice_errors
@@ -62,3 +63,13 @@ def rounding_bound(q, k, v, scale):
     eps = torch.finfo(torch.float64).eps
     logit_scale = abs(scale) * q.norm(dim=-1).max() * k.norm(dim=-1).max()
     return float(4 * eps * v.abs().max() * (k.shape[-2] + q.shape[-1] * logit_scale))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole test run (2 CPUs, no dashboard), shut down at the end; the
+    tests that use it are skipped where Ray is not installed."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
