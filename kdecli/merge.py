@@ -9,9 +9,12 @@ same bytes, and merging a merge with one of its parts (or with itself) changes n
   A part that is itself a merge gives its conflicts' records back as records.
 - The candidates of a key are its ``ok`` records if it has any (an ok retry supersedes a failure),
   else all of them.  They are grouped by their *measurement*: the record without ``time`` and
-  ``environment``, its numbers to ``SIGNIFICANT`` digits (timings differ from run to run; errors
-  do not, past rounding: every generator depends on method and seed only).  Each group's representative is its record whose canonical JSON (sorted
-  keys) is smallest; the rest of the group are identical duplicates, dropped.  Several groups of
+  ``environment``, its numbers equal within ``TOLERANCE`` (timings differ from run to run;
+  errors do not, past rounding: every generator depends on method and seed only).  In the order
+  of their canonical JSON (sorted keys), each record joins the first group whose first record it
+  measures the same as, else starts one; so a group's representative is its smallest record, the
+  rest of the group are identical duplicates, dropped, and a subset holding every representative
+  groups the same (a merge of a merge).  Several groups of
   ok records are a conflict: the smallest representative stands in ``results``, the others go to
   ``merge.conflicts``.  Of failures alone the smallest stands.
 - Everything else is chosen the same way: the header (environment, input, floors, reference,
@@ -42,10 +45,12 @@ from kdecli.results import (
 )
 
 UNTIMED = ("time", "environment")  # what may differ between two runs of the same measurement
-# Numbers that agree to this many significant digits are the same measurement: the last bits of
-# an SVD (rel_spectral) change with the thread count, and a float32 kernel's with the CPU, so two
-# machines (or a Ray worker's one thread and a local run's two) need not agree bit for bit.
-SIGNIFICANT = 6
+# Numbers within this relative distance are the same measurement: the last bits of an SVD
+# (rel_spectral) and of float32 feature products change with the thread count and the CPU, so two
+# machines (or a Ray worker's one thread and a local run's two) need not agree bit for bit: on the
+# README's GloVe sweep they differed by up to 1.8e-6 (benchmarks/bench_sweeps.py).  The table
+# shows four digits.
+TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -74,20 +79,23 @@ def canonical(value: Any) -> str:
     return json.dumps(clean(value), sort_keys=True)
 
 
-def measurement(record: Result) -> str:
-    """What a record measured, as canonical JSON: all of it but its time and environment, its
-    numbers to ``SIGNIFICANT`` digits."""
-    return canonical(_rounded(_untimed(record)))
+def measurement(record: Result) -> dict[str, Any]:
+    """What a record measured: all of it but its time and environment."""
+    return _untimed(record)
 
 
-def _rounded(value: Any) -> Any:
-    if isinstance(value, float):
-        return float(f"{value:.{SIGNIFICANT}g}")
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
+def same_measurement(a: Any, b: Any) -> bool:
+    """Equal but for numbers, which may differ by ``TOLERANCE`` relative to the larger."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_measurement(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_measurement(x, y) for x, y in zip(a, b))
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool):
+        if isinstance(b, bool):
+            return False
+        return abs(a - b) <= TOLERANCE * max(abs(a), abs(b))
+    return a == b
 
 
 def merge_reports(reports: Sequence[RunReport], names: Sequence[str]) -> Merged:
@@ -218,14 +226,12 @@ def _settle(records: list[Result]) -> _Settled:
     """One key's records -> the one that stands, and what became of the rest."""
     ok = [record for record in records if record.ok]
     pool = ok or records
-    groups: dict[str, list[tuple[str, Result]]] = {}
-    for record in pool:
-        groups.setdefault(measurement(record), []).append((canonical(record.to_dict()), record))
-    representatives = sorted(
-        (min(group, key=lambda item: item[0]) for group in groups.values()),
-        key=lambda item: item[0],
-    )
-    kept, *rest = (record for _, record in representatives)
+    groups: list[tuple[dict[str, Any], Result]] = []  # each group's first measurement, record
+    for record in sorted(pool, key=lambda r: canonical(r.to_dict())):
+        measured = measurement(record)
+        if not any(same_measurement(first, measured) for first, _ in groups):
+            groups.append((measured, record))
+    kept, *rest = (record for _, record in groups)
     superseded = len(records) - len(pool)
     if not ok:  # failures alone: not a conflict of measurements, the smallest one stands
         return _Settled(kept, (), len(pool) - len(groups), superseded + len(rest))
@@ -269,7 +275,7 @@ def _diff(a: Any, b: Any, path: str) -> Iterator[str]:
     elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b)):
             yield from _diff(x, y, f"{path}[{i}]")
-    elif a != b:
+    elif not same_measurement(a, b):  # within TOLERANCE is not a difference
         left, right = _value(a), _value(b)
         if left == right:  # numbers that agree to 6 digits: every digit
             left, right = repr(a), repr(b)

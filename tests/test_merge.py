@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from kdecli.cli import app
 from kdecli.grid import keys_of
 from kdecli.inputs import synthetic
-from kdecli.merge import measurement, merge_reports
+from kdecli.merge import differences, measurement, merge_reports
 from kdecli.results import (
     SchemaError,
     jsonl_header,
@@ -210,8 +210,8 @@ def test_identical_duplicates_are_dropped_and_counted(sweep, tmp_path):
 
 
 def test_last_bits_are_not_a_conflict_but_a_digit_is(sweep, tmp_path):
-    """Another thread count changes an SVD's last bits: agreeing to SIGNIFICANT digits is the same
-    measurement; a difference in the 5th digit is not."""
+    """Another thread count changes an SVD's last bits (up to 1.8e-6 relative on GloVe): within
+    TOLERANCE (1e-4 relative) is the same measurement; 1e-3 is not."""
     full = sweep["full"]
     doc = json.loads(full.read_text())
     index = next(i for i, r in enumerate(doc["results"]) if r["method"] == "performer")
@@ -224,11 +224,16 @@ def test_last_bits_are_not_a_conflict_but_a_digit_is(sweep, tmp_path):
 
         return edit
 
-    noisy = edited(full, tmp_path / "noisy.json", scaled(1 + 3e-13))
+    noisy = edited(full, tmp_path / "noisy.json", scaled(1 + 2e-6))
     merged = merged_of(full, noisy)
     assert merged.conflicts == () and merged.duplicates_dropped == 9
-    other = edited(full, tmp_path / "other.json", scaled(1 + 3e-5))
-    assert len(merged_of(full, other).conflicts) == 1
+    again = merged_of(noisy, full)
+    assert again.report.to_dict() == merged.report.to_dict()  # either order keeps the same one
+    other = edited(full, tmp_path / "other.json", scaled(1 + 1e-3))
+    conflicted = merged_of(full, other)
+    (conflict,) = conflicted.conflicts
+    kept = next(r for r in conflicted.report.results if r.key == conflict.key)
+    assert differences(kept, *conflict.records).startswith("errors.rel_spectral.mean")
 
 
 def test_a_conflict_is_reported_and_kept_deterministically(sweep, tmp_path):
