@@ -15,8 +15,9 @@ digest** is a digest of its sorted record keys: it changes exactly when the set 
 does, not with the order methods were listed in, nor with the shard.
 
 Shards (``--num-shards N --shard-id I``): the jobs are sorted by their estimated cost (the
-method's cost model on the input's shape, times its seeds; ties by key) and dealt round-robin,
-job j of that order to shard j mod N — the same on every machine given the same arguments.
+method's cost model on the input's shape, times its seeds' and timing's calls, plus measuring
+each seed's output; ties by key) and dealt round-robin, turning every round (0 … N−1, N−1 … 0) —
+the same on every machine given the same arguments.
 """
 
 from __future__ import annotations
@@ -239,14 +240,22 @@ class Grid:
 
     def shard(self, shard_id: int, num_shards: int) -> list[GridJob]:
         """The jobs of shard ``shard_id`` of ``num_shards`` (0-based), in the grid's order: the
-        jobs sorted by estimated cost, largest first (ties by key), dealt round-robin."""
+        jobs sorted by estimated cost, largest first (ties by key), dealt round-robin, the
+        direction turning every round (0, 1, …, N−1, N−1, …, 0, …) so that the shard dealt the
+        costliest job of one round is dealt the cheapest of the next."""
         check_shard(shard_id, num_shards)
         ranked = sorted(self.jobs, key=lambda job: (-_finite(job.cost), job.keys[0]))
-        mine = {id(job) for rank, job in enumerate(ranked) if rank % num_shards == shard_id}
+        mine = {id(job) for rank, job in enumerate(ranked) if dealt(rank, num_shards) == shard_id}
         return [job for job in self.jobs if id(job) in mine]
 
     def info(self, shard_id: int | None = None, num_shards: int | None = None) -> GridInfo:
         return GridInfo(self.digest, self.entries(), self.spec, shard_id, num_shards)
+
+
+def dealt(rank: int, num_shards: int) -> int:
+    """The shard the job of cost rank ``rank`` goes to: round-robin, turning every round."""
+    turn, seat = divmod(rank, num_shards)
+    return seat if turn % 2 == 0 else num_shards - 1 - seat
 
 
 def check_shard(shard_id: int | None, num_shards: int | None) -> None:

@@ -6,6 +6,7 @@ import contextlib
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 import typer
 
 from kdecli.cli import common as c
@@ -68,7 +69,9 @@ def _run(
 
         check_plot_path(plot)
     layers = load_inputs(input_spec, inputs)
-    grid = plan_grid(layers, sweep.methods, sweep.budgets, run, params=sweep.params)
+    grid = plan_grid(
+        layers, sweep.methods, sweep.budgets, _planning(run, spread), params=sweep.params
+    )
     info = grid.info(spread.shard_id, spread.num_shards)
     jobs = grid.shard(spread.shard_id, spread.num_shards) if spread.sharded else grid.jobs
     wanted = keys_of(jobs)
@@ -98,6 +101,15 @@ def _run(
 
         plot_reports([report], plot)
         c.note(f"Wrote {plot}.", out.quiet)
+
+
+def _planning(run: RunConfig, spread: SweepOptions) -> RunConfig:
+    """The config record keys are planned under: Ray's tasks run on the cluster's devices, so
+    ``--device cuda`` names the tasks' device kind, which this machine need not have (keys name
+    the kind only; under ``auto`` a cluster with GPUs is named by ``--device cuda``)."""
+    if spread.executor == "ray" and str(run.device).startswith("cuda"):
+        return replace(run, device=torch.device("cuda"))
+    return run
 
 
 def _resuming(resume: ResumeFile, wanted: frozenset[str], spread: SweepOptions, quiet: bool):
