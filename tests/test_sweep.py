@@ -303,3 +303,25 @@ def test_an_interrupted_resume_says_how_to_go_on(tmp_path):
     written = path.read_bytes()
     assert written.endswith(b"\n")  # a graceful stop finishes its line
     finish_and_check(path, args, env, written)
+
+
+# ---- the CLI on Ray ----------------------------------------------------------------------------
+
+
+def test_the_cli_runs_a_resumable_sweep_on_ray(ray_cluster, tmp_path):
+    path = tmp_path / "ray.jsonl"
+    args = sweep_args("--executor", "ray", "--resume", path, methods="exact,uniform", budgets="16")
+    res = invoke(*args)
+    assert res.exit_code == 0, res.stderr
+    found, header = records(path)
+    assert set(found) == {job["key"] for job in header["grid"]["jobs"]}
+    assert {r["environment"]["threads"] for r in found.values()} == {1}  # one thread per task
+    res = invoke(*args)
+    assert res.exit_code == 0 and "Nothing left to run" in res.stderr
+    # a GPU is asked of a cluster without one: refused with the reason, no traceback
+    res = invoke(
+        *sweep_args("--executor", "ray", "--device", "cuda", methods="exact", budgets="16")
+    )
+    assert res.exit_code == 2 and "the Ray cluster has no GPU" in res.stderr
+    res = invoke(*sweep_args("--executor", "spark"))
+    assert res.exit_code == 2 and "--executor must be one of local, ray" in res.stderr
