@@ -27,9 +27,10 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # results files import this module; reading one needs no torch
+    import torch
 
 KEY_BYTES = 8  # 16 hex digits: a collision among even a million records has odds ~3e-8
 
@@ -44,6 +45,8 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     """A digest of the tensors' shapes, dtypes and bytes (on the CPU, contiguous).  SHA-256,
     as CPUs hash it in hardware: about 1 GB/s here, twice BLAKE2b's (an input of 2^20 tokens
     × d = 64 in float32 is 0.75 GB)."""
+    import torch
+
     h = hashlib.sha256()
     for t in tensors:
         t = t.detach().to("cpu").contiguous()

@@ -325,3 +325,13 @@ def test_the_cli_runs_a_resumable_sweep_on_ray(ray_cluster, tmp_path):
     assert res.exit_code == 2 and "the Ray cluster has no GPU" in res.stderr
     res = invoke(*sweep_args("--executor", "spark"))
     assert res.exit_code == 2 and "--executor must be one of local, ray" in res.stderr
+
+
+def test_reading_and_merging_results_needs_no_torch():
+    """`kdecli report` and `kdecli merge` read documents whose records carry keys and grids:
+    that reading must not pull in torch (seconds of start-up)."""
+    code = "import sys, kdecli.results, kdecli.merge, kdecli.grid; print('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(Path(kdecli.__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
