@@ -151,7 +151,8 @@ def _connect(ray) -> bool:
         if address:
             ray.init()  # reads RAY_ADDRESS; a cluster's own settings are not ours to pass
         else:
-            ray.init(address="local", include_dashboard=False)
+            # Ray's own start-up notes (INFO) would mix with kdecli's on stderr; warnings stay
+            ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     except Exception as exc:  # ConnectionError, a version mismatch, a bad address...
         where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray"
         raise RuntimeFailure(
