@@ -56,6 +56,13 @@ class Terminated(KeyboardInterrupt):
 _OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message, first line only (its type's name when it has none): what a record's
+    ``reason`` and a one-line error keep of it."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return True

@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from kdecli.errors import RuntimeFailure, UsageError, is_out_of_memory
+from kdecli.errors import RuntimeFailure, UsageError, first_line, is_out_of_memory
 from kdecli.grid import GridJob
 from kdecli.methods import get_method_class
 from kdecli.qkv import QKV
@@ -156,7 +156,7 @@ def _connect(ray) -> bool:
     except Exception as exc:  # ConnectionError, a version mismatch, a bad address...
         where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray"
         raise RuntimeFailure(
-            f"could not start or reach {where}: {type(exc).__name__}: {_first_line(exc)}",
+            f"could not start or reach {where}: {type(exc).__name__}: {first_line(exc)}",
             hint="Unset RAY_ADDRESS for a local Ray, or check that the cluster is up "
             "(`ray status`).",
         ) from None
@@ -442,9 +442,4 @@ def _cause(exc: BaseException) -> BaseException | None:
 def _describe(exc: BaseException) -> str:
     """``UsageError: unknown method `ghost`.``: the worker's exception, else Ray's."""
     shown = _cause(exc) or exc
-    return f"{type(shown).__name__}: {_first_line(shown)}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return f"{type(shown).__name__}: {first_line(shown)}"

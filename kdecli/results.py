@@ -994,30 +994,22 @@ def latest_per_key(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A resumed run appends the retry of a failed record after it: per job key, the last ``ok``
     record stands (else the last one), in the place of the key's first record.  Records without
     a key (files before kdecli 0.6) all stand."""
-    chosen: dict[str, int] = {}
-    for index, record in enumerate(results):
+    chosen: dict[str, dict[str, Any]] = {}
+    for record in results:
         key = record.get("key") if isinstance(record, dict) else None
-        if key is None:
-            continue
         previous = chosen.get(key)
-        if (
-            previous is None
-            or record.get("status") == "ok"
-            or results[previous].get("status") != "ok"
+        if key is not None and (
+            previous is None or record.get("status") == "ok" or previous.get("status") != "ok"
         ):
-            chosen[key] = index
-    first: dict[str, int] = {}
-    for index, record in enumerate(results):
-        key = record.get("key") if isinstance(record, dict) else None
-        if key is not None:
-            first.setdefault(key, index)
-    out = []
-    for index, record in enumerate(results):
+            chosen[key] = record
+    out, placed = [], set()
+    for record in results:
         key = record.get("key") if isinstance(record, dict) else None
         if key is None:
             out.append(record)
-        elif first[key] == index:
-            out.append(results[chosen[key]])
+        elif key not in placed:
+            placed.add(key)
+            out.append(chosen[key])
     return out
 
 

@@ -27,7 +27,13 @@ from typing import Any
 import torch
 
 from kdecli.aggregate import beats_floor
-from kdecli.errors import ParameterError, RuntimeFailure, UsageError, is_out_of_memory
+from kdecli.errors import (
+    ParameterError,
+    RuntimeFailure,
+    UsageError,
+    first_line,
+    is_out_of_memory,
+)
 from kdecli.grid import Grid, GridJob, Measurement, record_key, spec_of
 from kdecli.inputs import QKV, resolve_device, resolve_dtype
 from kdecli.methods import get_method_class, make_method, method_of_role
@@ -232,6 +238,7 @@ class _Setting:
     dtype: torch.dtype
     scale: float
     causal: bool
+    rows: int | None  # the reference's sampled query rows; None: every row
     measurement: Measurement
 
     @classmethod
@@ -264,7 +271,7 @@ class _Setting:
             timing=config.timing,
             backward=config.backward,
         )
-        return cls(device, dtype, scale, causal, measurement)
+        return cls(device, dtype, scale, causal, plan.rows, measurement)
 
     def measuring_cost(self, qkv: QKV) -> float:
         """FLOPs of measuring one output against the reference, which every record pays on top
@@ -273,9 +280,7 @@ class _Setting:
         at budget 64."""
         b, h, n_q, _ = qkv.q.shape
         d_v = qkv.v.shape[-1]
-        rows = n_q
-        if not self.measurement.reference.startswith("full"):
-            rows = min(n_q, int(self.measurement.reference.split(":")[1].split("@")[0]))
+        rows = n_q if self.rows is None else min(n_q, self.rows)
         return b * h * rows * (4.0 * d_v * d_v + 10.0 * d_v)
 
 
@@ -421,7 +426,7 @@ class _Prepared:
             raise RuntimeFailure(
                 f"out of memory computing the float64 exact reference on {device} (b·h = "
                 f"{shape['b'] * shape['h']}, n_q = {shape['n_q']}, n_k = {shape['n_k']}): "
-                f"{_first_line(exc)}",
+                f"{first_line(exc)}",
                 hint="Use a smaller --n or --batch, or another --device.",
             ) from None
         work = qkv.to(device, setting.dtype)
@@ -620,8 +625,8 @@ def _run_one(method, work: QKV, reference: _Reference, scale, causal, run_seed, 
         return _Outcome("unsupported", exc.message, flops=flops)
     except Exception as exc:  # one method's bug or allocation must not lose the others' results
         if is_out_of_memory(exc):
-            return _Outcome("oom", _first_line(exc), flops=flops)
-        return _Outcome("error", f"{type(exc).__name__}: {_first_line(exc)}", flops=flops)
+            return _Outcome("oom", first_line(exc), flops=flops)
+        return _Outcome("error", f"{type(exc).__name__}: {first_line(exc)}", flops=flops)
     expected = (*work.q.shape[:-1], work.v.shape[-1])
     if tuple(out.shape) != expected:
         return _Outcome(
@@ -723,8 +728,8 @@ class _Failed:
     @classmethod
     def of(cls, exc: Exception, what: str) -> _Failed:
         if is_out_of_memory(exc):
-            return cls("oom", f"{what} ran out of memory: {_first_line(exc)}")
-        return cls("error", f"{what} failed: {type(exc).__name__}: {_first_line(exc)}")
+            return cls("oom", f"{what} ran out of memory: {first_line(exc)}")
+        return cls("error", f"{what} failed: {type(exc).__name__}: {first_line(exc)}")
 
 
 def _time_method(method, work, scale, config: RunConfig, run_seed, device) -> Timing | _Failed:
@@ -981,8 +986,3 @@ def describe_input(qkv: QKV, scale: float, causal: bool) -> InputInfo:
         scale=scale,
         causal=causal,
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

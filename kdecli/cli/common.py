@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kdecli.errors import KdecliError, Terminated, UsageError, is_out_of_memory
+from kdecli.errors import KdecliError, Terminated, UsageError, first_line, is_out_of_memory
 from kdecli.files import check_writable
 
 stderr = Console(stderr=True)
@@ -88,7 +88,7 @@ def handle_errors(command: Callable) -> Callable:
                 raise
             if is_out_of_memory(exc):
                 error(
-                    f"out of memory: {_first_line(exc)}",
+                    f"out of memory: {first_line(exc)}",
                     "Use a smaller --n, --batch or budget, or another --device.",
                 )
             elif isinstance(exc, OSError):
@@ -176,8 +176,3 @@ def note(message: str, quiet: bool) -> None:
 def warn(message: str, quiet: bool) -> None:
     if not quiet:
         stderr.print(f"[yellow]Warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
