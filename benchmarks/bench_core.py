@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import glove_protocol  # noqa: E402
 
 import kdecli  # noqa: E402
-from kdecli.inputs import QKV  # noqa: E402
+from kdecli.measure.timing import time_call  # noqa: E402
 from kdecli.methods import make_method  # noqa: E402
-from kdecli.timing import time_call  # noqa: E402
+from kdecli.qkv import QKV  # noqa: E402
 
 BUDGETS = [64, 128, 256, 512, 1024]
 REFERENCE_CODE = {64: 0.225, 128: 0.171, 256: 0.115, 512: 0.084, 1024: 0.057}
@@ -98,7 +98,7 @@ def speed(label: str, qkv: QKV, budget: int = 256) -> None:
 
 MEMORY_CHILD = """
 import resource, time, torch
-from kdecli.reference import exact_attention
+from kdecli.measure.reference import exact_attention
 g = torch.Generator().manual_seed(0)
 q = torch.randn(1, 1, 65536, 64, generator=g, dtype=torch.float64)
 k = torch.randn(1, 1, 65536, 64, generator=g, dtype=torch.float64)

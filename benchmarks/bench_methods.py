@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import glove_protocol  # noqa: E402
 
 import kdecli  # noqa: E402
-from kdecli.inputs import QKV, load_input  # noqa: E402
+from kdecli.measure.timing import time_call  # noqa: E402
 from kdecli.methods import get_method_class, make_method  # noqa: E402
-from kdecli.timing import time_call  # noqa: E402
+from kdecli.qkv import QKV  # noqa: E402
+from kdecli.sources import load_input  # noqa: E402
 
 BUDGETS = [64, 128, 256, 512, 1024]
 METHODS = [

@@ -32,10 +32,10 @@ import torch
 
 import kdecli
 import kdecli.hf
-from kdecli.drift_report import render_text
+from kdecli.experiments.drift.report import render_text
 from kdecli.hf import capture, load_model, load_tokenizer
 from kdecli.hf.models import quiet_transformers
-from kdecli.reference import exact_attention
+from kdecli.measure.reference import exact_attention
 
 METHODS = ["kdeformer", "hyperattention", "performer"]
 BUDGETS = [64, 128, 256]

@@ -28,7 +28,7 @@ import torch
 
 REFERENCE_MEMORY = r"""
 import resource, sys, time, torch
-from kdecli.reference import exact_attention
+from kdecli.measure.reference import exact_attention
 n = int(sys.argv[1])
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(1, 1, n, 64, generator=g, dtype=torch.float64) for _ in range(3))

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from kdecli.grid import keys_of
-from kdecli.runner import RunConfig, compare_layers, cpu_name, plan_grid
+from kdecli.experiments.compare.run import RunConfig, compare_layers, cpu_name, plan_grid
 from kdecli.sources import load_input
+from kdecli.sweeps.grid import keys_of
 
 METHODS = [
     "exact", "mean", "kdeformer", "performer", "reformer", "scatterbrain", "hyperattention",
@@ -96,7 +96,7 @@ def main() -> int:
 
     import ray
 
-    from kdecli.ray_executor import run_on_ray
+    from kdecli.sweeps.ray_executor import run_on_ray
 
     qkv = glove_input(args.n)
     config = RunConfig(seeds=args.seeds)

@@ -45,10 +45,10 @@ class QKV:
 
     @functools.cached_property
     def digest(self) -> str:
-        """The input's identity for job keys (``kdecli.grid``): a digest of Q, K and V's shapes,
+        """The input's identity for job keys (``kdecli.sweeps.grid``): a digest of Q, K and V's shapes,
         dtypes and bytes — not of its name, which is a path that differs between machines.
         Computed once (the tensors are not expected to change in place)."""
-        from kdecli.grid import tensor_digest
+        from kdecli.sweeps.grid import tensor_digest
 
         return tensor_digest(self.q, self.k, self.v)
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kdecli.metrics import slice_errors
+from kdecli.measure.metrics import slice_errors
 
 
 def make_qkv(b=2, h=3, n_q=47, n_k=47, d=21, d_v=None, dtype=torch.float64, seed=0, spread=1.0):

@@ -9,12 +9,12 @@ import torch
 from typer.testing import CliRunner
 
 import kdecli
-from kdecli import runner as run_module
 from kdecli.cli import app
+from kdecli.experiments.compare import run as run_module
+from kdecli.experiments.compare.records import RunReport, to_json
+from kdecli.experiments.compare.report import render_text, to_csv, to_markdown
 from kdecli.methods import registry
 from kdecli.methods.base import AttentionMethod
-from kdecli.report import render_text, to_csv, to_markdown
-from kdecli.results import RunReport, to_json
 
 cli = CliRunner()
 SYN = "synthetic:n=512,d=16"

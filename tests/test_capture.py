@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from kdecli.cli import app
 from kdecli.errors import UsageError
-from kdecli.reference import exact_attention
+from kdecli.measure.reference import exact_attention
 
 needs_hf = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None, reason="needs kdecli[hf] (transformers)"
@@ -603,9 +603,9 @@ def test_the_package_names_are_the_functions_whichever_module_was_imported_first
     once imported (``kdecli.hf.capture`` the module, not the function): none is so named."""
     import kdecli.cli.capture_command  # noqa: F401  (imports the modules behind the names)
     import kdecli.cli.drift_command  # noqa: F401
+    import kdecli.experiments.drift.run  # noqa: F401
     import kdecli.hf
     import kdecli.hf.capturing  # noqa: F401
-    import kdecli.hf.model_drift  # noqa: F401
     import kdecli.hf.patching  # noqa: F401
 
     for name in ("capture", "drift", "patch"):

@@ -6,6 +6,7 @@ it are in the contract battery."""
 import pytest
 import torch
 
+from kdecli.measure.reference import exact_attention
 from kdecli.methods import make_method, method_names
 from kdecli.methods.causal import (
     Partial,
@@ -15,7 +16,6 @@ from kdecli.methods.causal import (
     full_blocks,
     leaf_count,
 )
-from kdecli.reference import exact_attention
 from tests.conftest import make_qkv
 
 

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kdecli.cli import app
-from kdecli.results import SCHEMA_VERSION
+from kdecli.experiments.compare.records import SCHEMA_VERSION
 
 runner = CliRunner()
 SAMPLE = str(Path(__file__).resolve().parents[1] / "sample_data" / "glove_sample.npz")

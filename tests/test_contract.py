@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kdecli.errors import ParameterError
+from kdecli.measure.reference import exact_attention
 from kdecli.methods import get_method_class, make_method, method_names
-from kdecli.reference import exact_attention
 from tests.conftest import gen, make_qkv, mean_error, rounding_bound
 
 ALL = method_names()

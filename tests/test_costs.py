@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 import kdecli
 from kdecli.cli import app
+from kdecli.experiments.compare.records import RunReport
 from kdecli.methods import get_method_class, method_names
-from kdecli.results import RunReport
 
 BUDGETED = [name for name in method_names() if get_method_class(name).uses_budget]
 

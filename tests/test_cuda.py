@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import kdecli
+from kdecli.measure.reference import exact_attention
 from kdecli.methods import get_method_class, make_method, method_names
-from kdecli.reference import exact_attention
 from tests.conftest import make_qkv
 
 pytestmark = pytest.mark.cuda

@@ -16,8 +16,8 @@ import torch
 from typer.testing import CliRunner
 
 from kdecli.cli import app
-from kdecli.drift_results import DriftReport, load_drift
 from kdecli.errors import UsageError
+from kdecli.experiments.drift.records import DriftReport, load_drift
 from kdecli.methods.exact import Exact
 from tests._models import needs_hf, save_models, train_tokenizer, write_text
 

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 import kdecli
 from kdecli.cli import app
+from kdecli.experiments.compare.records import load_document
 from kdecli.methods import registry
 from kdecli.methods.base import AttentionMethod
-from kdecli.results import load_document
 
 runner = CliRunner()
 SPEC = "synthetic:n=64,d=8"
@@ -245,7 +245,7 @@ def test_a_plot_that_fails_half_way_leaves_the_earlier_image(tmp_path, monkeypat
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from kdecli.plot import plot_reports
+    from kdecli.experiments.compare.plot import plot_reports
 
     report = kdecli.compare(kdecli.load_input(SPEC), ["uniform"], [4, 8], seeds=2, timing=False)
     image = tmp_path / "errors.png"
@@ -283,8 +283,8 @@ def test_a_disk_that_fills_while_writing_leaves_the_earlier_file(tmp_path, monke
 
 
 def test_download_glove_says_terminated_for_sigterm(monkeypatch):
-    from kdecli import glove_cache
     from kdecli.errors import Terminated
+    from kdecli.sources import glove_cache
 
     def killed(*args, **kwargs):
         raise Terminated()

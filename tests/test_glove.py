@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from kdecli import download, glove_cache
-from kdecli import glove_text as text_format  # `glove_text` is the test server's text writer
+from kdecli import download
 from kdecli.errors import InputError, RuntimeFailure, UsageError
-from kdecli.sources import glove
+from kdecli.sources import glove, glove_cache
+from kdecli.sources import (
+    glove_text as text_format,  # `glove_text` is the test server's text writer
+)
 from tests._glove_server import (
     ARCHIVE,
     ROWS,

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdecli import download, glove_cache
-from kdecli import glove_text as glove_text_format
+from kdecli import download
 from kdecli.errors import InputError, RuntimeFailure, UsageError
-from kdecli.sources import glove
+from kdecli.sources import glove, glove_cache
+from kdecli.sources import glove_text as glove_text_format
 from tests._glove_server import (
     ARCHIVE,
     TEXT50,

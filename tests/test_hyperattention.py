@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
+from kdecli.measure.metrics import slice_errors
+from kdecli.measure.reference import exact_attention
 from kdecli.methods import make_method
 from kdecli.methods.hyperattention import hyper_lse
 from kdecli.methods.lsh import SortedBlocks, sort_into_blocks
-from kdecli.metrics import slice_errors
-from kdecli.reference import exact_attention
 from tests.conftest import gen, make_qkv, rounding_bound
 
 

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from kdecli.devices import resolve_device, resolve_dtype
 from kdecli.errors import InputError, UsageError
-from kdecli.inputs import load_input, resolve_device, resolve_dtype
+from kdecli.sources import load_input
 
 
 def arrays(b=2, h=3, n_q=47, n_k=59, d=21, d_v=13, dtype=np.float32):

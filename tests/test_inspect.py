@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from kdecli.cli import app
 from kdecli.errors import UsageError
-from kdecli.inputs import QKV
-from kdecli.inspect import EXP_LIMITS, inspect_input, top_keys
+from kdecli.experiments.inspect import EXP_LIMITS, inspect_input, top_keys
+from kdecli.qkv import QKV
 
 runner = CliRunner()
 

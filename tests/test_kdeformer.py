@@ -6,11 +6,11 @@ released code leaked blocks across batch items) are in the contract battery."""
 import pytest
 import torch
 
+from kdecli.measure.reference import exact_attention
 from kdecli.methods import make_method
 from kdecli.methods.common import with_ones_column
 from kdecli.methods.kdeformer import SAMPLINGS, KDEformer, kdeformer_numerator
 from kdecli.methods.lsh import gray_rank_table, sort_into_blocks
-from kdecli.reference import exact_attention
 from tests.conftest import clustered_self_attention as glove_like
 from tests.conftest import gen, make_qkv, mean_error, rounding_bound
 

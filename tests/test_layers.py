@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 import kdecli
 from kdecli.cli import app
 from kdecli.errors import InputError, UsageError
-from kdecli.reference import exact_attention
-from kdecli.report import render
-from kdecli.results import load_document
+from kdecli.experiments.compare.records import load_document
+from kdecli.experiments.compare.report import render
+from kdecli.measure.reference import exact_attention
 from kdecli.sources import load_inputs
 
 runner = CliRunner()
@@ -103,7 +103,7 @@ def test_compare_all_layers_on_the_command_line(capture, tmp_path):
 
 
 def test_mean_over_layers_is_the_mean_of_each_layers_seed_mean(capture):
-    from kdecli.aggregate import aggregate, mean_over_layers
+    from kdecli.experiments.compare.aggregate import aggregate, mean_over_layers
 
     report = kdecli.compare_layers(
         load_inputs(f"{capture}:/layer*"), ["uniform"], [8], seeds=3, timing=False
@@ -117,7 +117,7 @@ def test_mean_over_layers_is_the_mean_of_each_layers_seed_mean(capture):
 
 def test_plot_error_per_layer(capture, tmp_path):
     pytest.importorskip("matplotlib")
-    from kdecli.plot import figure
+    from kdecli.experiments.compare.plot import figure
 
     report = kdecli.compare_layers(
         load_inputs(f"{capture}:/layer*"), ["mean", "uniform"], [8, 16], seeds=2, timing=False

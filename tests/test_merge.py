@@ -9,10 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kdecli.cli import app
-from kdecli.grid import keys_of
-from kdecli.inputs import synthetic
-from kdecli.merge import differences, measurement, merge_reports
-from kdecli.results import (
+from kdecli.experiments.compare.records import (
     SchemaError,
     jsonl_header,
     jsonl_layer,
@@ -20,7 +17,10 @@ from kdecli.results import (
     load_document,
     to_json,
 )
-from kdecli.runner import compare, compare_layers, plan_grid
+from kdecli.experiments.compare.run import compare, compare_layers, plan_grid
+from kdecli.sources.synthetic import synthetic
+from kdecli.sweeps.grid import keys_of
+from kdecli.sweeps.merge import differences, measurement, merge_reports
 
 runner = CliRunner()
 SPEC = "synthetic:n=256,d=16,b=1,h=2"

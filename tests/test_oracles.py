@@ -5,9 +5,9 @@ with the budget are in the contract battery."""
 import pytest
 import torch
 
+from kdecli.measure.reference import exact_attention
 from kdecli.methods import make_method
 from kdecli.methods.oracles import rank_m_attention
-from kdecli.reference import exact_attention
 from tests.conftest import make_qkv, mean_error
 
 

@@ -5,10 +5,10 @@ the contract's properties hold for both pairings (the battery itself runs the de
 import pytest
 import torch
 
+from kdecli.measure.reference import exact_attention
 from kdecli.methods import make_method
 from kdecli.methods.kdeformer import kdeformer_numerator
 from kdecli.methods.lsh import AlignedBlocks, hamming_rank, random_directions, sort_into_blocks
-from kdecli.reference import exact_attention
 from tests.conftest import gen, make_qkv, rounding_bound
 
 METHODS = ["kdeformer", "hyperattention"]

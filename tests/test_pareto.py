@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from kdecli.cli import app
 from kdecli.errors import UsageError
-from kdecli.pareto import cheapest_settings, check_target_error
-from kdecli.report import render
-from kdecli.results import RunReport
+from kdecli.experiments.compare.pareto import cheapest_settings, check_target_error
+from kdecli.experiments.compare.records import RunReport
+from kdecli.experiments.compare.report import render
 
 ENVIRONMENT = {"device": "cpu", "device_name": "x", "dtype": "float32", "threads": 1, "torch": "t"}
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from kdecli.measure.reference import exact_attention
 from kdecli.methods import make_method
 from kdecli.methods.features import (
     favor_features,
@@ -11,7 +12,6 @@ from kdecli.methods.features import (
     split_scale,
     stabilised_features,
 )
-from kdecli.reference import exact_attention
 from tests.conftest import anti_aligned_inputs, gen, make_qkv
 
 

@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 import kdecli
 from kdecli.cli import app
 from kdecli.errors import UsageError
-from kdecli.report import render, to_json
-from kdecli.results import SCHEMA_VERSION
+from kdecli.experiments.compare.records import SCHEMA_VERSION
+from kdecli.experiments.compare.report import render, to_json
 
 pytest.importorskip("matplotlib")
-from kdecli.plot import check_plot_path, figure, load_results, plot_reports  # noqa: E402
+from kdecli.experiments.compare.plot import check_plot_path, figure, load_results, plot_reports  # noqa: E402
 
 runner = CliRunner()
 SPEC = "synthetic:n=96,d=16,b=1,h=2,kind=clustered"

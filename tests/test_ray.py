@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from kdecli.errors import UsageError
-from kdecli.grid import keys_of
+from kdecli.experiments.compare.run import RunConfig, compare_layers, plan_grid
 from kdecli.methods import registry
 from kdecli.methods.uniform import Uniform
 from kdecli.qkv import QKV
-from kdecli.ray_executor import INSTALL_HINT, run_on_ray
-from kdecli.runner import RunConfig, compare_layers, plan_grid
+from kdecli.sweeps.grid import keys_of
+from kdecli.sweeps.ray_executor import INSTALL_HINT, run_on_ray
 from tests.conftest import make_qkv
 
 CONFIG = RunConfig(seeds=2, repeats=1, warmup=0, min_time=0)
@@ -221,7 +221,7 @@ def test_a_local_ray_started_for_the_run_ends_with_it():
     script = (
         "import ray, torch\n"
         "from kdecli.qkv import QKV\n"
-        "from kdecli.ray_executor import run_on_ray\n"
+        "from kdecli.sweeps.ray_executor import run_on_ray\n"
         "g = torch.Generator().manual_seed(0)\n"
         "qkv = QKV(*(torch.randn(1, 2, 64, 8, generator=g) for _ in 'qkv'), 'synthetic')\n"
         "report = run_on_ray([qkv], ['kdeformer'], [16], repeats=1, warmup=0)\n"

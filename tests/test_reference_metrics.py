@@ -4,14 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdecli.metrics import slice_errors
-from kdecli.reference import (
+from kdecli.experiments.compare.records import Summary
+from kdecli.measure.metrics import slice_errors
+from kdecli.measure.reference import (
     attention_column_sq_norms,
     attention_spectral_norm,
     chunk_rows,
     exact_attention,
 )
-from kdecli.results import Summary
 from tests.conftest import make_qkv
 
 

@@ -7,10 +7,10 @@ import pytest
 from typer.testing import CliRunner
 
 import kdecli
-from kdecli.aggregate import aggregate
 from kdecli.cli import app
-from kdecli.report import ALWAYS, COLUMN_KEYS, choose_columns, render
-from kdecli.results import load_document
+from kdecli.experiments.compare.aggregate import aggregate
+from kdecli.experiments.compare.records import load_document
+from kdecli.experiments.compare.report import ALWAYS, COLUMN_KEYS, choose_columns, render
 
 runner = CliRunner()
 SPEC = "synthetic:n=128,d=16,b=1,h=2,kind=clustered"

@@ -8,8 +8,8 @@ import pytest
 
 import kdecli
 from kdecli.errors import UsageError
-from kdecli.report import render
-from kdecli.results import SCHEMA_VERSION, RunReport, load_document
+from kdecli.experiments.compare.records import SCHEMA_VERSION, RunReport, load_document
+from kdecli.experiments.compare.report import render
 
 SPEC = "synthetic:n=64,d=8,b=1,h=2,kind=clustered"
 

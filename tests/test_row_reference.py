@@ -9,15 +9,16 @@ import torch
 from typer.testing import CliRunner
 
 import kdecli
-from kdecli.aggregate import aggregate
 from kdecli.cli import app
 from kdecli.errors import UsageError
-from kdecli.metrics import slice_errors
-from kdecli.pareto import cheapest_settings
-from kdecli.reference import exact_attention
-from kdecli.report import render_text
-from kdecli.results import RunReport, load_document
-from kdecli.row_reference import (
+from kdecli.experiments.compare.aggregate import aggregate
+from kdecli.experiments.compare.pareto import cheapest_settings
+from kdecli.experiments.compare.records import RunReport, load_document
+from kdecli.experiments.compare.report import render_text
+from kdecli.experiments.compare.run import RunConfig
+from kdecli.measure.metrics import slice_errors
+from kdecli.measure.reference import exact_attention
+from kdecli.measure.row_reference import (
     AUTO_ROWS,
     BOOTSTRAP_DRAWS,
     FULL_REFERENCE_LIMIT,
@@ -30,7 +31,6 @@ from kdecli.row_reference import (
     resolve_reference,
     sample_rows,
 )
-from kdecli.runner import RunConfig
 
 runner = CliRunner()
 CLI_SPEC = "synthetic:n=4096,d=16"
@@ -198,7 +198,7 @@ def test_the_seed_mean_interval_is_the_mean_of_the_seeds_bounds(small):
 
 def test_target_error_and_plots_use_rel_frobenius_under_rows(small, tmp_path):
     pytest.importorskip("matplotlib")
-    from kdecli.plot import figure
+    from kdecli.experiments.compare.plot import figure
 
     rows = kdecli.compare(
         small, ["mean", "uniform"], [8, 64], reference="rows:128", timing=False, seeds=2

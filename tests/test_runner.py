@@ -5,11 +5,11 @@ import torch
 
 import kdecli
 from kdecli.errors import ParameterError, UsageError
+from kdecli.experiments.compare.records import SCHEMA_VERSION
+from kdecli.experiments.compare.report import render, to_csv, to_json
+from kdecli.experiments.compare.run import derive_seed
 from kdecli.methods import registry
 from kdecli.methods.base import AttentionMethod
-from kdecli.report import render, to_csv, to_json
-from kdecli.results import SCHEMA_VERSION
-from kdecli.runner import derive_seed
 
 
 class Broken(AttentionMethod):

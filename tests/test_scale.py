@@ -9,8 +9,15 @@ from typer.testing import CliRunner
 
 from kdecli.cli import app
 from kdecli.errors import UsageError
-from kdecli.results import ResultTime, TimeStat
-from kdecli.scale import ScaleReport, fit_exponent, fits_of, input_at, parse_lengths, scale
+from kdecli.experiments.compare.records import ResultTime, TimeStat
+from kdecli.experiments.scale.run import (
+    ScaleReport,
+    fit_exponent,
+    fits_of,
+    input_at,
+    parse_lengths,
+    scale,
+)
 
 runner = CliRunner()
 

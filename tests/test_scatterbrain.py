@@ -5,9 +5,9 @@ The exact limit and the error falling with the budget are in the contract batter
 import pytest
 import torch
 
+from kdecli.measure.reference import exact_attention
 from kdecli.methods import make_method
 from kdecli.methods.features import log_features, random_directions, split_scale
-from kdecli.reference import exact_attention
 from tests.conftest import anti_aligned_inputs, gen, make_qkv, mean_error
 
 

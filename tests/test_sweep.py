@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 import kdecli
 from kdecli.cli import app
-from kdecli.grid import keys_of
-from kdecli.inputs import synthetic
-from kdecli.results import load_document
-from kdecli.runner import RunConfig, compare_layers, plan_grid
+from kdecli.experiments.compare.records import load_document
+from kdecli.experiments.compare.run import RunConfig, compare_layers, plan_grid
+from kdecli.sources.synthetic import synthetic
+from kdecli.sweeps.grid import keys_of
 
 runner = CliRunner()
 SYN = "synthetic:n=192,d=16,b=1,h=2"
@@ -330,7 +330,7 @@ def test_the_cli_runs_a_resumable_sweep_on_ray(ray_cluster, tmp_path):
 def test_reading_and_merging_results_needs_no_torch():
     """`kdecli report` and `kdecli merge` read documents whose records carry keys and grids:
     that reading must not pull in torch (seconds of start-up)."""
-    code = "import sys, kdecli.results, kdecli.merge, kdecli.grid; print('torch' in sys.modules)"
+    code = "import sys, kdecli.experiments.compare.records, kdecli.sweeps.merge, kdecli.sweeps.grid; print('torch' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": str(Path(kdecli.__file__).parents[1])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import kdecli
-from kdecli import runner
-from kdecli.memory import rss_bytes, sampled_peak
-from kdecli.report import render_text
-from kdecli.runner import RunConfig
-from kdecli.timing import MIN_SAMPLE_S, time_call
+from kdecli.experiments.compare import run as runner
+from kdecli.experiments.compare.report import render_text
+from kdecli.experiments.compare.run import RunConfig
+from kdecli.measure.memory import rss_bytes, sampled_peak
+from kdecli.measure.timing import MIN_SAMPLE_S, time_call
 
 
 class FakeClock:

@@ -4,9 +4,9 @@ limit and the error falling with the budget are in the contract battery."""
 import torch
 
 import kdecli.methods.uniform as uniform_module
+from kdecli.measure.reference import exact_attention
 from kdecli.methods import make_method
 from kdecli.methods.uniform import sampled_attention
-from kdecli.reference import exact_attention
 from tests.conftest import gen, make_qkv
 
 

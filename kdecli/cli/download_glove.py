@@ -16,11 +16,11 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from kdecli import glove_cache
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
 from kdecli.errors import Terminated
+from kdecli.sources import glove_cache
 
 
 class RichProgress:

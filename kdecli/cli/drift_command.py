@@ -12,10 +12,14 @@ from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, RUN, OutputOptions, shared_options
 from kdecli.cli.run_commands import _split_list
+from kdecli.experiments.compare.run import RunConfig
 from kdecli.files import Output
-from kdecli.runner import RunConfig
 
-FORMATS = ("table", "json", "csv")  # kdecli.drift_report.FORMATS, without importing rich tables
+FORMATS = (
+    "table",
+    "json",
+    "csv",
+)  # kdecli.experiments.drift.report.FORMATS, without importing rich tables
 
 
 @app.command("drift")
@@ -71,8 +75,8 @@ def drift_command(
         }
         if own:
             params[name] = {**own, **params.get(name, {})}
-    from kdecli.drift_report import render_text
-    from kdecli.hf.model_drift import drift
+    from kdecli.experiments.drift.report import render_text
+    from kdecli.experiments.drift.run import drift
 
     progress, update = c.progress_printer(out.quiet)
     with progress or contextlib.nullcontext():

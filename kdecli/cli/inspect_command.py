@@ -7,9 +7,9 @@ import io
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import INPUT, OUTPUT, RUN, OutputOptions, shared_options
+from kdecli.experiments.compare.run import RunConfig
+from kdecli.experiments.inspect import FORMATS, inspect_input, render
 from kdecli.files import Output
-from kdecli.inspect import FORMATS, inspect_input, render
-from kdecli.runner import RunConfig
 from kdecli.sources import InputOptions, load_input
 
 

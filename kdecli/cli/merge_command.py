@@ -1,4 +1,4 @@
-"""`kdecli merge FILES... -o ALL.json`: the shards of one sweep as one document (``kdecli.merge``)."""
+"""`kdecli merge FILES... -o ALL.json`: the shards of one sweep as one document (``kdecli.sweeps.merge``)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import typer
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
+from kdecli.experiments.compare.records import load_document, to_json
 from kdecli.files import Output
-from kdecli.grid import JobEntry
-from kdecli.merge import Merged, differences, merge_reports
-from kdecli.results import load_document, to_json
+from kdecli.sweeps.grid import JobEntry
+from kdecli.sweeps.merge import Merged, differences, merge_reports
 
 LISTED = 10  # missing records named in the warning; the rest are counted
 

@@ -13,8 +13,8 @@ from rich.table import Table
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import INPUT, OUTPUT, RUN, OutputOptions, shared_options
+from kdecli.experiments.compare.run import RunConfig
 from kdecli.methods.catalog import describe_methods
-from kdecli.runner import RunConfig
 from kdecli.sources import InputOptions, load_input
 
 

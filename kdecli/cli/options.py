@@ -23,9 +23,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from kdecli.runner import RunConfig
+from kdecli.experiments.compare.run import RunConfig
 from kdecli.sources import InputOptions
-from kdecli.sweep import SweepOptions
+from kdecli.sweeps.options import SweepOptions
 
 
 @dataclass(frozen=True)

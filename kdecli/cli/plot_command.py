@@ -10,7 +10,7 @@ from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
 from kdecli.errors import UsageError
-from kdecli.plot import load_results, plot_reports
+from kdecli.experiments.compare.plot import load_results, plot_reports
 
 
 def default_image(first: Path, x: str, y: str) -> Path:
@@ -50,7 +50,7 @@ def plot_command(
 ) -> None:
     """Draw error against budget, time or FLOPs: one line per method, seeds as a band, floors.
     A `kdecli scale` document (or --x n) draws time and error against n on log axes."""
-    from kdecli.plot_scale import is_scale_document, load_scale, plot_scale
+    from kdecli.experiments.scale.plot import is_scale_document, load_scale, plot_scale
 
     if x == "n" or is_scale_document(results[0]):
         if len(results) != 1 or not is_scale_document(results[0]):

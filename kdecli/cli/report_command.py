@@ -10,10 +10,10 @@ from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
 from kdecli.errors import UsageError
+from kdecli.experiments.compare.pareto import cheapest_settings, check_target_error
+from kdecli.experiments.compare.records import load_document
+from kdecli.experiments.compare.report import REPORT_FORMATS, parse_columns, render_text, to_csv
 from kdecli.files import Output
-from kdecli.pareto import cheapest_settings, check_target_error
-from kdecli.report import REPORT_FORMATS, parse_columns, render_text, to_csv
-from kdecli.results import load_document
 
 ONE_DOCUMENT = ("json", "jsonl")
 

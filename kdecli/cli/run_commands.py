@@ -14,15 +14,21 @@ from kdecli.cli.app import app
 from kdecli.cli.options import INPUT, OUTPUT, RUN, SWEEP, OutputOptions, shared_options
 from kdecli.cli.signals import graceful_stop
 from kdecli.errors import Terminated, UsageError
+from kdecli.experiments.compare.pareto import cheapest_settings, check_target_error
+from kdecli.experiments.compare.records import (
+    RunReport,
+    jsonl_header,
+    jsonl_layer,
+    jsonl_pareto,
+    jsonl_result,
+)
+from kdecli.experiments.compare.report import FORMATS, parse_columns, render_text
+from kdecli.experiments.compare.run import RunConfig, plan_grid
 from kdecli.files import Output
-from kdecli.grid import keys_of
-from kdecli.pareto import cheapest_settings, check_target_error
-from kdecli.report import FORMATS, parse_columns, render_text
-from kdecli.results import RunReport, jsonl_header, jsonl_layer, jsonl_pareto, jsonl_result
-from kdecli.resume import ResumeFile
-from kdecli.runner import RunConfig, plan_grid
 from kdecli.sources import InputOptions, load_inputs
-from kdecli.sweep import SweepOptions, executor
+from kdecli.sweeps.grid import keys_of
+from kdecli.sweeps.options import SweepOptions, executor
+from kdecli.sweeps.resume import ResumeFile
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ def _run(
                 out.quiet,
             )
     if plot is not None:
-        from kdecli.plot import check_plot_path
+        from kdecli.experiments.compare.plot import check_plot_path
 
         check_plot_path(plot)
     layers = load_inputs(input_spec, inputs)
@@ -97,7 +103,7 @@ def _run(
     if out.output is not None:
         c.note(f"Wrote {out.output}.", out.quiet)
     if plot is not None:
-        from kdecli.plot import plot_reports
+        from kdecli.experiments.compare.plot import plot_reports
 
         plot_reports([report], plot)
         c.note(f"Wrote {plot}.", out.quiet)

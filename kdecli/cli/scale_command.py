@@ -12,11 +12,15 @@ from kdecli.cli.options import INPUT, OUTPUT, RUN, OutputOptions, shared_options
 from kdecli.cli.run_commands import _split_list
 from kdecli.cli.signals import graceful_stop
 from kdecli.errors import UsageError
+from kdecli.experiments.compare.run import RunConfig
 from kdecli.files import Output
-from kdecli.runner import RunConfig
 from kdecli.sources import InputOptions
 
-FORMATS = ("table", "json", "csv")  # kdecli.scale_report.FORMATS, without importing rich tables
+FORMATS = (
+    "table",
+    "json",
+    "csv",
+)  # kdecli.experiments.scale.report.FORMATS, without importing rich tables
 
 
 @app.command("scale")
@@ -48,8 +52,8 @@ def scale_command(
     """Time and error of each method against n, one `compare` per length (each with its own
     reference and exact timing), and the fitted exponent of time in n for each method and for
     exact attention."""
-    from kdecli.scale import parse_lengths, scale
-    from kdecli.scale_report import render_text
+    from kdecli.experiments.scale.report import render_text
+    from kdecli.experiments.scale.run import parse_lengths, scale
 
     c.check_format(out.fmt, FORMATS)
     c.check_output(out.output)

@@ -15,7 +15,7 @@ query, key and value after the projections and RoPE, and returns the attention o
 in a layer is a dispatch on the layer's index (``attention_function``), so a capture and, later, a
 method run inside the model share the same registration.
 
-The modules behind ``patch`` and ``drift`` are ``patching`` and ``model_drift``: a submodule named
+The modules behind ``patch`` and ``drift`` are ``patching`` and ``kdecli.experiments.drift.run``: a submodule named
 like the function it exports would replace that function on this package once imported
 (Python sets ``kdecli.hf.<submodule>`` on import), and ``kdecli.hf.patch(model)`` would then be a
 module.
@@ -38,10 +38,10 @@ _LAZY = {
     "load_tokenizer": "kdecli.hf.models",
     "patch": "kdecli.hf.patching",
     "Patch": "kdecli.hf.patching",
-    "drift": "kdecli.hf.model_drift",
-    "DriftReport": "kdecli.drift_results",
-    "DriftResult": "kdecli.drift_results",
-    "load_drift": "kdecli.drift_results",
+    "drift": "kdecli.experiments.drift.run",
+    "DriftReport": "kdecli.experiments.drift.records",
+    "DriftResult": "kdecli.experiments.drift.records",
+    "load_drift": "kdecli.experiments.drift.records",
 }
 
 __all__ = list(_LAZY)

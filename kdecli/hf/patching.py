@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from kdecli.errors import ParameterError, UsageError
+from kdecli.experiments.compare.run import derive_seed
 from kdecli.hf.interface import (
     AttentionCall,
     AttentionFunction,
@@ -44,7 +45,6 @@ from kdecli.hf.interface import (
     use_attention,
 )
 from kdecli.methods import AttentionMethod, make_method
-from kdecli.runner import derive_seed
 
 
 def resolve_method(

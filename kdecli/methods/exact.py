@@ -14,7 +14,7 @@ class Exact(AttentionMethod):
     """Exact softmax attention, softmax(s·QKᵀ)V, through ``scaled_dot_product_attention``.
 
     This is what speed-ups are measured against.  The error reference is computed separately,
-    in float64 and in query chunks (``kdecli.reference``).
+    in float64 and in query chunks (``kdecli.measure.reference``).
     """
 
     name = "exact"

@@ -179,7 +179,7 @@ def sampling_probabilities(kind: str, q, k, v, scale) -> torch.Tensor:
         aug_norms = torch.sqrt(v.square().sum(-1) + 1)  # ‖(v_j, 1)‖₂
         weights = aug_norms / spectral_sq + 1.0 / n_k
     elif kind == "column-norm":
-        from kdecli.reference import attention_column_sq_norms
+        from kdecli.measure.reference import attention_column_sq_norms
 
         weights = attention_column_sq_norms(q, k, scale).to(v.dtype)
     else:  # Param.choices already rejects anything else

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import torch
 
+from kdecli.measure.reference import chunk_rows, iter_softmax_chunks
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, decomposed_causal
 from kdecli.methods.common import working_dtype
 from kdecli.methods.registry import register
-from kdecli.reference import chunk_rows, iter_softmax_chunks
 
 
 def _too_large(method: str, n_q: int, n_k: int, limit: int, why: str) -> list[str]:
@@ -67,7 +67,7 @@ class TopK(AttentionMethod):
     def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
         # One chunk of logits at a time (chunk_rows' budget), its copy with the kept entries and
         # the softmax, plus the output.
-        from kdecli.reference import DEFAULT_MEMORY_BYTES
+        from kdecli.measure.reference import DEFAULT_MEMORY_BYTES
 
         return float(2 * DEFAULT_MEMORY_BYTES + b * h * itemsize * n_q * d_v)
 

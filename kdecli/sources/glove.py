@@ -2,7 +2,7 @@
 
 SPEC is a Stanford ``glove.*.txt``, its ``.zip`` (``#50`` picks a member by dim), a ``.npy`` cache
 file, or a name in the download cache: ``6B.50d``, ``twitter.27B.100d``, ``42B.300d``, ``840B.300d``
-(``kdecli download-glove`` fills the cache; see ``kdecli.glove_cache``).
+(``kdecli download-glove`` fills the cache; see ``kdecli.sources.glove_cache``).
 
 The paper's protocol (``demo_glove.py`` of the KDEformer reference code): with b = 8 and L = 16384,
 
@@ -27,7 +27,8 @@ import torch
 
 from kdecli.download import member_damage, resolve_cache_dir, zip_problem
 from kdecli.errors import InputError, UsageError
-from kdecli.glove_cache import (
+from kdecli.sources.base import InputOptions, InputSource, Loaded
+from kdecli.sources.glove_cache import (
     cache_paths,
     cached_name,
     check_dim,
@@ -35,8 +36,7 @@ from kdecli.glove_cache import (
     load_cache,
     member_dims,
 )
-from kdecli.glove_text import parse_glove_text
-from kdecli.sources.base import InputOptions, InputSource, Loaded
+from kdecli.sources.glove_text import parse_glove_text
 from kdecli.sources.names import display_path
 from kdecli.sources.registry import register
 

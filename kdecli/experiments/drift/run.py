@@ -33,14 +33,16 @@ from typing import Any
 import torch
 
 from kdecli.devices import resolve_device, resolve_dtype
-from kdecli.drift_results import (
+from kdecli.errors import UsageError, is_out_of_memory
+from kdecli.experiments.compare.records import ResultTime, TimeStat
+from kdecli.experiments.compare.run import environment, time_stat
+from kdecli.experiments.drift.records import (
     DriftReport,
     DriftResult,
     ExactRun,
     ModelInfo,
     SeedStat,
 )
-from kdecli.errors import UsageError, is_out_of_memory
 from kdecli.hf.interface import not_routed, require_transformers
 from kdecli.hf.models import (
     config_sha256,
@@ -60,10 +62,8 @@ from kdecli.hf.text import (
     parse_layers,
     read_text,
 )
+from kdecli.measure.timing import Timing, time_call
 from kdecli.methods import AttentionMethod, get_method_class, make_method, method_of_role
-from kdecli.results import ResultTime, TimeStat
-from kdecli.runner import environment, time_stat
-from kdecli.timing import Timing, time_call
 
 Progress = Callable[[int, int, str], None]
 ResultFn = Callable[[DriftResult], None]

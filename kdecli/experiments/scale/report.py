@@ -14,9 +14,9 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from kdecli.report import FILE_WIDTH, fmt_time
-from kdecli.results import Result, clean
-from kdecli.scale import ScaleReport, exact_extrapolated
+from kdecli.experiments.compare.records import Result, clean
+from kdecli.experiments.compare.report import FILE_WIDTH, fmt_time
+from kdecli.experiments.scale.run import ScaleReport, exact_extrapolated
 
 FORMATS = ("table", "json", "csv")
 

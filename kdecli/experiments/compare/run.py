@@ -3,7 +3,7 @@
 1. Check every request before running anything (unknown names, bad parameters, budgets > n_k are
    usage errors, so a long run never dies half way on a typo).
 2. Compute the float64 reference once (chunked; under ``reference="rows:R"`` only for R seeded
-   query rows, whose errors are estimates: ``kdecli.row_reference``), the floors (``mean``
+   query rows, whose errors are estimates: ``kdecli.measure.row_reference``), the floors (``mean``
    baseline, zero output, on the same rows), and optionally ‖D⁻¹A‖₂ for ``bound_normalized``.
 3. Correctness pass: each method × budget × seed with its own generator, errors per slice.
 4. Timing pass: each method × budget once, and exact attention (SDPA) once, in the working dtype,
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from kdecli.aggregate import beats_floor
+from kdecli.devices import resolve_device, resolve_dtype
 from kdecli.errors import (
     ParameterError,
     RuntimeFailure,
@@ -34,13 +34,8 @@ from kdecli.errors import (
     first_line,
     is_out_of_memory,
 )
-from kdecli.grid import Grid, GridJob, Measurement, record_key, spec_of
-from kdecli.inputs import QKV, resolve_device, resolve_dtype
-from kdecli.methods import get_method_class, make_method, method_of_role
-from kdecli.methods.base import BUDGET_MODES, AttentionMethod
-from kdecli.metrics import slice_errors, spectral_norm
-from kdecli.reference import attention_spectral_norm, exact_attention
-from kdecli.results import (
+from kdecli.experiments.compare.aggregate import beats_floor
+from kdecli.experiments.compare.records import (
     Environment,
     Floors,
     InputInfo,
@@ -54,7 +49,9 @@ from kdecli.results import (
     Summary,
     TimeStat,
 )
-from kdecli.row_reference import (
+from kdecli.measure.metrics import slice_errors, spectral_norm
+from kdecli.measure.reference import attention_spectral_norm, exact_attention
+from kdecli.measure.row_reference import (
     BOOTSTRAP_DRAWS,
     LEVEL,
     RowEstimate,
@@ -63,7 +60,11 @@ from kdecli.row_reference import (
     resolve_reference,
     sample_rows,
 )
-from kdecli.timing import Timing, time_call
+from kdecli.measure.timing import Timing, time_call
+from kdecli.methods import get_method_class, make_method, method_of_role
+from kdecli.methods.base import BUDGET_MODES, AttentionMethod
+from kdecli.qkv import QKV
+from kdecli.sweeps.grid import Grid, GridJob, Measurement, record_key, spec_of
 
 # Exact attention is timed in full while one call's FLOPs stay under this (about 15 s on 2 CPU
 # cores at ~80 GFLOP/s: n = 65536, d = 64, b·h = 1 — 1.1e12 — is still timed in full, so speed-ups
@@ -93,11 +94,11 @@ class RunConfig:
     precision (default: the input's); ``scale`` the softmax temperature (default: the input's, else
     1/√d).  ``seeds`` consecutive seeds from ``seed`` run each randomized setting; ``bound`` adds
     ``bound_normalized``; ``timing=False`` skips the timing pass.  Each timed setting gets at
-    least ``repeats`` samples and ``min_time`` seconds of timed calls (``kdecli.timing``; 0:
+    least ``repeats`` samples and ``min_time`` seconds of timed calls (``kdecli.measure.timing``; 0:
     exactly ``repeats`` calls).  ``budget_mode`` maps each budget m onto a method's parameters:
     "paper" (each paper's own reading) or "keys" (every method pays m keys or features per query).
     ``reference`` is ``full`` (exact output of every query), ``rows:R`` (R seeded query rows:
-    errors become estimates with 95 % intervals; ``kdecli.row_reference``) or ``auto`` (full up to
+    errors become estimates with 95 % intervals; ``kdecli.measure.row_reference``) or ``auto`` (full up to
     ``row_reference.FULL_REFERENCE_LIMIT``, else ``rows:4096``).  ``backward`` also times one
     forward + backward of each method × budget and of exact attention (SDPA) in the timing pass
     (``ResultTime.backward_s``, ``exact_backward_s``, ``backward_speedup``).
@@ -199,7 +200,7 @@ def plan_grid(
     **settings: Any,
 ) -> Grid:
     """The job grid of ``compare`` over ``inputs`` (one input × method × budget with its seeds per
-    job), each record with its stable key (``kdecli.grid``).  Checks what ``compare`` checks, so
+    job), each record with its stable key (``kdecli.sweeps.grid``).  Checks what ``compare`` checks, so
     a bad request is refused before anything runs."""
     config = replace(config or RunConfig(), **settings)
     config.check()

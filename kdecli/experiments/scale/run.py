@@ -23,8 +23,8 @@ from typing import Any
 
 from kdecli import __version__
 from kdecli.errors import UsageError
-from kdecli.results import Environment, Result, RunReport, SchemaError
-from kdecli.runner import RunConfig, compare
+from kdecli.experiments.compare.records import Environment, Result, RunReport, SchemaError
+from kdecli.experiments.compare.run import RunConfig, compare
 from kdecli.sources import InputOptions, load_input
 
 SCALE_SCHEMA_VERSION = 1

@@ -32,11 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdecli.aggregate import group_settings
 from kdecli.errors import UsageError
+from kdecli.experiments.compare.aggregate import group_settings
+from kdecli.experiments.compare.records import (
+    Environment,
+    InputInfo,
+    Result,
+    RunReport,
+    load_document,
+)
 from kdecli.files import atomic_path, check_writable, write_failure
-from kdecli.metrics import METRICS
-from kdecli.results import Environment, InputInfo, Result, RunReport, load_document
+from kdecli.measure.metrics import METRICS
 
 SUFFIXES = (".png", ".svg", ".pdf")
 X_AXES = {

@@ -23,10 +23,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from kdecli.aggregate import Setting, aggregate, mean_over_layers, primary_metric
 from kdecli.errors import UsageError
-from kdecli.metrics import METRICS
-from kdecli.results import (
+from kdecli.experiments.compare.aggregate import (
+    Setting,
+    aggregate,
+    mean_over_layers,
+    primary_metric,
+)
+from kdecli.experiments.compare.records import (
     RunReport,
     Summary,
     jsonl_header,
@@ -34,6 +38,7 @@ from kdecli.results import (
     jsonl_result,
     to_json,
 )
+from kdecli.measure.metrics import METRICS
 
 FORMATS = ("table", "json", "jsonl", "csv")
 REPORT_FORMATS = ("table", "markdown", "csv", "json", "jsonl")

@@ -1,7 +1,7 @@
 """``--resume FILE.jsonl``: a results file that a run appends to record by record, and that a
 rerun of the same grid continues.
 
-The file is a JSONL stream (``kdecli.results``): a run line carrying the grid, layer lines, and
+The file is a JSONL stream (``kdecli.experiments.compare.records``): a run line carrying the grid, layer lines, and
 one result line per finished record, each written whole, flushed and synced before the run moves
 on, so a killed run loses no finished record.  A rerun reads it back, refuses it when its grid
 (or its shard) differs from the one asked for, drops a last line a crash cut short, skips every
@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TextIO
 
 from kdecli.errors import UsageError
+from kdecli.experiments.compare.records import Result, RunReport, SchemaError, parse_document
 from kdecli.files import check_writable, write_failure
-from kdecli.grid import GridInfo
-from kdecli.results import Result, RunReport, SchemaError, parse_document
+from kdecli.sweeps.grid import GridInfo
 
 
 @dataclass

@@ -35,7 +35,7 @@ from typing import Any
 
 from kdecli import __version__
 from kdecli.errors import UsageError
-from kdecli.grid import GridInfo, JobEntry
+from kdecli.sweeps.grid import GridInfo, JobEntry
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -504,7 +504,7 @@ class Result:
     keys_per_query: float | None = None
     flops_fraction: float | None = None
     budget_mode: str = "paper"
-    # the record's stable job key (``kdecli.grid``): what resume and merge match records by
+    # the record's stable job key (``kdecli.sweeps.grid``): what resume and merge match records by
     key: str | None = None
 
     @property
@@ -802,9 +802,9 @@ class RunReport:
     layers: list[LayerInfo] = field(default_factory=list)
     # the exact reference: every query, or a sample of rows (documents before 0.4: full)
     reference: ReferenceInfo = ReferenceInfo()
-    # the job grid the run belongs to, and which shard of it this was (``kdecli.grid``)
+    # the job grid the run belongs to, and which shard of it this was (``kdecli.sweeps.grid``)
     grid: GridInfo | None = None
-    # a merged document: what the merge found (``kdecli.merge``)
+    # a merged document: what the merge found (``kdecli.sweeps.merge``)
     merge: MergeInfo | None = None
 
     def floors_of(self, layer: int | None) -> Floors:

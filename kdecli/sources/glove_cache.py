@@ -60,7 +60,7 @@ from kdecli.download import (
     zip_problem,
 )
 from kdecli.errors import InputError, RuntimeFailure, UsageError
-from kdecli.glove_text import iter_glove_blocks
+from kdecli.sources.glove_text import iter_glove_blocks
 
 HINTS = Hints(
     network="Check the network connection, or use --url to point at a mirror, or --from-file at an "

@@ -4,7 +4,7 @@ One row per method × budget.  Each figure is shown as mean ± std over seeds wi
 baseline's value (the floor) in the column beside it; a method whose figure is no better than the
 floor's is drawn yellow, one that could not run red with its reason.  The method, budget, the output
 figure (KL for next-token models, cosine for embedding models) and its floor, time, speed-up and
-status always show; the other columns join while they fit, as in ``kdecli.report``.
+status always show; the other columns join while they fit, as in ``kdecli.experiments.compare.report``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from kdecli.drift_results import DriftReport, DriftResult, SeedStat, drift_json
-from kdecli.report import FILE_WIDTH, fmt_time
+from kdecli.experiments.compare.report import FILE_WIDTH, fmt_time
+from kdecli.experiments.drift.records import DriftReport, DriftResult, SeedStat, drift_json
 
 FORMATS = ("table", "json", "csv")
 

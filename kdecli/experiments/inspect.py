@@ -8,14 +8,14 @@ Per batch×head slice, with logits ℓ = s·QKᵀ and P = D⁻¹A = softmax(ℓ)
 - the mass of each row in its top 1% of keys (at least one key; mean and min over rows); uniform
   attention gives ⌈0.01·n_k⌉/n_k, one-hot 1;
 - ‖O‖₂ against ‖D⁻¹A‖₂‖V‖₂ (O = PV; ‖D⁻¹A‖₂ by the chunked power iteration of
-  ``kdecli.reference``, to a relative change of 1e-4): when their ratio is small (< 0.1),
+  ``kdecli.measure.reference``, to a relative change of 1e-4): when their ratio is small (< 0.1),
   rel_spectral = ‖Õ−O‖₂/‖O‖₂ exaggerates every method's error and bound_normalized is the fair
   figure (ALGORITHMS.md);
 - the overflow risk of a naive exp(ℓ): max |ℓ| against log(float32 max) ≈ 88.72 (bfloat16 has the
   same range) and log(float16 max) ≈ 11.09.  Max-subtracted softmax is safe either way; estimators
   that exponentiate raw logits or feature maps of them are not.
 Everything is computed in float64, in query chunks sized to a memory budget (the chunked softmax of
-``kdecli.reference``), so no n_q × n_k matrix is ever held.
+``kdecli.measure.reference``), so no n_q × n_k matrix is ever held.
 """
 
 from __future__ import annotations
@@ -30,15 +30,16 @@ from rich.table import Table
 from rich.text import Text
 
 from kdecli import __version__
+from kdecli.devices import resolve_device
 from kdecli.errors import UsageError
-from kdecli.inputs import QKV, resolve_device
-from kdecli.metrics import spectral_norm
-from kdecli.reference import (
+from kdecli.measure.metrics import spectral_norm
+from kdecli.measure.reference import (
     DEFAULT_MEMORY_BYTES,
     attention_spectral_norm,
     chunk_rows,
     iter_softmax_chunks,
 )
+from kdecli.qkv import QKV
 
 TOP_FRACTION = 0.01
 NORM_TOL = 1e-4  # power iteration for ‖D⁻¹A‖₂: relative change per step; ample for a ratio
@@ -214,7 +215,7 @@ def inspect_input(
                     },
                 }
             )
-    from kdecli.runner import describe_input, environment
+    from kdecli.experiments.compare.run import describe_input, environment
 
     doc = {
         "report": "inspect",
@@ -393,7 +394,7 @@ def render_table(doc: dict[str, Any], console: Console, max_slices: int = 32) ->
 
 def render(doc: dict[str, Any], fmt: str, stream: TextIO, *, width: int | None = None) -> None:
     if fmt == "json":
-        from kdecli.results import clean
+        from kdecli.experiments.compare.records import clean
 
         stream.write(json.dumps(clean(doc), indent=2, allow_nan=False) + "\n")
     elif fmt == "table":

@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from kdecli.aggregate import aggregate, primary_metric
 from kdecli.errors import UsageError
-from kdecli.metrics import METRICS
-from kdecli.results import Pareto, ParetoPick, Result
+from kdecli.experiments.compare.aggregate import aggregate, primary_metric
+from kdecli.experiments.compare.records import Pareto, ParetoPick, Result
+from kdecli.measure.metrics import METRICS
 
 
 def check_target_error(target_error: float, metric: str = "rel_spectral") -> float:

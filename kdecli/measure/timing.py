@@ -12,7 +12,7 @@ that each sample stands well above the timer's resolution; a sample is then the 
 ``min_time = 0`` gives exactly ``repeats`` single calls (kdecli 0.3's behaviour).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed calls; on the CPU the
-sampled RSS increase of the warm-up calls (``kdecli.memory``), read there so that the sampling
+sampled RSS increase of the warm-up calls (``kdecli.measure.memory``), read there so that the sampling
 thread never runs inside a timed call (with no warm-up, over the timed calls).
 """
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kdecli.memory import RssSampler
+from kdecli.measure.memory import RssSampler
 
 MIN_SAMPLE_S = 1e-3  # a sample shorter than this is a block of several calls
 MAX_BLOCK = 10_000  # calls in one block at most (a call of ~0.1 µs)

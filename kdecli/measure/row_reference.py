@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from kdecli.errors import UsageError
-from kdecli.metrics import ratio
-from kdecli.reference import exact_attention
+from kdecli.measure.metrics import ratio
+from kdecli.measure.reference import exact_attention
 
 AUTO_ROWS = 4096
 # The exact float64 reference on a 2-core CPU (torch 2.13, AMD EPYC) costs about 17 ns per logit

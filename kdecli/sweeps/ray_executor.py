@@ -1,6 +1,6 @@
 """``--executor ray``: each job of a sweep runs as one Ray task, wherever the cluster has room.
 
-A **task** is one job of the grid (``kdecli.grid``): one input × method × budget with the seeds
+A **task** is one job of the grid (``kdecli.sweeps.grid``): one input × method × budget with the seeds
 still wanted (``only``), run by ``compare`` in a Ray worker process, which returns its
 ``RunReport``.  The driver plans the whole grid first (``plan_grid`` refuses a bad request
 before any task starts, and before Ray starts), puts each input once in the object store, submits
@@ -56,11 +56,8 @@ from typing import Any
 import torch
 
 from kdecli.errors import RuntimeFailure, UsageError, first_line, is_out_of_memory
-from kdecli.grid import GridJob
-from kdecli.methods import get_method_class
-from kdecli.qkv import QKV
-from kdecli.results import Floors, LayerInfo, Result, RunReport
-from kdecli.runner import (
+from kdecli.experiments.compare.records import Floors, LayerInfo, Result, RunReport
+from kdecli.experiments.compare.run import (
     ProgressFn,
     ResultFn,
     RunConfig,
@@ -70,6 +67,9 @@ from kdecli.runner import (
     environment,
     plan_grid,
 )
+from kdecli.methods import get_method_class
+from kdecli.qkv import QKV
+from kdecli.sweeps.grid import GridJob
 
 WAIT_S = 0.5  # how often should_stop is asked while tasks run
 INSTALL_HINT = "pip install 'kdecli[ray]'"

@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdecli.errors import UsageError
-from kdecli.grid import GridInfo, JobEntry
-from kdecli.results import (
+from kdecli.experiments.compare.records import (
     READS_HINT,
     Conflict,
     LayerInfo,
@@ -43,6 +42,7 @@ from kdecli.results import (
     SchemaError,
     clean,
 )
+from kdecli.sweeps.grid import GridInfo, JobEntry
 
 UNTIMED = ("time", "environment")  # what may differ between two runs of the same measurement
 # Numbers within this relative distance are the same measurement: the last bits of an SVD

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from kdecli import __version__
-from kdecli.results import Environment, ResultTime, SchemaError, TimeStat, _Reader, clean
+from kdecli.experiments.compare.records import (
+    Environment,
+    ResultTime,
+    SchemaError,
+    TimeStat,
+    _Reader,
+    clean,
+)
 
 DOCUMENT = "drift"
 DRIFT_SCHEMA_VERSION = 1

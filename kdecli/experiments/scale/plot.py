@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from kdecli.errors import UsageError
+from kdecli.experiments.compare.plot import check_plot_path
+from kdecli.experiments.scale.report import rows
+from kdecli.experiments.scale.run import ScaleReport
 from kdecli.files import atomic_path, write_failure
-from kdecli.plot import check_plot_path
-from kdecli.scale import ScaleReport
-from kdecli.scale_report import rows
 
 
 def is_scale_document(path: str | os.PathLike) -> bool:

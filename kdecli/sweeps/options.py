@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdecli.errors import UsageError
-from kdecli.grid import check_shard
-from kdecli.results import RunReport
+from kdecli.experiments.compare.records import RunReport
+from kdecli.sweeps.grid import check_shard
 
 EXECUTORS = ("local", "ray")
 
@@ -48,9 +48,9 @@ class SweepOptions:
 def executor(name: str) -> Callable[..., RunReport]:
     """The function that runs a grid's jobs: ``compare_layers``' signature, either engine."""
     if name == "ray":
-        from kdecli.ray_executor import run_on_ray
+        from kdecli.sweeps.ray_executor import run_on_ray
 
         return run_on_ray
-    from kdecli.runner import compare_layers
+    from kdecli.experiments.compare.run import compare_layers
 
     return compare_layers

@@ -1,0 +1,1 @@
+"""compare: methods × budgets × seeds against the exact reference on one or more inputs."""

@@ -1,0 +1,1 @@
+"""scale: time and error of methods against the number of keys, with fitted exponents."""
