@@ -34,6 +34,7 @@ _LAZY = {
     "load_inputs": "kdecli.sources",
     "RunReport": "kdecli.experiments.compare.records",
     "load_document": "kdecli.experiments.compare.records",
+    "load_any": "kdecli.experiments.documents",
 }
 
 __all__ = [*_LAZY, "enable_huge_pages", "__version__"]

@@ -32,8 +32,20 @@ class Full:
 
     is_causal = False
 
+    def problem(self, n_q: int, n_k: int) -> str | None:
+        """Why n_q × n_k inputs cannot take this mask (None: they can; any shape can)."""
+        return None
+
     def check(self, n_q: int, n_k: int) -> None:
         """Nothing to check: any shape is valid."""
+
+    def key_span(self, n_q: int, n_k: int) -> int:
+        """Keys seen by at least one query: all n_k."""
+        return n_k
+
+    def effective(self, n_q: int, n_k: int) -> Full:
+        """The mask a call on n_q × n_k inputs runs under: itself."""
+        return self
 
     def visible_keys(self, n_q: int, n_k: int) -> torch.Tensor:
         """Keys each query sees, (n_q,) int64: all n_k."""
@@ -76,14 +88,37 @@ class Causal:
             )
         return cls(n_k - n_q)
 
+    def problem(self, n_q: int, n_k: int) -> str | None:
+        """Why n_q × n_k inputs cannot take this mask: a query would sit past the last key."""
+        if self.offset + n_q <= n_k:
+            return None
+        if n_q > n_k:
+            return (
+                f"a causal mask needs at most as many queries as keys; got n_q = {n_q}, n_k = {n_k}"
+            )
+        return (
+            f"causal mask with query offset {self.offset}: the last of n_q = {n_q} queries "
+            f"would sit at position {self.offset + n_q - 1}, past the n_k = {n_k} keys; the "
+            f"offset must be at most n_k - n_q = {n_k - n_q}"
+        )
+
     def check(self, n_q: int, n_k: int) -> None:
         """Refuse shapes whose queries do not all sit among the keys."""
-        if self.offset + n_q > n_k:
-            raise UsageError(
-                f"causal mask with query offset {self.offset}: the last of n_q = {n_q} queries "
-                f"would sit at position {self.offset + n_q - 1}, past the n_k = {n_k} keys; the "
-                f"offset must be at most n_k - n_q = {n_k - n_q}."
-            )
+        problem = self.problem(n_q, n_k)
+        if problem is not None:
+            raise UsageError(problem + ".")
+
+    def key_span(self, n_q: int, n_k: int) -> int:
+        """Keys seen by at least one query: those up to the last query's position, offset + n_q
+        (at most n_k).  The keys after it are seen by no query; a call may drop them."""
+        return min(n_k, self.offset + n_q)
+
+    def effective(self, n_q: int, n_k: int) -> Mask:
+        """The mask a call on n_q × n_k inputs runs under: ``FULL`` when every query sees every
+        key (one query at the last position, a decode step: offset + 1 >= n_k), else itself.
+        Dispatching that case as full attention keeps a decode step's numbers those of a plain
+        call."""
+        return FULL if self.offset + 1 >= n_k else self
 
     def visible_keys(self, n_q: int, n_k: int) -> torch.Tensor:
         """Keys each query sees, (n_q,) int64: offset + i + 1, at most n_k."""
@@ -107,6 +142,24 @@ class Causal:
 
 Mask = Union[Full, Causal]
 FULL = Full()
+
+
+def as_mask(mask: Mask | bool, causal: bool | None = None) -> Mask:
+    """A mask from a mask or a causal flag: True -> ``Causal(0)``, False -> ``FULL``.
+
+    Transitional: removed once every caller passes a Mask.  Until then the functions that took
+    ``causal: bool`` accept it beside ``mask`` (``causal`` given wins; giving both is an error), and
+    a bool where a mask goes is read the same way.  ``Causal(0)`` is the old flag's meaning: query i
+    at position i (prefill, n_q = n_k)."""
+    if causal is not None:
+        if mask != FULL and mask is not False:
+            raise TypeError(f"pass `mask` or the transitional `causal`, not both (mask={mask!r})")
+        mask = bool(causal)
+    if isinstance(mask, (Full, Causal)):
+        return mask
+    if isinstance(mask, bool):
+        return Causal(0) if mask else FULL
+    raise TypeError(f"a mask must be Full() or Causal(offset); got {mask!r}")
 
 
 def mask_of(causal: bool, offset: int | None, n_q: int, n_k: int) -> Mask:

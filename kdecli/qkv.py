@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from kdecli.masks import Mask, mask_of
+
 
 @dataclass
 class QKV:
@@ -65,6 +67,14 @@ class QKV:
         if override is not None:
             return bool(override)
         return bool(self.default_causal)
+
+    def mask(self, causal: bool | None = None, offset: int | None = None) -> Mask:
+        """The mask of this input (``kdecli.masks``): causal as ``causal`` says (None: the input's
+        own flag, ``self.causal``), its queries at ``offset`` (None: the last n_q of the n_k
+        positions, prefill when n_q = n_k).  A ``UsageError`` for an offset without causal
+        masking or one that puts a query past the last key."""
+        shape = self.shape
+        return mask_of(self.causal(causal), offset, shape["n_q"], shape["n_k"])
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> QKV:
         dtype = dtype or self.q.dtype

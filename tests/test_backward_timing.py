@@ -10,10 +10,13 @@ from typer.testing import CliRunner
 
 import kdecli
 from kdecli.cli import app
-from kdecli.experiments.compare import run as run_module
 from kdecli.experiments.compare.records import RunReport, to_json
 from kdecli.experiments.compare.report import render_text, to_csv, to_markdown
-from kdecli.methods import registry
+from kdecli.masks import FULL
+from kdecli.measure import timed as timed_calls
+from kdecli.measure.grads import GradInputs
+from kdecli.measure.timed import TimingOptions
+from kdecli.methods import method_of_role, registry
 from kdecli.methods.base import AttentionMethod
 
 cli = CliRunner()
@@ -32,7 +35,7 @@ class Detached(AttentionMethod):
     summary = paper = "test only"
     uses_budget = False
 
-    def forward(self, q, k, v, scale, generator, causal):
+    def forward_full(self, q, k, v, scale, generator):
         with torch.no_grad():
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
 
@@ -54,7 +57,7 @@ class RaisesInBackward(AttentionMethod):
     summary = paper = "test only"
     uses_budget = False
 
-    def forward(self, q, k, v, scale, generator, causal):
+    def forward_full(self, q, k, v, scale, generator):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
         return _Boom.apply(out)
 
@@ -66,13 +69,13 @@ class NoGrad(AttentionMethod):
     summary = paper = "test only"
     uses_budget = False
 
-    def not_supported_reasons(self, q, k, v, causal=False):
-        reasons = super().not_supported_reasons(q, k, v, causal)
+    def not_supported_reasons(self, q, k, v, mask=FULL, **kwargs):
+        reasons = super().not_supported_reasons(q, k, v, mask, **kwargs)
         if q.requires_grad or k.requires_grad or v.requires_grad:
             reasons.append("no autograd support")
         return reasons
 
-    def forward(self, q, k, v, scale, generator, causal):
+    def forward_full(self, q, k, v, scale, generator):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
@@ -88,11 +91,9 @@ def test_backward_is_timed_beside_the_forward_for_methods_and_exact(qkv):
     assert set(times) == {"exact", "performer", "uniform"}
     exact_backward = {t.exact_backward_s.median for t in times.values()}
     assert len(exact_backward) == 1  # SDPA's forward + backward timed once per run
-    for name, time in times.items():
+    for name, time in times.items():  # (how the two times compare: benchmarks/bench_timing.py)
         assert time.backward_s is not None and time.backward_note is None, name
-        # a forward and a backward cost more than half a forward: the backward is not free
-        assert time.backward_s.median > 0.5 * time.method_s.median, name
-        assert time.exact_backward_s.median > 0.5 * time.exact_s.median, name
+        assert time.backward_s.median > 0 and time.exact_backward_s.median > 0, name
         assert time.backward_speedup == pytest.approx(
             time.exact_backward_s.median / time.backward_s.median
         )
@@ -102,13 +103,13 @@ def test_backward_is_timed_beside_the_forward_for_methods_and_exact(qkv):
 
 def test_without_backward_nothing_is_timed_and_json_has_no_keys(qkv, monkeypatch):
     calls = []
-    real = run_module.time_call
+    real = timed_calls.time_call
 
     def counting(fn, *args, **kwargs):
         calls.append(fn)
         return real(fn, *args, **kwargs)
 
-    monkeypatch.setattr(run_module, "time_call", counting)
+    monkeypatch.setattr(timed_calls, "time_call", counting)
     report = kdecli.compare(qkv, ["exact", "performer"], [32], seeds=1, repeats=1)
     assert len(calls) == 3  # exact attention, then each method: forwards only
     for time in timed(report).values():
@@ -152,17 +153,18 @@ def test_a_failing_backward_keeps_the_forward_record_with_a_note(qkv, monkeypatc
 
 
 def test_exact_backward_past_its_reach_is_extrapolated_from_rows(qkv):
-    config = run_module.RunConfig(repeats=1, warmup=1, causal=False)
-    cpu = torch.device("cpu")
-    grads = run_module._GradInputs.of(qkv, 0, cpu)
+    options = TimingOptions(repeats=1, warmup=1)
+    grads = GradInputs.of(qkv, 0, torch.device("cpu"))
     b, h, n, d = qkv.q.shape
-    cost = run_module.method_of_role("reference")().cost(b, h, n, n, d, d, False)
+    cost = method_of_role("reference")().cost(b, h, n, n, d, d, FULL)
     limit = 2 * cost  # the forward is within reach, a forward + backward (3 forwards) is not
-    forward = run_module._time_exact(qkv, 0.25, config, cpu, limit_flops=limit, rows=128)
-    both = run_module._time_exact(qkv, 0.25, config, cpu, limit_flops=limit, rows=128, grads=grads)
+    forward = timed_calls.time_exact(qkv, 0.25, FULL, options, limit_flops=limit, rows=128)
+    both = timed_calls.time_exact(
+        qkv, 0.25, FULL, options, limit_flops=limit, rows=128, grads=grads
+    )
     assert forward.extrapolated_rows is None
     assert both.extrapolated_rows == 128 and both.peak_memory_bytes is None
-    full = run_module._time_exact(qkv, 0.25, config, cpu, grads=grads)
+    full = timed_calls.time_exact(qkv, 0.25, FULL, options, grads=grads)
     assert full.extrapolated_rows is None
 
 
@@ -205,7 +207,7 @@ def test_approx_takes_backward_from_the_library_and_the_command(qkv):
 
 
 def test_the_timed_step_differentiates_every_input_against_the_fixed_gradient(qkv):
-    grads = run_module._GradInputs.of(qkv, 0, torch.device("cpu"))
+    grads = GradInputs.of(qkv, 0, torch.device("cpu"))
     assert all(t.is_leaf and t.requires_grad for t in (grads.q, grads.k, grads.v))
     assert grads.grad_out.shape == qkv.q.shape[:-1] + qkv.v.shape[-1:]
 
@@ -219,5 +221,5 @@ def test_the_timed_step_differentiates_every_input_against_the_fixed_gradient(qk
     for mine, want in zip(got, (q.grad, k.grad, v.grad), strict=True):
         torch.testing.assert_close(mine, want)
     assert grads.q.grad is None  # fresh gradients each call: nothing accumulates on the leaves
-    other = run_module._GradInputs.of(qkv, 0, torch.device("cpu"))
+    other = GradInputs.of(qkv, 0, torch.device("cpu"))
     assert torch.equal(other.grad_out, grads.grad_out)  # fixed: seeded from the run seed

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from kdecli.cli import app
 from kdecli.errors import UsageError
+from kdecli.masks import FULL, Causal
 from kdecli.measure.reference import exact_attention
 
 needs_hf = pytest.mark.skipif(
@@ -198,13 +199,13 @@ def test_exact_reference_reproduces_every_captured_o(arch, captures):
         data = _read(captures[arch], layer)
         q, k, v, o = data["q"], data["k"], data["v"], data["o"]
         scale, causal = float(data["scale"]), bool(data["causal"])
-        ref = exact_attention(q, k, v, scale, causal=causal)
+        ref = exact_attention(q, k, v, scale, mask=Causal(0) if causal else FULL)
         bound = float32_bound(q, k, v, scale)
         assert (o.double() - ref).abs().max() <= bound
         # the check can fail: the other causal flag, or a scale off by 5%, is far outside it
-        wrong_flag = exact_attention(q, k, v, scale, causal=not causal)
+        wrong_flag = exact_attention(q, k, v, scale, mask=FULL if causal else Causal(0))
         assert (o.double() - wrong_flag).abs().max() > 100 * bound
-        wrong_scale = exact_attention(q, k, v, scale * 1.05, causal=causal)
+        wrong_scale = exact_attention(q, k, v, scale * 1.05, mask=Causal(0) if causal else FULL)
         assert (o.double() - wrong_scale).abs().max() > 2 * bound
 
 
@@ -229,7 +230,7 @@ def test_gqa_keys_are_expanded_and_the_mapping_recorded(captures):
         # (test_exact_reference...), and pairing head 1 with group 1 instead does not
         q, o = data["q"], data["o"].double()
         swapped = exact_attention(
-            q[:, 1:2], k[:, 2:3], v[:, 2:3], float(data["scale"]), causal=True
+            q[:, 1:2], k[:, 2:3], v[:, 2:3], float(data["scale"]), mask=Causal(0)
         )
         assert (o[:, 1:2] - swapped).abs().max() > 100 * float32_bound(q, k, v, data["scale"])
     for arch in ("bert", "gpt2"):
@@ -318,7 +319,7 @@ def test_layers_float64_and_the_cli(model_dirs, text_file, tmp_path):
         assert sorted(f) == ["layer0", "layer2"] and list(f.attrs["layers"]) == [0, 2]
         assert f.attrs["dtype"] == "float64" and f["layer2/q"].dtype == np.float64
     data = _read(out, 2)
-    ref = exact_attention(data["q"], data["k"], data["v"], float(data["scale"]), causal=True)
+    ref = exact_attention(data["q"], data["k"], data["v"], float(data["scale"]), mask=Causal(0))
     eps64 = torch.finfo(torch.float64).eps
     assert (data["o"] - ref).abs().max() <= float32_bound(
         data["q"], data["k"], data["v"], data["scale"]
@@ -594,7 +595,7 @@ def test_capture_from_a_gguf_file(gguf_model, text_file, tmp_path):
         data = _read(out, layer)
         assert data["kv_head"].tolist() == [0, 0, 1, 1] and bool(data["causal"])
         q, k, v = data["q"], data["k"], data["v"]
-        ref = exact_attention(q, k, v, float(data["scale"]), causal=True)
+        ref = exact_attention(q, k, v, float(data["scale"]), mask=Causal(0))
         assert (data["o"].double() - ref).abs().max() <= float32_bound(q, k, v, data["scale"])
 
 

@@ -6,6 +6,7 @@ it are in the contract battery."""
 import pytest
 import torch
 
+from kdecli.masks import FULL, Causal
 from kdecli.measure.reference import exact_attention
 from kdecli.methods import make_method, method_names
 from kdecli.methods.causal import (
@@ -23,7 +24,7 @@ def exact_full_block(scale, calls=None):
     def full_block(q, k, v, query_offset):
         if calls is not None:
             calls.append((q.shape, k.shape, query_offset))
-        return exact_partial(q * scale, k, v, causal=False)
+        return exact_partial(q * scale, k, v)
 
     return full_block
 
@@ -33,7 +34,7 @@ def exact_full_block(scale, calls=None):
 def test_exact_full_blocks_give_exact_causal_attention(n, leaf):
     q, k, v = make_qkv(2, 3, n, n, 10, 6, dtype=torch.float64)
     lse, out = causal_by_halves(exact_full_block(0.4), q, k, v, 0.4, leaf)
-    ref = exact_attention(q, k, v, 0.4, causal=True)
+    ref = exact_attention(q, k, v, 0.4, mask=Causal(0))
     assert (out - ref).abs().max() <= 1e-12
     logits = (0.4 * q @ k.mT).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -torch.inf)
     assert (lse - torch.logsumexp(logits, -1)).abs().max() <= 1e-12
@@ -62,7 +63,7 @@ def test_a_wrong_row_sum_changes_the_merge():
         return Partial(lse - 0.7, out)
 
     _, out = causal_by_halves(halved, q, k, v, 0.5, leaf=8)
-    assert (out - exact_attention(q, k, v, 0.5, causal=True)).abs().max() > 1e-3
+    assert (out - exact_attention(q, k, v, 0.5, mask=Causal(0))).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("n, leaf", [(1024, 128), (1000, 100), (4096, 1)])
@@ -83,8 +84,8 @@ def test_the_cost_model_sums_the_method_over_the_levels():
     pieces, size = leaf_count(n, 64)
     by_hand += 2 * pieces * size * (size + 1) / 2 * (4 * d + 1)
     assert decomposed_flops(method, 1, 2, n, d, d) == pytest.approx(by_hand)
-    assert method.cost(1, 2, n, n, d, d, causal=True) == pytest.approx(by_hand)
-    assert method.cost(1, 2, n, n, d, d, causal=False) == method.flops(1, 2, n, n, d, d)
+    assert method.cost(1, 2, n, n, d, d, Causal(0)) == pytest.approx(by_hand)
+    assert method.cost(1, 2, n, n, d, d, FULL) == method.flops(1, 2, n, n, d, d)
 
 
 @pytest.mark.parametrize("name", method_names())
@@ -92,5 +93,7 @@ def test_the_cost_model_sums_the_method_over_the_levels():
 def test_causal_half_precision_stays_finite_with_large_logits(name, dtype):
     method = make_method(name, 16 if name not in ("exact", "mean") else None)
     q, k, v = make_qkv(1, 2, 97, 97, 21, 13, dtype=dtype, spread=12.0)
-    out = method(q, k, v, scale=21**-0.5, causal=True, generator=torch.Generator().manual_seed(0))
+    out = method(
+        q, k, v, scale=21**-0.5, mask=Causal(0), generator=torch.Generator().manual_seed(0)
+    )
     assert out.dtype == dtype and torch.isfinite(out.float()).all()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kdecli.errors import ParameterError
+from kdecli.masks import FULL, Causal
 from kdecli.measure.reference import exact_attention
 from kdecli.methods import get_method_class, make_method, method_names
 from tests.conftest import gen, make_qkv, mean_error, rounding_bound
@@ -28,12 +29,12 @@ def build(name, **params):
     return make_method(name, BUDGET if cls.uses_budget else None, **params)
 
 
-def runnable(name, *shape, causal=False, params=None, **input_options):
+def runnable(name, *shape, mask=FULL, params=None, **input_options):
     """The method at the contract budget (with ``params``) and inputs ``make_qkv(*shape, ...)``;
-    skips, with the method's own reasons, when it cannot run on them."""
+    skips, with the method's own reasons, when it cannot run on them under ``mask``."""
     q, k, v = make_qkv(*shape, **input_options)
     method = build(name, **(params or {}))
-    reasons = method.not_supported_reasons(q, k, v, causal)
+    reasons = method.not_supported_reasons(q, k, v, mask)
     if reasons:
         pytest.skip(f"{name}: {'; '.join(reasons)}")
     return method, q, k, v
@@ -124,6 +125,10 @@ def test_logits_of_several_hundred_stay_finite(name, dtype, n_k):
     assert logits.abs().max() > 300, "the test must actually reach large logits"
     out = method(q, k, v, scale=scale, generator=gen(0))
     assert out.dtype == dtype and torch.isfinite(out.float()).all()
+    if method.supports_causal and n_k > 7:  # seven queries after a prefix, seen causally
+        mask = Causal(n_k - 7 - 3)
+        out = method(q[..., :7, :], k, v, scale=scale, generator=gen(0), mask=mask)
+        assert out.dtype == dtype and torch.isfinite(out.float()).all()
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -174,13 +179,13 @@ def test_causal_unsupported_is_explained(name):
     if get_method_class(name).supports_causal:
         pytest.skip(f"{name} supports causal attention")
     q, k, v = make_qkv(1, 2, 97, 97, 21)
-    assert build(name).not_supported_reasons(q, k, v, causal=True), "it must say it is not causal"
+    assert build(name).not_supported_reasons(q, k, v, Causal(0)), "it must say it is not causal"
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_causal_first_query_sees_only_the_first_key(name):
-    method, q, k, v = runnable(name, 1, 2, 97, 97, 21, causal=True)
-    out = method(q, k, v, scale=0.2, generator=gen(0), causal=True)
+    method, q, k, v = runnable(name, 1, 2, 97, 97, 21, mask=Causal(0))
+    out = method(q, k, v, scale=0.2, generator=gen(0), mask=Causal(0))
     assert torch.isfinite(out).all()
     # Every causal estimate must return v_0 there.
     assert torch.allclose(out[..., 0, :], v[..., 0, :], atol=1e-6)
@@ -193,18 +198,26 @@ def test_flops_model_is_positive(name):
     assert math.isfinite(flops) and flops > 0
 
 
-LIMIT_SHAPES = [  # (b, h, n_q, n_k, d, d_v, causal)
-    (2, 2, 97, 97, 21, 13, False),
-    (1, 2, 59, 97, 21, 21, False),  # cross attention, fewer queries than keys
-    (1, 2, 1025, 97, 21, 7, False),  # cross attention, more queries than keys
-    (1, 1, 30, 1025, 21, 8, False),  # a long key axis
-    (2, 2, 97, 97, 21, 13, True),
-    (1, 1, 1025, 1025, 21, 7, True),
+LIMIT_SHAPES = [  # (b, h, n_q, n_k, d, d_v, mask)
+    (2, 2, 97, 97, 21, 13, FULL),
+    (1, 2, 59, 97, 21, 21, FULL),  # cross attention, fewer queries than keys
+    (1, 2, 1025, 97, 21, 7, FULL),  # cross attention, more queries than keys
+    (1, 1, 30, 1025, 21, 8, FULL),  # a long key axis
+    (2, 2, 97, 97, 21, 13, Causal(0)),
+    (1, 1, 1025, 1025, 21, 7, Causal(0)),
+    # queries after a prefix of keys (a decode step, a chunk of a prefill), some with keys after
+    # the last query's position that no query sees
+    (2, 2, 1, 97, 21, 13, Causal(96)),
+    (1, 2, 1, 97, 21, 13, Causal(40)),
+    (2, 2, 7, 97, 21, 13, Causal(90)),
+    (1, 2, 7, 97, 21, 13, Causal(33)),
+    (1, 2, 64, 150, 21, 13, Causal(86)),
+    (1, 1, 64, 150, 21, 8, Causal(50)),
 ]
 
 
 def limit_id(shape):
-    return "x".join(map(str, shape[:6])) + "-causal" * shape[6]
+    return "x".join(map(str, shape[:6])) + "-" + str(shape[6]).replace("=", "")
 
 
 @pytest.mark.parametrize("shape", LIMIT_SHAPES, ids=limit_id)
@@ -212,15 +225,15 @@ def limit_id(shape):
 def test_exact_at_its_limit(name, shape):
     """Built at the parameters its ``exact_limit`` declares (over the contract budget, so the other
     budget-mapped parameters stay small), the method reproduces softmax attention up to rounding."""
-    b, h, n_q, n_k, d, d_v, causal = shape
+    b, h, n_q, n_k, d, d_v, mask = shape
     cls = get_method_class(name)
     limit = cls.exact_limit(n_q, n_k)
     if limit is None:
         pytest.skip(f"{name} has no exact limit (its exact_limit returns None)")
-    method, q, k, v = runnable(name, b, h, n_q, n_k, d, d_v, causal=causal, params=limit)
+    method, q, k, v = runnable(name, b, h, n_q, n_k, d, d_v, mask=mask, params=limit)
     scale = d**-0.5
-    out = method(q, k, v, scale=scale, generator=gen(0), causal=causal)
-    error = float((out - exact_attention(q, k, v, scale, causal=causal)).abs().max())
+    out = method(q, k, v, scale=scale, generator=gen(0), mask=mask)
+    error = float((out - exact_attention(q, k, v, scale, mask=mask)).abs().max())
     bound = rounding_bound(q, k, v, scale)
     assert error <= bound, (limit, error, bound)
 
@@ -257,7 +270,7 @@ def test_error_falls_as_the_budget_grows(name, falling_input):
 def causal_runnable(name, *shape, **input_options):
     if not get_method_class(name).supports_causal:
         pytest.skip(f"{name} has no causal mode")
-    return runnable(name, *shape, causal=True, **input_options)
+    return runnable(name, *shape, mask=Causal(0), **input_options)
 
 
 @pytest.mark.parametrize("t", [0, 37, 63, 95])
@@ -266,11 +279,11 @@ def test_causal_no_future_leak(name, t):
     """Changing keys and values after position t leaves outputs up to t bit-identical (n = 97 at
     the contract budget: several levels of any recursion, odd pieces padded)."""
     method, q, k, v = causal_runnable(name, 2, 2, 97, 97, 21, 13)
-    out = method(q, k, v, scale=0.3, generator=gen(4), causal=True)
+    out = method(q, k, v, scale=0.3, generator=gen(4), mask=Causal(0))
     k2, v2 = k.clone(), v.clone()
     k2[..., t + 1 :, :] = k2[..., t + 1 :, :].flip(-2) * 2 + 1
     v2[..., t + 1 :, :] = -3 * v2[..., t + 1 :, :]
-    out2 = method(q, k2, v2, scale=0.3, generator=gen(4), causal=True)
+    out2 = method(q, k2, v2, scale=0.3, generator=gen(4), mask=Causal(0))
     assert torch.equal(out[..., : t + 1, :], out2[..., : t + 1, :])
     assert not torch.equal(out[..., t + 1 :, :], out2[..., t + 1 :, :])
 
@@ -281,7 +294,7 @@ def test_causal_error_falls_as_the_budget_grows(name, falling_input):
     if not cls.uses_budget or not cls.supports_causal:
         pytest.skip(f"{name} takes no budget or has no causal mode")
     q, k, v, _ = falling_input
-    ref = exact_attention(q, k, v, 0.25, causal=True)
+    ref = exact_attention(q, k, v, 0.25, mask=Causal(0))
     seeds = FALLING_SEEDS if cls.randomized else FALLING_SEEDS[:1]
     small, large = (
         mean_error(make_method(name, m), q, k, v, 0.25, ref, seeds, causal=True)
@@ -298,7 +311,7 @@ def test_causal_cost_is_at_most_a_log_factor_over_the_full_cost(name):
     if not method.supports_causal:
         pytest.skip(f"{name} has no causal mode")
     n = 2**16
-    cost = method.cost(1, 2, n, n, 64, 64, causal=True)
+    cost = method.cost(1, 2, n, n, 64, 64, Causal(0))
     assert math.isfinite(cost) and cost > 0
     assert cost <= math.log2(n) * method.flops(1, 2, n, n, 64, 64), cost
 
@@ -310,12 +323,12 @@ def test_causal_later_queries_move_earlier_outputs_only_where_declared(name):
     method must leave outputs up to t bit-identical when the queries after t change.  A declared
     method must really couple (else the declaration misleads)."""
     method, q, k, v = causal_runnable(name, 1, 2, 97, 97, 21, 13)
-    out = method(q, k, v, scale=0.3, generator=gen(4), causal=True)
+    out = method(q, k, v, scale=0.3, generator=gen(4), mask=Causal(0))
     moved = False
     for t in (20, 48, 70, 90):
         q2 = q.clone()
         q2[..., t + 1 :, :] = q2[..., t + 1 :, :].flip(-2) * 2 + 1
-        out2 = method(q2, k, v, scale=0.3, generator=gen(4), causal=True)
+        out2 = method(q2, k, v, scale=0.3, generator=gen(4), mask=Causal(0))
         same = torch.equal(out[..., : t + 1, :], out2[..., : t + 1, :])
         if not method.causal_query_coupled:
             assert same, f"{name}: queries after {t} changed earlier outputs"
@@ -323,27 +336,30 @@ def test_causal_later_queries_move_earlier_outputs_only_where_declared(name):
     assert moved == method.causal_query_coupled
 
 
-def grad_runnable(name, *shape, causal=False, **input_options):
+def grad_runnable(name, *shape, mask=FULL, **input_options):
     """Like ``runnable`` with q, k, v requiring grad; skips where the method refuses autograd."""
     q, k, v = make_qkv(*shape, **input_options)
     q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
     method = build(name)
-    reasons = method.not_supported_reasons(q, k, v, causal)
+    reasons = method.not_supported_reasons(q, k, v, mask)
     if reasons:
         pytest.skip(f"{name}: {'; '.join(reasons)}")
     return method, q, k, v
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(
+    "n_q, mask", [(21, FULL), (21, Causal(0)), (7, Causal(14))], ids=["full", "causal", "offset"]
+)
 @pytest.mark.parametrize("name", ALL)
-def test_gradcheck_given_the_draws(name, causal):
+def test_gradcheck_given_the_draws(name, n_q, mask):
     """The estimator is a deterministic function of q, k, v once its generator is re-seeded per
-    call: its analytic gradients match finite differences (float64, n = 21 at the contract budget,
-    so blocks, samples and one level of the causal decomposition are all on the path)."""
-    method, q, k, v = grad_runnable(name, 1, 1, 21, 21, 4, 3, causal=causal, dtype=torch.float64)
+    call: its analytic gradients match finite differences (float64, n_k = 21 at the contract
+    budget, so blocks, samples, one level of the causal decomposition and, with the offset, its
+    prefix block are all on the path)."""
+    method, q, k, v = grad_runnable(name, 1, 1, n_q, 21, 4, 3, mask=mask, dtype=torch.float64)
 
     def fn(q, k, v):
-        return method(q, k, v, scale=0.5, generator=gen(7), causal=causal)
+        return method(q, k, v, scale=0.5, generator=gen(7), mask=mask)
 
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5, rtol=1e-4)
 
@@ -351,13 +367,13 @@ def test_gradcheck_given_the_draws(name, causal):
 @pytest.mark.parametrize("name", ALL)
 def test_gradients_stay_finite_with_logits_of_several_hundred(name):
     method, q, k, v = grad_runnable(name, 1, 2, 97, 97, 21, 13, dtype=torch.float32, spread=12.0)
-    for causal in (False, True):
-        if method.not_supported_reasons(q, k, v, causal):
+    for mask in (FULL, Causal(0)):
+        if method.not_supported_reasons(q, k, v, mask):
             continue
-        out = method(q, k, v, scale=21**-0.5, generator=gen(0), causal=causal)
+        out = method(q, k, v, scale=21**-0.5, generator=gen(0), mask=mask)
         grads = torch.autograd.grad(out.square().sum(), (q, k, v), allow_unused=True)
         for g in grads:
-            assert g is None or torch.isfinite(g).all(), (name, causal)
+            assert g is None or torch.isfinite(g).all(), (name, mask)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -370,3 +386,148 @@ def test_the_same_estimate_with_and_without_autograd(name):
         without = method(q, k, v, scale=0.3, generator=gen(2))
     assert with_grad.requires_grad or not method.supports_grad
     assert torch.allclose(with_grad.detach(), without, rtol=1e-12, atol=1e-12)
+
+
+# ---- queries after a prefix: Causal(offset) with n_q < n_k (ALGORITHMS.md §13) --------------------
+OFFSETS = [  # (n_q, n_k, offset): awkward sizes; bottom-right, and with keys after the last query
+    (1, 97, 96),
+    (1, 97, 40),
+    (7, 97, 90),
+    (7, 97, 33),
+    (64, 150, 86),
+    (64, 150, 50),
+]
+
+
+def offset_id(case):
+    return "{}x{}-at{}".format(*case)
+
+
+def offset_runnable(name, n_q, n_k, offset, **input_options):
+    """The method on 2 × 2 slices of n_q queries after ``offset`` keys, or a skip with its reasons:
+    a method without a causal mode says so, and one with a causal mode that cannot honour an
+    offset names the offset in its reason."""
+    mask = Causal(offset)
+    q, k, v = make_qkv(2, 2, n_q, n_k, 21, 13, **input_options)
+    method = build(name)
+    reasons = method.not_supported_reasons(q, k, v, mask)
+    if reasons:
+        if method.supports_causal and method.supports_cross:
+            assert any("offset" in reason for reason in reasons), (name, reasons)
+        pytest.skip(f"{name}: {'; '.join(reasons)}")
+    return method, mask, q, k, v
+
+
+@pytest.mark.parametrize("case", OFFSETS, ids=offset_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", ALL)
+def test_offset_shape_dtype_finite_and_pure(name, dtype, case):
+    method, mask, q, k, v = offset_runnable(name, *case, dtype=dtype)
+    before = [t.clone() for t in (q, k, v)]
+    out = method(q, k, v, scale=0.3, generator=gen(1), mask=mask)
+    assert out.shape == (2, 2, case[0], 13) and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert all(torch.equal(a, b) for a, b in zip(before, (q, k, v)))
+
+
+@pytest.mark.parametrize("case", OFFSETS, ids=offset_id)
+@pytest.mark.parametrize("name", ALL)
+def test_offset_no_future_leak(name, case):
+    """Changing the keys and values after position offset + t leaves the outputs of queries 0..t
+    bit-identical, and those of the later queries not (they see the changed keys)."""
+    method, mask, q, k, v = offset_runnable(name, *case)
+    n_q, n_k, offset = case
+    out = method(q, k, v, scale=0.3, generator=gen(4), mask=mask)
+    for t in sorted({0, n_q // 3, n_q - 1}):
+        after = offset + t + 1
+        k2, v2 = k.clone(), v.clone()
+        k2[..., after:, :] = k2[..., after:, :].flip(-2) * 2 + 1
+        v2[..., after:, :] = -3 * v2[..., after:, :]
+        out2 = method(q, k2, v2, scale=0.3, generator=gen(4), mask=mask)
+        assert torch.equal(out[..., : t + 1, :], out2[..., : t + 1, :]), (name, t)
+        if t + 1 < n_q:
+            assert not torch.equal(out[..., t + 1 :, :], out2[..., t + 1 :, :]), (name, t)
+
+
+@pytest.mark.parametrize("case", OFFSETS, ids=offset_id)
+@pytest.mark.parametrize("name", ALL)
+def test_offset_first_query_sees_exactly_its_prefix_at_the_exact_limit(name, case):
+    """The offset is honoured, not ignored: at its exact limit the method's first query matches
+    the reference under Causal(offset) and differs from both the unmasked and the top-left
+    (Causal(0)) answers."""
+    n_q, n_k, offset = case
+    limit = get_method_class(name).exact_limit(n_q, n_k)
+    if limit is None:
+        pytest.skip(f"{name} has no exact limit")
+    q, k, v = make_qkv(1, 2, n_q, n_k, 21, 13)
+    method = build(name, **limit)
+    if method.not_supported_reasons(q, k, v, Causal(offset)):
+        pytest.skip(f"{name} cannot run under {Causal(offset)}")
+    out = method(q, k, v, scale=0.3, generator=gen(0), mask=Causal(offset))
+    bound = rounding_bound(q, k, v, 0.3)
+    assert (out - exact_attention(q, k, v, 0.3, mask=Causal(offset))).abs().max() <= bound
+    for other in (FULL, Causal(0)):
+        if other.key_span(n_q, n_k) != Causal(offset).key_span(n_q, n_k):
+            wrong = exact_attention(q, k, v, 0.3, mask=other)
+            assert (out[..., 0, :] - wrong[..., 0, :]).abs().max() > 1e-3, other
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_decode_step_runs_as_full_attention(name):
+    """One query at the last position sees every key: Causal(n_k − 1) gives bit for bit the
+    unmasked call (the numbers of a decode step do not depend on how its mask is written), and a
+    query mid-sequence the unmasked call on the keys up to its position."""
+    q, k, v = make_qkv(2, 2, 1, 97, 21, 13)
+    method = build(name)
+    if method.not_supported_reasons(q, k, v):
+        pytest.skip(f"{name} cannot run on a single query")
+    assert method.not_supported_reasons(q, k, v, Causal(96)) == []
+    plain = method(q, k, v, scale=0.3, generator=gen(3))
+    assert torch.equal(method(q, k, v, scale=0.3, generator=gen(3), mask=Causal(96)), plain)
+    prefix = method(q, k[..., :41, :], v[..., :41, :], scale=0.3, generator=gen(3))
+    assert torch.equal(method(q, k, v, scale=0.3, generator=gen(3), mask=Causal(40)), prefix)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_an_offset_past_the_keys_is_refused_with_the_numbers(name):
+    q, k, v = make_qkv(1, 1, 7, 97, 21)
+    (reason,) = build(name).not_supported_reasons(q, k, v, Causal(91))
+    assert "offset 91" in reason and "at most n_k - n_q = 90" in reason, reason
+
+
+@pytest.mark.parametrize("case", OFFSETS, ids=offset_id)
+@pytest.mark.parametrize("name", ALL)
+def test_offset_cost_models_are_finite_and_bounded_by_prefill(name, case):
+    """``cost``, ``paid_keys`` and ``call_memory`` follow the dispatch: finite and positive under
+    an offset, and a chunk of n_q queries after a prefix costs no more than the prefill of all
+    offset + n_q positions (for the decomposition: about log₂ n times one full call at most)."""
+    n_q, n_k, offset = case
+    method = build(name)
+    if not method.supports_causal:
+        pytest.skip(f"{name} has no causal mode")
+    mask = Causal(offset)
+    cost = method.cost(1, 2, n_q, n_k, 64, 64, mask)
+    assert math.isfinite(cost) and cost > 0
+    span = offset + n_q
+    assert cost <= 1.01 * method.cost(1, 2, span, span, 64, 64, Causal(0)) + method.flops(
+        1, 2, n_q, span, 64, 64
+    )
+    paid = method.paid_keys(n_q, n_k, mask)
+    assert math.isnan(paid) or 0 <= paid
+    memory = method.call_memory(1, 2, n_q, n_k, 64, 64, 4, mask)
+    assert memory is None or memory > 0
+
+
+@pytest.mark.parametrize("n_q", [1, 7, 64])
+@pytest.mark.parametrize("name", ALL)
+def test_a_native_causal_mode_gives_the_prefill_rows_after_a_prefix(name, n_q):
+    """A method with its own causal algorithm honours the offset: the last n_q queries of a
+    prefill of 150 positions, run alone under Causal(150 − n_q), get the prefill's last rows, to
+    rounding (a scan may cut its chunks elsewhere; one query at the end runs as full)."""
+    if get_method_class(name).causal_mode != "native":
+        pytest.skip(f"{name}: causal_mode {get_method_class(name).causal_mode}")
+    q, k, v = make_qkv(2, 2, 150, 150, 21, 13)
+    method = build(name)
+    prefill = method(q, k, v, scale=0.3, generator=gen(2), mask=Causal(0))
+    tail = method(q[..., -n_q:, :], k, v, scale=0.3, generator=gen(2), mask=Causal(150 - n_q))
+    assert torch.allclose(tail, prefill[..., -n_q:, :], rtol=1e-9, atol=1e-12)

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 import kdecli
 from kdecli.cli import app
 from kdecli.experiments.compare.records import RunReport
+from kdecli.masks import Causal
 from kdecli.methods import get_method_class, method_names
 
 BUDGETED = [name for name in method_names() if get_method_class(name).uses_budget]
@@ -34,7 +35,7 @@ def test_the_paper_mapping_is_not_the_keys_mapping():
     kde = get_method_class("kdeformer")
     assert kde(64).keys_per_query(4096, 4096) == 96  # block m/2 + samples m = 1.5m
     assert get_method_class("reformer")(64).keys_per_query(4096, 4096) == 8 * 64
-    assert get_method_class("exact")().keys_per_query(4096, 4096, causal=True) == 2048.5
+    assert get_method_class("exact")().keys_per_query(4096, 4096, mask=Causal(0)) == 2048.5
 
 
 def test_records_carry_keys_and_flops_fraction():

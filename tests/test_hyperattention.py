@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from kdecli.masks import FULL, Causal
 from kdecli.measure.metrics import slice_errors
 from kdecli.measure.reference import exact_attention
 from kdecli.methods import make_method
@@ -18,12 +19,12 @@ def exact_lse(q, k, scale):
     return torch.logsumexp(scale * q @ k.transpose(-1, -2), dim=-1)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_exact_below_min_seq_len(causal):
+@pytest.mark.parametrize("mask", [FULL, Causal(0)], ids=str)
+def test_exact_below_min_seq_len(mask):
     q, k, v = make_qkv(2, 2, 97, 97, 21, 13)
     method = make_method("hyperattention", 16, min_seq_len=98)
-    out = method(q, k, v, scale=0.3, generator=gen(0), causal=causal)
-    error = (out - exact_attention(q, k, v, 0.3, causal=causal)).abs().max()
+    out = method(q, k, v, scale=0.3, generator=gen(0), mask=mask)
+    error = (out - exact_attention(q, k, v, 0.3, mask=mask)).abs().max()
     assert error <= rounding_bound(q, k, v, 0.3)
     # and at min_seq_len = n_k it approximates (only "below" is exact)
     approx = make_method("hyperattention", 16, min_seq_len=97)(q, k, v, scale=0.3, generator=gen(0))
@@ -36,8 +37,8 @@ def test_causal_recursion_is_exact_at_its_limit(n):
     lower-left block that one LSH block covers; the log-sum-exp merge must then be exact."""
     q, k, v = make_qkv(1, 2, n, n, 21, 13)
     method = make_method("hyperattention", 16, block_size=-(-n // 2), samples=16)
-    out = method(q, k, v, scale=0.3, generator=gen(1), causal=True)
-    error = (out - exact_attention(q, k, v, 0.3, causal=True)).abs().max()
+    out = method(q, k, v, scale=0.3, generator=gen(1), mask=Causal(0))
+    error = (out - exact_attention(q, k, v, 0.3, mask=Causal(0))).abs().max()
     assert error <= rounding_bound(q, k, v, 0.3)
 
 
@@ -46,11 +47,11 @@ def test_deep_causal_recursion_converges_with_samples():
     so the error must fall like 1/√samples (×8 fewer for 64× the samples); a wrong merge or a
     wrong sample weight would leave a floor instead."""
     q, k, v = make_qkv(1, 2, 1025, 1025, 16, 8, spread=0.7)
-    ref = exact_attention(q, k, v, 0.3, causal=True)
+    ref = exact_attention(q, k, v, 0.3, mask=Causal(0))
     errors = []
     for samples in (32, 2048):
         method = make_method("hyperattention", 16, block_size=16, samples=samples)
-        out = method(q, k, v, scale=0.3, generator=gen(2), causal=True)
+        out = method(q, k, v, scale=0.3, generator=gen(2), mask=Causal(0))
         assert torch.allclose(out[..., 0, :], v[..., 0, :], atol=1e-12)  # query 0 sees key 0 only
         errors.append(float(slice_errors(out, ref)["rel_frobenius"].mean()))
     assert errors[1] < errors[0] / 4, errors

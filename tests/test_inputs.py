@@ -5,6 +5,7 @@ import torch
 
 from kdecli.devices import resolve_device, resolve_dtype
 from kdecli.errors import InputError, UsageError
+from kdecli.masks import FULL, Causal
 from kdecli.sources import load_input
 
 
@@ -142,3 +143,26 @@ def test_device_and_dtype_resolution():
     assert resolve_dtype("bfloat16") == torch.bfloat16
     with pytest.raises(UsageError, match="--dtype"):
         resolve_dtype("float8")
+
+
+def test_an_inputs_mask_from_its_stored_flag_the_override_and_the_offset(tmp_path):
+    """A capture's stored ``causal`` attribute still reads (``qkv.causal()``), and ``qkv.mask``
+    turns it, the --causal override and the --query-offset into a mask: causal without an offset
+    puts the queries at the last n_q positions."""
+    q, k, v = arrays(n_q=7, n_k=59)
+    path = tmp_path / "acts.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("layer0")
+        g["q"], g["k"], g["v"] = q, k, v
+        g.attrs["causal"] = True
+    qkv = load_input(f"{path}:/layer0")
+    assert qkv.causal() is True and qkv.default_causal is True
+    assert qkv.mask() == Causal(52)  # bottom-right: 7 queries after 52 keys
+    assert qkv.mask(offset=10) == Causal(10)
+    assert qkv.mask(causal=False) is FULL
+    with pytest.raises(UsageError, match="add --causal"):
+        qkv.mask(causal=False, offset=3)
+    with pytest.raises(UsageError, match="n_k - n_q = 52"):
+        qkv.mask(offset=53)
+    plain = load_input("synthetic:n=64,nq=30,d=8,dv=5")
+    assert plain.causal() is False and plain.mask() is FULL and plain.mask(True) == Causal(34)

@@ -139,10 +139,27 @@ def test_chunked_statistics_equal_one_chunk():
         assert a["output_norm"] == pytest.approx(b["output_norm"], rel=1e-12)
 
 
+def test_causal_queries_over_more_keys_sit_at_the_end_or_at_their_offset():
+    """Two queries over four keys: by default at positions 2 and 3 (they see 3 and 4 keys);
+    at offset 0, at positions 0 and 1 (1 and 2 keys)."""
+    q = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    k = torch.tensor([[4.0], [3.0], [2.0], [1.0]], dtype=torch.float64)
+    v = torch.ones(4, 2, dtype=torch.float64)
+    last = inspect_input(qkv_of(q, k, v), scale=1.0, causal=True, device="cpu")
+    first = inspect_input(qkv_of(q, k, v), scale=1.0, causal=True, query_offset=0, device="cpu")
+    assert last["input"]["query_offset"] == 2 and "query_offset" not in first["input"]
+    assert (last["slices"][0]["logits"]["min"], last["slices"][0]["logits"]["max"]) == (2.0, 8.0)
+    assert (first["slices"][0]["logits"]["min"], first["slices"][0]["logits"]["max"]) == (4.0, 8.0)
+    assert first["slices"][0]["entropy"]["min"] == 0.0 and last["slices"][0]["entropy"]["min"] > 0
+
+
 def test_bad_requests_are_usage_errors():
-    qkv = qkv_of(torch.randn(5, 3), torch.randn(7, 3), torch.randn(7, 2))
-    with pytest.raises(UsageError, match="--causal needs as many queries as keys"):
+    qkv = qkv_of(torch.randn(7, 3), torch.randn(5, 3), torch.randn(5, 2))
+    with pytest.raises(UsageError, match="at most as many queries as keys"):
         inspect_input(qkv, causal=True, device="cpu")
+    wide = qkv_of(torch.randn(5, 3), torch.randn(7, 3), torch.randn(7, 2))
+    with pytest.raises(UsageError, match=r"--query-offset must be in 0\.\.2 .* got 3"):
+        inspect_input(wide, causal=True, query_offset=3, device="cpu")
     with pytest.raises(UsageError, match="--scale must be a positive"):
         inspect_input(qkv, scale=-1.0, device="cpu")
 
@@ -184,7 +201,11 @@ def test_cli_table_and_output_file(tmp_path):
             "--format must be one of table, json",
         ),
         (["inspect", "missing.npz"], "missing.npz: no such file"),
-        (["inspect", "synthetic:n=9,nq=5,d=3", "--causal"], "--causal needs as many queries"),
+        (
+            ["inspect", "synthetic:n=9,nq=5,d=3", "--causal", "--query-offset", "5"],
+            "--query-offset must be in 0..4",
+        ),
+        (["inspect", "synthetic:n=9,d=3", "--query-offset", "1"], "add --causal"),
     ],
 )
 def test_cli_refusals(args, message):

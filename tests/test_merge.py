@@ -182,6 +182,16 @@ def test_a_file_without_a_grid_is_refused(sweep, tmp_path):
     assert invoke("merge").exit_code == 2  # no files at all
 
 
+def test_a_scale_or_drift_document_is_refused_by_its_kind(sweep, tmp_path):
+    """Merge joins the shards of `kdecli compare`: another kind of document is named as such."""
+    for kind in ("scale", "drift"):
+        other = tmp_path / f"{kind}.json"
+        other.write_text(json.dumps({"document": kind, "schema_version": 1, "results": []}))
+        res = invoke("merge", sweep["shards"][0], other)
+        assert res.exit_code == 2 and "Traceback" not in res.stderr
+        assert f"Error: {other}: is a `kdecli {kind}` document, not `kdecli compare`" in res.stderr
+
+
 def test_records_without_a_key_or_outside_the_grid_are_refused(sweep, tmp_path):
     unkeyed = edited(sweep["full"], tmp_path / "unkeyed.json", lambda d: d["results"][1].pop("key"))
     with pytest.raises(SchemaError, match=r"unkeyed.json: the record kdeformer budget=32 seed=0 "):

@@ -35,9 +35,12 @@ def test_methods_input_takes_the_same_input_options(tmp_path):
     for name, shape in (("q", (40, 8)), ("k", (50, 8)), ("v", (50, 8))):
         paths += [f"--{name}", str(tmp_path / f"{name}.npy")]
         np.save(tmp_path / f"{name}.npy", rng.standard_normal(shape))
-    res = runner.invoke(app, ["methods", "exact", *paths, "--causal"])
+    res = runner.invoke(app, ["methods", "exact", *paths, "--causal"])  # the last 40 of 50
     assert res.exit_code == 0, res.stderr
-    assert "on this input: causal attention needs n_q == n_k" in " ".join(res.stdout.split())
+    assert "on this input: can run on this input" in " ".join(res.stdout.split())
+    res = runner.invoke(app, ["methods", "exact", *paths, "--causal", "--query-offset", "11"])
+    assert res.exit_code == 0, res.stderr
+    assert "the offset must be at most n_k - n_q = 10" in " ".join(res.stdout.split())
     res = runner.invoke(app, ["methods", "exact", *paths, "--causal", "--n", "40"])
     assert "on this input: can run on this input" in " ".join(res.stdout.split())
 

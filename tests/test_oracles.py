@@ -5,18 +5,18 @@ with the budget are in the contract battery."""
 import pytest
 import torch
 
+from kdecli.masks import FULL, Causal
 from kdecli.measure.reference import exact_attention
 from kdecli.methods import make_method
 from kdecli.methods.oracles import rank_m_attention
 from tests.conftest import make_qkv, mean_error
 
 
-def brute_topk(q, k, v, scale, m, causal):
+def brute_topk(q, k, v, scale, m, mask):
     logits = scale * q @ k.transpose(-1, -2)
-    if causal:
-        logits = logits.masked_fill(
-            torch.ones_like(logits, dtype=torch.bool).triu(1), float("-inf")
-        )
+    allowed = mask.allowed(q.shape[-2], k.shape[-2])
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
     for idx in torch.cartesian_prod(*(torch.arange(s) for s in q.shape[:-1])).tolist():
         row = logits[tuple(idx)]
@@ -27,11 +27,21 @@ def brute_topk(q, k, v, scale, m, causal):
     return out
 
 
-@pytest.mark.parametrize("n_q,n_k,causal", [(47, 47, False), (97, 59, False), (97, 97, True)])
-def test_topk_matches_brute_force(n_q, n_k, causal):
+@pytest.mark.parametrize(
+    "n_q,n_k,mask",
+    [
+        (47, 47, FULL),
+        (97, 59, FULL),
+        (97, 97, Causal(0)),
+        (7, 97, Causal(90)),
+        (30, 97, Causal(41)),
+    ],
+    ids=str,
+)
+def test_topk_matches_brute_force(n_q, n_k, mask):
     q, k, v = make_qkv(1, 2, n_q, n_k, 21, 13)
-    out = make_method("topk", 10)(q, k, v, scale=0.3, causal=causal)
-    assert (out - brute_topk(q, k, v, 0.3, 10, causal)).abs().max() <= 1e-12
+    out = make_method("topk", 10)(q, k, v, scale=0.3, mask=mask)
+    assert (out - brute_topk(q, k, v, 0.3, 10, mask)).abs().max() <= 1e-12
 
 
 def test_topk_beats_uniform_sampling():
@@ -77,15 +87,15 @@ def test_causal_rankk_is_exact_halves_plus_a_rank_m_full_block():
     8..15 after keys 0..7) replaced by its best rank-2 approximation, merged by exact row sums."""
     q, k, v = make_qkv(1, 1, 16, 16, 8, dtype=torch.float64)
     scale = 0.4
-    out = make_method("rankk", 2, causal_leaf=8)(q, k, v, scale=scale, causal=True)
+    out = make_method("rankk", 2, causal_leaf=8)(q, k, v, scale=scale, mask=Causal(0))
     lower = rank_m_attention(q[..., 8:, :], k[..., :8, :], v[..., :8, :], scale, 2)
     logits = scale * q @ k.mT
     causal = logits.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
     diag_sum = causal[..., 8:, 8:].exp().sum(-1, keepdim=True)
     low_sum = logits[..., 8:, :8].exp().sum(-1, keepdim=True)
-    diag = exact_attention(q[..., 8:, :], k[..., 8:, :], v[..., 8:, :], scale, causal=True)
+    diag = exact_attention(q[..., 8:, :], k[..., 8:, :], v[..., 8:, :], scale, mask=Causal(0))
     expected = (diag_sum * diag + low_sum * lower) / (diag_sum + low_sum)
     assert torch.allclose(out[..., 8:, :], expected, atol=1e-12)
-    first_half = exact_attention(q[..., :8, :], k[..., :8, :], v[..., :8, :], scale, causal=True)
+    first_half = exact_attention(q[..., :8, :], k[..., :8, :], v[..., :8, :], scale, mask=Causal(0))
     assert torch.allclose(out[..., :8, :], first_half, atol=1e-12)
-    assert not torch.allclose(out, exact_attention(q, k, v, scale, causal=True), atol=1e-6)
+    assert not torch.allclose(out, exact_attention(q, k, v, scale, mask=Causal(0)), atol=1e-6)

@@ -137,19 +137,54 @@ def test_generation_with_a_kv_cache_runs_each_decode_step_over_every_key(llama, 
     assert approx.shape == stock.shape and torch.equal(approx[:, :10], prompt)
 
 
-def test_a_causal_call_with_several_queries_against_more_keys_is_refused(llama):
+def test_several_queries_against_a_cache_run_under_the_offset_mask(llama):
+    """A causal call of 3 queries against 7 keys (speculative decoding, a chunked prefill) runs
+    with the queries at the last 3 positions (``Causal(4)``), not refused and not top-left; more
+    queries than keys is refused with the layer named."""
     from kdecli.hf.interface import AttentionCall
     from kdecli.hf.patching import LayerMethod
+    from kdecli.masks import Causal
     from kdecli.methods import make_method
 
     q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 4, 7, 8)
     call = AttentionCall(llama.model.layers[0].self_attn, 0, q, k, k, None, 0.3, True)
-    with pytest.raises(UsageError, match="3 queries against 7 keys"):
-        LayerMethod(make_method("exact"))(call)
+    assert call.positions == Causal(4)
+    out = LayerMethod(make_method("exact"))(call)
+    allowed = Causal(4).allowed(3, 7)
+    bottom_right = torch.nn.functional.scaled_dot_product_attention(
+        q, k, k, attn_mask=allowed, scale=0.3
+    )
+    assert torch.allclose(out, bottom_right, atol=1e-6)
+    top_left = torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True, scale=0.3)
+    assert not torch.allclose(out, top_left, atol=1e-3)
     one = AttentionCall(call.module, 0, q[:, :, :1], k, k, None, 0.3, True)
     out = LayerMethod(make_method("exact"))(one)
     full = torch.nn.functional.scaled_dot_product_attention(q[:, :, :1], k, k, scale=0.3)
     assert torch.allclose(out, full)
+    wide = AttentionCall(call.module, 0, torch.randn(1, 4, 9, 8), k, k, None, 0.3, True)
+    with pytest.raises(UsageError, match="layer 0: .*at most as many queries as keys"):
+        LayerMethod(make_method("exact"))(wide)
+
+
+def test_a_chunk_of_tokens_after_a_cache_matches_the_stock_model(llama, ids):
+    """Three tokens at once after a cached prompt (how speculative decoding verifies a draft):
+    with `exact` patched in, the logits are the stock model's."""
+    import kdecli.hf
+
+    def chunk_after_prompt():
+        with torch.inference_mode():
+            cache = llama(input_ids=ids[:, :10], use_cache=True).past_key_values
+            return llama(input_ids=ids[:, 10:13], cache=cache).logits
+
+    stock = chunk_after_prompt()
+    assert torch.allclose(stock, _logits(llama, ids[:, :13])[:, 10:], atol=1e-5)  # the cache ran
+    assert not torch.allclose(stock, _logits(llama, ids[:, 10:13]), atol=1e-3)
+    with kdecli.hf.patch(llama, "exact"):
+        patched = chunk_after_prompt()
+    with kdecli.hf.patch(llama, "uniform", budget=4, layers=[1], seed=1):
+        approx = chunk_after_prompt()
+    assert torch.allclose(patched, stock, rtol=0, atol=1e-5)
+    assert torch.isfinite(approx).all() and not torch.allclose(approx, stock, atol=1e-4)
 
 
 def test_a_padding_mask_is_refused_in_one_line(llama):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from kdecli.masks import FULL, Causal
 from kdecli.measure.reference import exact_attention
 from kdecli.methods import make_method
 from kdecli.methods.features import (
@@ -22,15 +23,16 @@ def directions(q, m, seed, orthogonal=True):
     )
 
 
-def dense_favor(q, k, v, scale, omega, causal=False):
+def dense_favor(q, k, v, scale, omega, mask=FULL):
     """φ(Q)φ(K)ᵀV / φ(Q)φ(K)ᵀ1 written out in float64 and in log space, with no shifts at all:
     log(φ(q_i)·φ(k_j)) = logsumexp_r(f_ir + g_jr) − log m never under- or overflows."""
     q1, k1 = split_scale(q.double(), k.double(), scale)
     omega = omega.double()
     f, g = log_features(q1, omega), log_features(k1, omega)
     log_a = torch.logsumexp(f.unsqueeze(-2) + g.unsqueeze(-3), dim=-1)  # (b, h, n_q, n_k)
-    if causal:
-        log_a = log_a.masked_fill(torch.ones_like(log_a, dtype=torch.bool).triu(1), -torch.inf)
+    allowed = mask.allowed(q.shape[-2], k.shape[-2])
+    if allowed is not None:
+        log_a = log_a.masked_fill(~allowed, -torch.inf)
     return torch.softmax(log_a, dim=-1) @ v.double()
 
 
@@ -60,10 +62,21 @@ def test_forward_is_the_dense_favor_estimate(n_q, n_k, d_v, scale):
 def test_causal_is_the_dense_masked_favor_estimate(n):
     q, k, v = make_qkv(1, 2, n, n, 21, 13, spread=0.7)
     method = make_method("performer", None, features=32)
-    out = method(q, k, v, scale=0.2, generator=gen(1), causal=True)
-    ref = dense_favor(q, k, v, 0.2, directions(q, 32, 1), causal=True)
+    out = method(q, k, v, scale=0.2, generator=gen(1), mask=Causal(0))
+    ref = dense_favor(q, k, v, 0.2, directions(q, 32, 1), Causal(0))
     assert (out - ref).abs().max() <= 1e-10
     assert (out[..., 0, :] - v[..., 0, :]).abs().max() < 1e-12  # query 0 sees key 0 only
+
+
+@pytest.mark.parametrize("n_q, offset", [(7, 90), (64, 86), (130, 3)])
+def test_an_offset_starts_the_scan_from_the_prefix_keys(n_q, offset):
+    """Under Causal(offset) the keys [0, offset) are the scan's starting state: the output is
+    the dense masked estimate, query i seeing keys j ≤ offset + i (chunks of 64 queries)."""
+    q, k, v = make_qkv(1, 2, n_q, offset + n_q, 21, 13, spread=0.7)
+    method = make_method("performer", None, features=32)
+    out = method(q, k, v, scale=0.2, generator=gen(1), mask=Causal(offset))
+    ref = dense_favor(q, k, v, 0.2, directions(q, 32, 1), Causal(offset))
+    assert (out - ref).abs().max() <= 1e-10
 
 
 def test_causal_rows_that_underflow_in_the_chunk_are_recomputed():
@@ -78,10 +91,10 @@ def test_causal_rows_that_underflow_in_the_chunk_are_recomputed():
     qf, kf, _ = stabilised_features(f[..., :64, :], g[..., :64, :])
     assert ((qf[..., 0, :] * kf[..., 0, :]).sum(-1) == 0).all(), "the test must reach the underflow"
     method = make_method("performer", None, features=32)
-    out = method(q, k, v, scale=0.25, generator=gen(2), causal=True)
+    out = method(q, k, v, scale=0.25, generator=gen(2), mask=Causal(0))
     assert torch.isfinite(out).all()
     assert (out[..., 0, :] - v[..., 0, :]).abs().max() < 1e-6
-    ref = dense_favor(q, k, v, 0.25, omega, causal=True)
+    ref = dense_favor(q, k, v, 0.25, omega, Causal(0))
     assert (out.double() - ref).abs().max() < 1e-4
 
 
@@ -143,7 +156,7 @@ def test_causal_logits_of_several_hundred_stay_finite(dtype):
     """The battery checks non-causal; q = k puts the largest logits on the causal diagonal."""
     q, _, v = make_qkv(1, 2, 97, 97, 21, dtype=dtype, spread=12.0)
     assert (21**-0.5 * q.double() @ q.double().transpose(-1, -2)).abs().max() > 300
-    out = make_method("performer", 64)(q, q, v, scale=21**-0.5, generator=gen(0), causal=True)
+    out = make_method("performer", 64)(q, q, v, scale=21**-0.5, generator=gen(0), mask=Causal(0))
     assert out.dtype == dtype and torch.isfinite(out.float()).all()
 
 
@@ -163,9 +176,9 @@ def test_causal_batch_items_do_not_leak():
     """The battery checks non-causal batch isolation; the causal scan carries a running state."""
     q, k, v = make_qkv(3, 2, 97, 97, 21, 13)
     method = make_method("performer", 32)
-    out = method(q, k, v, scale=0.2, generator=gen(3), causal=True)
+    out = method(q, k, v, scale=0.2, generator=gen(3), mask=Causal(0))
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     q2[1], k2[1], v2[1] = q2[1] * 3 + 1, k2[1].flip(-2), -v2[1]
-    out2 = method(q2, k2, v2, scale=0.2, generator=gen(3), causal=True)
+    out2 = method(q2, k2, v2, scale=0.2, generator=gen(3), mask=Causal(0))
     assert torch.equal(out[0], out2[0]) and torch.equal(out[2], out2[2])
     assert not torch.equal(out[1], out2[1])

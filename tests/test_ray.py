@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from kdecli.errors import UsageError
-from kdecli.experiments.compare.run import RunConfig, compare_layers, plan_grid
+from kdecli.experiments.compare.plan import plan_grid
+from kdecli.experiments.compare.run import compare_layers
+from kdecli.measure.config import RunConfig
 from kdecli.methods import registry
 from kdecli.methods.uniform import Uniform
 from kdecli.qkv import QKV

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kdecli.experiments.compare.records import Summary
+from kdecli.masks import FULL, Causal
 from kdecli.measure.metrics import slice_errors
 from kdecli.measure.reference import (
     attention_column_sq_norms,
@@ -15,15 +16,45 @@ from kdecli.measure.reference import (
 from tests.conftest import make_qkv
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "n_q, mask", [(59, FULL), (97, Causal(0)), (7, Causal(90)), (30, Causal(41))], ids=str
+)
 @pytest.mark.parametrize("memory", [4096, 10**6, 10**9])
-def test_chunked_reference_matches_sdpa_in_float64(causal, memory):
+def test_chunked_reference_matches_sdpa_in_float64(n_q, mask, memory):
+    """Against SDPA with the boolean matrix of allowed pairs j ≤ offset + i (and its own
+    ``is_causal`` for prefill), chunk by chunk (4096 bytes: one query per chunk)."""
     n_k = 97
-    q, k, v = make_qkv(2, 3, 97 if causal else 59, n_k, 21, 13, spread=2.0)
-    ref = exact_attention(q, k, v, 0.3, causal=causal, memory_bytes=memory)
-    sdpa = F.scaled_dot_product_attention(q, k, v, scale=0.3, is_causal=causal)
+    q, k, v = make_qkv(2, 3, n_q, n_k, 21, 13, spread=2.0)
+    ref = exact_attention(q, k, v, 0.3, mask=mask, memory_bytes=memory)
+    allowed = mask.allowed(n_q, n_k)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.3)
     # two float64 computations of the same sums: a few ulps times the row length
     assert (ref - sdpa).abs().max() <= 64 * n_k * torch.finfo(torch.float64).eps
+    if mask == Causal(0):
+        sdpa = F.scaled_dot_product_attention(q, k, v, scale=0.3, is_causal=True)
+        assert (ref - sdpa).abs().max() <= 64 * n_k * torch.finfo(torch.float64).eps
+
+
+def test_the_old_causal_flag_reads_as_prefill():
+    q, k, v = make_qkv(1, 2, 47, 47, 21)
+    assert torch.equal(
+        exact_attention(q, k, v, 0.3, causal=True), exact_attention(q, k, v, 0.3, mask=Causal(0))
+    )
+    with pytest.raises(TypeError, match="not both"):
+        exact_attention(q, k, v, 0.3, mask=Causal(0), causal=True)
+
+
+def test_masked_norms_are_those_of_the_masked_matrix():
+    """Column norms and ‖D⁻¹A‖₂ under Causal(offset), in small chunks, against the dense P."""
+    q, k, v = make_qkv(1, 2, 9, 40, 8)
+    mask = Causal(25)
+    logits = (0.3 * q @ k.mT).masked_fill(~mask.allowed(9, 40), -torch.inf)
+    probs = torch.softmax(logits, dim=-1)
+    cols = attention_column_sq_norms(q, k, 0.3, mask=mask, memory_bytes=3000)
+    assert torch.allclose(cols, probs.square().sum(-2), rtol=0, atol=1e-12)
+    assert (cols[..., 34:] == 0).all()  # keys after the last query's position: no weight
+    sigma = attention_spectral_norm(q, k, 0.3, mask=mask, iterations=500, tol=1e-13)
+    assert torch.allclose(sigma, torch.linalg.matrix_norm(probs, ord=2), rtol=1e-8)
 
 
 def test_chunk_size_respects_memory_budget():

@@ -16,6 +16,7 @@ from kdecli.experiments.compare.pareto import cheapest_settings
 from kdecli.experiments.compare.records import RunReport, load_document
 from kdecli.experiments.compare.report import render_text
 from kdecli.experiments.compare.run import RunConfig
+from kdecli.masks import Causal
 from kdecli.measure.metrics import slice_errors
 from kdecli.measure.reference import exact_attention
 from kdecli.measure.row_reference import (
@@ -86,12 +87,26 @@ def test_rows_are_seeded_distinct_sorted_and_shared_by_every_slice():
 def test_causal_rows_are_the_full_causal_references_rows(memory_bytes):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 97, 21, generator=g, dtype=torch.float64) for _ in range(3))
-    full = exact_attention(q, k, v, 0.3, causal=True)
-    sample = sample_rows(q, k, v, 0.3, 31, seed=5, causal=True, memory_bytes=memory_bytes)
+    full = exact_attention(q, k, v, 0.3, mask=Causal(0))
+    sample = sample_rows(q, k, v, 0.3, 31, seed=5, mask=Causal(0), memory_bytes=memory_bytes)
     assert torch.allclose(sample.exact, full[..., sample.rows, :], rtol=0, atol=1e-12)
     # and without the positions the first sampled rows would see later keys: the test can fail
     unmasked = exact_attention(q[..., sample.rows, :], k, v, 0.3)
     assert not torch.allclose(unmasked, full[..., sample.rows, :], atol=1e-6)
+
+
+@pytest.mark.parametrize("memory_bytes", [2**30, 3 * 8 * 4 * 150 * 5])
+def test_rows_after_a_prefix_keep_their_positions(memory_bytes):
+    """Under Causal(offset) a sampled row i sits at offset + i, as in the full reference."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 2, 64, 21, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 150, 21, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = Causal(70)
+    full = exact_attention(q, k, v, 0.3, mask=mask)
+    sample = sample_rows(q, k, v, 0.3, 20, seed=5, mask=mask, memory_bytes=memory_bytes)
+    assert torch.allclose(sample.exact, full[..., sample.rows, :], rtol=0, atol=1e-12)
+    at_zero = exact_attention(q[..., sample.rows, :], k, v, 0.3, mask=Causal(0))
+    assert not torch.allclose(at_zero, full[..., sample.rows, :], atol=1e-6)
 
 
 def test_an_exact_output_has_zero_error_and_a_zero_output_one():

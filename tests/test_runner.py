@@ -1,13 +1,19 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import kdecli
+from kdecli.cli import app
 from kdecli.errors import ParameterError, UsageError
+from kdecli.experiments.compare.plan import plan_grid
 from kdecli.experiments.compare.records import SCHEMA_VERSION
 from kdecli.experiments.compare.report import render, to_csv, to_json
-from kdecli.experiments.compare.run import derive_seed
+from kdecli.experiments.compare.run import compare_layers
+from kdecli.measure.config import RunConfig
+from kdecli.measure.seeds import derive_seed
 from kdecli.methods import registry
 from kdecli.methods.base import AttentionMethod
 
@@ -17,7 +23,7 @@ class Broken(AttentionMethod):
     summary = paper = "test only"
     randomized = True
 
-    def forward(self, q, k, v, scale, generator, causal):
+    def forward_full(self, q, k, v, scale, generator):
         raise RuntimeError("kaboom\nsecond line")
 
 
@@ -25,7 +31,7 @@ class NaNs(AttentionMethod):
     name = "nans"
     summary = paper = "test only"
 
-    def forward(self, q, k, v, scale, generator, causal):
+    def forward_full(self, q, k, v, scale, generator):
         return torch.full((*q.shape[:-1], v.shape[-1]), float("nan"), dtype=q.dtype)
 
 
@@ -157,3 +163,85 @@ def test_attention_is_a_drop_in_for_sdpa():
     out = kdecli.attention(q, k, v, method="kdeformer", budget=8, block_size=40)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert out.shape == ref.shape and (out - ref).abs().max() < 1e-10
+
+
+class Counted(AttentionMethod):
+    """Counts how often it is built."""
+
+    name = "counted"
+    summary = paper = "test only"
+    randomized = True
+    built = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        type(self).built += 1
+
+    def forward_full(self, q, k, v, scale, generator):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def test_the_plan_is_made_once_and_each_method_built_once_per_job(qkv, monkeypatch):
+    """compare_layers over two layers, two budgets, two seeds: four jobs, four method objects;
+    the CLI's config is checked once, however many layers below read it."""
+    monkeypatch.setitem(registry._REGISTRY, "counted", Counted)
+    monkeypatch.setattr(Counted, "built", 0)
+    layers = [replace(qkv, layer=0), replace(qkv, layer=1, q=qkv.q.flip(-2))]
+    grid = plan_grid(layers, ["counted"], [8, 16], RunConfig(seeds=2, timing=False))
+    assert Counted.built == 4 and len(grid.jobs) == 4
+    report = compare_layers(layers, config=RunConfig(seeds=2, timing=False), jobs=grid.jobs)
+    assert Counted.built == 4 and [r.key for r in report.results] == grid.keys
+    checks = []
+    real = RunConfig.check
+    monkeypatch.setattr(RunConfig, "check", lambda self: checks.append(1) or real(self))
+    args = ["compare", "synthetic:n=47,d=8", "--methods", "counted", "--budgets", "8",
+            "--seeds", "2", "--no-timing", "-f", "json"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert len(checks) == 1 and Counted.built == 5
+
+
+def test_only_filters_the_planned_jobs(qkv):
+    grid = plan_grid([qkv], ["exact", "uniform"], [8], RunConfig(seeds=2, timing=False))
+    wanted = {grid.keys[-1]}
+    report = kdecli.compare(qkv, config=RunConfig(seeds=2, timing=False), jobs=grid.jobs,
+                            only=wanted)  # fmt: skip
+    assert [r.key for r in report.results] == [grid.keys[-1]] and report.results[0].seed == 1
+    two = plan_grid([qkv, replace(qkv, layer=3)], ["exact"], [], RunConfig(timing=False))
+    with pytest.raises(UsageError, match="planned for several"):
+        kdecli.compare(qkv, jobs=two.jobs)
+
+
+def test_causal_queries_over_a_longer_key_set_sit_at_the_end_by_default(qkv):
+    """n_q = 59 < n_k = 97 under --causal: Causal(38), the queries the last positions; exact
+    attention is exact, the mean baseline is its floor, the header says the offset."""
+    report = kdecli.compare(qkv, ["exact", "mean"], [], causal=True, timing=False)
+    assert report.input.causal and report.input.query_offset == 97 - 59
+    assert [r.status for r in report.results] == ["ok", "ok"]
+    assert report.results[0].error("rel_spectral") < 1e-6
+    doc = json.loads(to_json(report))
+    assert doc["input"]["query_offset"] == 38
+    assert (
+        kdecli.compare(qkv, ["mean"], [], timing=False).as_dict()["input"].get("query_offset")
+        is None
+    )  # written only when there is one
+    at_start = kdecli.compare(qkv, ["mean"], [], causal=True, query_offset=0, timing=False)
+    assert (
+        at_start.input.query_offset == 0
+        and "query_offset" not in json.loads(to_json(at_start))["input"]
+    )
+    assert at_start.floors.mean != report.floors.mean  # the mean of another prefix
+
+
+def test_a_bad_query_offset_names_the_allowed_range(qkv):
+    with pytest.raises(UsageError, match=r"--query-offset must be in 0\.\.38 .* got 39"):
+        kdecli.compare(qkv, ["exact"], [], causal=True, query_offset=39)
+    with pytest.raises(UsageError, match="integer >= 0"):
+        kdecli.compare(qkv, ["exact"], [], causal=True, query_offset=-1)
+    with pytest.raises(UsageError, match="add --causal"):
+        kdecli.compare(qkv, ["exact"], [], query_offset=3)
+    res = CliRunner().invoke(
+        app, ["compare", "synthetic:n=97,nq=59,d=8", "--methods", "exact", "--causal",
+              "--query-offset", "50"],
+    )  # fmt: skip
+    assert res.exit_code == 2 and "--query-offset must be in 0..38" in res.stderr

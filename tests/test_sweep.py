@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -9,12 +10,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 import kdecli
 from kdecli.cli import app
+from kdecli.errors import RuntimeFailure
+from kdecli.experiments.compare.plan import plan_grid
 from kdecli.experiments.compare.records import load_document
-from kdecli.experiments.compare.run import RunConfig, compare_layers, plan_grid
+from kdecli.experiments.compare.run import compare_layers
+from kdecli.measure.config import RunConfig
 from kdecli.sources.synthetic import synthetic
 from kdecli.sweeps.grid import keys_of
 
@@ -88,6 +93,52 @@ def test_keys_change_with_what_is_measured_and_not_with_how_long_it_is_timed():
     )
     changed = {job.method for job in grid.jobs if not set(job.keys) <= base}
     assert changed == {"kdeformer"}
+
+
+def test_keys_of_existing_settings_are_those_of_0_6_so_old_resume_files_resume():
+    """The digests of two grids as kdecli 0.6.0 planned them (full and causal): the keys hash the
+    same content now that the mask is a type (``causal`` a bool, no ``query_offset`` at 0)."""
+    qkv = kdecli.load_input("synthetic:n=200,d=16,b=1,h=2")
+    methods, budgets = ["exact", "kdeformer", "performer", "mean", "reformer"], [32, 64]
+    for causal, digest, first in (
+        (False, "be5a9722a718ab58", ["4c522d87e2c30d16", "5400ad2b4a3fd267"]),
+        (True, "3d5d2f426652e41d", ["f2bf1cdb293ee59c", "3f95f54f7b98691e"]),
+    ):
+        config = RunConfig(seeds=2, timing=False, causal=causal, device="cpu")
+        grid = plan_grid([qkv], methods, budgets, config)
+        assert (grid.digest, grid.keys[:2]) == (digest, first), causal
+        explicit = plan_grid([qkv], methods, budgets, config, query_offset=0 if causal else None)
+        assert explicit.keys == grid.keys and "query_offset" not in str(grid.spec)
+
+
+def test_a_query_offset_is_part_of_the_key_only_when_it_is_not_zero():
+    """Causal queries over a longer key set: the default is the last positions (bottom-right);
+    each offset is its own measurement, and the grid's spec names it."""
+    qkv = kdecli.load_input("synthetic:n=64,nq=16,d=8")
+
+    def plan(**settings):
+        return plan_grid([qkv], ["exact"], [], causal=True, **settings)
+
+    default, last, first = plan(), plan(query_offset=48), plan(query_offset=0)
+    assert default.keys == last.keys and first.keys != last.keys
+    assert default.jobs[0].setting.query_offset == 48
+    assert default.spec["inputs"][0]["query_offset"] == 48 and "query_offset" not in str(first.spec)
+
+
+def test_a_planned_job_carries_its_method_and_travels_without_it():
+    """The plan's method object runs the job; a pickled job (a Ray task) is rebuilt once where
+    it lands, and refused there if that kdecli resolves its parameters otherwise."""
+    grid = plan_grid([synthetic(SYN)], ["kdeformer"], [16], seeds=1)
+    (job,) = grid.jobs
+    assert job.instance() is job.built and job.setting.budget_mode == "paper"
+    moved = pickle.loads(pickle.dumps(job))
+    assert moved.built is None and moved == job and moved.keys == job.keys
+    rebuilt = moved.instance()
+    assert rebuilt is not job.built and moved.instance() is rebuilt
+    assert rebuilt.resolved_params == job.resolved
+    other = replace(pickle.loads(pickle.dumps(job)), resolved={**job.resolved, "samples": 1})
+    with pytest.raises(RuntimeFailure, match="resolves its parameters differently"):
+        other.instance()
 
 
 def test_the_input_is_identified_by_its_content_not_its_name():

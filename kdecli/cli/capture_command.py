@@ -12,7 +12,7 @@ from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, RUN, OutputOptions, shared_options
 from kdecli.errors import UsageError
-from kdecli.experiments.compare.run import RunConfig
+from kdecli.measure.config import RunConfig
 
 
 @app.command("capture")

@@ -15,20 +15,18 @@ from kdecli.cli.run_commands import _split_list
 from kdecli.experiments.compare.run import RunConfig
 from kdecli.files import Output
 
-FORMATS = (
-    "table",
-    "json",
-    "csv",
-)  # kdecli.experiments.drift.report.FORMATS, without importing rich tables
+# kdecli.experiments.drift.report.FORMATS, here so that `kdecli --help`
+# does not import rich tables
+FORMATS = ("table", "json", "csv", "markdown")
 
 
 @app.command("drift")
 @c.handle_errors
 @shared_options(
     run=RUN.only("seeds", "seed", "device", "dtype", "repeats", "warmup", "timing"),
-    out=OUTPUT.only("fmt", "output", "quiet"),
+    out=OUTPUT.only("fmt", "output", "quiet", "columns"),
     helps={
-        "fmt": "table | json | csv.",
+        "fmt": "table | json | csv | markdown.",
         "dtype": "float32 | float64 | float16 | bfloat16: the model's working precision "
         "(default float32).",
         "repeats": "Timed forwards per setting (median reported).",
@@ -61,7 +59,10 @@ def drift_command(
     """Run a model with exact attention and with each method × budget × seed in the chosen
     layers, on the same tokens: hidden-state drift per layer, and KL, top-1 agreement and
     perplexity (causal LMs) or embedding cosine (encoders), beside the `mean` baseline's."""
+    from kdecli.experiments.drift.report import parse_columns, render_text
+
     c.check_format(out.fmt, FORMATS)
+    columns = parse_columns(out.columns)  # before the run, not after it
     c.check_output(out.output)
     run.check()
     method_list = _split_list(methods, "methods")
@@ -75,7 +76,6 @@ def drift_command(
         }
         if own:
             params[name] = {**own, **params.get(name, {})}
-    from kdecli.experiments.drift.report import render_text
     from kdecli.experiments.drift.run import drift
 
     progress, update = c.progress_printer(out.quiet)
@@ -89,7 +89,11 @@ def drift_command(
     with Output(out.output) as output:
         output.write(
             render_text(
-                report, out.fmt, width=c.table_width(out.output), colour=c.colour(out.output)
+                report,
+                out.fmt,
+                width=c.table_width(out.output),
+                columns=columns,
+                colour=c.colour(out.output),
             )
         )
     failed = [r for r in report.results if not r.ok]

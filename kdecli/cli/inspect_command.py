@@ -7,9 +7,9 @@ import io
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import INPUT, OUTPUT, RUN, OutputOptions, shared_options
-from kdecli.experiments.compare.run import RunConfig
 from kdecli.experiments.inspect import FORMATS, inspect_input, render
 from kdecli.files import Output
+from kdecli.measure.config import RunConfig
 from kdecli.sources import InputOptions, load_input
 
 
@@ -17,7 +17,7 @@ from kdecli.sources import InputOptions, load_input
 @c.handle_errors
 @shared_options(
     inputs=INPUT.without("all_layers"),
-    run=RUN.only("device", "scale", "causal"),
+    run=RUN.only("device", "scale", "causal", "query_offset"),
     out=OUTPUT.without("columns"),
     helps={"fmt": "table | json."},
 )
@@ -29,7 +29,13 @@ def inspect_command(
     c.check_format(out.fmt, FORMATS)
     c.check_output(out.output)
     qkv = load_input(input_spec, inputs)
-    doc = inspect_input(qkv, scale=run.scale, causal=qkv.causal(run.causal), device=run.device)
+    doc = inspect_input(
+        qkv,
+        scale=run.scale,
+        causal=qkv.causal(run.causal),
+        query_offset=run.query_offset,
+        device=run.device,
+    )
     buffer = io.StringIO()
     render(doc, out.fmt, buffer, width=c.table_width(out.output))
     with Output(out.output) as output:

@@ -13,7 +13,9 @@ from rich.table import Table
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import INPUT, OUTPUT, RUN, OutputOptions, shared_options
-from kdecli.experiments.compare.run import RunConfig
+from kdecli.errors import UsageError
+from kdecli.masks import FULL, Causal, Mask
+from kdecli.measure.config import RunConfig
 from kdecli.methods.catalog import describe_methods
 from kdecli.sources import InputOptions, load_input
 
@@ -22,7 +24,7 @@ from kdecli.sources import InputOptions, load_input
 @c.handle_errors
 @shared_options(
     inputs=INPUT.without("all_layers"),
-    run=RUN.only("causal"),
+    run=RUN.only("causal", "query_offset"),
     out=OUTPUT.only("fmt"),
     helps={"fmt": "table | json."},
 )
@@ -44,17 +46,29 @@ def methods_command(
 ) -> None:
     """List every method: summary, paper, budget mapping, parameters, capabilities."""
     c.check_format(out.fmt, ("table", "json"))
-    tensors, causal = {}, bool(run.causal)
+    tensors, mask = {}, _mask(bool(run.causal), run.query_offset)
     if input_spec is not None or inputs.q or inputs.k or inputs.v:
         qkv = load_input(input_spec, inputs)
-        tensors, causal = {"q": qkv.q, "k": qkv.k, "v": qkv.v}, qkv.causal(run.causal)
-    entries = describe_methods([name] if name else None, budget=budget, causal=causal, **tensors)
+        tensors = {"q": qkv.q, "k": qkv.k, "v": qkv.v}
+        n_q, n_k = qkv.q.shape[-2], qkv.k.shape[-2]
+        mask = _mask(qkv.causal(run.causal), run.query_offset, max(n_k - n_q, 0))
+    entries = describe_methods([name] if name else None, budget=budget, mask=mask, **tensors)
     if out.fmt == "json":
         sys.stdout.write(json.dumps(entries if name is None else entries[0], indent=2) + "\n")
         return
     console = Console()
     for entry in entries:
         _render(console, entry, detailed=name is not None or len(entries) == 1)
+
+
+def _mask(causal: bool, offset: int | None, default_offset: int = 0) -> Mask:
+    """The mask the reasons are given under; not checked against the input's shape, so that a
+    shape the mask cannot take is one of each method's reasons rather than an error."""
+    if not causal:
+        if offset is not None:
+            raise UsageError("--query-offset places queries under a causal mask; add --causal.")
+        return FULL
+    return Causal(default_offset if offset is None else offset)
 
 
 def _render(console: Console, e: dict, detailed: bool) -> None:

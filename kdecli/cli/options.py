@@ -23,7 +23,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from kdecli.experiments.compare.run import RunConfig
+from kdecli.measure.config import RunConfig
 from kdecli.sources import InputOptions
 from kdecli.sweeps.options import SweepOptions
 
@@ -87,6 +87,13 @@ OPTIONS: dict[str, Opt] = {
         None,
         "Causal mask: query i sees keys j ≤ i (default: the input's own flag, else off).",
     ),  # fmt: skip
+    "query_offset": Opt(
+        ("--query-offset",),
+        Optional[int],
+        None,
+        "Under a causal mask, query i sits at key position N + i and sees keys j ≤ N + i; "
+        "N in 0..n_k−n_q (default n_k−n_q: the queries are the last positions, as a decode step).",
+    ),
     "repeats": Opt(("--repeats",), int, 3, "Timed calls per method (median reported)."),
     "warmup": Opt(("--warmup",), int, 1, "Untimed calls before timing."),
     "min_time": Opt(

@@ -1,21 +1,16 @@
-"""`kdecli plot RESULTS...`: draw error curves from the files that `kdecli compare` writes."""
+"""`kdecli plot FILES...`: draw the documents kdecli writes (compare, merged, scale, drift)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
-from kdecli.errors import UsageError
-from kdecli.experiments.compare.plot import load_results, plot_reports
-
-
-def default_image(first: Path, x: str, y: str) -> Path:
-    """results.json -> results-rel_spectral-vs-budget.png, next to it."""
-    return first.with_name(f"{first.stem}-{y}-vs-{x.replace(',', '-')}.png")
+from kdecli.experiments.views import plot_documents
 
 
 @app.command("plot")
@@ -30,36 +25,31 @@ def default_image(first: Path, x: str, y: str) -> Path:
 def plot_command(
     results: list[Path] = typer.Argument(
         ...,
-        help="Results of `kdecli compare --format json|jsonl -o FILE`; several files are "
-        "drawn together, labelled by device and dtype.",
+        help="Documents of `kdecli compare` or `merge` (JSON or JSONL; several are drawn "
+        "together, labelled by device and dtype), or one of `kdecli scale` or `kdecli drift`.",
         show_default=False,
     ),
-    x: str = typer.Option(
-        "budget",
+    x: Optional[str] = typer.Option(
+        None,
         "--x",
-        help="budget | time | flops, or several comma-separated (one panel each); or layer (runs over a capture's layers); or n (a `kdecli scale` document).",
+        help="compare: budget (default) | time | flops, or several comma-separated (one panel "
+        "each); or layer (runs over a capture's layers). drift: budget (default) | layer. "
+        "scale: n (always).",
+        show_default=False,
     ),
-    y: str = typer.Option(
-        "rel_spectral",
+    y: Optional[str] = typer.Option(
+        None,
         "--y",
-        help="rel_spectral | rel_frobenius | max_row_rel | "
-        "bound_normalized (needs compare --bound).",
+        help="compare: rel_spectral (default) | rel_frobenius | max_row_rel | bound_normalized "
+        "(needs compare --bound). drift: kl (default, next-token models) | cosine (default, "
+        "embedding models) | top1 | perplexity | hidden_max | hidden_last.",
+        show_default=False,
     ),
     *,
     out: OutputOptions,
 ) -> None:
     """Draw error against budget, time or FLOPs: one line per method, seeds as a band, floors.
-    A `kdecli scale` document (or --x n) draws time and error against n on log axes."""
-    from kdecli.experiments.scale.plot import is_scale_document, load_scale, plot_scale
-
-    if x == "n" or is_scale_document(results[0]):
-        if len(results) != 1 or not is_scale_document(results[0]):
-            raise UsageError("--x n draws one `kdecli scale --format json` document.")
-        path = out.output if out.output is not None else default_image(results[0], "n", "time")
-        written = plot_scale(load_scale(results[0]), path)
-        c.note(f"Wrote {written}.", out.quiet)
-        return
-    path = out.output if out.output is not None else default_image(results[0], x, y)
-    docs = [load_results(file) for file in results]
-    written = plot_reports(docs, path, x=x, y=y, names=[file.name for file in results])
+    A `kdecli scale` document draws time and error against n on log axes; a `kdecli drift`
+    document the model's drift against budget (or, --x layer, against layer)."""
+    written = plot_documents(results, out.output, x, y)
     c.note(f"Wrote {written}.", out.quiet)

@@ -1,4 +1,8 @@
-"""`kdecli report RESULTS...`: re-render saved results as the table, Markdown, CSV or JSON."""
+"""`kdecli report FILES...`: re-render saved documents as the table, Markdown, CSV or JSON.
+
+Every document kdecli writes is read: compare results (JSON or JSONL, merged or not), scale and
+drift documents; each is rendered by its own kind's renderer (``kdecli.experiments.views``).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,8 @@ from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
 from kdecli.errors import UsageError
 from kdecli.experiments.compare.pareto import cheapest_settings, check_target_error
-from kdecli.experiments.compare.records import load_document
-from kdecli.experiments.compare.report import REPORT_FORMATS, parse_columns, render_text, to_csv
+from kdecli.experiments.compare.records import RunReport
+from kdecli.experiments.views import REPORT_FORMATS, load_report
 from kdecli.files import Output
 
 ONE_DOCUMENT = ("json", "jsonl")
@@ -20,21 +24,27 @@ ONE_DOCUMENT = ("json", "jsonl")
 
 @app.command("report")
 @c.handle_errors
-@shared_options(out=OUTPUT, helps={"fmt": "table | markdown | csv | json | jsonl."})
+@shared_options(
+    out=OUTPUT,
+    helps={
+        "fmt": "table | markdown | csv | json | jsonl (jsonl: compare results only).",
+        "columns": "Table columns, comma-separated, or `all` (default: what fits the terminal); "
+        "each kind of document has its own.",
+    },
+)
 def report_command(
     results: list[Path] = typer.Argument(
         ...,
-        help="Results written by `kdecli compare --format json|jsonl -o FILE`; several files "
-        "are rendered one after the other.",
+        help="Documents written by `kdecli compare`, `merge`, `scale` or `drift` (JSON, or the "
+        "JSONL of compare); several files are rendered one after the other.",
         show_default=False,
     ),
     target_error: c.TargetError = None,
     *,
     out: OutputOptions,
 ) -> None:
-    """Re-render saved results: the table `compare` printed, Markdown, CSV, or normalised JSON."""
+    """Re-render saved results: the table the command printed, Markdown, CSV, or normalised JSON."""
     c.check_format(out.fmt, REPORT_FORMATS)
-    columns = parse_columns(out.columns)
     if target_error is not None:
         check_target_error(target_error)
     if out.fmt in ONE_DOCUMENT and len(results) > 1:
@@ -43,18 +53,33 @@ def report_command(
             hint="Render them one at a time, or as a table, markdown or csv.",
         )
     c.check_output(out.output)
-    reports = [load_document(path) for path in results]
-    if target_error is not None:
-        for report in reports:
+    loaded = [(path, *load_report(path)) for path in results]
+    kinds = list(dict.fromkeys(view.kind for _, _, view in loaded))
+    if out.fmt == "csv" and len(kinds) > 1:
+        raise UsageError(
+            f"--format csv writes one header for all files; these are of kinds {', '.join(kinds)}.",
+            hint="Render each kind to its own CSV file.",
+        )
+    rendered = []
+    for path, report, view in loaded:
+        view.check_format(out.fmt, str(path))
+        columns = view.parse_columns(out.columns)
+        if target_error is not None:
+            if not isinstance(report, RunReport):
+                raise UsageError(
+                    f"{path}: --target-error picks among the settings of compare results; "
+                    f"this is a {view.kind} document."
+                )
             report.pareto = cheapest_settings(report.results, target_error)
+        rendered.append((report, view, columns))
+    width, colour = c.table_width(out.output), c.colour(out.output)
     with Output(out.output) as output:
-        for i, report in enumerate(reports):
+        for i, (report, view, columns) in enumerate(rendered):
+            text = view.render_text(report, out.fmt, width=width, columns=columns, colour=colour)
             if i and out.fmt in ("table", "markdown"):
                 output.write("\n")
             if i and out.fmt == "csv":  # one header for all files
-                output.write(to_csv(report).split("\n", 1)[1])
-                continue
-            width, colour = c.table_width(out.output), c.colour(out.output)
-            output.write(render_text(report, out.fmt, width=width, columns=columns, colour=colour))
+                text = text.split("\n", 1)[1]
+            output.write(text)
     if out.output is not None:
         c.note(f"Wrote {out.output}.", out.quiet)

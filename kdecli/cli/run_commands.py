@@ -15,6 +15,7 @@ from kdecli.cli.options import INPUT, OUTPUT, RUN, SWEEP, OutputOptions, shared_
 from kdecli.cli.signals import graceful_stop
 from kdecli.errors import Terminated, UsageError
 from kdecli.experiments.compare.pareto import cheapest_settings, check_target_error
+from kdecli.experiments.compare.plan import plan_grid
 from kdecli.experiments.compare.records import (
     RunReport,
     jsonl_header,
@@ -23,8 +24,8 @@ from kdecli.experiments.compare.records import (
     jsonl_result,
 )
 from kdecli.experiments.compare.report import FORMATS, parse_columns, render_text
-from kdecli.experiments.compare.run import RunConfig, plan_grid
 from kdecli.files import Output
+from kdecli.measure.config import RunConfig
 from kdecli.sources import InputOptions, load_inputs
 from kdecli.sweeps.grid import keys_of
 from kdecli.sweeps.options import SweepOptions, executor
@@ -52,8 +53,7 @@ def _run(
 ) -> None:
     # everything that can be refused is refused before any output is opened
     c.check_format(out.fmt, FORMATS)
-    run.check()  # a bad --reference or --seeds fails before the input is read
-    spread.check()
+    spread.check()  # (a RunConfig is checked when it is made: before the input is read)
     columns = parse_columns(out.columns)
     c.check_output(out.output)
     if spread.resume is not None and out.output is not None:
@@ -98,7 +98,7 @@ def _run(
             _render(report, out, columns, target_error, streaming=False)
         else:
             report = _execute(
-                layers, sweep, run, out, spread, info, wanted, resume, columns, target_error
+                layers, jobs, run, out, spread, info, wanted, resume, columns, target_error
             )
     if out.output is not None:
         c.note(f"Wrote {out.output}.", out.quiet)
@@ -159,9 +159,9 @@ def _resumed_report(resume: ResumeFile, report: RunReport | None, info) -> RunRe
 
 
 def _execute(
-    layers, sweep, run, out, spread, info, wanted, resume, columns, target_error
+    layers, jobs, run, out, spread, info, wanted, resume, columns, target_error
 ) -> RunReport:
-    """Run the wanted records, streaming them as they finish; the whole report."""
+    """Run the planned jobs' wanted records, streaming them as they finish; the whole report."""
     streaming = out.fmt == "jsonl" and resume is None
     progress, update = c.progress_printer(out.quiet)
     started: list[RunReport] = []  # the report as it grows, for what to keep if stopped at once
@@ -185,8 +185,8 @@ def _execute(
             try:
                 with progress or contextlib.nullcontext():
                     report = run_jobs(
-                        layers, sweep.methods, sweep.budgets, run, params=sweep.params,
-                        only=wanted, on_start=on_start, on_progress=update,
+                        layers, config=run, jobs=jobs, only=wanted, on_start=on_start,
+                        on_progress=update,
                         should_stop=stop.requested,
                         on_layer=lambda layer: write(jsonl_layer(layer)),
                         on_result=lambda record: write(jsonl_result(record)),

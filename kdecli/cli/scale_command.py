@@ -16,11 +16,9 @@ from kdecli.experiments.compare.run import RunConfig
 from kdecli.files import Output
 from kdecli.sources import InputOptions
 
-FORMATS = (
-    "table",
-    "json",
-    "csv",
-)  # kdecli.experiments.scale.report.FORMATS, without importing rich tables
+# kdecli.experiments.scale.report.FORMATS, here so that `kdecli --help`
+# does not import rich tables
+FORMATS = ("table", "json", "csv", "markdown")
 
 
 @app.command("scale")
@@ -28,8 +26,8 @@ FORMATS = (
 @shared_options(
     inputs=INPUT.without("n"),
     run=RUN.without("backward"),
-    out=OUTPUT.only("fmt", "output", "quiet"),
-    helps={"fmt": "table | json | csv."},
+    out=OUTPUT.only("fmt", "output", "quiet", "columns"),
+    helps={"fmt": "table | json | csv | markdown."},
 )
 def scale_command(
     input_spec: c.InputArg = None,
@@ -52,10 +50,11 @@ def scale_command(
     """Time and error of each method against n, one `compare` per length (each with its own
     reference and exact timing), and the fitted exponent of time in n for each method and for
     exact attention."""
-    from kdecli.experiments.scale.report import render_text
+    from kdecli.experiments.scale.report import parse_columns, render_text
     from kdecli.experiments.scale.run import parse_lengths, scale
 
     c.check_format(out.fmt, FORMATS)
+    columns = parse_columns(out.columns)  # before the run, not after it
     c.check_output(out.output)
     run.check()
     if input_spec is None:
@@ -67,14 +66,25 @@ def scale_command(
     with graceful_stop(lambda line: c.note(line, out.quiet)) as stop:
         with progress or contextlib.nullcontext():
             report = scale(
-                input_spec, method_list, budget, ns, run, options=inputs, params=params,
-                on_progress=update, should_stop=stop.requested,
-            )  # fmt: skip
+                input_spec,
+                method_list,
+                budget,
+                ns,
+                run,
+                options=inputs,
+                params=params,
+                on_progress=update,
+                should_stop=stop.requested,
+            )
     with Output(out.output) as output:
         if report.runs:
             output.write(
                 render_text(
-                    report, out.fmt, width=c.table_width(out.output), colour=c.colour(out.output)
+                    report,
+                    out.fmt,
+                    width=c.table_width(out.output),
+                    columns=columns,
+                    colour=c.colour(out.output),
                 )
             )
         else:

@@ -32,6 +32,8 @@ from rich.text import Text
 from kdecli import __version__
 from kdecli.devices import resolve_device
 from kdecli.errors import UsageError
+from kdecli.masks import FULL, Mask
+from kdecli.measure.environment import describe_input, environment
 from kdecli.measure.metrics import spectral_norm
 from kdecli.measure.reference import (
     DEFAULT_MEMORY_BYTES,
@@ -39,6 +41,7 @@ from kdecli.measure.reference import (
     chunk_rows,
     iter_softmax_chunks,
 )
+from kdecli.measure.setting import resolve_mask
 from kdecli.qkv import QKV
 
 TOP_FRACTION = 0.01
@@ -65,10 +68,11 @@ def logit_range(
     k: torch.Tensor,
     scale: float,
     *,
-    causal: bool = False,
+    mask: Mask = FULL,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(min, max) of s·QKᵀ per slice, (b, h) float64 each, over the visible entries, chunked."""
+    """(min, max) of s·QKᵀ per slice, (b, h) float64 each, over the entries ``mask`` lets a
+    query see, chunked."""
     q64, k_t = q.to(torch.float64), k.to(torch.float64).transpose(-1, -2)
     b, h, n_q, _ = q.shape
     n_k = k.shape[-2]
@@ -78,11 +82,9 @@ def logit_range(
     for start in range(0, n_q, step):
         stop = min(n_q, start + step)
         logits = (q64[..., start:stop, :] * scale) @ k_t
-        if causal:
-            hidden = (
-                torch.arange(n_k, device=q.device)
-                > torch.arange(start, stop, device=q.device)[:, None]
-            )
+        allowed = mask.rows(start).allowed(stop - start, n_k, q.device)
+        if allowed is not None:
+            hidden = ~allowed
             high = torch.maximum(high, logits.masked_fill(hidden, -math.inf).amax((-2, -1)))
             low = torch.minimum(low, logits.masked_fill_(hidden, math.inf).amin((-2, -1)))
         else:
@@ -97,10 +99,11 @@ def attention_row_stats(
     v: torch.Tensor,
     scale: float,
     *,
-    causal: bool = False,
+    mask: Mask = FULL,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> dict[str, torch.Tensor]:
-    """One chunked pass over P: row entropy (mean, min), top-1% mass (mean, min), and O = PV."""
+    """One chunked pass over P (under ``mask``): row entropy (mean, min), top-1% mass (mean,
+    min), and O = PV."""
     b, h, n_q, _ = q.shape
     n_k = k.shape[-2]
     top = top_keys(n_k)
@@ -114,7 +117,7 @@ def attention_row_stats(
         for name in ("entropy", "top")
     }
     for start, stop, probs in iter_softmax_chunks(
-        q, k, scale, causal=causal, memory_bytes=memory_bytes
+        q, k, scale, mask=mask, memory_bytes=memory_bytes
     ):
         out[..., start:stop, :] = probs @ v64
         rows = {
@@ -145,31 +148,38 @@ def inspect_input(
     *,
     scale: float | None = None,
     causal: bool = False,
+    query_offset: int | None = None,
+    mask: Mask | None = None,
     device: str | torch.device = "auto",
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> dict[str, Any]:
-    """Statistics of ``qkv`` per batch×head slice and over all slices, as a JSON-ready dict."""
+    """Statistics of ``qkv`` per batch×head slice and over all slices, as a JSON-ready dict.
+
+    The mask: ``mask``, else the causal flag and query offset as the command line gives them
+    (``kdecli.measure.setting.resolve_mask``: causal queries default to the last n_q of the
+    n_k positions)."""
     softmax_scale = qkv.scale(scale)
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise UsageError(f"--scale must be a positive number; got {softmax_scale}.")
     b, h, n_q, _ = qkv.q.shape
     n_k = qkv.k.shape[-2]
-    if causal and n_q != n_k:
-        raise UsageError(f"--causal needs as many queries as keys; got n_q = {n_q}, n_k = {n_k}.")
+    if mask is None:
+        mask = resolve_mask(causal, query_offset, n_q, n_k)
+    mask.check(n_q, n_k)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     data = qkv.to(device, torch.float64)
     q, k, v = data.q, data.k, data.v
 
     norms = {name: _norms(t) for name, t in (("q", q), ("k", k), ("v", v))}
-    low, high = logit_range(q, k, softmax_scale, causal=causal, memory_bytes=memory_bytes)
-    rows = attention_row_stats(q, k, v, softmax_scale, causal=causal, memory_bytes=memory_bytes)
+    low, high = logit_range(q, k, softmax_scale, mask=mask, memory_bytes=memory_bytes)
+    rows = attention_row_stats(q, k, v, softmax_scale, mask=mask, memory_bytes=memory_bytes)
     output_norm = spectral_norm(rows.pop("output"))
     value_norm = spectral_norm(v)
     attention_norm = attention_spectral_norm(
         q,
         k,
         softmax_scale,
-        causal=causal,
+        mask=mask,
         tol=NORM_TOL,
         generator=torch.Generator().manual_seed(0),
         memory_bytes=memory_bytes,
@@ -215,14 +225,12 @@ def inspect_input(
                     },
                 }
             )
-    from kdecli.experiments.compare.run import describe_input, environment
-
     doc = {
         "report": "inspect",
         "schema_version": 1,
         "kdecli_version": __version__,
         "environment": environment(device, torch.float64).to_dict(),
-        "input": describe_input(qkv, softmax_scale, causal).to_dict(),
+        "input": describe_input(qkv, softmax_scale, mask).to_dict(),
         "dtypes": {
             name: str(t.dtype).removeprefix("torch.")
             for name, t in (("q", qkv.q), ("k", qkv.k), ("v", qkv.v))

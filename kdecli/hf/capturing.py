@@ -115,7 +115,7 @@ def check_plain(call: AttentionCall) -> None:
             f"{where}: {n_q} queries against {n_k} keys (cross-attention or a cache); kdecli "
             "captures self-attention only."
         )
-    problem = mask_problem(call.mask, n_q, n_k, call.causal)
+    problem = mask_problem(call.mask, n_q, n_k, call.positions)
     if problem is not None:
         raise UsageError(f"{where}: the attention mask {problem}; use a smaller --tokens.")
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from kdecli.errors import UsageError
+from kdecli.masks import FULL, Causal, Mask
 
 NAME = "kdecli"
 INSTALL_HINT = "pip install 'kdecli[hf]'"
@@ -65,6 +66,16 @@ class AttentionCall:
     causal: bool
     dropout: float = 0.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def positions(self) -> Mask:
+        """Where the queries sit, as a mask (``kdecli.masks``): a causal module's queries are the
+        last n_q of the n_k positions (``Causal.bottom_right``: prefill when n_q = n_k, a decode
+        step or a chunk of a prefill against its cache otherwise); ``FULL`` for a bidirectional
+        one.  A ``UsageError`` for a causal call with more queries than keys."""
+        if not self.causal:
+            return FULL
+        return Causal.bottom_right(self.query.shape[-2], self.key.shape[-2])
 
     @property
     def groups(self) -> int:
@@ -111,12 +122,12 @@ def extra_terms(call: AttentionCall) -> list[str]:
     return [name for name in EXTRA_TERMS if call.kwargs.get(name) is not None]
 
 
-def mask_problem(mask: torch.Tensor | None, n_q: int, n_k: int, causal: bool) -> str | None:
-    """None when ``mask`` allows exactly what the causal flag says — every key, or with ``causal``
-    key j for query i iff j ≤ i + n_k − n_q (the queries are the last n_q positions, as in a
-    decode step) — else what is wrong with it, as a phrase ("is not the plain causal pattern
-    …").  A bool mask is True where attention is allowed; an additive one is 0 there and very
-    negative elsewhere."""
+def mask_problem(mask: torch.Tensor | None, n_q: int, n_k: int, positions: Mask) -> str | None:
+    """None when the model's ``mask`` allows exactly what ``positions`` (a ``kdecli.masks`` value,
+    usually ``AttentionCall.positions``) allows — every key under ``FULL``, key j for query i iff
+    j ≤ offset + i under ``Causal(offset)`` — else what is wrong with it, as a phrase ("is not
+    the plain causal pattern …").  A bool mask is True where attention is allowed; an additive
+    one is 0 there and very negative elsewhere."""
     if mask is None:
         return None
     if mask.dtype == torch.bool:
@@ -125,12 +136,12 @@ def mask_problem(mask: torch.Tensor | None, n_q: int, n_k: int, causal: bool) ->
         allowed = mask == 0
         if not (allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all():
             return "adds a bias to the scores"
-    expected = torch.ones(n_q, n_k, dtype=torch.bool, device=mask.device)
-    if causal:
-        expected = expected.tril(n_k - n_q)
+    expected = positions.allowed(n_q, n_k, device=mask.device)
+    if expected is None:
+        expected = torch.ones(n_q, n_k, dtype=torch.bool, device=mask.device)
     if torch.equal(allowed.expand(*allowed.shape[:-2], n_q, n_k), expected.expand_as(allowed)):
         return None
-    kind = "causal" if causal else "full"
+    kind = "causal" if positions.is_causal else "full"
     return (
         f"is not the plain {kind} pattern (padding, or a sliding window narrower than the "
         f"{n_k} keys)"

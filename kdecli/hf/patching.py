@@ -8,7 +8,9 @@
 
 Inside the block, each chosen layer computes Õ = method(Q, K, V; s) on the query, key and value
 the model made (after the projections and RoPE; grouped-query keys and values repeated to the
-query heads), with the layer's own scale s and causal flag; every other layer runs stock SDPA.
+query heads), with the layer's own scale s and the layer's mask as a ``kdecli.masks`` value
+(``AttentionCall.positions``: a causal layer's queries are the last n_q of its n_k positions);
+every other layer runs stock SDPA.
 Afterwards the model's previous attention implementation is back, so its outputs are
 bit-identical to those before the block (also when the block raises).
 
@@ -18,10 +20,11 @@ outputs, and a layer's draws do not depend on which other layers are patched.
 
 What the handler refuses, with a one-line ``UsageError`` (the methods compute plain
 softmax(s·QKᵀ)V, with no mask): a mask that is not the plain full or causal pattern (padding, a
-narrow sliding window), extra score terms (ALiBi, soft caps, sinks), dropout (training mode), and a
-causal call with n_q ≠ n_k other than a decode step.  A decode step with a KV cache has one query
-against every cached key: the query is the last position, so causal attention is full attention
-over the keys, and the method runs non-causally.
+narrow sliding window), extra score terms (ALiBi, soft caps, sinks), dropout (training mode), and
+whatever the method itself refuses on the call's shape and mask.  A decode step with a KV cache
+has n_q queries against every cached key, under ``Causal(n_k − n_q)``: with one query (the last
+position) causal attention is full attention over the keys, and the method runs non-causally, as
+before; several queries (speculative decoding, a chunked prefill) run under the offset mask.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from kdecli.hf.interface import (
     mask_problem,
     use_attention,
 )
+from kdecli.masks import Mask
 from kdecli.methods import AttentionMethod, make_method
 
 
@@ -82,21 +86,16 @@ class LayerMethod:
     def __call__(self, call: AttentionCall) -> torch.Tensor:
         query, key, value = call.query, call.key, call.value
         n_q, n_k = query.shape[-2], key.shape[-2]
-        causal = call.causal
-        if causal and n_q != n_k:
-            if n_q != 1:
-                raise UsageError(
-                    f"layer {call.layer}: causal attention of {n_q} queries against {n_k} keys "
-                    "(a chunked prefill?); kdecli.hf.patch runs full sequences and one-token "
-                    "decode steps only."
-                )
-            causal = False  # a decode step: the one query is the last position and sees every key
-        self._check_plain(call, n_q, n_k)
+        try:
+            positions = call.positions
+        except UsageError as error:
+            raise UsageError(f"layer {call.layer}: {error.message}") from None
+        self._check_plain(call, n_q, n_k, positions)
         if call.groups != 1:
             key, value = call.expanded_kv()
-        shape = (n_q, n_k, query.shape[-1], value.shape[-1], causal)
+        shape = (n_q, n_k, query.shape[-1], value.shape[-1], positions)
         if shape not in self._supported:
-            reasons = self.method.not_supported_reasons(query, key, value, causal)
+            reasons = self.method.not_supported_reasons(query, key, value, positions)
             self._supported[shape] = "; ".join(reasons) if reasons else None
         if self._supported[shape] is not None:
             raise UsageError(
@@ -111,9 +110,9 @@ class LayerMethod:
             generator.manual_seed(
                 derive_seed(self.seed, f"{self.method.name}@{call.layer}#{index}")
             )
-        return self.method(query, key, value, scale=call.scale, generator=generator, causal=causal)
+        return self.method(query, key, value, scale=call.scale, generator=generator, mask=positions)
 
-    def _check_plain(self, call: AttentionCall, n_q: int, n_k: int) -> None:
+    def _check_plain(self, call: AttentionCall, n_q: int, n_k: int, positions: Mask) -> None:
         where = f"layer {call.layer}"
         extra = extra_terms(call)
         if extra:
@@ -129,7 +128,7 @@ class LayerMethod:
         mask = call.mask
         if mask is None or (self._plain_mask is not None and self._plain_mask() is mask):
             return
-        problem = mask_problem(mask, n_q, n_k, call.causal)
+        problem = mask_problem(mask, n_q, n_k, positions)
         if problem is not None:
             raise UsageError(
                 f"{where}: the attention mask {problem}; kdecli methods take no mask: run "

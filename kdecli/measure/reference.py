@@ -4,6 +4,10 @@ For one slice, with logits ℓ = s·QKᵀ, P = D⁻¹A = softmax(ℓ) row by row
 queries holds ``chunk × n_k`` logits; rows are normalised with their own max (a log-sum-exp), so
 nothing overflows.  The same chunked P also gives the column norms of D⁻¹A (KDEformer's oracle
 probabilities) and ‖D⁻¹A‖₂ by a matrix-free power iteration.
+
+Every function takes the mask (``kdecli.masks``, ALGORITHMS.md §13): under ``Causal(offset)`` query
+i sits at key position offset + i and its row of P is the softmax over keys j ≤ offset + i.  The
+keyword ``causal`` is transitional (``kdecli.masks.as_mask``: True is ``Causal(0)``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import math
 from collections.abc import Iterator
 
 import torch
+
+from kdecli.masks import FULL, Mask, as_mask
 
 DEFAULT_MEMORY_BYTES = 256 * 2**20
 
@@ -30,15 +36,18 @@ def iter_softmax_chunks(
     k: torch.Tensor,
     scale: float,
     *,
-    causal: bool = False,
+    mask: Mask = FULL,
+    causal: bool | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     positions: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield (start, stop, P[..., start:stop, :]) in float64, P = softmax(s·QKᵀ) (causal: j ≤ i).
+    """Yield (start, stop, P[..., start:stop, :]) in float64, P = softmax(s·QKᵀ) under ``mask``.
 
-    ``positions`` (n_q,) are the queries' positions for the causal mask when ``q`` holds some rows
-    of a longer sequence (a row sample); by default query i sits at position i.
+    ``positions`` (n_q,) are the queries' row indices when ``q`` holds some rows of a longer query
+    sequence (a row sample): row r sits at key position offset + positions[r]; by default query i
+    sits at offset + i.
     """
+    mask = as_mask(mask, causal)
     q64, k64 = q.to(torch.float64), k.to(torch.float64)
     b, h, n_q, _ = q.shape
     n_k = k.shape[-2]
@@ -47,9 +56,10 @@ def iter_softmax_chunks(
     for start in range(0, n_q, step):
         stop = min(n_q, start + step)
         logits = (q64[..., start:stop, :] * scale) @ k_t
-        if causal:
+        if mask.is_causal:
             rows = torch.arange(start, stop, device=q.device)
-            rows = (rows if positions is None else positions[start:stop].to(q.device)).unsqueeze(-1)
+            rows = rows if positions is None else positions[start:stop].to(q.device)
+            rows = (rows + mask.offset).unsqueeze(-1)
             cols = torch.arange(n_k, device=q.device)
             logits.masked_fill_(cols > rows, float("-inf"))
         logits -= logits.amax(-1, keepdim=True)
@@ -64,15 +74,18 @@ def exact_attention(
     v: torch.Tensor,
     scale: float,
     *,
-    causal: bool = False,
+    mask: Mask = FULL,
+    causal: bool | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(s·QKᵀ)V in float64, (b, h, n_q, d_v); ``positions`` as in ``iter_softmax_chunks``."""
+    """softmax(s·QKᵀ)V under ``mask`` in float64, (b, h, n_q, d_v); ``positions`` as in
+    ``iter_softmax_chunks``."""
+    mask = as_mask(mask, causal)
     v64 = v.to(torch.float64)
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float64, device=q.device)
     for start, stop, probs in iter_softmax_chunks(
-        q, k, scale, causal=causal, memory_bytes=memory_bytes, positions=positions
+        q, k, scale, mask=mask, memory_bytes=memory_bytes, positions=positions
     ):
         out[..., start:stop, :] = probs @ v64
     return out
@@ -83,12 +96,14 @@ def attention_column_sq_norms(
     k: torch.Tensor,
     scale: float,
     *,
-    causal: bool = False,
+    mask: Mask = FULL,
+    causal: bool | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> torch.Tensor:
-    """‖(D⁻¹A)_{:,j}‖₂² for every key j: (b, h, n_k) float64."""
+    """‖(D⁻¹A)_{:,j}‖₂² for every key j under ``mask``: (b, h, n_k) float64."""
+    mask = as_mask(mask, causal)
     total = torch.zeros(*k.shape[:-1], dtype=torch.float64, device=k.device)
-    for _, _, probs in iter_softmax_chunks(q, k, scale, causal=causal, memory_bytes=memory_bytes):
+    for _, _, probs in iter_softmax_chunks(q, k, scale, mask=mask, memory_bytes=memory_bytes):
         total += probs.square().sum(-2)
     return total
 
@@ -98,27 +113,27 @@ def attention_spectral_norm(
     k: torch.Tensor,
     scale: float,
     *,
-    causal: bool = False,
+    mask: Mask = FULL,
+    causal: bool | None = None,
     iterations: int = 30,
     tol: float = 1e-7,
     generator: torch.Generator | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> torch.Tensor:
-    """‖D⁻¹A‖₂ per slice, (b, h) float64, by power iteration on (D⁻¹A)ᵀ(D⁻¹A).
+    """‖D⁻¹A‖₂ per slice under ``mask``, (b, h) float64, by power iteration on (D⁻¹A)ᵀ(D⁻¹A).
 
     Each iteration is one chunked pass: y = P x chunk by chunk, z += P_chunkᵀ y_chunk.  Power
     iteration approaches the top singular value from below; it stops when every slice's estimate
     moves by less than ``tol`` (relative).
     """
+    mask = as_mask(mask, causal)
     b, h, n_k = k.shape[:-1]
     x = torch.rand(b, h, n_k, 1, dtype=torch.float64, generator=generator).to(k.device) + 0.5
     x /= x.norm(dim=-2, keepdim=True)
     sigma = torch.zeros(b, h, dtype=torch.float64, device=k.device)
     for _ in range(iterations):
         z = torch.zeros_like(x)
-        for _, _, probs in iter_softmax_chunks(
-            q, k, scale, causal=causal, memory_bytes=memory_bytes
-        ):
+        for _, _, probs in iter_softmax_chunks(q, k, scale, mask=mask, memory_bytes=memory_bytes):
             z += probs.transpose(-1, -2) @ (probs @ x)
         norm = z.norm(dim=-2, keepdim=True)
         new_sigma = norm.squeeze(-1).squeeze(-1).sqrt()

@@ -4,8 +4,8 @@
 one set S of R query indices is drawn without replacement from a ``torch.Generator`` seeded from
 the run seed; the same S serves every batch×head slice, every method, every seed and the floors, so
 all of them are compared on the same queries.  Their exact float64 outputs cost R·n_k·(d + d_v)
-multiply-adds per slice, in the same memory-bounded query chunks as the full reference (a causal
-row i still sees keys j ≤ i).  With e_i = ‖Õ_i − O_i‖² and o_i = ‖O_i‖², per slice:
+multiply-adds per slice, in the same memory-bounded query chunks as the full reference (under
+``Causal(offset)`` a sampled row i keeps its own position offset + i and sees keys j ≤ offset + i).  With e_i = ‖Õ_i − O_i‖² and o_i = ‖O_i‖², per slice:
 
     rel_frobenius ≈ r̂ = √(Σ_{i∈S} e_i / Σ_{i∈S} o_i)
 
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from kdecli.errors import UsageError
+from kdecli.masks import FULL, Mask, as_mask
 from kdecli.measure.metrics import ratio
 from kdecli.measure.reference import exact_attention
 
@@ -173,20 +174,23 @@ def sample_rows(
     count: int,
     seed: int,
     *,
-    causal: bool = False,
+    mask: Mask = FULL,
+    causal: bool | None = None,
     draws: int = BOOTSTRAP_DRAWS,
     memory_bytes: int = ROW_MEMORY_BYTES,
 ) -> RowSample:
     """Draw ``count`` query rows (seeded ``seed``) and compute their exact float64 outputs.
 
-    Cost R·n_k·(d + d_v) per slice, in query chunks of at most ``memory_bytes`` of logits; a causal
-    row keeps its own position, so row i sees keys j ≤ i as in the full reference.
+    Cost R·n_k·(d + d_v) per slice, in query chunks of at most ``memory_bytes`` of logits; under
+    ``mask`` a row keeps its own position, so row i sees keys j ≤ offset + i as in the full
+    reference.  ``causal``: transitional (``kdecli.masks.as_mask``).
     """
+    mask = as_mask(mask, causal)
     n_q = q.shape[-2]
     rows = draw_rows(n_q, count, seed)
     exact = exact_attention(
         q.index_select(-2, rows.to(q.device)), k, v, scale,
-        causal=causal, memory_bytes=memory_bytes, positions=rows,
+        mask=mask, memory_bytes=memory_bytes, positions=rows,
     )  # fmt: skip
     # the bootstrap's own stream: a different seed from the rows', so the two draws are unrelated
     weights = bootstrap_weights(count, draws, seed + 1)

@@ -1,4 +1,4 @@
-"""The one contract every attention approximation follows.
+"""The one contract every attention approximation follows, and the dispatch on the mask.
 
 A method is a small class with a registered name.  It is built once from a ``budget`` (roughly the
 number of keys or features each query pays for) and optional named parameters, then called like
@@ -6,111 +6,49 @@ number of keys or features each query pays for) and optional named parameters, t
 
     method = KDEformer(budget=256)                       # or make_method("kdeformer", 256)
     out = method(q, k, v, scale=0.125, generator=g)      # (b, h, n_q, d_v)
+    out = method(q, k, v, scale=0.125, generator=g, mask=Causal(offset))
 
 Inputs are ``(batch, heads, n, d)``; ``k`` and ``v`` share ``n_k``; ``q`` may have its own ``n_q``
 and ``v`` its own width ``d_v``.  All randomness comes from ``generator``.  Methods are pure: they do
 not modify their inputs and keep no state between calls.  ``not_supported_reasons`` says, without
 running, why a method cannot run on given inputs; "supported" means the list is empty.
+
+Where the queries sit is a ``kdecli.masks`` value (ALGORITHMS.md §13): ``FULL``, or
+``Causal(offset)``, under which query i sits at key position offset + i and sees keys j ≤ offset + i.
+The base class owns the dispatch (``forward``); a subclass writes no branch on the mask:
+
+  1. keys after offset + n_q − 1 are seen by no query: they are dropped (n_k -> offset + n_q);
+  2. a causal mask under which every query still sees every key (one query at the last position,
+     a decode step) runs as ``FULL``, so its numbers are those of a plain call;
+  3. ``FULL`` -> ``forward_full`` (the method's non-causal estimate);
+  4. causal, by the declared ``causal_mode``: "native" -> ``forward_causal`` (the method's own
+     causal algorithm, given the mask and so its offset); "decomposition" -> the shared recursion
+     of ``kdecli.methods.causal`` over the method's ``partial`` (ALGORITHMS.md §9, with the offset:
+     keys [0, offset) are one full block, the causal square after it recurses); "none" -> refused
+     by ``not_supported_reasons`` (and a ``UsageError`` if called anyway).
+
+The cost models (``cost``, ``paid_keys``, ``call_memory``) follow the same dispatch.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from kdecli.errors import ParameterError
+from kdecli.errors import ParameterError, UsageError
+from kdecli.masks import FULL, Causal, Mask, as_mask
+from kdecli.methods.causal import (
+    decomposed_causal,
+    decomposed_flops,
+    decomposed_keys_per_query,
+    decomposition_memory,
+)
 from kdecli.methods.common import needs_grad, working_dtype
+from kdecli.methods.params import Param
 
-
-@dataclass(frozen=True)
-class Param:
-    """One named parameter of a method: its type, default and allowed values."""
-
-    name: str
-    type: type
-    default: Any
-    help: str
-    low: float | None = None
-    high: float | None = None
-    choices: tuple[Any, ...] | None = None
-
-    def describe_range(self) -> str:
-        if self.choices is not None:
-            return "one of " + ", ".join(str(c) for c in self.choices)
-        if self.type is bool:
-            return "true or false"
-        low = "-inf" if self.low is None else _fmt(self.low)
-        high = "inf" if self.high is None else _fmt(self.high)
-        kind = {int: "integer", float: "number"}.get(self.type, self.type.__name__)
-        return f"{kind} in [{low}, {high}]"
-
-    def coerce(self, method: str, value: Any) -> Any:
-        """Convert ``value`` (possibly a string from the command line) and check its range."""
-        given = value if isinstance(value, str) else repr(value)
-        what = f"{method}: `{self.name}` must be {self._article()}{self.describe_range()}; got {given}."
-        try:
-            converted = _convert(self.type, value)
-        except (TypeError, ValueError):
-            raise ParameterError(what) from None
-        if self.choices is not None and converted not in self.choices:
-            raise ParameterError(what)
-        if self.type in (int, float):
-            if not math.isfinite(converted):
-                raise ParameterError(what)
-            if (self.low is not None and converted < self.low) or (
-                self.high is not None and converted > self.high
-            ):
-                raise ParameterError(what)
-        return converted
-
-    def _article(self) -> str:
-        if self.choices is not None or self.type is bool:
-            return ""
-        return "an " if self.type is int else "a "  # "an integer", "a number"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "type": self.type.__name__,
-            "default": self.default,
-            "range": self.describe_range(),
-            "help": self.help,
-        }
-
-
-def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(x)
-
-
-def _convert(kind: type, value: Any) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise ValueError(value)
-    if kind is int:
-        if isinstance(value, bool):
-            raise TypeError(value)
-        if isinstance(value, float):
-            if not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        return int(str(value).strip())
-    if kind is float:
-        if isinstance(value, bool):
-            raise TypeError(value)
-        return float(value)
-    if kind is str:
-        return str(value)
-    raise TypeError(f"unsupported parameter type {kind}")
-
+__all__ = ["AttentionMethod", "BUDGET_MODES", "CAUSAL_MODES", "ROLES", "Param"]
 
 ROLES = ("reference", "baseline", "approximation", "oracle")
 BUDGET_MODES = ("paper", "keys")  # how a budget m maps onto parameters (``budget_mapping``)
@@ -118,7 +56,8 @@ CAUSAL_MODES = ("native", "decomposition", "none")
 
 
 class AttentionMethod:
-    """Base class of every method; subclasses set the class attributes and implement ``forward``.
+    """Base class of every method; subclasses set the class attributes and implement
+    ``forward_full`` (and ``forward_causal`` or ``partial``, by ``causal_mode``).
 
     Class attributes (shown by ``kdecli methods``):
       name, summary, paper       -- registry name, one line, citation
@@ -127,7 +66,7 @@ class AttentionMethod:
       randomized                 -- whether the output depends on the generator
       uses_budget                -- False for methods such as ``exact`` and ``mean``
       supports_cross             -- whether n_q may differ from n_k
-      supports_causal            -- whether ``causal=True`` is implemented
+      supports_causal            -- whether a ``Causal`` mask is implemented
       causal_mode                -- "native" (the method's own causal algorithm), "decomposition"
                                     (the shared recursion of ``kdecli.methods.causal`` over the
                                     method's ``partial``) or "none"
@@ -156,7 +95,7 @@ class AttentionMethod:
       params_for_keys(m)         -- the mapping under ``budget_mode`` "keys": every method pays
                                     m keys (or features) per query, ``keys_per_query`` ≈ m
       exact_limit(n_q, n_k)      -- the parameters under which the method is exact (up to
-                                    rounding) on inputs of that size, causal or not, whatever the
+                                    rounding) on inputs of that size, under any mask, whatever the
                                     budget and the other parameters: ``cls(budget, **limit)``
                                     computes softmax attention.  ``{}`` when it always is; None
                                     when it has no exact limit.  Each override states the reason.
@@ -257,20 +196,37 @@ class AttentionMethod:
     def check_config(self) -> None:
         """Cross-parameter checks; raise ``ParameterError`` with a message naming the parameter."""
 
-    def input_reasons(self, n_q: int, n_k: int, d: int, d_v: int, causal: bool) -> list[str]:
-        """Method-specific reasons it cannot run on inputs of this shape (empty when it can)."""
+    def input_reasons(self, n_q: int, n_k: int, d: int, d_v: int, mask: Mask) -> list[str]:
+        """Method-specific reasons it cannot run on inputs of this shape under ``mask`` (the mask
+        the call runs under: ``effective``, after dropping the keys no query sees); empty when
+        it can.  A native causal mode that cannot honour an offset refuses it here, naming the
+        offset."""
         return []
 
-    def forward(
+    def forward_full(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         scale: float,
         generator: torch.Generator | None,
-        causal: bool,
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """The non-causal estimate (every query sees every key), (b, h, n_q, d_v)."""
+        raise NotImplementedError(f"{self.name} implements no forward_full")
+
+    def forward_causal(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        generator: torch.Generator | None,
+        mask: Causal,
+    ) -> torch.Tensor:
+        """causal_mode "native" only: the method's own causal estimate under ``mask``.  The base
+        class calls it with offset + n_q = n_k (the keys no query sees are dropped) and at least
+        one query that does not see every key."""
+        raise NotImplementedError(f"{self.name} has no native causal mode")
 
     def flops(self, b: int, h: int, n_q: int, n_k: int, d: int, d_v: int) -> float:
         """Approximate floating-point operations of one non-causal call (a multiply-add counts
@@ -285,59 +241,104 @@ class AttentionMethod:
         v: torch.Tensor,
         scale: float,
         generator: torch.Generator | None,
-        query_offset: int,
+        query_offset: int | None,
     ):
         """The non-causal estimate on one full block with its log row sums, a
-        ``kdecli.methods.causal.Partial`` in the inputs' (working) dtype.  ``query_offset``: the
-        block's first query sits at that key index (a position-aware method needs it)."""
+        ``kdecli.methods.causal.Partial`` in the inputs' (working) dtype.  ``query_offset``: None
+        for a plain non-causal call (a position-aware method places query i at i·n_k/n_q);
+        an integer inside the decomposition: the block's query i sits at key index
+        query_offset + i, past every key of the block."""
         raise NotImplementedError(f"{self.name} has no causal decomposition")
 
     def causal_leaf(self) -> int:
         """Pieces of at most this many positions are computed exactly by the decomposition."""
         return int(self.config["causal_leaf"])
 
-    def keys_per_query(self, n_q: int, n_k: int, causal: bool = False) -> float:
+    def keys_per_query(self, n_q: int, n_k: int, mask: Mask = FULL) -> float:
         """Keys (or random features, or landmarks) one query pays for, on average, in a call on
-        n_q × n_k inputs; ``causal`` only for a native causal mode (the decomposition's average
+        n_q × n_k inputs; ``mask`` only for a native causal mode (the decomposition's average
         is ``paid_keys``'s).  NaN where the method does not say."""
         return float("nan")
 
-    def paid_keys(self, n_q: int, n_k: int, causal: bool) -> float:
+    # ---- the dispatch ------------------------------------------------------------------------
+    def runs_as(self, n_q: int, n_k: int, mask: Mask | bool) -> tuple[int, Mask]:
+        """(keys, mask) a call on n_q × n_k inputs runs with: the keys up to the last query's
+        position (the rest are seen by no query) and the ``effective`` mask on them."""
+        mask = as_mask(mask)
+        keys = mask.key_span(n_q, n_k)
+        return keys, mask.effective(n_q, keys)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        generator: torch.Generator | None,
+        mask: Mask,
+    ) -> torch.Tensor:
+        """The dispatch of the module docstring: full, native causal or the decomposition."""
+        n_q, n_k = q.shape[-2], k.shape[-2]
+        mask.check(n_q, n_k)
+        keys, mask = self.runs_as(n_q, n_k, mask)
+        if keys < n_k:
+            k, v = k[..., :keys, :], v[..., :keys, :]
+        if not mask.is_causal:
+            return self.forward_full(q, k, v, scale, generator)
+        if self.causal_mode == "native":
+            return self.forward_causal(q, k, v, scale, generator, mask)
+        if self.causal_mode == "decomposition":
+            return decomposed_causal(self, q, k, v, scale, generator, mask.offset)
+        raise UsageError(f"{self.name} does not support causal masking ({mask}).")
+
+    def paid_keys(self, n_q: int, n_k: int, mask: Mask | bool) -> float:
         """``keys_per_query`` of one call as it will run: averaged over the decomposition's
-        levels when causal, as ``cost`` is."""
-        if causal and self.causal_mode == "decomposition" and n_q == n_k:
-            from kdecli.methods.causal import decomposed_keys_per_query
+        pieces when it runs through it, as ``cost`` is."""
+        keys, mask = self.runs_as(n_q, n_k, mask)
+        if mask.is_causal and self.causal_mode == "decomposition":
+            return decomposed_keys_per_query(self, n_q, mask.offset)
+        return self.keys_per_query(n_q, keys, mask)
 
-            return decomposed_keys_per_query(self, n_q)
-        return self.keys_per_query(n_q, n_k, causal)
-
-    def cost(self, b: int, h: int, n_q: int, n_k: int, d: int, d_v: int, causal: bool) -> float:
-        """``flops`` of one call as it will run: through the decomposition's levels when causal."""
-        if causal and self.causal_mode == "decomposition" and n_q == n_k:
-            from kdecli.methods.causal import decomposed_flops  # it imports this module
-
-            return decomposed_flops(self, b, h, n_q, d, d_v)
-        return self.flops(b, h, n_q, n_k, d, d_v)
+    def cost(
+        self, b: int, h: int, n_q: int, n_k: int, d: int, d_v: int, mask: Mask | bool
+    ) -> float:
+        """``flops`` of one call as it will run: through the decomposition's pieces when causal
+        and decomposed; a native causal mode's own ``cost`` override says what it costs."""
+        keys, mask = self.runs_as(n_q, n_k, mask)
+        if mask.is_causal and self.causal_mode == "decomposition":
+            return decomposed_flops(self, b, h, n_q, d, d_v, mask.offset)
+        return self.flops(b, h, n_q, keys, d, d_v)
 
     # ---- the shared machinery ------------------------------------------------------------------
     def not_supported_reasons(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: Mask | bool = FULL,
+        *,
+        causal: bool | None = None,
     ) -> list[str]:
+        """Why the method cannot run on these inputs under ``mask`` (empty when it can).
+        ``causal``: transitional, the old flag (``kdecli.masks.as_mask``)."""
+        mask = as_mask(mask, causal)
         reasons = []
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             return ["inputs must be 4-d (batch, heads, n, d)"]
         n_q, n_k, d, d_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
         if not self.supports_cross and n_q != n_k:
             reasons.append(f"needs n_q == n_k (self-attention); got n_q={n_q}, n_k={n_k}")
-        if causal and not self.supports_causal:
+        problem = mask.problem(n_q, n_k)
+        if problem is not None:
+            return reasons + [problem]
+        keys, effective = self.runs_as(n_q, n_k, mask)
+        if effective.is_causal and not self.supports_causal:
             reasons.append("does not support causal masking")
-        if causal and n_q != n_k:
-            reasons.append(f"causal attention needs n_q == n_k; got n_q={n_q}, n_k={n_k}")
-        reasons += self.input_reasons(n_q, n_k, d, d_v, causal)
+        reasons += self.input_reasons(n_q, keys, d, d_v, effective)
         if needs_grad(q, k, v):
             reasons += self.grad_reasons()
         if not reasons:
-            reasons += self.memory_reasons(q, k, v, causal)
+            reasons += self.memory_reasons(q, k, v, mask)
         return reasons
 
     def grad_reasons(self) -> list[str]:
@@ -346,7 +347,7 @@ class AttentionMethod:
         return [] if self.supports_grad else ["does not support autograd (no backward pass)"]
 
     def memory_reasons(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | bool = FULL
     ) -> list[str]:
         """Why the call would not fit: its estimated memory against what the device has free, so
         that a run says so before it starts instead of meeting the OOM killer half way."""
@@ -355,7 +356,7 @@ class AttentionMethod:
         b, h, n_q, d = q.shape
         n_k, d_v = k.shape[-2], v.shape[-1]
         itemsize = torch.empty((), dtype=working_dtype(q.dtype)).element_size()
-        needed = self.call_memory(b, h, n_q, n_k, d, d_v, itemsize, causal)
+        needed = self.call_memory(b, h, n_q, n_k, d, d_v, itemsize, mask)
         if needed is None:
             return []
         free = available_memory(q.device)
@@ -383,14 +384,15 @@ class AttentionMethod:
         d: int,
         d_v: int,
         itemsize: int,
-        causal: bool,
+        mask: Mask | bool,
     ) -> float | None:
-        """``memory_bytes`` as the call will run: the decomposition holds one level's full blocks
-        (n/2 queries in all) plus the partial outputs and row sums it merges."""
-        base = self.memory_bytes(b, h, n_q, n_k, d, d_v, itemsize)
-        if base is None or not (causal and self.causal_mode == "decomposition"):
+        """``memory_bytes`` as the call will run: the decomposition adds the partial outputs and
+        row sums it merges (``kdecli.methods.causal.decomposition_memory``)."""
+        keys, mask = self.runs_as(n_q, n_k, mask)
+        base = self.memory_bytes(b, h, n_q, keys, d, d_v, itemsize)
+        if base is None or not (mask.is_causal and self.causal_mode == "decomposition"):
             return base
-        return base + 4 * itemsize * b * h * n_q * (d_v + 1)
+        return base + decomposition_memory(b, h, n_q, d_v, itemsize)
 
     def __call__(
         self,
@@ -400,11 +402,14 @@ class AttentionMethod:
         *,
         scale: float | None = None,
         generator: torch.Generator | None = None,
-        causal: bool = False,
+        mask: Mask = FULL,
+        causal: bool | None = None,
     ) -> torch.Tensor:
+        """softmax(scale·QKᵀ)V estimated under ``mask`` (default: full); ``scale`` defaults to
+        1/√d.  ``causal``: transitional, the old flag (True is ``Causal(0)``)."""
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
-        return self.forward(q, k, v, float(scale), generator, causal)
+        return self.forward(q, k, v, float(scale), generator, as_mask(mask, causal))
 
     @property
     def resolved_params(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from kdecli.masks import FULL, Mask, as_mask
 from kdecli.methods.base import BUDGET_MODES
 from kdecli.methods.registry import get_method_class, method_names
 
@@ -17,12 +18,14 @@ def describe_methods(
     k: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
     budget: int | None = None,
-    causal: bool = False,
+    mask: Mask | bool = FULL,
 ) -> list[dict[str, Any]]:
     """One dict per method (all registered ones by default).  Given a budget, each dict holds
     its parameters under both budget modes (``params_at_budget``: "paper", ``params_at_keys``:
     "keys"); given inputs, also ``reasons``: why the method, built at that budget, cannot run on
-    them, and ``keys_per_query`` under each mode on those inputs."""
+    them under ``mask`` (a bool: transitional, ``kdecli.masks.as_mask``), and ``keys_per_query``
+    under each mode on those inputs."""
+    mask = as_mask(mask)
     entries = []
     for name in names or method_names():
         cls = get_method_class(name)
@@ -33,11 +36,11 @@ def describe_methods(
             entry["params_at_keys"] = defaults | cls.budget_mapping(budget, "keys")
         if q is not None:
             method = cls(budget if cls.uses_budget else None)
-            entry["reasons"] = method.not_supported_reasons(q, k, v, causal)
+            entry["reasons"] = method.not_supported_reasons(q, k, v, mask)
             if cls.uses_budget and budget is not None:
                 n_q, n_k = q.shape[-2], k.shape[-2]
                 entry["keys_per_query"] = {
-                    mode: cls(budget, budget_mode=mode).paid_keys(n_q, n_k, causal)
+                    mode: cls(budget, budget_mode=mode).paid_keys(n_q, n_k, mask)
                     for mode in BUDGET_MODES
                 }
         entries.append(entry)

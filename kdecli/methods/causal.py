@@ -1,25 +1,38 @@
 """Causal attention for any method that can return its row sums: the recursive decomposition.
 
-ALGORITHMS.md §9, after HyperAttention (Han et al., ICLR 2024, section 4).  For n positions and the
-mask j ≤ i, split at h = n/2: the causal matrix is two causal halves (queries and keys in [0, h),
-and in [h, n)) plus one full block (queries in [h, n), keys in [0, h)), every query of which comes
-after every key.  The halves recurse until a piece has at most ``leaf`` positions, computed exactly;
-the method runs *non-causally* on each full block.  Every piece p returns, per query, a normalised
+ALGORITHMS.md §9 and §13, after HyperAttention (Han et al., ICLR 2024, section 4).  Under
+``Causal(offset)`` query i sits at key position offset + i and sees keys j ≤ offset + i (the base
+class has already dropped the keys after offset + n_q − 1, which no query sees, so n_k = offset + n_q).
+The keys split in two:
+
+  keys [0, offset)           seen by every query: one *full block*, n_q queries × offset keys, whose
+                             query i sits at position offset + i (``query_offset = offset``);
+  keys [offset, offset + n_q) the causal square: query i sees its keys 0..i, as in prefill.
+
+The square (n positions, mask j ≤ i) splits at h = n/2 into two causal halves (queries and keys in
+[0, h), and in [h, n)) plus one full block (queries in [h, n), keys in [0, h)), every query of which
+comes after every key.  The halves recurse until a piece has at most ``leaf`` positions, computed
+exactly; the method runs *non-causally* on each full block.  A whole input of at most ``leaf``
+positions (offset + n_q ≤ leaf) is one exact piece.  Every piece p returns, per query, a normalised
 partial output O_p and its log row sum L_p = log Σ_{j ∈ p} e^{ℓ_ij} (estimated by the method on a
 full block), and the pieces merge as
 
     Õ_i = Σ_p e^{L_p,i} O_p,i / Σ_p e^{L_p,i}          (``merge_lse``, shifted by max_p L_p,i)
 
-Keys after position i never enter a piece that holds query i, so no future key or value reaches
-query i: that is structural, not a property of the method.  (A method that groups the queries of a
-full block among themselves, by LSH rank or by segment means, lets the other queries of that block
-move query i's estimate; queries are not keys, but in a model a later query depends on later tokens.
-Each such method says so in its module docstring.)
+With offset = 0 and n_q = n_k (prefill) there is no prefix block and the square is the whole input.
+Keys after position offset + i never enter a piece that holds query i, so no future key or value
+reaches query i: that is structural, not a property of the method.  (A method that groups the
+queries of a full block among themselves, by LSH rank or by segment means, lets the other queries of
+that block move query i's estimate; queries are not keys, but in a model a later query depends on
+later tokens.  Each such method says so in its module docstring.)
 
 The two halves of every piece are stacked as extra heads, (b, h, n) -> (b, 2h, n/2), so each level
 of the recursion is one call of the method, whatever the depth.  An odd piece gets one zero row
 appended; in every piece real rows precede appended ones, so under the causal mask an appended key
 is never seen by a real query, and the appended query's output is cut off.
+
+This module knows methods only through what it is handed (``partial``, ``causal_leaf``, ``flops``,
+``keys_per_query``); it imports no method class, and ``kdecli.methods.base`` imports it.
 """
 
 from __future__ import annotations
@@ -29,8 +42,9 @@ from typing import NamedTuple
 
 import torch
 
-from kdecli.methods.base import Param
+from kdecli.masks import FULL, Causal, Mask
 from kdecli.methods.common import merge_lse, pad_dim, working_dtype
+from kdecli.methods.params import Param
 
 EXACT_CHUNK_ELEMENTS = 2**25  # logits held at once by the chunked exact pieces
 
@@ -75,7 +89,7 @@ def causal_by_halves(
     """Causal attention (n_q = n_k = n) by the decomposition of the module docstring."""
     b, h, n, _ = q.shape
     if n <= max(1, leaf):
-        return exact_partial(q * scale, k, v, causal=True)
+        return exact_partial(q * scale, k, v, Causal(0))
     if n % 2:  # an appended zero row is seen only by itself under the causal mask
         lse, out = causal_by_halves(
             full_block, *(pad_dim(x, n + 1) for x in (q, k, v)), scale, leaf
@@ -94,38 +108,81 @@ def causal_by_halves(
     )
 
 
-def decomposed_causal(method, q, k, v, scale: float, generator) -> torch.Tensor:
-    """``method``'s causal output through the decomposition: its ``partial`` (non-causal, with row
-    sums) on every full block, pieces of at most ``method.causal_leaf()`` positions exact.
-    Half-precision inputs are computed in float32 (row sums of thousands of keys) and cast back."""
+def causal_with_offset(
+    full_block: FullBlock,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    leaf: int,
+    offset: int,
+) -> Partial:
+    """Attention under ``Causal(offset)`` with n_k = offset + n_q, by the module docstring: the
+    prefix block (keys before the first query's position) merged with the causal square."""
+    n_q = q.shape[-2]
+    if offset == 0:
+        return causal_by_halves(full_block, q, k, v, scale, leaf)
+    if offset + n_q <= max(1, leaf):  # the whole input is one exact piece
+        return exact_partial(q * scale, k, v, Causal(offset))
+    prefix = full_block(q, k[..., :offset, :], v[..., :offset, :], offset)
+    square = causal_by_halves(full_block, q, k[..., offset:, :], v[..., offset:, :], scale, leaf)
+    return Partial(*merge_lse(prefix.lse, prefix.out, square.lse, square.out))
+
+
+def decomposed_causal(method, q, k, v, scale: float, generator, offset: int = 0) -> torch.Tensor:
+    """``method``'s output under ``Causal(offset)`` (n_k = offset + n_q) through the decomposition:
+    its ``partial`` (non-causal, with row sums) on every full block, pieces of at most
+    ``method.causal_leaf()`` positions exact.  Half-precision inputs are computed in float32 (row
+    sums of thousands of keys) and cast back."""
     work = working_dtype(q.dtype)
 
     def full_block(qb, kb, vb, query_offset):
         return method.partial(qb, kb, vb, scale, generator, query_offset)
 
     q_w, k_w, v_w = q.to(work), k.to(work), v.to(work)
-    _, out = causal_by_halves(full_block, q_w, k_w, v_w, scale, method.causal_leaf())
+    _, out = causal_with_offset(full_block, q_w, k_w, v_w, scale, method.causal_leaf(), offset)
     return out.to(v.dtype)
 
 
-def decomposed_flops(method, b: int, h: int, n: int, d: int, d_v: int) -> float:
-    """The cost model of ``decomposed_causal``: the method's own cost summed over the full blocks
-    of every level, plus the exact causal leaves (about half of each leaf's logits)."""
-    total = 0.0
-    for pieces, size in full_blocks(n, method.causal_leaf()):
+def exact_causal_flops(b: int, h: int, n_q: int, offset: int, d: int, d_v: int) -> float:
+    """Exact attention over the allowed pairs of ``Causal(offset)``: n_q·(offset + (n_q + 1)/2)
+    logits, each 2d + 2d_v + 1 operations."""
+    return b * h * n_q * (2 * offset + n_q + 1) / 2 * (2 * d + 2 * d_v + 1)
+
+
+def decomposed_flops(method, b: int, h: int, n: int, d: int, d_v: int, offset: int = 0) -> float:
+    """The cost model of ``decomposed_causal`` on n queries under ``Causal(offset)``: the method's
+    own cost on the prefix block (n × offset) and summed over the full blocks of every level of
+    the square, plus the exact causal leaves (about half of each leaf's logits)."""
+    leaf = method.causal_leaf()
+    if offset and offset + n <= max(1, leaf):
+        return exact_causal_flops(b, h, n, offset, d, d_v)
+    total = method.flops(b, h, n, offset, d, d_v) if offset else 0.0
+    for pieces, size in full_blocks(n, leaf):
         total += method.flops(b, h * pieces, size, size, d, d_v)
-    pieces, size = leaf_count(n, method.causal_leaf())
+    pieces, size = leaf_count(n, leaf)
     return total + b * h * pieces * size * (size + 1) / 2 * (2 * d + 2 * d_v + 1)
 
 
-def decomposed_keys_per_query(method, n: int) -> float:
-    """Keys a query pays for in ``decomposed_causal``, averaged over the n queries: at each level
-    the queries of the full blocks (half of all positions) pay the method's non-causal
-    ``keys_per_query`` on a size × size block; a leaf of s positions averages (s + 1)/2 exact keys."""
-    pieces, size = leaf_count(n, method.causal_leaf())
+def decomposed_keys_per_query(method, n: int, offset: int = 0) -> float:
+    """Keys a query pays for in ``decomposed_causal``, averaged over the n queries: the prefix
+    block's non-causal ``keys_per_query`` (n × offset), and at each level of the square the queries
+    of the full blocks (half of all positions) pay it on a size × size block; a leaf of s positions
+    averages (s + 1)/2 exact keys.  One exact piece: offset + (n + 1)/2."""
+    leaf = method.causal_leaf()
+    if offset and offset + n <= max(1, leaf):
+        return offset + (n + 1) / 2
+    pieces, size = leaf_count(n, leaf)
     positions = pieces * size  # n, or a little more where odd pieces were padded
-    paid = sum(p * s * method.keys_per_query(s, s) for p, s in full_blocks(n, method.causal_leaf()))
-    return paid / positions + (size + 1) / 2
+    paid = sum(p * s * method.keys_per_query(s, s) for p, s in full_blocks(n, leaf))
+    square = paid / positions + (size + 1) / 2
+    return method.keys_per_query(n, offset) + square if offset else square
+
+
+def decomposition_memory(b: int, h: int, n_q: int, d_v: int, itemsize: int) -> float:
+    """Memory the decomposition holds beside one call of the method: the partial outputs and row
+    sums of a level, its merge and the stacked halves (4 of each, n_q rows)."""
+    return 4 * itemsize * b * h * n_q * (d_v + 1)
 
 
 def full_blocks(n: int, leaf: int) -> list[tuple[int, int]]:
@@ -162,20 +219,21 @@ def softmax_part(logits: torch.Tensor, values: torch.Tensor) -> Partial:
     return Partial((torch.log(total) + c).squeeze(-1), out)
 
 
-def exact_partial(q_scaled, k, v, causal: bool) -> Partial:
-    """Exact (lse, output) in query chunks, never holding all n_q × n_k logits at once.
-    Causal assumes query i and key i share a position; a chunk then reads only keys before it."""
+def exact_partial(q_scaled, k, v, mask: Mask = FULL) -> Partial:
+    """Exact (lse, output) under ``mask`` in query chunks, never holding all n_q × n_k logits at
+    once.  Under ``Causal(offset)`` a chunk of queries [start, stop) reads only the keys up to
+    offset + stop − 1."""
     b, h, n_q, _ = q_scaled.shape
     n_k = k.shape[-2]
     step = max(1, EXACT_CHUNK_ELEMENTS // max(1, b * h * n_k))
     lses, outs = [], []
     for start in range(0, n_q, step):
         stop = min(n_q, start + step)
-        keys = stop if causal else n_k
+        keys = min(n_k, mask.offset + stop) if mask.is_causal else n_k
         logits = q_scaled[..., start:stop, :] @ k[..., :keys, :].transpose(-1, -2)
-        if causal:
-            rows = torch.arange(start, stop, device=k.device).unsqueeze(-1)
-            logits = logits.masked_fill(torch.arange(keys, device=k.device) > rows, float("-inf"))
+        if mask.is_causal:
+            allowed = mask.rows(start).allowed(stop - start, keys, device=k.device)
+            logits = logits.masked_fill(~allowed, float("-inf"))
         lse, out = softmax_part(logits, v[..., :keys, :])
         lses.append(lse)
         outs.append(out)

@@ -29,8 +29,9 @@ import math
 
 import torch
 
+from kdecli.masks import FULL
 from kdecli.methods.base import AttentionMethod, Param
-from kdecli.methods.causal import Partial, decomposed_causal, exact_partial, softmax_part
+from kdecli.methods.causal import Partial, exact_partial, softmax_part
 from kdecli.methods.common import gather_rows, merge_lse
 from kdecli.methods.lsh import PAIRING, SortedBlocks, resolve_pairing, sort_into_blocks
 from kdecli.methods.registry import register
@@ -79,7 +80,7 @@ class HyperAttention(AttentionMethod):
         block = max(1, budget // 3)
         return {"block_size": block, "samples": max(1, budget - block)}
 
-    def keys_per_query(self, n_q, n_k, causal=False):
+    def keys_per_query(self, n_q, n_k, mask=FULL):
         # below min_seq_len the block is exact (every key); otherwise the block and every sample
         if n_k < self.config["min_seq_len"]:
             return float(n_k)
@@ -90,10 +91,8 @@ class HyperAttention(AttentionMethod):
         # One block holds every key, so every sample is masked out; causal: no split at all.
         return {"block_size": n_k}
 
-    def forward(self, q, k, v, scale, generator, causal):
-        if causal:
-            return decomposed_causal(self, q, k, v, scale, generator)
-        return self.partial(q, k, v, scale, generator, 0).out
+    def forward_full(self, q, k, v, scale, generator):
+        return self.partial(q, k, v, scale, generator, None).out
 
     def partial(self, q, k, v, scale, generator, query_offset):
         """(lse, output) of non-causal HyperAttention; exact when n_k < min_seq_len."""
@@ -102,7 +101,7 @@ class HyperAttention(AttentionMethod):
         b, h, _, _ = q_scaled.shape
         n_k = k.shape[-2]
         if n_k < cfg["min_seq_len"]:
-            return exact_partial(q_scaled, k, v, causal=False)
+            return exact_partial(q_scaled, k, v)
         pairing = resolve_pairing(cfg["pairing"], q, k)  # before scaling: K = Q is asked of q
         blocks = sort_into_blocks(
             q_scaled, k, cfg["block_size"], cfg["num_projs"], generator, pairing

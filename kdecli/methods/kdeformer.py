@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import torch
 
+from kdecli.masks import FULL
 from kdecli.methods.base import AttentionMethod, Param
-from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, decomposed_causal
+from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial
 from kdecli.methods.common import gather_rows, needs_grad, with_ones_column, working_dtype
 from kdecli.methods.lsh import PAIRING, SortedBlocks, resolve_pairing, sort_into_blocks
 from kdecli.methods.registry import register
@@ -80,7 +81,7 @@ class KDEformer(AttentionMethod):
         block = max(1, budget // 3)
         return {"block_size": block, "samples": max(1, budget - block), "causal_leaf": budget}
 
-    def keys_per_query(self, n_q, n_k, causal=False):
+    def keys_per_query(self, n_q, n_k, mask=FULL):
         # A query computes its whole block and every sample (an in-block sample is masked, not
         # skipped), so it pays block + samples even where that exceeds n_k.
         return float(min(self.config["block_size"], n_k) + self.config["samples"])
@@ -96,9 +97,7 @@ class KDEformer(AttentionMethod):
             return ["sampling=column-norm (an O(n²d) oracle) has no backward pass"]
         return []
 
-    def forward(self, q, k, v, scale, generator, causal):
-        if causal:
-            return decomposed_causal(self, q, k, v, scale, generator)
+    def forward_full(self, q, k, v, scale, generator):
         numerator, denominator, _, blocks = self._estimate(q, k, v, scale, generator)
         if needs_grad(q, k, v):
             return blocks.unsort_queries(numerator / denominator.unsqueeze(-1))

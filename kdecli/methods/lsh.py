@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kdecli.methods.base import Param
 from kdecli.methods.common import gather_rows, inverse_permutation, pad_dim, scatter_rows
+from kdecli.methods.params import Param
 
 
 def gray_rank_table(num_bits: int, device: torch.device | str = "cpu") -> torch.Tensor:

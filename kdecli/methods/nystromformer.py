@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import torch
 
+from kdecli.masks import FULL
 from kdecli.methods.base import AttentionMethod, Param
-from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, decomposed_causal
+from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial
 from kdecli.methods.common import working_dtype
 from kdecli.methods.registry import register
 
@@ -64,7 +65,7 @@ class Nystromformer(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"landmarks": budget, "causal_leaf": budget}
 
-    def keys_per_query(self, n_q, n_k, causal=False):
+    def keys_per_query(self, n_q, n_k, mask=FULL):
         # a query meets the m_k landmark keys (at most one per key)
         return float(min(self.config["landmarks"], n_k))
 
@@ -74,11 +75,9 @@ class Nystromformer(AttentionMethod):
         # the same in every full block, and each landmark's segment is one key, so D̃ = D.
         return {"landmarks": max(n_q, n_k), "pinv": "exact"}
 
-    def forward(self, q, k, v, scale, generator, causal):
-        if causal:
-            return decomposed_causal(self, q, k, v, scale, generator)
+    def forward_full(self, q, k, v, scale, generator):
         in_dtype, work = v.dtype, working_dtype(q.dtype)
-        _, out = self.partial(q.to(work), k.to(work), v.to(work), scale, generator, 0)
+        _, out = self.partial(q.to(work), k.to(work), v.to(work), scale, generator, None)
         return out.to(in_dtype)
 
     def partial(self, q, k, v, scale, generator, query_offset):

@@ -4,7 +4,7 @@ Both read the exact attention matrix, so they cost as much as exact attention or
 never a speed-up.  Each refuses inputs above ``max_n`` (a parameter) instead of running for hours.
 
 topk:   Õ_i = Σ_{j∈T_i} e^{ℓ_ij − c_i} v_j / Σ_{j∈T_i} e^{ℓ_ij − c_i}, T_i = the m largest logits of
-        query i (among j ≤ i when causal), c_i = max_j ℓ_ij.  Computed in query chunks, so memory is
+        query i (among j ≤ offset + i under Causal(offset)), c_i = max_j ℓ_ij.  Computed in query chunks, so memory is
         O(chunk·n_k): it runs wherever the float64 reference runs.  Exact when m >= n_k.
 rankk:  Õ = P_m V with P = D⁻¹A and P_m its best rank-m approximation (truncated SVD; Eckart–Young,
         in both the spectral and the Frobenius norm).  P is formed per slice in float64.  When
@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import torch
 
+from kdecli.masks import FULL
 from kdecli.measure.reference import chunk_rows, iter_softmax_chunks
 from kdecli.methods.base import AttentionMethod, Param
-from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, decomposed_causal
+from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial
 from kdecli.methods.common import working_dtype
 from kdecli.methods.registry import register
 
@@ -56,7 +57,7 @@ class TopK(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"keys": budget}
 
-    def keys_per_query(self, n_q, n_k, causal=False):
+    def keys_per_query(self, n_q, n_k, mask=FULL):
         # the m keys kept (an oracle: finding them reads every logit, as its flops say)
         return float(min(self.config["keys"], n_k))
 
@@ -71,10 +72,17 @@ class TopK(AttentionMethod):
 
         return float(2 * DEFAULT_MEMORY_BYTES + b * h * itemsize * n_q * d_v)
 
-    def input_reasons(self, n_q, n_k, d, d_v, causal):
+    def input_reasons(self, n_q, n_k, d, d_v, mask):
         return _too_large("topk", n_q, n_k, self.config["max_n"], "it reads all n_q·n_k logits")
 
-    def forward(self, q, k, v, scale, generator, causal):
+    def forward_full(self, q, k, v, scale, generator):
+        return self.top_m(q, k, v, scale, FULL)
+
+    def forward_causal(self, q, k, v, scale, generator, mask):
+        return self.top_m(q, k, v, scale, mask)
+
+    def top_m(self, q, k, v, scale, mask):
+        """Softmax over each query's m largest logits among the keys ``mask`` lets it see."""
         work = working_dtype(q.dtype)
         qw, kw, vw = q.to(work), k.to(work), v.to(work)
         b, h, n_q, _ = q.shape
@@ -85,9 +93,9 @@ class TopK(AttentionMethod):
         for start in range(0, n_q, step):
             stop = min(n_q, start + step)
             logits = (qw[..., start:stop, :] * scale) @ kw.transpose(-1, -2)
-            if causal:
-                rows = torch.arange(start, stop, device=q.device).unsqueeze(-1)
-                logits.masked_fill_(torch.arange(n_k, device=q.device) > rows, float("-inf"))
+            allowed = mask.rows(start).allowed(stop - start, n_k, device=q.device)
+            if allowed is not None:
+                logits.masked_fill_(~allowed, float("-inf"))
             # Keep the m largest; a causal row with fewer than m keys keeps -inf entries, which
             # weigh nothing.  Ties at the m-th value are broken by topk, so exactly m are kept.
             top = torch.topk(logits, m, dim=-1).indices
@@ -125,7 +133,7 @@ class RankK(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"rank": budget, "causal_leaf": budget}
 
-    def keys_per_query(self, n_q, n_k, causal=False):
+    def keys_per_query(self, n_q, n_k, mask=FULL):
         # a query's row of the rank-m factor: m numbers (rank ≤ min(n_q, n_k)); an oracle
         return float(min(self.config["rank"], n_q, n_k))
 
@@ -140,7 +148,7 @@ class RankK(AttentionMethod):
         small = min(n_q, n_k)
         return float(8 * (2 * n_q * n_k + 3 * small * small) + 8 * b * h * n_q * (d_v + 1))
 
-    def input_reasons(self, n_q, n_k, d, d_v, causal):
+    def input_reasons(self, n_q, n_k, d, d_v, mask):
         return _too_large(
             "rankk",
             n_q,
@@ -149,10 +157,8 @@ class RankK(AttentionMethod):
             "it forms D⁻¹A in float64 and takes an O(n³) eigendecomposition per slice",
         )
 
-    def forward(self, q, k, v, scale, generator, causal):
-        if causal:
-            return decomposed_causal(self, q, k, v, scale, generator)
-        return self.partial(q, k, v, scale, generator, 0).out.to(v.dtype)
+    def forward_full(self, q, k, v, scale, generator):
+        return self.partial(q, k, v, scale, generator, None).out.to(v.dtype)
 
     def partial(self, q, k, v, scale, generator, query_offset):
         b, h, n_q, _ = q.shape

@@ -10,8 +10,9 @@ Colwell, Weller, "Rethinking Attention with Performers", ICLR 2021.  With the fe
 The features are shifted inside the exp (per query over features, per feature over keys; see
 ``features``) so that logits in the hundreds, of either sign, give finite outputs.
 
-Causal: the sums run over j ≤ i, as a scan over chunks of C positions.  The prefix before the chunk
-is a running m × (d_v+1) state (rescaled whenever a feature's key maximum grows, like an online
+Causal(offset): query i sits at position offset + i and the sums run over j ≤ offset + i, as a scan
+over chunks of C queries.  The keys [0, offset), seen by every query, start the scan's state; the
+prefix before the chunk is a running m × (d_v+1) state (rescaled whenever a feature's key maximum grows, like an online
 softmax); inside the chunk the masked C × C products φ(q_i)·φ(k_j) are formed under shifts that
 depend only on the query and the keys before it (``in_chunk``), so a later key never changes an
 earlier output, not even by rounding; the two parts are merged by their log-sum-exps.  A row sum that
@@ -25,6 +26,7 @@ import math
 
 import torch
 
+from kdecli.masks import FULL
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.common import merge_lse, with_ones_column, working_dtype
 from kdecli.methods.features import (
@@ -60,20 +62,34 @@ class Performer(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"features": budget}
 
-    def keys_per_query(self, n_q, n_k, causal=False):
+    def keys_per_query(self, n_q, n_k, mask=FULL):
         # m random features whatever n_k (not capped: features are not keys); causal adds the
         # in-chunk products with the (C + 1)/2 earlier keys of a query's chunk on average
-        return float(self.config["features"] + ((CAUSAL_CHUNK + 1) / 2 if causal else 0))
+        in_chunk_keys = (CAUSAL_CHUNK + 1) / 2 if mask.is_causal else 0
+        return float(self.config["features"] + in_chunk_keys)
 
     @classmethod
     def exact_limit(cls, n_q, n_k):
         return None  # φ(q)·φ(k) equals e^{s q·k} only in expectation, for any finite m
 
-    def forward(self, q, k, v, scale, generator, causal):
-        b, h, _, d = q.shape
+    def forward_full(self, q, k, v, scale, generator):
         dtype, work = q.dtype, working_dtype(q.dtype)
         q, k, v = q.to(work), k.to(work), v.to(work)
-        omega = random_directions(
+        qf, kf, _ = favor_features(q, k, scale, self.directions(q, generator))
+        kv = torch.einsum("bhjm,bhje->bhme", kf, with_ones_column(v))
+        num = torch.einsum("bhim,bhme->bhie", qf, kv)
+        return (num[..., :-1] / num[..., -1:]).to(dtype)
+
+    def forward_causal(self, q, k, v, scale, generator, mask):
+        dtype, work = q.dtype, working_dtype(q.dtype)
+        q, k, v = q.to(work), k.to(work), v.to(work)
+        omega = self.directions(q, generator)
+        return causal_favor(q, k, v, scale, omega, mask.offset).to(dtype)
+
+    def directions(self, q, generator):
+        """The m random directions ω of every slice, (b, h, m, d), in q's (working) dtype."""
+        b, h, _, d = q.shape
+        return random_directions(
             b,
             h,
             d,
@@ -81,16 +97,8 @@ class Performer(AttentionMethod):
             orthogonal=self.config["orthogonal"],
             generator=generator,
             device=q.device,
-            dtype=work,
+            dtype=q.dtype,
         )
-        if causal:
-            out = causal_favor(q, k, v, scale, omega)
-        else:
-            qf, kf, _ = favor_features(q, k, scale, omega)
-            kv = torch.einsum("bhjm,bhje->bhme", kf, with_ones_column(v))
-            num = torch.einsum("bhim,bhme->bhie", qf, kv)
-            out = num[..., :-1] / num[..., -1:]
-        return out.to(dtype)
 
     def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
         # Log-features and stabilised features of every query and key (m each, with their
@@ -105,21 +113,26 @@ class Performer(AttentionMethod):
         )
 
 
-def causal_favor(q, k, v, scale, omega):
-    """FAVOR+ with j ≤ i (n_q == n_k), the chunked scan of the module docstring: (b, h, n, d_v)."""
-    b, h, n, _ = q.shape
+def causal_favor(q, k, v, scale, omega, offset=0):
+    """FAVOR+ under ``Causal(offset)`` with n_k = offset + n_q, the chunked scan of the module
+    docstring: (b, h, n_q, d_v).  The keys [0, offset) are the state the scan starts from."""
+    b, h, n_q, _ = q.shape
     m = omega.shape[-2]
     q1, k1 = split_scale(q, k, scale)
-    f, g = log_features(q1, omega), log_features(k1, omega)  # (b, h, n, m)
+    f, g = log_features(q1, omega), log_features(k1, omega)  # (b, h, n_q, m), (b, h, n_k, m)
     v_aug = with_ones_column(v)
     beta = f.new_full((b, h, 1, m), float("-inf"))  # per-feature max of g over the prefix
     state = f.new_zeros(b, h, m, v_aug.shape[-1])  # Σ_{j in prefix} exp(g_j − β) ṽ_jᵀ
-    out = torch.empty_like(v)
-    for start in range(0, n, CAUSAL_CHUNK):
-        stop = min(n, start + CAUSAL_CHUNK)
-        fc, gc, vc = f[..., start:stop, :], g[..., start:stop, :], v_aug[..., start:stop, :]
+    if offset:  # the keys every query sees
+        beta = g[..., :offset, :].amax(-2, keepdim=True)
+        state = torch.exp(g[..., :offset, :] - beta).transpose(-1, -2) @ v_aug[..., :offset, :]
+    out = v.new_empty(b, h, n_q, v.shape[-1])
+    for start in range(0, n_q, CAUSAL_CHUNK):
+        stop = min(n_q, start + CAUSAL_CHUNK)
+        keys = slice(offset + start, offset + stop)
+        fc, gc, vc = f[..., start:stop, :], g[..., keys, :], v_aug[..., keys, :]
         lse, part = in_chunk(fc, gc, vc)
-        if start > 0:  # the prefix part, with a row sum >= 1 by construction
+        if offset + start > 0:  # the prefix part, with a row sum >= 1 by construction
             shifted = fc + beta
             gamma = shifted.amax(-1, keepdim=True)
             num = torch.exp(shifted - gamma) @ state

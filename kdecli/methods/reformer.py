@@ -31,8 +31,9 @@ from __future__ import annotations
 import torch
 
 from kdecli.errors import ParameterError
+from kdecli.masks import FULL
 from kdecli.methods.base import AttentionMethod, Param
-from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, decomposed_causal
+from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial
 from kdecli.methods.common import (
     Workspace,
     gather_rows,
@@ -100,7 +101,7 @@ class Reformer(AttentionMethod):
             "causal_leaf": budget,
         }
 
-    def keys_per_query(self, n_q, n_k, causal=False):
+    def keys_per_query(self, n_q, n_k, mask=FULL):
         # Each round a query meets its chunk and the one before: 2c products per round, paid even
         # when a key recurs across rounds (the repeats are counted out afterwards, not skipped).
         return float(self.config["n_hashes"] * min(2 * self.config["chunk_size"], n_k))
@@ -120,10 +121,10 @@ class Reformer(AttentionMethod):
         if self.config["shared_qk"]:
             self.estimates = SHARED_QK_ESTIMATES
 
-    def input_reasons(self, n_q, n_k, d, d_v, causal):
+    def input_reasons(self, n_q, n_k, d, d_v, mask):
         if not self.config["shared_qk"]:
             return []
-        if causal:
+        if mask.is_causal:
             return [
                 "shared_qk=true is not causal here (keys would be a full block's later queries)"
             ]
@@ -137,11 +138,10 @@ class Reformer(AttentionMethod):
         nb = self.config["n_buckets"]
         return nb if nb else 2 * max(1, round(n_k / (2 * self.config["chunk_size"])))
 
-    def forward(self, q, k, v, scale, generator, causal):
-        if causal:
-            return decomposed_causal(self, q, k, v, scale, generator)
+    def forward_full(self, q, k, v, scale, generator):
         dtype, work = q.dtype, working_dtype(q.dtype)
-        return self.partial(q.to(work), k.to(work), v.to(work), scale, generator, 0).out.to(dtype)
+        q, k, v = q.to(work), k.to(work), v.to(work)
+        return self.partial(q, k, v, scale, generator, None).out.to(dtype)
 
     def partial(self, q, k, v, scale, generator, query_offset):
         cfg = self.config

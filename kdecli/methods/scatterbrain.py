@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import torch
 
+from kdecli.masks import FULL
 from kdecli.methods.base import AttentionMethod, Param
-from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, decomposed_causal
+from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial
 from kdecli.methods.common import gather_rows, merge_lse, pad_dim, with_ones_column, working_dtype
 from kdecli.methods.features import favor_features, random_directions
 from kdecli.methods.registry import register
@@ -80,7 +81,7 @@ class ScatterBrain(AttentionMethod):
             "causal_leaf": budget,
         }
 
-    def keys_per_query(self, n_q, n_k, causal=False):
+    def keys_per_query(self, n_q, n_k, mask=FULL):
         # the band's 2·radius + 1 exact keys (fewer at the edges; capped at n_k) + m features
         return float(min(band_keys(self.config["local_context"]), n_k) + self.config["features"])
 
@@ -90,11 +91,10 @@ class ScatterBrain(AttentionMethod):
         # n' ≤ n_k positions, p_i − j ≤ n' − 1 too).
         return {"local_context": 2 * n_k}
 
-    def forward(self, q, k, v, scale, generator, causal):
-        if causal:
-            return decomposed_causal(self, q, k, v, scale, generator)
+    def forward_full(self, q, k, v, scale, generator):
         dtype, work = q.dtype, working_dtype(q.dtype)
-        return self.partial(q.to(work), k.to(work), v.to(work), scale, generator, 0).out.to(dtype)
+        q, k, v = q.to(work), k.to(work), v.to(work)
+        return self.partial(q, k, v, scale, generator, None).out.to(dtype)
 
     def partial(self, q, k, v, scale, generator, query_offset):
         b, h, n_q, d = q.shape
@@ -114,7 +114,7 @@ class ScatterBrain(AttentionMethod):
         lr_total = qf @ (kf.transpose(-1, -2) @ v_aug)  # (b, h, n_q, d_v+1), row sum >= 1
 
         radius = band_radius(self.config["local_context"])
-        pos = query_offset + torch.arange(n_q, device=q.device) * n_k // n_q
+        pos = query_positions(n_q, n_k, query_offset, q.device)
         band_lse, band_out, lr_band = local_band(q * scale, k, v_aug, qf, kf, pos, radius)
 
         # Off-band feature sums (in units of exp(log_shift)): ≥ 0 in exact arithmetic, since
@@ -147,6 +147,14 @@ class ScatterBrain(AttentionMethod):
                 + n_q * 1.5 * w * (2 * d + 2 * m + 4 * (d_v + 1))
             )
         )
+
+
+def query_positions(n_q: int, n_k: int, query_offset: int | None, device) -> torch.Tensor:
+    """p_i, query i's position among the keys: ⌊i·n_k/n_q⌋ in a plain call (``query_offset``
+    None: i in self-attention, spread over the keys in cross attention); offset + i in a full block
+    of the causal decomposition, whose queries all sit past its keys."""
+    i = torch.arange(n_q, device=device)
+    return i * n_k // n_q if query_offset is None else query_offset + i
 
 
 def band_radius(width: int) -> int:

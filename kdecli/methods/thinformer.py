@@ -37,14 +37,9 @@ import math
 
 import torch
 
+from kdecli.masks import FULL
 from kdecli.methods.base import AttentionMethod, Param
-from kdecli.methods.causal import (
-    CAUSAL_BUDGET_HELP,
-    CAUSAL_LEAF,
-    Partial,
-    decomposed_causal,
-    softmax_part,
-)
+from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, softmax_part
 from kdecli.methods.common import gather_rows, working_dtype
 from kdecli.methods.registry import register
 
@@ -81,7 +76,7 @@ class Thinformer(AttentionMethod):
     def params_for_budget(cls, budget):
         return {"coreset": budget, "causal_leaf": budget}
 
-    def keys_per_query(self, n_q, n_k, causal=False):
+    def keys_per_query(self, n_q, n_k, mask=FULL):
         # every query attends to the coreset: n_k / 2^T keys, the size nearest the target m
         return n_k / 2 ** halving_rounds(n_k, self.config["coreset"])
 
@@ -91,11 +86,9 @@ class Thinformer(AttentionMethod):
         # whose n_k/2 keys are closer to n_k than n_k/4 is).
         return {"coreset": n_k}
 
-    def forward(self, q, k, v, scale, generator, causal):
-        if causal:
-            return decomposed_causal(self, q, k, v, scale, generator)
+    def forward_full(self, q, k, v, scale, generator):
         in_dtype, work = v.dtype, working_dtype(q.dtype)
-        _, out = self.partial(q.to(work), k.to(work), v.to(work), scale, generator, 0)
+        _, out = self.partial(q.to(work), k.to(work), v.to(work), scale, generator, None)
         return out.to(in_dtype)
 
     def partial(self, q, k, v, scale, generator, query_offset):

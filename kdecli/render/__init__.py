@@ -1,1 +1,5 @@
-"""Rendering of every document kind: one width-aware table, markdown/CSV/JSON writers."""
+"""Rendering shared by every document kind: the width-aware table and ``--columns`` (``table``),
+how numbers read (``cells``), the CSV writer (``writers``) and the plot styling (``figures``).
+
+Each experiment's report and plot module builds on these; none of them imports an experiment.
+"""

@@ -6,13 +6,16 @@ everything that decides what it measures —
 
     the input's identity (a digest of Q, K and V's bytes, shapes and dtype, and its layer),
     method, budget, seed, resolved parameters, budget mode, working dtype, device kind,
-    softmax scale, causal mask and reference mode (``full``, or ``rows:R`` with its row seed),
-    and whether the run adds ``bound_normalized``, times at all, and times the backward —
+    softmax scale, mask (``causal``, and the causal queries' ``query_offset`` where it is not 0,
+    so that keys of earlier versions stay the same), reference mode (``full``, or ``rows:R``
+    with its row seed), and whether the run adds ``bound_normalized``, times at all, and times
+    the backward —
 
 and nothing that only says how well it was timed (``--repeats``, ``--min-time``) or where the
 input's file lies (so two machines with the same data at different paths agree).  The **grid's
 digest** is a digest of its sorted record keys: it changes exactly when the set of measurements
-does, not with the order methods were listed in, nor with the shard.
+does, not with the order methods were listed in, nor with the shard.  What a key hashes is one
+record, ``kdecli.measure.setting.Setting`` (the input's part), with the method's fields.
 
 Shards (``--num-shards N --shard-id I``): the jobs are sorted by their estimated cost (the
 method's cost model on the input's shape, times its seeds' and timing's calls, plus measuring
@@ -25,12 +28,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # results files import this module; reading one needs no torch
     import torch
+
+    from kdecli.measure.setting import Setting
+    from kdecli.methods.base import AttentionMethod
 
 KEY_BYTES = 8  # 16 hex digits: a collision among even a million records has odds ~3e-8
 
@@ -55,49 +61,18 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[: 2 * KEY_BYTES]
 
 
-@dataclass(frozen=True)
-class Measurement:
-    """What every job of one input shares: how it is measured (the context of its keys)."""
-
-    input_digest: str
-    layer: int | None
-    dtype: str
-    device: str  # the device kind: cpu or cuda (not its index: the same job on another GPU)
-    scale: float
-    causal: bool
-    reference: str  # "full", or "rows:R@seed"
-    budget_mode: str
-    bound: bool
-    timing: bool
-    backward: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "input_digest": self.input_digest,
-            "layer": self.layer,
-            "dtype": self.dtype,
-            "device": self.device,
-            "scale": self.scale,
-            "causal": self.causal,
-            "reference": self.reference,
-            "budget_mode": self.budget_mode,
-            "bound": self.bound,
-            "timing": self.timing,
-            "backward": self.backward,
-        }
-
-
 def record_key(
-    measurement: Measurement,
+    setting: Setting,
     method: str,
     budget: int | None,
     params: dict[str, Any],
     seed: int | None,
 ) -> str:
-    """The stable key of one record (see the module docstring)."""
+    """The stable key of one record (see the module docstring): the digest of the setting's
+    ``key_fields`` and the method's name, budget, resolved parameters and seed."""
     return digest(
         {
-            **measurement.to_dict(),
+            **setting.key_fields(),
             "method": method,
             "budget": budget,
             "params": params,
@@ -108,12 +83,16 @@ def record_key(
 
 @dataclass(frozen=True)
 class GridJob:
-    """One input × method × budget with its seeds, as one shard runs it.
+    """One input × method × budget with its seeds, planned once and run as planned.
 
-    ``params`` are the parameters as given (what the run passes on), ``resolved`` the method's
-    resolved parameters (what the key and the records name); ``keys`` has one key per seed
-    (``None`` is the one seed of a method that draws nothing); ``cost`` the cost model's FLOPs of
-    all its seeds, which balances the shards.
+    ``setting`` is how its input is measured (``kdecli.measure.setting``), ``method`` the
+    method's name, ``params`` its parameters as given and ``resolved`` its resolved parameters
+    (what the key and the records name); ``keys`` has one key per seed (``None`` is the one seed
+    of a method that draws nothing); ``cost`` the cost model's FLOPs of all its seeds, which
+    balances the shards.  ``instance()`` is the method object, built once per job: the plan's own
+    (it resolved the parameters and the cost); a job sent to another process (a Ray task) travels
+    without it and builds it there once, refusing a method that resolves its parameters
+    differently there (another kdecli installed).
     """
 
     layer: int | None
@@ -124,9 +103,40 @@ class GridJob:
     seeds: tuple[int | None, ...]
     keys: tuple[str, ...]
     cost: float
+    setting: Setting
+    built: AttentionMethod | None = field(default=None, compare=False, repr=False)
 
     def key_of(self, seed: int | None) -> str:
         return self.keys[self.seeds.index(seed)]
+
+    def wanted(self, only: Collection[str] | None) -> list[tuple[int | None, str]]:
+        """(seed, key) of the records ``only`` holds (None: every one), in seed order."""
+        return [(s, k) for s, k in zip(self.seeds, self.keys) if only is None or k in only]
+
+    def instance(self) -> AttentionMethod:
+        """The method object of this job, built at most once in this process."""
+        if self.built is not None:
+            return self.built
+        from kdecli.errors import RuntimeFailure
+        from kdecli.methods import make_method
+
+        budget_mode = self.setting.budget_mode
+        built = make_method(self.method, self.budget, budget_mode=budget_mode, **self.params)
+        if built.resolved_params != self.resolved:
+            raise RuntimeFailure(
+                f"`{self.method}` resolves its parameters differently here than where the grid "
+                f"was planned ({_short(built.resolved_params)} vs {_short(self.resolved)}).",
+                hint="Install the same kdecli version wherever the jobs run.",
+            )
+        object.__setattr__(self, "built", built)
+        return built
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the built method: a process that runs the job builds its own."""
+        return {**self.__dict__, "built": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def entries(self) -> list[JobEntry]:
         return [
@@ -287,26 +297,29 @@ def keys_of(jobs: Iterable[GridJob]) -> set[str]:
 
 
 def spec_of(
-    measurements: Sequence[Measurement],
+    settings: Sequence[Setting],
     methods: Sequence[str],
     budgets: Sequence[int],
     params: dict[str, dict[str, Any]],
     seeds: Sequence[int],
 ) -> dict[str, Any]:
     """The settings that define a grid, by name, for ``GridInfo.difference`` to name."""
-    first = measurements[0] if measurements else None
-    shared = {} if first is None else first.to_dict()
+    fields = [setting.key_fields() for setting in settings]
+    shared = fields[0] if fields else {}
+    inputs = []
+    for f in fields:
+        entry = {
+            "layer": f["layer"],
+            "digest": f["input_digest"],
+            "scale": f["scale"],
+            "causal": f["causal"],
+            "reference": f["reference"],
+        }
+        if "query_offset" in f:  # only where it is not 0: older grids' specs read the same
+            entry["query_offset"] = f["query_offset"]
+        inputs.append(entry)
     return {
-        "inputs": [
-            {
-                "layer": m.layer,
-                "digest": m.input_digest,
-                "scale": m.scale,
-                "causal": m.causal,
-                "reference": m.reference,
-            }
-            for m in measurements
-        ],
+        "inputs": inputs,
         "methods": list(methods),
         "budgets": list(budgets),
         "params": {name: dict(values) for name, values in sorted(params.items())},

@@ -2,10 +2,12 @@
 
 A **task** is one job of the grid (``kdecli.sweeps.grid``): one input × method × budget with the seeds
 still wanted (``only``), run by ``compare`` in a Ray worker process, which returns its
-``RunReport``.  The driver plans the whole grid first (``plan_grid`` refuses a bad request
-before any task starts, and before Ray starts), puts each input once in the object store, submits
-one task per job, and streams the reports back in completion order into one report with the
-callbacks of ``compare_layers``, so the CLI picks either function by ``--executor local|ray``.
+``RunReport``.  The grid is planned once, by the caller (the CLI passes its planned jobs) or here
+before Ray starts (``plan_grid`` refuses a bad request before any task starts); the driver puts
+each input once in the object store, submits one task per planned job (the job itself: its
+setting, method, parameters, seeds and keys; the worker builds the method object once), and
+streams the reports back in completion order into one report with the callbacks of
+``compare_layers``, so the CLI picks either function by ``--executor local|ray``.
 
 Every task measures against its own reference and times exact attention in its own worker
 process: a worker runs on some machine of the cluster, so each speed-up is a ratio of two timings
@@ -30,16 +32,16 @@ starts a local Ray on this machine's cores, without the dashboard.  A connection
 made, it ends when the sweep ends — a local Ray started here does not outlive the command, and a
 cluster it connected to keeps running (``ray.shutdown`` only disconnects from it); where Ray was
 already initialized (a notebook, the tests), it is left as it was.  The workers import kdecli:
-each node needs the same version (a worker whose plan gives other record keys is caught and
-recorded).
+each node needs the same version (a worker whose method resolves its parameters otherwise than
+the driver's plan fails its task, which is recorded).
 
 Failures: a task that fails as a whole (its worker raised outside a method, crashed, or was killed
 for memory: any ``RayError``) becomes one record per wanted key, ``status`` ``error`` (or ``oom``)
-with the reason; the other tasks' records stand.  A method's own failures are records of the task
-already (``compare`` catches them).  Each input's header (its floors) comes from its first task
-that finishes; when that task failed, the driver computes the header itself (``compare`` with no
-record wanted: the reference and floors, no timing) rather than holding the failure back, so
-records still arrive in completion order.  ``should_stop()`` is asked every ``WAIT_S`` seconds:
+with the reason (``kdecli.measure.failures``); the other tasks' records stand.  A method's own
+failures are records of the task already (``compare`` catches them).  Each input's header (its
+floors) comes from its first task that finishes; when that task failed, the driver computes the
+header itself (``compare`` with no job: the reference and floors, no timing) rather than holding
+the failure back, so records still arrive in completion order.  ``should_stop()`` is asked every ``WAIT_S`` seconds:
 once it says True the tasks still pending are cancelled (``ray.cancel``: a queued task never
 starts, a running one is interrupted), the finished ones are kept, and the report is
 ``interrupted``; stopped before any task finished, it holds the first input without floors, and
@@ -55,18 +57,20 @@ from typing import Any
 
 import torch
 
-from kdecli.errors import RuntimeFailure, UsageError, first_line, is_out_of_memory
+from kdecli.errors import RuntimeFailure, UsageError, first_line
+from kdecli.experiments.compare.plan import plan_grid
 from kdecli.experiments.compare.records import Floors, LayerInfo, Result, RunReport
 from kdecli.experiments.compare.run import (
     ProgressFn,
     ResultFn,
-    RunConfig,
     compare,
     compare_layers,
-    describe_input,
-    environment,
-    plan_grid,
+    jobs_of,
 )
+from kdecli.measure.config import RunConfig
+from kdecli.measure.environment import describe_input, environment
+from kdecli.measure.failures import Failure
+from kdecli.measure.setting import Setting
 from kdecli.methods import get_method_class
 from kdecli.qkv import QKV
 from kdecli.sweeps.grid import GridJob
@@ -82,6 +86,7 @@ def run_on_ray(
     config: RunConfig | None = None,
     *,
     params: dict[str, dict[str, Any]] | None = None,
+    jobs: Sequence[GridJob] | None = None,
     only: Collection[str] | None = None,
     on_start: Callable[[RunReport], None] | None = None,
     on_layer: Callable[[LayerInfo], None] | None = None,
@@ -92,36 +97,45 @@ def run_on_ray(
 ) -> RunReport:
     """``compare_layers`` with each job a Ray task: the same arguments, callbacks and report.
 
-    ``on_start(report)`` once the first input's header is known, ``on_layer(info)`` when a task
-    of an input not seen yet finishes (inputs that are layers), ``on_result(record)`` for each
-    record in the order the tasks finish, ``on_progress(done, total, label)`` after each task
-    (records done of those wanted).  The report's ``results`` and ``layers`` are in the grid's
-    order.  See the module docstring for the cluster, failures and interrupts.
+    ``jobs``: jobs planned already (``plan_grid`` over ``inputs``, for the device kind the tasks
+    run on); else the grid of ``methods`` × ``budgets`` is planned here.  ``on_start(report)``
+    once the first input's header is known, ``on_layer(info)`` when a task of an input not seen
+    yet finishes (inputs that are layers), ``on_result(record)`` for each record in the order the
+    tasks finish, ``on_progress(done, total, label)`` after each task (records done of those
+    wanted).  The report's ``results`` and ``layers`` are in the grid's order.  See the module
+    docstring for the cluster, failures and interrupts.
     """
     ray = _import_ray()
-    config = replace(config or RunConfig(), **settings)
+    config = config or RunConfig()
+    if settings:
+        config = replace(config, **settings)
     kind = _device_kind(config.device)
     only = None if only is None else frozenset(only)
     local = {
-        "params": params, "only": only, "on_start": on_start, "on_layer": on_layer,
-        "on_result": on_result, "on_progress": on_progress, "should_stop": should_stop,
+        "only": only, "on_start": on_start, "on_layer": on_layer, "on_result": on_result,
+        "on_progress": on_progress, "should_stop": should_stop,
     }  # fmt: skip
-    checked = replace(config, device=torch.device("cpu"))  # the plan's checks need no device
-    _wanted(inputs, methods, budgets, checked, params, only)  # refused before Ray starts
+    given = jobs is not None
+    if jobs is None:  # refused before Ray starts: the plan's checks need no device
+        guess = "cpu" if kind == "auto" else kind
+        jobs = plan_grid(inputs, methods, budgets, _planned(config, guess), params=params).jobs
     if only is not None and not only:  # nothing to run (a finished --resume): one header
-        return compare_layers(inputs, methods, budgets, _local(config), **local)
+        return compare_layers(inputs, config=_local(config), jobs=[], **local)
     started = _connect(ray)
     try:
         kind = _task_kind(ray, kind)
         config = replace(config, device=kind)
-        wanted = _wanted(inputs, methods, budgets, _planned(config, kind), params, only)
+        planned_for = {job.setting.device.type for job in jobs}
+        if planned_for - {kind}:
+            if given:  # the caller's keys name the other kind: they would match nothing
+                _refuse_other_kind(planned_for.pop(), kind)
+            jobs = plan_grid(inputs, methods, budgets, _planned(config, kind), params=params).jobs
+        wanted = _wanted(inputs, jobs, only)
         if not any(tasks for _, tasks in wanted):
-            _check_device_of_keys(inputs, methods, budgets, config, params, only, kind)
-            return compare_layers(inputs, methods, budgets, _local(config), **local)
-        sweep = _Sweep(
-            ray, inputs, wanted, methods, budgets, config, params,
-            on_start, on_layer, on_result, on_progress,
-        )  # fmt: skip
+            if only and not given:
+                _check_device_of_keys(inputs, methods, budgets, config, params, only, kind)
+            return compare_layers(inputs, config=_local(config), jobs=[], **local)
+        sweep = _Sweep(ray, inputs, wanted, config, on_start, on_layer, on_result, on_progress)
         return sweep.run(should_stop)
     finally:
         if started:
@@ -201,13 +215,17 @@ def _planned(config: RunConfig, kind: str) -> RunConfig:
 def _check_device_of_keys(inputs, methods, budgets, config, params, only, kind) -> None:
     """Keys (``only``) planned for the other device kind match nothing here: say so."""
     other = "cpu" if kind == "cuda" else "cuda"
-    theirs = _wanted(inputs, methods, budgets, _planned(config, other), params, only)
-    if any(tasks for _, tasks in theirs):
-        raise UsageError(
-            f"the record keys asked for were planned for --device {other}, but the Ray tasks "
-            f"run on {kind} (the cluster {'has' if kind == 'cuda' else 'has no'} GPUs).",
-            hint=f"Plan the grid, and run, with --device {kind}.",
-        )
+    theirs = plan_grid(inputs, methods, budgets, _planned(config, other), params=params)
+    if not only.isdisjoint(theirs.keys):
+        _refuse_other_kind(other, kind)
+
+
+def _refuse_other_kind(other: str, kind: str) -> None:
+    raise UsageError(
+        f"the record keys asked for were planned for --device {other}, but the Ray tasks "
+        f"run on {kind} (the cluster {'has' if kind == 'cuda' else 'has no'} GPUs).",
+        hint=f"Plan the grid, and run, with --device {kind}.",
+    )
 
 
 def _local(config: RunConfig) -> RunConfig:
@@ -236,13 +254,16 @@ class _Task:
         return f"layer {job.layer}: {text}" if layered else text
 
 
-def _wanted(inputs, methods, budgets, config, params, only) -> list[tuple[QKV, list[_Task]]]:
-    """Each input with its tasks: the jobs with at least one wanted key (``only``; None: all)."""
+def _wanted(
+    inputs: Sequence[QKV], jobs: Sequence[GridJob], only: frozenset[str] | None
+) -> list[tuple[QKV, list[_Task]]]:
+    """Each input with its tasks: its planned jobs with at least one wanted key (``only``;
+    None: all)."""
     plans = []
     for index, qkv in enumerate(inputs):
         tasks = []
-        for job in plan_grid([qkv], methods, budgets, config, params=params).jobs:
-            pairs = [(s, k) for s, k in zip(job.seeds, job.keys) if only is None or k in only]
+        for job in jobs_of(qkv, jobs):
+            pairs = job.wanted(only)
             if pairs:
                 seeds, keys = zip(*pairs)
                 tasks.append(_Task(index, job, seeds, keys))
@@ -250,22 +271,21 @@ def _wanted(inputs, methods, budgets, config, params, only) -> list[tuple[QKV, l
     return plans
 
 
-def _run_job(qkv, method, budget, config, params, keys) -> RunReport:
-    """The task: one job's wanted records, measured in this worker process."""
-    budgets = [budget] if budget is not None else []
-    return compare(qkv, [method], budgets, config, params={method: params}, only=keys, reuse=True)
+def _run_job(qkv: QKV, job: GridJob, config: RunConfig, keys: frozenset[str]) -> RunReport:
+    """The task: one planned job's wanted records, measured in this worker process (which
+    builds the job's method once: a job travels without it)."""
+    return compare(qkv, config=config, jobs=[job], only=keys, reuse=True)
 
 
 class _Sweep:
     """The tasks of one run on Ray, and the report they make as they finish."""
 
     def __init__(
-        self, ray, inputs, wanted, methods, budgets, config, params,
-        on_start, on_layer, on_result, on_progress,
+        self, ray, inputs, wanted, config, on_start, on_layer, on_result, on_progress
     ):  # fmt: skip
         self.ray = ray
         self.inputs = list(inputs)
-        self.methods, self.budgets, self.config, self.params = methods, budgets, config, params
+        self.config = config
         self.on_start, self.on_layer = on_start, on_layer
         self.on_result, self.on_progress = on_result, on_progress
         self.tasks = [task for _, tasks in wanted for task in tasks]
@@ -290,11 +310,7 @@ class _Sweep:
         interrupted = False
         try:
             for task in self.tasks:
-                job = task.job
-                ref = remote.remote(
-                    stored[task.index], job.method, job.budget, self.config, job.params,
-                    frozenset(task.keys),
-                )  # fmt: skip
+                ref = remote.remote(stored[task.index], task.job, self.config, frozenset(task.keys))
                 pending[ref] = task
             self._progress(f"{len(self.tasks)} tasks on Ray")
             while pending:
@@ -319,8 +335,8 @@ class _Sweep:
             part = self.ray.get(ref)
         except self.ray.exceptions.RayError as exc:
             self._header(task.index, None)
-            status = "oom" if is_out_of_memory(exc) or is_out_of_memory(_cause(exc)) else "error"
-            records = self._failed(task, status, f"ray task failed: {_describe(exc)}")
+            failure = Failure.of(exc, "ray task", refusals=False)  # a refusal is a record
+            records = self._failed(task, failure.status, failure.reason)
         else:
             self._header(task.index, part)
             got = {record.key: record for record in part.results}
@@ -359,36 +375,29 @@ class _Sweep:
     def _local_header(self, qkv: QKV) -> RunReport:
         """The header of an input whose first task failed: its reference and floors computed
         here (no record, no timing); if even that fails, the input without floors."""
-        config = _local(self.config)
         try:
-            return compare(
-                qkv, self.methods, self.budgets, config, params=self.params, only=frozenset()
-            )
+            return compare(qkv, config=_local(self.config), jobs=[])
         except Exception:  # the task failed there too, most likely; its records say why
             return self._bare_header(qkv)
 
     def _bare_header(self, qkv: QKV) -> RunReport:
         """An input's header with no floors: what an interrupt before any task finished keeps."""
-        config = _local(self.config)
-        scale, causal = qkv.scale(config.scale), qkv.causal(config.causal)
+        setting = Setting.of(qkv, _local(self.config))
         return RunReport(
-            environment=self._environment(qkv),
-            input=describe_input(qkv, scale, causal),
+            environment=self._environment(setting),
+            input=describe_input(qkv, setting.scale, setting.mask),
             floors=Floors({}, {}),
         )
 
-    def _environment(self, qkv: QKV):
-        from kdecli.devices import resolve_dtype
-
-        kind = _device_kind(_local(self.config).device)
-        dtype = self.config.dtype
-        dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype) or qkv.q.dtype
-        return environment(torch.device(kind), dtype)
+    def _environment(self, setting: Setting):
+        """The environment the driver names for records it makes itself: the device kind it
+        has of the tasks' (``_local``), the working dtype."""
+        return environment(torch.device(_device_kind(_local(self.config).device)), setting.dtype)
 
     def _failed(self, task: _Task, status: str, reason: str) -> list[Result]:
         """One record per wanted key of a task that returned none."""
         job, cls = task.job, get_method_class(task.job.method)
-        env = self._environment(self.inputs[task.index])
+        env = self._environment(job.setting)
         return [
             Result(
                 method=job.method,
@@ -405,7 +414,7 @@ class _Sweep:
                 beats_mean_floor=None,
                 environment=env,
                 layer=job.layer,
-                budget_mode=self.config.budget_mode,
+                budget_mode=job.setting.budget_mode,
                 key=key,
             )
             for seed, key in zip(task.seeds, task.keys)
@@ -431,15 +440,3 @@ class _Sweep:
         report.interrupted = interrupted
         self._progress("interrupted" if interrupted else "done")
         return report
-
-
-def _cause(exc: BaseException) -> BaseException | None:
-    """The worker's own exception inside a ``RayTaskError`` (None for Ray's own failures)."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else None
-
-
-def _describe(exc: BaseException) -> str:
-    """``UsageError: unknown method `ghost`.``: the worker's exception, else Ray's."""
-    shown = _cause(exc) or exc
-    return f"{type(shown).__name__}: {first_line(shown)}"

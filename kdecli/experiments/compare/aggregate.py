@@ -1,19 +1,20 @@
 """From records to settings: the seeds of one method × budget × parameters, summarised.
 
-A table row, a Pareto candidate and a plotted point are all one *setting*; its error is the mean
-over seeds of each record's slice-mean (the std is over seeds, the max over slices and seeds).
+A table row, a Pareto candidate and a plotted point are all one *setting*; its error is a
+``SeedStats`` (``kdecli.measure.figures``): the mean over seeds of each record's slice-mean (the
+std is over seeds, the max over slices and seeds, a row sample's bounds the means of the seeds').
 The comparison with the mean-of-V floor is defined here once (``beats_floor``), for records and
 for settings alike.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from kdecli.experiments.compare.records import Result, ResultTime, Summary
+from kdecli.experiments.compare.records import Result, ResultTime
+from kdecli.measure.figures import SeedStats, Summary
 from kdecli.measure.metrics import METRICS
 
 _MEASURED = Summary(None, None)  # a stand-in for a metric a record does not hold
@@ -26,26 +27,6 @@ def beats_floor(error: float | None, floor: float | None) -> bool | None:
     if error is None or floor is None:
         return None
     return error < floor
-
-
-@dataclass(frozen=True)
-class SeedStats:
-    """One metric of one setting over its seeds.
-
-    Under a row-sampled reference, ``low`` and ``high`` bound the seed-mean: the means over seeds
-    of each record's interval bounds.  Every seed is measured on the same rows and the same
-    bootstrap resamples, so its estimates move together (comonotone): the quantile of their mean
-    is then the mean of their quantiles, and where they are less than fully dependent this
-    interval is the wider one (conservative).  ``lower_bound``: the values are maxima over the
-    sampled rows, lower bounds of the true ones.
-    """
-
-    mean: float
-    std: float
-    max: float
-    low: float | None = None
-    high: float | None = None
-    lower_bound: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,26 +128,8 @@ def primary_metric(results: Iterable[Result]) -> str:
 
 def _seed_stats(records: Sequence[Result], name: str) -> SeedStats | None:
     """Mean and std over seeds of the records' slice-means; max over slices and seeds; the mean
-    interval bounds (see ``SeedStats``)."""
-    summaries = [r.errors[name] for r in records if name in r.errors]
-    means = [s.mean for s in summaries if s.mean is not None]
-    if not means:
-        return None
-    maxima = [s.max for s in summaries if s.note is None]
-    intervals = [s.interval for s in summaries if s.mean is not None]
-    low = high = None
-    if all(i is not None and i.low is not None and i.high is not None for i in intervals):
-        low = statistics.fmean(i.low for i in intervals)
-        high = statistics.fmean(i.high for i in intervals)
-    return SeedStats(
-        statistics.fmean(means),
-        statistics.stdev(means) if len(means) > 1 else 0.0,
-        # a null max is a non-finite value that JSON could not hold
-        math.inf if None in maxima else max(maxima),
-        low,
-        high,
-        any(s.lower_bound for s in summaries),
-    )
+    interval bounds (``SeedStats.over``)."""
+    return SeedStats.over([r.errors[name] for r in records if name in r.errors])
 
 
 def group_settings(results: Iterable[Result]) -> list[tuple[Result, ...]]:
@@ -219,19 +182,9 @@ def mean_over_layers(
     for group in groups.values():
         errors = {}
         for name in METRICS:
-            values = [s.errors[name].mean for s in group if name in s.errors]
-            if len(values) == len(group):
-                spread = statistics.stdev(values) if len(values) > 1 else 0.0
-                worst = max(s.errors[name].max for s in group)
-                stats = [s.errors[name] for s in group]
-                low = high = None  # as over seeds: the mean of the layers' bounds
-                if all(x.low is not None and x.high is not None for x in stats):
-                    low = statistics.fmean(x.low for x in stats)
-                    high = statistics.fmean(x.high for x in stats)
-                bounded = any(x.lower_bound for x in stats)
-                errors[name] = SeedStats(
-                    statistics.fmean(values), spread, worst, low, high, bounded
-                )
+            stats = [s.errors[name] for s in group if name in s.errors]
+            if len(stats) == len(group):  # as over seeds: the mean of the layers' bounds
+                errors[name] = SeedStats.over(stats)
         floors = [mean_floor(s.first.layer) for s in group]
         beats = None
         if group[0].role != "baseline" and metric in errors and None not in floors:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,10 +40,21 @@ from kdecli.experiments.compare.records import (
     RunReport,
     load_document,
 )
-from kdecli.files import atomic_path, check_writable, write_failure
 from kdecli.measure.metrics import METRICS
+from kdecli.render.cells import fmt_time
+from kdecli.render.figures import (
+    FLOOR,
+    ZERO,
+    caption,
+    check_plot_path,
+    log_if_spread,
+    method_colours,
+    new_figure,
+    require_matplotlib,
+    save_figure,
+    shared_legend,
+)
 
-SUFFIXES = (".png", ".svg", ".pdf")
 X_AXES = {
     "budget": "budget (keys or features per query)",
     "time": "time per call (s, median)",
@@ -59,34 +69,6 @@ Y_LABELS = {
 }
 DOC_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
 BAND = "min–max over seeds"
-
-# ---- matplotlib and paths ----------------------------------------------------------------------
-
-
-def require_matplotlib():
-    """The ``matplotlib`` module, or a UsageError that says how to install it."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise UsageError(
-            "plotting needs matplotlib, which is not installed.", hint="pip install 'kdecli[plot]'"
-        ) from None
-    return matplotlib
-
-
-def check_plot_path(path: str | os.PathLike) -> Path:
-    """Refuse an image path that cannot be written, before a long run rather than after it."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise UsageError(
-            f"{path}: cannot write a {suffix or 'suffix-less'} image; "
-            f"give a file name ending in {', '.join(SUFFIXES)}."
-        )
-    check_writable(path, str(path))
-    require_matplotlib()
-    return path
-
 
 # ---- reading results ---------------------------------------------------------------------------
 
@@ -246,12 +228,6 @@ def _floor(doc: RunReport, which: str, y: str) -> float | None:
     return None if summary is None else summary.mean
 
 
-def _fmt_seconds(seconds: float) -> str:
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.0f} µs"
-    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
-
-
 def figure(
     docs: Sequence[RunReport | dict[str, Any]],
     x: str | Sequence[str] = "budget",
@@ -264,7 +240,6 @@ def figure(
     points, ``"band"`` for the seed bands, ``"floor"`` and ``"reference"`` for the other lines.
     ``names`` (one per document, e.g. file names) tell documents on the same device apart."""
     require_matplotlib()
-    from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, NullLocator
 
     xs = [part.strip() for part in x.split(",")] if isinstance(x, str) else list(x)
@@ -301,8 +276,8 @@ def figure(
         return _layer_figure(docs, y, labels)
     several = len(docs) > 1
     drawn = [r.method for d in docs for r in d.results if r.role != "reference"]
-    colors = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(drawn))}
-    fig = Figure(figsize=(6.4 * len(xs) + 2.6, 5.2), layout="constrained")
+    colors = method_colours(drawn)
+    fig = new_figure(6.4 * len(xs) + 2.6, 5.2)
     axes = fig.subplots(1, len(xs), sharey=True, squeeze=False)[0]
     left_out: list[str] = []
     seeds_seen = 1
@@ -366,27 +341,11 @@ def figure(
                 floors.setdefault(round(value, 6), (value, label))
         for value, label in floors.values():
             where = f" · {label}" if len(floors) > 1 else ""
-            ax.axhline(
-                value,
-                color="0.35",
-                linestyle="--",
-                linewidth=1,
-                gid="floor",
-                label=f"mean-of-V floor {value:.3g}{where}",
-            )
-        positive = [v for v in values + [v for v, _ in floors.values()] if v > 0]
-        if positive and max(positive) > 10 * min(positive):
-            ax.set_yscale("log", nonpositive="mask")
+            ax.axhline(value, label=f"mean-of-V floor {value:.3g}{where}", **FLOOR)
+        log_if_spread(ax, values + [v for v, _ in floors.values()])
         zero = _floor(docs[0], "zero", y)
         if zero is not None and zero <= 2 * max(values):
-            ax.axhline(
-                zero,
-                color="0.35",
-                linestyle=":",
-                linewidth=1,
-                gid="floor",
-                label=f"zero output {zero:.3g}",
-            )
+            ax.axhline(zero, label=f"zero output {zero:.3g}", **ZERO)
         for doc, label, (dash, _) in zip(docs, labels, DOC_STYLES * len(docs)):
             ref = (
                 _exact_time(doc)
@@ -396,7 +355,7 @@ def figure(
                 else None
             )
             if ref is not None:
-                text = _fmt_seconds(ref) if axis == "time" else f"{ref:.3g} FLOPs"
+                text = fmt_time(ref) if axis == "time" else f"{ref:.3g} FLOPs"
                 ax.axvline(
                     ref,
                     color="black",
@@ -429,53 +388,39 @@ def figure(
             hint=hint,
         )
     fig.suptitle(_title(docs, y, xs), fontsize="medium", x=0.01, ha="left")
-    handles: dict[str, Any] = {}
-    for ax in axes:
-        for handle, text in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(text, handle)
-    fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize="small")
-    caption = (
+    shared_legend(fig, axes)
+    text = (
         f"Points: mean over seeds of each record's slice-mean {y}; bands (bars where x steps "
         f"back): {BAND} "
         f"(up to {seeds_seen} seed{'s' if seeds_seen > 1 else ''}). exact is the reference "
         "(error ≈ rounding): not drawn as a method."
     )
     if "budget" in xs:
-        caption += " On budget axes `mean` is the dashed mean-of-V floor."
+        text += " On budget axes `mean` is the dashed mean-of-V floor."
     if several:
-        caption += " Line styles tell the results files apart."
+        text += " Line styles tell the results files apart."
     if sampled:
-        caption += (
+        text += (
             " Thin bars: the 95 % bootstrap interval of the row-sampled estimate (the mean of the "
             "seeds' bounds)."
         )
     if fallback:
-        caption += " " + fallback
+        text += " " + fallback
     if left_out:
-        caption += " Not shown: " + "; ".join(dict.fromkeys(left_out)) + "."
-    fig.text(
-        0.01,
-        -0.01,
-        "\n".join(textwrap.wrap(caption, 60 + 45 * len(xs))),
-        ha="left",
-        va="top",
-        fontsize="small",
-        gid="caption",
-    )
+        text += " Not shown: " + "; ".join(dict.fromkeys(left_out)) + "."
+    caption(fig, text, 60 + 45 * len(xs))
     return fig
 
 
 def _layer_figure(docs: Sequence[RunReport], y: str, labels: Sequence[str]):
     """Error against layer: one line per method × budget (mean over seeds, min–max band), and the
     mean-of-V floor of each layer as a dashed line."""
-    from matplotlib.figure import Figure
-
     if not any(d.layers for d in docs):
         raise UsageError(
             "no result has a layer: --x layer draws runs over a capture's layers.",
             hint="Run `kdecli compare CAPTURE.h5 --all-layers` (or CAPTURE.h5:/layer*).",
         )
-    fig = Figure(figsize=(9.0, 5.2), layout="constrained")
+    fig = new_figure(9.0, 5.2)
     ax = fig.subplots()
     several = len(docs) > 1
     values: list[float] = []
@@ -484,8 +429,7 @@ def _layer_figure(docs: Sequence[RunReport], y: str, labels: Sequence[str]):
         floors = [(x.layer, x.floors.mean.get(y)) for x in doc.layers if x.layer is not None]
         floors = [(layer, f.mean) for layer, f in floors if f is not None and _finite(f.mean)]
         if floors:
-            ax.plot(*zip(*floors), color="0.35", linestyle="--", linewidth=1, gid="floor",
-                    label=f"mean-of-V floor{where}")  # fmt: skip
+            ax.plot(*zip(*floors), label=f"mean-of-V floor{where}", **FLOOR)
         lines: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         for r in doc.results:
             if r.ok and r.layer is not None and r.role in ("approximation", "oracle"):
@@ -511,9 +455,7 @@ def _layer_figure(docs: Sequence[RunReport], y: str, labels: Sequence[str]):
                                 gid="band")  # fmt: skip
     if not values:
         raise UsageError(f"nothing to plot: no result with status ok has {y} and a layer.")
-    positive = [v for v in values if v > 0]
-    if positive and max(positive) > 10 * min(positive):
-        ax.set_yscale("log", nonpositive="mask")
+    log_if_spread(ax, values)
     all_layers = sorted({x.layer for d in docs for x in d.layers if x.layer is not None})
     ax.set_xticks(all_layers)
     ax.set_xlabel(X_AXES["layer"])
@@ -537,11 +479,5 @@ def plot_reports(
 ) -> Path:
     """Draw ``docs`` (``RunReport``s, or their JSON documents as dicts) to
     ``path`` (.png, .svg or .pdf) and return the path."""
-    path = check_plot_path(path)
-    fig = figure(docs, x, y, names=names)
-    try:  # drawn to a temporary file beside it, renamed into place when complete
-        with atomic_path(path) as partial:
-            fig.savefig(partial, dpi=150, bbox_inches="tight", format=path.suffix[1:].lower())
-    except OSError as exc:
-        raise write_failure(str(path), exc) from None
-    return path
+    check_plot_path(path)  # before drawing: a bad path is refused at once
+    return save_figure(figure(docs, x, y, names=names), path)

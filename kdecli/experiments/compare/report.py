@@ -1,36 +1,41 @@
 """Render a ``RunReport``: a table for people (rich or Markdown), JSON / JSONL / CSV for other tools.
 
 The table has one row per setting (method × budget × parameters: seeds aggregated, mean ± std of
-each record's slice-mean); JSON, JSONL and CSV keep every record.  The rich table fits the width it
-is printed at: method names and numbers are never cut.  The method, budget, the primary metric's
-mean ± std, time, speed-up and status are always shown; the other columns join, in the order of
-``OPTIONAL``, while they fit, and a line under the table names what was left out and how to get it.
-``--columns`` chooses the columns instead.
+each record's slice-mean; ``kdecli.experiments.compare.columns`` says what each column shows and
+which are shown); JSON, JSONL and CSV keep every record.  The rich table fits the width it is
+printed at (``kdecli.render.table``): method names and numbers are never cut, and a line under the
+table names what was left out and how to get it.  ``--columns`` chooses the columns instead.
+Under the table: the resolved parameters, the cheapest settings (``--target-error``), the floors,
+the reference, the environment and what the marks (``≈``, ``≥``) mean.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TextIO
+from collections.abc import Sequence
+from typing import Any, TextIO
 
-from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from kdecli.errors import UsageError
-from kdecli.experiments.compare.aggregate import (
-    Setting,
-    aggregate,
-    mean_over_layers,
-    primary_metric,
+from kdecli.experiments.compare.aggregate import Setting, aggregate, mean_over_layers
+from kdecli.experiments.compare.columns import (
+    ALWAYS,
+    COLUMN_KEYS,
+    EXTRAPOLATED,
+    LOWER_BOUND,
+    NOT_AVAILABLE,
+    budget_label,
+    choose_columns,
+    extrapolated,
+    layout,
+    method_label,
+    parse_columns,
 )
 from kdecli.experiments.compare.records import (
+    Result,
     RunReport,
     Summary,
     jsonl_header,
@@ -39,280 +44,18 @@ from kdecli.experiments.compare.records import (
     to_json,
 )
 from kdecli.measure.metrics import METRICS
+from kdecli.render import table
+from kdecli.render.cells import fmt_flops, fmt_params, fmt_time
+from kdecli.render.table import FILE_WIDTH
+from kdecli.render.writers import csv_text
+
+__all__ = [
+    "ALWAYS", "COLUMN_KEYS", "FILE_WIDTH", "FORMATS", "REPORT_FORMATS", "choose_columns",
+    "parse_columns", "render", "render_table", "render_text", "to_csv", "to_json", "to_markdown",
+]  # fmt: skip
 
 FORMATS = ("table", "json", "jsonl", "csv")
 REPORT_FORMATS = ("table", "markdown", "csv", "json", "jsonl")
-PRIMARY = "rel_spectral"
-FILE_WIDTH = 200  # a table written to a file or a pipe is not squeezed into 80 columns
-# The status column wraps (its text is a sentence); an optional column joins only if status keeps
-# this much room, enough for "ok · not below mean floor" on one line.
-STATUS_ROOM = 25
-
-
-# ---- cells ---------------------------------------------------------------------------------------
-
-
-def fmt_time(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.0f} µs"
-    if seconds < 1:
-        return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds:.2f} s"
-
-
-def fmt_flops(flops: float | None) -> str:
-    if flops is None:
-        return "—"
-    for factor, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if flops >= factor:
-            return f"{flops / factor:.3g} {unit}"
-    return f"{flops:.3g}"
-
-
-def fmt_params(params: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in params.items()) or "—"
-
-
-def method_label(setting: Setting) -> str:
-    return setting.method + (" (oracle)" if setting.role == "oracle" else "")
-
-
-def budget_label(setting: Setting) -> str:
-    return "—" if setting.budget is None else str(setting.budget)
-
-
-def status_text(setting: Setting) -> str:
-    """ok, or what went wrong; then the floor marker and what else the method estimates."""
-    text = setting.status if setting.status == "ok" else f"{setting.status}: {setting.reason}"
-    ok = len(setting.ok_records)
-    if setting.status == "ok" and ok < setting.seeds:
-        text = f"{ok}/{setting.seeds} seeds ok: {setting.reason}"
-    if setting.beats_mean_floor is False:
-        text += " · not below mean floor"
-    if setting.estimates != "softmax":
-        text += f" · estimates {setting.estimates}"
-    return text
-
-
-NOT_AVAILABLE = "n/a (rows)"  # a metric a row-sampled reference cannot give (rel_spectral)
-LOWER_BOUND = "≥ "  # a max over sampled rows: the true max is at least this
-
-
-def _missing(setting: Setting, metric: str) -> str:
-    return NOT_AVAILABLE if setting.unavailable(metric) else "—"
-
-
-def _error_mean(metric: str) -> Callable[[Setting], str]:
-    def cell(setting: Setting) -> str:
-        stats = setting.errors.get(metric)
-        if stats is None:
-            return _missing(setting, metric)
-        text = f"{stats.mean:.4f}"
-        if len(setting.ok_records) > 1:
-            text += f" ± {stats.std:.4f}"
-        if stats.low is not None and stats.high is not None:
-            # a row sample's 95 % interval, under the estimate (a line of its own keeps the column
-            # narrow; Markdown puts it beside)
-            text += f"\n[{stats.low:.4f}, {stats.high:.4f}]"
-        return (LOWER_BOUND if stats.lower_bound else "") + text
-
-    return cell
-
-
-def _error_max(metric: str) -> Callable[[Setting], str]:
-    def cell(setting: Setting) -> str:
-        stats = setting.errors.get(metric)
-        if stats is None:
-            return _missing(setting, metric)
-        return (LOWER_BOUND if stats.lower_bound else "") + f"{stats.max:.4f}"
-
-    return cell
-
-
-EXTRAPOLATED = "≈"  # marks an exact time (and the speed-up over it) scaled from a row sample
-
-
-def _extrapolated(setting: Setting, which: str = "exact_s") -> bool:
-    """Is exact attention's time (``exact_s``, or ``exact_backward_s``) scaled from a row sample?"""
-    time = setting.time
-    stat = None if time is None else getattr(time, which)
-    return bool(stat is not None and stat.extrapolated)
-
-
-def _mark(setting: Setting, text: str, which: str = "exact_s") -> str:
-    return f"{EXTRAPOLATED} {text}" if _extrapolated(setting, which) and text != "—" else text
-
-
-def _speedup(setting: Setting) -> str:
-    time = setting.time
-    return _mark(setting, f"{time.speedup:.1f}×") if time is not None and time.speedup else "—"
-
-
-def _exact_time(setting: Setting) -> str:
-    return _mark(setting, fmt_time(setting.time and setting.time.exact_median))
-
-
-def _backward_time(setting: Setting) -> str:
-    return fmt_time(setting.time and setting.time.backward_median)
-
-
-def _backward_speedup(setting: Setting) -> str:
-    time = setting.time
-    if time is None or not time.backward_speedup:
-        return "—"
-    return _mark(setting, f"{time.backward_speedup:.1f}×", "exact_backward_s")
-
-
-def _exact_backward_time(setting: Setting) -> str:
-    text = fmt_time(setting.time and setting.time.exact_backward_median)
-    return _mark(setting, text, "exact_backward_s")
-
-
-def _timed_backward(setting: Setting) -> bool:
-    """Was a forward + backward asked for in this setting's timing (timed, or why not)?"""
-    time = setting.time
-    return time is not None and (
-        time.backward_s is not None
-        or time.exact_backward_s is not None
-        or time.backward_note is not None
-    )
-
-
-def _fraction(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3g}"
-
-
-def _keys(value: float | None) -> str:
-    return "—" if value is None else f"{value:.4g}"
-
-
-@dataclass(frozen=True)
-class Column:
-    """One table column: its ``--columns`` name, header, and how a setting fills it."""
-
-    key: str
-    header: str
-    cell: Callable[[Setting], str]
-    justify: str = "right"
-    needs: str | None = None  # a metric the column shows; absent from every row -> no column
-    flat: str | None = None  # the header on one line (Markdown), when it differs
-
-    @property
-    def one_line_header(self) -> str:
-        return self.flat or self.header.replace("\n", " ")
-
-
-def _columns() -> list[Column]:
-    """Every column, in display order."""
-    columns = [
-        Column("layer", "layer", lambda s: "—" if s.layer is None else str(s.layer), "left"),
-        Column("method", "method", method_label, "left"),
-        Column("budget", "budget", budget_label),
-    ]
-    for metric in METRICS:
-        short = "bound" if metric == "bound_normalized" else metric
-        columns.append(Column(short, f"{metric}\nmean ± std", _error_mean(metric), needs=metric))
-        columns.append(
-            Column(f"{short}_max", "max", _error_max(metric), needs=metric, flat=f"{metric} max")
-        )
-    columns += [
-        Column("time", "time", lambda s: fmt_time(s.time and s.time.method_median)),
-        Column("exact_time", "exact", _exact_time),
-        Column("speedup", "speed-up", _speedup),
-        Column("backward", "fwd+bwd", _backward_time),
-        Column("exact_backward", "exact\nfwd+bwd", _exact_backward_time, flat="exact fwd+bwd"),
-        Column(
-            "backward_speedup",
-            "fwd+bwd\nspeed-up",
-            _backward_speedup,
-            flat="fwd+bwd speed-up",
-        ),  # fmt: skip
-        Column("flops", "FLOPs", lambda s: fmt_flops(s.flops)),
-        Column(
-            "flops_fraction",
-            "FLOPs\n/exact",
-            lambda s: _fraction(s.flops_fraction),
-            flat="FLOPs / exact",
-        ),  # fmt: skip
-        Column("keys", "keys\n/query", lambda s: _keys(s.keys_per_query), flat="keys per query"),
-        Column("status", "status", status_text, "left"),
-    ]
-    return columns
-
-
-COLUMNS = _columns()
-COLUMN_KEYS = tuple(c.key for c in COLUMNS)
-ALWAYS = ("layer", "method", "budget", "rel_spectral", "time", "speedup", "status")
-# Joined while they fit, in this order: the spread of the primary metric first, the forward +
-# backward time and its speed-up (present only when --backward timed them, which asks for them),
-# the cost as a fraction of exact attention's, then the other metrics, then what the time is
-# measured against and what a query pays.
-OPTIONAL = (
-    "rel_spectral_max", "backward_speedup", "backward", "flops_fraction", "rel_frobenius",
-    "max_row_rel", "bound", "exact_time", "exact_backward", "keys", "rel_frobenius_max",
-    "max_row_rel_max", "bound_max", "flops",
-)  # fmt: skip
-BACKWARD_COLUMNS = ("backward", "exact_backward", "backward_speedup")
-
-
-def parse_columns(text: str | None) -> tuple[str, ...] | None:
-    """``--columns a,b,c`` or ``all``; None means choose by width."""
-    if text is None:
-        return None
-    if text.strip() == "all":
-        return COLUMN_KEYS
-    keys = tuple(key.strip() for key in text.split(",") if key.strip())
-    unknown = [key for key in keys if key not in COLUMN_KEYS]
-    if unknown or not keys:
-        raise UsageError(
-            f"--columns: unknown column {', '.join(map(repr, unknown)) or '(none given)'}; "
-            f"choose from {', '.join(COLUMN_KEYS)}, or all."
-        )
-    return keys
-
-
-def _width(column: Column, rows: Sequence[Setting]) -> int:
-    cells = [column.cell(row) for row in rows]
-    return max(cell_len(line) for text in (*cells, column.header) for line in text.split("\n"))
-
-
-def choose_columns(
-    rows: Sequence[Setting], width: int, asked: Sequence[str] | None = None
-) -> tuple[list[Column], list[str]]:
-    """The columns to draw at ``width`` and the names of those left out for lack of room."""
-    present = {m for row in rows for m in METRICS if m in row.errors or row.unavailable(m)}
-    available = {c.key: c for c in COLUMNS if c.needs is None or c.needs in present}
-    if all(row.layer is None for row in rows):  # not a run over a capture's layers
-        available.pop("layer")
-    if not any(_timed_backward(row) for row in rows):  # no --backward
-        for key in BACKWARD_COLUMNS:
-            available.pop(key)
-    if asked is not None:
-        return [available[key] for key in COLUMN_KEYS if key in asked and key in available], []
-    widths = {key: _width(column, rows) for key, column in available.items()}
-    status_width = min(widths["status"], STATUS_ROOM)
-
-    def table_width(keys: list[str]) -> int:  # each column: its cells, padding 2, a border
-        return 1 + sum(3 + (status_width if k == "status" else widths[k]) for k in keys)
-
-    always, optional = ALWAYS, OPTIONAL
-    if primary_metric(r for row in rows for r in row.records) != PRIMARY:
-        # a row sample: its rel_frobenius estimate leads; rel_spectral (n/a) joins if it fits
-        always = tuple("rel_frobenius" if key == PRIMARY else key for key in ALWAYS)
-        rest = [key for key in OPTIONAL if key not in ("rel_frobenius", "rel_spectral_max")]
-        optional = (PRIMARY, *rest, "rel_spectral_max")
-    chosen = [key for key in always if key in available]
-    left_out = []
-    for key in optional:
-        if key not in available:
-            continue
-        if table_width([*chosen, key]) <= width:
-            chosen.append(key)
-        else:
-            left_out.append(key)
-    return [available[key] for key in COLUMN_KEYS if key in chosen], left_out
 
 
 # ---- the tables ----------------------------------------------------------------------------------
@@ -320,35 +63,16 @@ def choose_columns(
 
 def render_table(report: RunReport, console: Console, columns: Sequence[str] | None = None) -> None:
     rows = table_rows(report)
-    chosen, left_out = choose_columns(rows, console.width, columns)
-    if columns is not None:
-        # asked for explicitly: draw them all, past the terminal's edge rather than cut a number
-        natural = 1 + sum(3 + _width(c, rows) for c in chosen)
-        console.width = max(console.width, natural)
-    table = Table(title=Text(title(report)), title_justify="left")
-    for column in chosen:
-        wraps = column.key == "status"
-        table.add_column(
-            column.header,
-            justify=column.justify,
-            no_wrap=not wraps,
-            overflow="fold" if wraps else "ignore",
-            min_width=None if wraps else _width(column, rows),
-        )
-    for row in rows:
-        style = None if row.status == "ok" else "red"
-        if row.beats_mean_floor is False:
-            style = "yellow"
-        table.add_row(*(Text(column.cell(row)) for column in chosen), style=style)
-    console.print(table)
-    if left_out:
-        console.print(
-            f"Not shown at width {console.width}: {', '.join(left_out)} "
-            "(--columns all shows every column; --columns a,b,... chooses).",
-            highlight=False,
-            markup=False,
-        )
+    choice = table.choose(layout(rows), rows, console.width, columns)
+    table.draw(console, title(report), choice, rows, _style)
     _print_footer(report, rows, console)
+
+
+def _style(row: Setting) -> str | None:
+    """Red: failed; yellow: no better than the mean-of-V floor."""
+    if row.beats_mean_floor is False:
+        return "yellow"
+    return None if row.status == "ok" else "red"
 
 
 def _print_footer(report: RunReport, rows: list[Setting], console: Console) -> None:
@@ -463,7 +187,7 @@ def extrapolated_line(rows: Sequence[Setting]) -> str | None:
             (getattr(s.time, which).extrapolated_rows, s.first.environment.device)
             for s in rows
             for which in ("exact_s", "exact_backward_s")
-            if _extrapolated(s, which)
+            if extrapolated(s, which)
         },
         key=str,
     )
@@ -539,19 +263,7 @@ def render_pareto(report: RunReport, rows: list[Setting], console: Console) -> N
 def to_markdown(report: RunReport, columns: Sequence[str] | None = None) -> str:
     """The table as GitHub Markdown (every column unless ``columns`` chooses), with its caption."""
     rows = table_rows(report)
-    chosen, _ = choose_columns(rows, 10**6, columns)
-
-    def escape(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    headers = [escape(c.one_line_header) for c in chosen]
-    lines = [
-        f"**{escape(title(report))}**",
-        "",
-        "| " + " | ".join(headers) + " |",
-        "|" + "|".join("---:" if c.justify == "right" else "---" for c in chosen) + "|",
-    ]
-    lines += ["| " + " | ".join(escape(c.cell(row)) for c in chosen) + " |" for row in rows]
+    lines = table.markdown_table(layout(rows), rows, title(report), columns)
     lines += ["", floors_line(report), "", reference_line(report), "", environment_line(report)]
     note = extrapolated_line(rows)
     if note:
@@ -599,66 +311,60 @@ CSV_FIELDS = [
 
 
 def to_csv(report: RunReport) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for r in report.results:
-        row = {
-            "method": r.method,
-            "budget": r.budget,
-            "seed": r.seed,
-            "status": r.status,
-            "reason": r.reason,
-            "oracle": r.oracle,
-            "flops": r.flops,
-            "beats_mean_floor": r.beats_mean_floor,
-            "params": json.dumps(r.params, sort_keys=True),
-        }
-        for m in METRICS:
-            summary = r.errors.get(m)
-            row[f"{m}_mean"] = None if summary is None else summary.mean
-            row[f"{m}_max"] = None if summary is None else summary.max
-        time, method_s = r.time, r.time and r.time.method_s
-        row["method_s_median"] = method_s.median if method_s else None
-        row["method_s_iqr"] = method_s.iqr if method_s else None
-        row["exact_s_median"] = time.exact_median if time else None
-        row["speedup"] = time.speedup if time else None
-        row["method_s_repeats"] = method_s.repeats if method_s else None
-        row["exact_s_extrapolated"] = time.exact_s.extrapolated if time and time.exact_s else None
-        row["peak_memory_bytes"] = method_s.peak_memory_bytes if method_s else None
-        row["memory_source"] = method_s.memory_source if method_s else None
-        row.update(
-            keys_per_query=r.keys_per_query,
-            flops_fraction=r.flops_fraction,
-            budget_mode=r.budget_mode,
-        )
-        row.update(scale=report.input.scale, dtype=r.environment.dtype, device=r.environment.device)
-        interval = r.errors.get("rel_frobenius", Summary(None, None)).interval
-        row["rel_frobenius_low"] = None if interval is None else interval.low
-        row["rel_frobenius_high"] = None if interval is None else interval.high
-        row["reference"] = _reference_spec(report)
-        backward, exact_backward = time and time.backward_s, time and time.exact_backward_s
-        row["backward_s_median"] = backward.median if backward else None
-        row["backward_s_iqr"] = backward.iqr if backward else None
-        row["exact_backward_s_median"] = exact_backward.median if exact_backward else None
-        row["backward_speedup"] = time.backward_speedup if time else None
-        row["exact_backward_s_extrapolated"] = (
-            exact_backward.extrapolated if exact_backward else None
-        )
-        row["backward_peak_memory_bytes"] = backward.peak_memory_bytes if backward else None
-        row["backward_note"] = time.backward_note if time else None
-        writer.writerow({k: _finite_or_none(v) for k, v in row.items()})
-    return buffer.getvalue()
+    return csv_text(CSV_FIELDS, (_csv_row(report, r) for r in report.results))
+
+
+def _csv_row(report: RunReport, r: Result) -> dict[str, Any]:
+    """One record's CSV row: its figures, the input's scale and its environment."""
+    row = {
+        "method": r.method,
+        "budget": r.budget,
+        "seed": r.seed,
+        "status": r.status,
+        "reason": r.reason,
+        "oracle": r.oracle,
+        "flops": r.flops,
+        "beats_mean_floor": r.beats_mean_floor,
+        "params": json.dumps(r.params, sort_keys=True),
+    }
+    for m in METRICS:
+        summary = r.errors.get(m)
+        row[f"{m}_mean"] = None if summary is None else summary.mean
+        row[f"{m}_max"] = None if summary is None else summary.max
+    time, method_s = r.time, r.time and r.time.method_s
+    row["method_s_median"] = method_s.median if method_s else None
+    row["method_s_iqr"] = method_s.iqr if method_s else None
+    row["exact_s_median"] = time.exact_median if time else None
+    row["speedup"] = time.speedup if time else None
+    row["method_s_repeats"] = method_s.repeats if method_s else None
+    row["exact_s_extrapolated"] = time.exact_s.extrapolated if time and time.exact_s else None
+    row["peak_memory_bytes"] = method_s.peak_memory_bytes if method_s else None
+    row["memory_source"] = method_s.memory_source if method_s else None
+    row.update(
+        keys_per_query=r.keys_per_query,
+        flops_fraction=r.flops_fraction,
+        budget_mode=r.budget_mode,
+    )
+    row.update(scale=report.input.scale, dtype=r.environment.dtype, device=r.environment.device)
+    interval = r.errors.get("rel_frobenius", Summary(None, None)).interval
+    row["rel_frobenius_low"] = None if interval is None else interval.low
+    row["rel_frobenius_high"] = None if interval is None else interval.high
+    row["reference"] = _reference_spec(report)
+    backward, exact_backward = time and time.backward_s, time and time.exact_backward_s
+    row["backward_s_median"] = backward.median if backward else None
+    row["backward_s_iqr"] = backward.iqr if backward else None
+    row["exact_backward_s_median"] = exact_backward.median if exact_backward else None
+    row["backward_speedup"] = time.backward_speedup if time else None
+    row["exact_backward_s_extrapolated"] = exact_backward.extrapolated if exact_backward else None
+    row["backward_peak_memory_bytes"] = backward.peak_memory_bytes if backward else None
+    row["backward_note"] = time.backward_note if time else None
+    return row
 
 
 def _reference_spec(report: RunReport) -> str:
     """``full`` or ``rows:R``: the CSV's ``reference`` column."""
     ref = report.reference
     return f"rows:{ref.rows}" if ref.sampled else "full"
-
-
-def _finite_or_none(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def render_text(report: RunReport, fmt: str, **options) -> str:
@@ -692,9 +398,6 @@ def render(
     elif fmt == "markdown":
         stream.write(to_markdown(report, columns))
     elif fmt == "table":
-        if width is None and not stream.isatty():
-            width = FILE_WIDTH
-        console = Console(file=stream, width=width, soft_wrap=False, force_terminal=colour or None)
-        render_table(report, console, columns)
+        render_table(report, table.console_for(stream, width, colour), columns)
     else:
         raise ValueError(fmt)

@@ -1,100 +1,93 @@
-"""Render a ``DriftReport``: a rich table that fits the terminal, CSV, or the JSON document.
+"""Render a ``DriftReport``: a table that fits the terminal (rich or Markdown), CSV, or its JSON.
 
 One row per method × budget.  Each figure is shown as mean ± std over seeds with the ``mean``
 baseline's value (the floor) in the column beside it; a method whose figure is no better than the
 floor's is drawn yellow, one that could not run red with its reason.  The method, budget, the output
 figure (KL for next-token models, cosine for embedding models) and its floor, time, speed-up and
-status always show; the other columns join while they fit, as in ``kdecli.experiments.compare.report``.
+status always show; the other columns join while they fit, and ``--columns`` chooses, as for every
+table (``kdecli.render.table``).
 """
 
 from __future__ import annotations
 
-import csv
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from rich.cells import cell_len
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from kdecli.experiments.drift.records import DriftReport, DriftResult, drift_json
+from kdecli.measure.figures import SeedStats
+from kdecli.render import table
+from kdecli.render.cells import MISSING, fmt_number, fmt_speedup, fmt_time
+from kdecli.render.table import Column, Layout
+from kdecli.render.writers import csv_text
 
-from kdecli.experiments.compare.report import FILE_WIDTH, fmt_time
-from kdecli.experiments.drift.records import DriftReport, DriftResult, SeedStat, drift_json
-
-FORMATS = ("table", "json", "csv")
-
-
-def _num(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3g}"
+FORMATS = ("table", "json", "csv", "markdown")
 
 
-def _stat(stat: SeedStat | None) -> str:
+@dataclass(frozen=True)
+class DriftRow:
+    """A result beside the floor it is read against (the ``mean`` baseline in the same layers)."""
+
+    result: DriftResult
+    floor: DriftResult | None
+
+
+def _stat(stat: SeedStats | None) -> str:
     if stat is None or stat.mean is None:
-        return "—"
+        return MISSING
     if not stat.std:
         return f"{stat.mean:.3g}"
     return f"{stat.mean:.3g} ± {stat.std:.2g}"
 
 
-@dataclass(frozen=True)
-class Column:
-    key: str
-    header: str
-    cell: Callable[[DriftResult, DriftResult | None], str]
-    justify: str = "right"
+def _figure(name: str) -> Callable[[DriftRow], str]:
+    return lambda row: _stat(getattr(row.result, name))
 
 
-def _figure(name: str) -> Callable[[DriftResult, DriftResult | None], str]:
-    return lambda r, floor: _stat(getattr(r, name))
+def _floor_of(name: str) -> Callable[[DriftRow], str]:
+    return lambda row: MISSING if row.floor is None else _stat(getattr(row.floor, name))
 
 
-def _floor_of(name: str) -> Callable[[DriftResult, DriftResult | None], str]:
-    return lambda r, floor: "—" if floor is None else _stat(getattr(floor, name))
+def _hidden(name: str, floor: bool = False) -> Callable[[DriftRow], str]:
+    def cell(row: DriftRow) -> str:
+        of = row.floor if floor else row.result
+        return fmt_number(None if of is None else getattr(of, name))
+
+    return cell
 
 
-def _speedup(r: DriftResult, floor) -> str:
-    return f"{r.time.speedup:.2f}×" if r.time is not None and r.time.speedup else "—"
-
-
-def _status(r: DriftResult, floor) -> str:
+def _status(row: DriftRow) -> str:
+    r = row.result
     return r.status if r.ok else f"{r.status}: {r.reason}"
 
 
-def columns(output: str) -> list[Column]:
-    """Every column for a next-token or an embedding model, in display order."""
-    head = [
-        Column("method", "method", lambda r, f: r.method, "left"),
-        Column("budget", "budget", lambda r, f: "—" if r.budget is None else str(r.budget)),
-    ]
-    if output == "next-token":
-        figures = [
-            Column("kl", "KL(p‖p̂)\nmean ± std", _figure("kl")),
-            Column("kl_floor", "KL\nmean floor", _floor_of("kl")),
-            Column("top1", "top-1\nagreement", _figure("top1")),
-            Column("top1_floor", "top-1\nmean floor", _floor_of("top1")),
-            Column("ppl", "perplexity", _figure("perplexity")),
-            Column("ppl_floor", "ppl\nmean floor", _floor_of("perplexity")),
-        ]
-    else:
-        figures = [
-            Column("cosine", "cosine\nmean ± std", _figure("cosine")),
-            Column("cosine_floor", "cosine\nmean floor", _floor_of("cosine")),
-        ]
-    hidden = [
-        Column("hidden_max", "hidden drift\nmax layer", lambda r, f: _num(r.hidden_max)),
-        Column("hidden_max_floor", "max\nmean floor", lambda r, f: _num(f and f.hidden_max)),
-        Column("hidden_last", "hidden drift\nlast layer", lambda r, f: _num(r.hidden_last)),
-        Column("hidden_last_floor", "last\nmean floor", lambda r, f: _num(f and f.hidden_last)),
-    ]
-    tail = [
-        Column("time", "forward", lambda r, f: fmt_time(r.time and r.time.method_median)),
-        Column("speedup", "speed-up", _speedup),
-        Column("status", "status", _status, "left"),
-    ]
-    return head + figures + hidden + tail
-
-
+HEAD = (
+    Column("method", "method", lambda row: row.result.method, "left"),
+    Column("budget", "budget", lambda row: fmt_number(row.result.budget, "d")),
+)
+NEXT_TOKEN = (
+    Column("kl", "KL(p‖p̂)\nmean ± std", _figure("kl")),
+    Column("kl_floor", "KL\nmean floor", _floor_of("kl")),
+    Column("top1", "top-1\nagreement", _figure("top1")),
+    Column("top1_floor", "top-1\nmean floor", _floor_of("top1")),
+    Column("ppl", "perplexity", _figure("perplexity")),
+    Column("ppl_floor", "ppl\nmean floor", _floor_of("perplexity")),
+)
+EMBEDDING = (
+    Column("cosine", "cosine\nmean ± std", _figure("cosine")),
+    Column("cosine_floor", "cosine\nmean floor", _floor_of("cosine")),
+)
+TAIL = (
+    Column("hidden_max", "hidden drift\nmax layer", _hidden("hidden_max")),
+    Column("hidden_max_floor", "max\nmean floor", _hidden("hidden_max", floor=True)),
+    Column("hidden_last", "hidden drift\nlast layer", _hidden("hidden_last")),
+    Column("hidden_last_floor", "last\nmean floor", _hidden("hidden_last", floor=True)),
+    Column("time", "forward", lambda row: fmt_time(row.result.time and row.result.time.method_median)),
+    Column("speedup", "speed-up", lambda row: fmt_speedup(row.result.time and row.result.time.speedup, ".2f")),
+    Column("status", "status", _status, "left", wraps=True),
+)  # fmt: skip
+# Every column a drift table has, for a next-token or an embedding model (``--columns`` names).
+COLUMN_KEYS = tuple(c.key for c in (*HEAD, *NEXT_TOKEN, *EMBEDDING, *TAIL))
 ALWAYS = (
     "method",
     "budget",
@@ -113,20 +106,19 @@ OPTIONAL = (
 STATUS_ROOM = 12
 
 
-def _width(column: Column, report: DriftReport) -> int:
-    cells = [column.cell(r, report.floor) for r in report.results]
-    return max(cell_len(line) for text in (*cells, column.header) for line in text.split("\n"))
+def layout(output: str) -> Layout[DriftRow]:
+    """The table of a next-token model (KL, top-1, perplexity) or an embedding model (cosine)."""
+    figures = NEXT_TOKEN if output == "next-token" else EMBEDDING
+    return Layout((*HEAD, *figures, *TAIL), ALWAYS, OPTIONAL, STATUS_ROOM)
 
 
-def choose(report: DriftReport, width: int) -> list[Column]:
-    available = {c.key: c for c in columns(report.model.output)}
-    widths = {key: _width(c, report) for key, c in available.items()}
-    widths["status"] = min(widths["status"], STATUS_ROOM)
-    chosen = [key for key in ALWAYS if key in available]
-    for key in OPTIONAL:
-        if key in available and 1 + sum(3 + widths[k] for k in [*chosen, key]) <= width:
-            chosen.append(key)
-    return [c for key, c in available.items() if key in chosen]
+def parse_columns(text: str | None) -> tuple[str, ...] | None:
+    """``--columns a,b,c`` or ``all`` (of a next-token or an embedding model's table)."""
+    return table.parse_columns(text, COLUMN_KEYS)
+
+
+def rows(report: DriftReport) -> list[DriftRow]:
+    return [DriftRow(r, report.floor) for r in report.results]
 
 
 def title(report: DriftReport) -> str:
@@ -142,7 +134,16 @@ def title(report: DriftReport) -> str:
     )
 
 
-def _worse_than_floor(r: DriftResult, floor: DriftResult | None) -> bool:
+def footer(report: DriftReport) -> str:
+    env = report.environment
+    return (
+        f"{env.label()}, {env.threads} threads · mean floor: the `mean` baseline in the same "
+        "layers · hidden drift ‖Ĥ−H‖_F/‖H‖_F · time: one forward over one chunk, median"
+    )
+
+
+def worse_than_floor(r: DriftResult, floor: DriftResult | None) -> bool:
+    """Is the output figure no better than the ``mean`` baseline's (KL as high, cosine as low)?"""
     if floor is None or not r.ok or r.role == "baseline":
         return False
     if r.kl is not None and floor.kl is not None and None not in (r.kl.mean, floor.kl.mean):
@@ -152,36 +153,29 @@ def _worse_than_floor(r: DriftResult, floor: DriftResult | None) -> bool:
     return False
 
 
-def render_table(report: DriftReport, console: Console) -> None:
-    chosen = choose(report, console.width)
-    table = Table(title=Text(title(report)), title_justify="left")
-    for column in chosen:
-        wraps = column.key == "status"
-        table.add_column(
-            column.header,
-            justify=column.justify,
-            no_wrap=not wraps,
-            overflow="fold" if wraps else "ignore",
-            min_width=None if wraps else _width(column, report),
-        )
-    for r in report.results:
-        style = "red" if not r.ok else ("yellow" if _worse_than_floor(r, report.floor) else None)
-        table.add_row(*(Text(c.cell(r, report.floor)) for c in chosen), style=style)
-    console.print(table)
-    env = report.environment
-    console.print(
-        f"{env.label()}, {env.threads} threads · mean floor: the `mean` baseline in the same "
-        "layers · hidden drift ‖Ĥ−H‖_F/‖H‖_F · time: one forward over one chunk, median",
-        highlight=False,
-        markup=False,
-        soft_wrap=True,
-    )
+def _style(row: DriftRow) -> str | None:
+    if not row.result.ok:
+        return "red"
+    return "yellow" if worse_than_floor(row.result, row.floor) else None
+
+
+def render_table(report: DriftReport, console, columns: Sequence[str] | None = None) -> None:
+    layout_, table_rows = layout(report.model.output), rows(report)
+    choice = table.choose(layout_, table_rows, console.width, columns)
+    table.draw(console, title(report), choice, table_rows, _style)
+    console.print(footer(report), highlight=False, markup=False, soft_wrap=True)
+
+
+def to_markdown(report: DriftReport, columns: Sequence[str] | None = None) -> str:
+    """The table as GitHub Markdown (every column unless ``columns`` chooses), with its caption."""
+    lines = table.markdown_table(layout(report.model.output), rows(report), title(report), columns)
+    return "\n".join([*lines, "", footer(report)]) + "\n"
 
 
 CSV_FIGURES = ("kl", "top1", "perplexity", "cosine")
 
 
-def to_csv(report: DriftReport) -> str:
+def to_csv(report: DriftReport, *, header: bool = True) -> str:
     """One row per method × budget: every figure's mean and std, its floor, the per-layer drift."""
     layers = report.model.n_layers
     fields = ["method", "budget", "status", "reason"]
@@ -191,40 +185,47 @@ def to_csv(report: DriftReport) -> str:
         f"hidden_l{i}_floor" for i in range(layers)
     ]
     fields += ["time_s", "exact_time_s", "speedup"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    floor = report.floor
-    for r in report.results:
-        row = {"method": r.method, "budget": r.budget, "status": r.status, "reason": r.reason}
-        for name in CSV_FIGURES:
-            stat, base = getattr(r, name), floor and getattr(floor, name)
-            row[f"{name}_mean"] = stat and stat.mean
-            row[f"{name}_std"] = stat and stat.std
-            row[f"{name}_floor"] = base and base.mean
-        for i in range(layers):
-            row[f"hidden_l{i}"] = r.hidden[i].mean if i < len(r.hidden) else None
-            has = floor is not None and i < len(floor.hidden)
-            row[f"hidden_l{i}_floor"] = floor.hidden[i].mean if has else None
-        if r.time is not None:
-            row.update(
-                time_s=r.time.method_median,
-                exact_time_s=r.time.exact_median,
-                speedup=r.time.speedup,
-            )
-        writer.writerow(row)
-    return buffer.getvalue()
+    return csv_text(
+        fields, (_csv_row(r, report.floor, layers) for r in report.results), header=header,
+        finite=False,
+    )  # fmt: skip
 
 
-def render_text(report: DriftReport, fmt: str, *, width: int | None = None, colour=False) -> str:
-    """The report as ``table``, ``json`` or ``csv``, in one string (a file is written whole)."""
+def _csv_row(r: DriftResult, floor: DriftResult | None, layers: int) -> dict:
+    row = {"method": r.method, "budget": r.budget, "status": r.status, "reason": r.reason}
+    for name in CSV_FIGURES:
+        stat, base = getattr(r, name), floor and getattr(floor, name)
+        row[f"{name}_mean"] = stat and stat.mean
+        row[f"{name}_std"] = stat and stat.std
+        row[f"{name}_floor"] = base and base.mean
+    for i in range(layers):
+        row[f"hidden_l{i}"] = r.hidden[i].mean if i < len(r.hidden) else None
+        has = floor is not None and i < len(floor.hidden)
+        row[f"hidden_l{i}_floor"] = floor.hidden[i].mean if has else None
+    if r.time is not None:
+        row.update(
+            time_s=r.time.method_median, exact_time_s=r.time.exact_median, speedup=r.time.speedup
+        )
+    return row
+
+
+def render_text(
+    report: DriftReport,
+    fmt: str,
+    *,
+    width: int | None = None,
+    columns: Sequence[str] | None = None,
+    colour: bool = False,
+) -> str:
+    """The report in one of ``FORMATS``, in one string (a file is written whole)."""
     if fmt == "json":
         return drift_json(report) + "\n"
     if fmt == "csv":
         return to_csv(report)
+    if fmt == "markdown":
+        return to_markdown(report, columns)
+    if fmt != "table":
+        raise ValueError(fmt)
     buffer = io.StringIO()
-    console = Console(
-        file=buffer, width=width or FILE_WIDTH, soft_wrap=False, force_terminal=colour or None
-    )
-    render_table(report, console)
+    render_table(report, table.console_for(buffer, width, colour), columns)
     return buffer.getvalue()

@@ -33,15 +33,13 @@ from typing import Any
 import torch
 
 from kdecli.devices import resolve_device, resolve_dtype
-from kdecli.errors import UsageError, is_out_of_memory
-from kdecli.experiments.compare.records import ResultTime, TimeStat
-from kdecli.experiments.compare.run import environment, time_stat
+from kdecli.errors import UsageError
+from kdecli.experiments.compare.records import ResultTime
 from kdecli.experiments.drift.records import (
     DriftReport,
     DriftResult,
     ExactRun,
     ModelInfo,
-    SeedStat,
 )
 from kdecli.hf.interface import not_routed, require_transformers
 from kdecli.hf.models import (
@@ -62,6 +60,10 @@ from kdecli.hf.text import (
     parse_layers,
     read_text,
 )
+from kdecli.measure.environment import environment
+from kdecli.measure.failures import Failure
+from kdecli.measure.figures import SeedStats, TimeStat
+from kdecli.measure.time_record import time_stat
 from kdecli.measure.timing import Timing, time_call
 from kdecli.methods import AttentionMethod, get_method_class, make_method, method_of_role
 
@@ -139,7 +141,7 @@ class Tally:
 
 
 @dataclass
-class Setting:
+class PatchedRun:
     """One method × budget to run: a bound patch per seed, their tallies, and how it went."""
 
     method: AttentionMethod
@@ -169,8 +171,8 @@ def plan(
     budgets: Sequence[int],
     params: Mapping[str, Mapping[str, Any]] | None,
     seeds: list[int],
-) -> tuple[Setting, list[Setting]]:
-    """The floor (``mean``) and one setting per method × budget, every name, budget and
+) -> tuple[PatchedRun, list[PatchedRun]]:
+    """The floor (``mean``) and one patched run per method × budget, every name, budget and
     parameter checked before the model is loaded."""
     params = dict(params or {})
     names = [m if isinstance(m, str) else m.name for m in methods]
@@ -180,7 +182,7 @@ def plan(
     for budget in budgets:
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise UsageError(f"budgets must be positive integers; got {budget!r}.")
-    settings = []
+    runs = []
     for method in methods:
         if isinstance(method, AttentionMethod):
             built = [method]
@@ -192,11 +194,11 @@ def plan(
             built = [
                 make_method(method, b, **own) for b in (budgets if cls.uses_budget else [None])
             ]
-        settings += [Setting(m, tuple(seeds) if m.randomized else (None,)) for m in built]
-    floor = next((s for s in settings if s.method.role == "baseline"), None)
+        runs += [PatchedRun(m, tuple(seeds) if m.randomized else (None,)) for m in built]
+    floor = next((s for s in runs if s.method.role == "baseline"), None)
     if floor is None:
-        floor = Setting(method_of_role("baseline")(), (None,))
-    return floor, settings
+        floor = PatchedRun(method_of_role("baseline")(), (None,))
+    return floor, runs
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def drift(
     check_counts(tokens, chunks)
     if repeats < 1 or warmup < 0:
         raise UsageError(f"--repeats must be >= 1 and --warmup >= 0; got {repeats} and {warmup}.")
-    floor, settings = plan(methods, budgets, params, seed_list(seeds))
+    floor, runs = plan(methods, budgets, params, seed_list(seeds))
     src = model_source(model_path)
     text_path = Path(text)
     text_bytes, text_str = read_text(text_path)
@@ -251,11 +253,11 @@ def drift(
         model_name=src.name, text_name=text_path.name,
     )  # fmt: skip
     pooling = None if causal_lm else pooling_of(src.folder)
-    every = [floor, *(s for s in settings if s is not floor)]
-    for setting in every:
-        for seed in setting.seeds:
-            setting.patches.append(prepare(model, setting.method, None, chosen, seed or 0))
-            setting.tallies.append(Tally(count))
+    every = [floor, *(s for s in runs if s is not floor)]
+    for patched in every:
+        for seed in patched.seeds:
+            patched.patches.append(prepare(model, patched.method, None, chosen, seed or 0))
+            patched.tallies.append(Tally(count))
 
     exact_tally = Tally(count)
     total = chunks * (1 + sum(len(s.seeds) for s in every))
@@ -267,13 +269,13 @@ def drift(
         exact = forward(model, chunk, count, pooling)
         exact_tally.add_exact(exact)
         done += 1
-        for setting in every:
-            for patch, tally, seed in zip(setting.patches, setting.tallies, setting.seeds):
+        for patched in every:
+            for patch, tally, seed in zip(patched.patches, patched.tallies, patched.seeds):
                 if progress:
-                    progress(done, total, f"chunk {index + 1}/{chunks}: {_label(setting, seed)}")
+                    progress(done, total, f"chunk {index + 1}/{chunks}: {_label(patched, seed)}")
                 done += 1
-                if setting.status == "ok":
-                    _run_patched(setting, patch, tally, exact, chunk, count, pooling, chosen)
+                if patched.status == "ok":
+                    _run_patched(patched, patch, tally, exact, chunk, count, pooling, chosen)
 
     exact_time = _time_forward(model, ids[:1].to(work_device), None, repeats, warmup, timing)
     if progress:
@@ -298,33 +300,34 @@ def drift(
             time=exact_time if isinstance(exact_time, TimeStat) else None,
         ),
     )
-    for setting in every:
+    for patched in every:
         timed = None
-        if setting.status == "ok" and timing:
-            fresh = prepare(model, setting.method, None, chosen, setting.seeds[0] or 0)
+        if patched.status == "ok" and timing:
+            fresh = prepare(model, patched.method, None, chosen, patched.seeds[0] or 0)
             timed = _time_forward(model, ids[:1].to(work_device), fresh, repeats, warmup, True)
-        result = _result(setting, causal_lm, timed, exact_time)
-        if setting is floor:
+        result = _result(patched, causal_lm, timed, exact_time)
+        if patched is floor:
             report.floor = result
-        if setting is not floor or any(s is floor for s in settings):
+        if patched is not floor or any(s is floor for s in runs):
             report.results.append(result)
             if on_result:
                 on_result(result)
     return report
 
 
-def _label(setting: Setting, seed: int | None) -> str:
-    budget = "" if setting.method.budget is None else f" budget={setting.method.budget}"
-    return setting.method.name + budget + ("" if seed is None else f" seed={seed}")
+def _label(patched: PatchedRun, seed: int | None) -> str:
+    budget = "" if patched.method.budget is None else f" budget={patched.method.budget}"
+    return patched.method.name + budget + ("" if seed is None else f" seed={seed}")
 
 
-def _run_patched(setting, patch: Patch, tally: Tally, exact, chunk, count, pooling, chosen):
-    """One patched forward into ``tally``; a failure marks the setting (its later runs skip)."""
+def _run_patched(patched, patch: Patch, tally: Tally, exact, chunk, count, pooling, chosen):
+    """One patched forward into ``tally``; a failure marks the run (its later forwards skip)."""
     try:
         with patch.applied():
             approx = forward(patch.model, chunk, count, pooling)
     except Exception as exc:  # one method's failure must not lose the others' results
-        setting.status, setting.reason = _failure(exc)
+        failure = Failure.of(exc)
+        patched.status, patched.reason = failure.status, failure.reason
         return
     missing = [layer for layer in chosen if not patch.function.calls.get(layer)]
     if missing:  # the model, not the method: no result means anything
@@ -336,16 +339,6 @@ def _run_patched(setting, patch: Patch, tally: Tally, exact, chunk, count, pooli
             "AttentionInterface."
         )
     tally.add(exact, approx)
-
-
-def _failure(exc: Exception) -> tuple[str, str]:
-    text = str(getattr(exc, "message", "") or exc).strip().splitlines()
-    first = text[0] if text else type(exc).__name__
-    if isinstance(exc, UsageError):  # not supported here, or a parameter it cannot take at N keys
-        return "unsupported", first
-    if is_out_of_memory(exc):
-        return "oom", f"out of memory: {first}"
-    return "error", f"{type(exc).__name__}: {first}"
 
 
 def _time_forward(model, chunk, patch: Patch | None, repeats, warmup, enabled):
@@ -364,30 +357,30 @@ def _time_forward(model, chunk, patch: Patch | None, repeats, warmup, enabled):
             with patch.applied():
                 timing = time_call(call, chunk.device, repeats=repeats, warmup=warmup)
     except Exception as exc:
-        return _failure(exc)[1]
+        return Failure.of(exc).reason
     return time_stat(timing)
 
 
-def _result(setting: Setting, causal_lm: bool, timed, exact_time) -> DriftResult:
-    method = setting.method
+def _result(patched: PatchedRun, causal_lm: bool, timed, exact_time) -> DriftResult:
+    method = patched.method
     base = dict(
         method=method.name,
         budget=method.budget,
         params=method.resolved_params,
         role=method.role,
-        seeds=setting.seeds,
+        seeds=patched.seeds,
     )
-    if setting.status != "ok":
-        return DriftResult(**base, status=setting.status, reason=setting.reason)
-    tallies = setting.tallies
+    if patched.status != "ok":
+        return DriftResult(**base, status=patched.status, reason=patched.reason)
+    tallies = patched.tallies
     per_layer = list(zip(*(t.hidden() for t in tallies)))
-    figures: dict[str, Any] = {"hidden": tuple(SeedStat.of(list(v)) for v in per_layer)}
+    figures: dict[str, Any] = {"hidden": tuple(SeedStats.of(list(v)) for v in per_layer)}
     if causal_lm:
-        figures["kl"] = SeedStat.of([t.kl / t.positions for t in tallies])
-        figures["top1"] = SeedStat.of([t.agree / t.positions for t in tallies])
-        figures["perplexity"] = SeedStat.of([t.perplexity() for t in tallies])
+        figures["kl"] = SeedStats.of([t.kl / t.positions for t in tallies])
+        figures["top1"] = SeedStats.of([t.agree / t.positions for t in tallies])
+        figures["perplexity"] = SeedStats.of([t.perplexity() for t in tallies])
     else:
-        figures["cosine"] = SeedStat.of([sum(t.cosines) / len(t.cosines) for t in tallies])
+        figures["cosine"] = SeedStats.of([sum(t.cosines) / len(t.cosines) for t in tallies])
     return DriftResult(**base, **figures, time=_result_time(timed, exact_time))
 
 

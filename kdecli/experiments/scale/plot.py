@@ -8,77 +8,56 @@ reference, rel_frobenius with its 95 % interval under a row sample).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 from kdecli.errors import UsageError
-from kdecli.experiments.compare.plot import check_plot_path
-from kdecli.experiments.scale.report import rows
-from kdecli.experiments.scale.run import ScaleReport
-from kdecli.files import atomic_path, write_failure
+from kdecli.experiments.scale.records import ScaleReport
+from kdecli.experiments.scale.report import ScaleRow, rows
+from kdecli.render.figures import check_plot_path, method_colours, new_figure, save_figure
 
 
-def is_scale_document(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a ``kdecli scale`` JSON document (read cheaply: the first bytes)."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            head = file.read(4096)
-    except OSError:
-        return False
-    return '"document": "scale"' in head
+def _slope(report: ScaleReport, name: str) -> str:
+    fit = report.fits.get(name)
+    return "" if fit is None or fit.exponent is None else f" (n^{fit.exponent:.2f})"
 
 
-def load_scale(path: str | os.PathLike) -> ScaleReport:
-    try:
-        with open(path, encoding="utf-8") as file:
-            data: Any = json.load(file)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: cannot read a scale document ({exc}).") from None
-    return ScaleReport.from_dict(data)
+def _error_bars(points: list[ScaleRow]) -> tuple[list[float], list[float]]:
+    """How far each point's 95 % interval reaches below and above it (0 without one)."""
+    low = [p.error - (p.error if p.error_low is None else p.error_low) for p in points]
+    high = [(p.error if p.error_high is None else p.error_high) - p.error for p in points]
+    return low, high
 
 
-def plot_scale(report: ScaleReport, path: str | os.PathLike) -> Path:
-    path = check_plot_path(path)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def figure(report: ScaleReport):
+    """A matplotlib Figure: time against n (log-log, with exact attention) and error against n."""
     table = rows(report)
-    methods = list(dict.fromkeys(row["method"] for row in table))
-    fig, (ax_time, ax_err) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method in methods:
-        mine = [r for r in table if r["method"] == method and r["time_s"]]
-        fit = report.fits.get(method)
-        slope = "" if fit is None or fit.exponent is None else f" (n^{fit.exponent:.2f})"
-        line = ax_time.plot([r["n"] for r in mine], [r["time_s"] for r in mine], "o-")[0]
-        line.set_label(method + slope)
-        errs = [r for r in table if r["method"] == method and r["error"] is not None]
-        low = [
-            r["error"] - (r["error_low"] if r["error_low"] is not None else r["error"])
-            for r in errs
-        ]
-        high = [
-            (r["error_high"] if r["error_high"] is not None else r["error"]) - r["error"]
-            for r in errs
-        ]
+    if not table:
+        raise UsageError("nothing to plot: the scale document holds no finished length.")
+    fig = new_figure(12, 4.5)
+    ax_time, ax_err = fig.subplots(1, 2)
+    colours = method_colours(row.method for row in table)
+    for method, colour in colours.items():
+        timed = [r for r in table if r.method == method and r.time_s]
+        ax_time.plot([r.n for r in timed], [r.time_s for r in timed], "o-", color=colour,
+                     label=method + _slope(report, method), gid="method")  # fmt: skip
+        errs = [r for r in table if r.method == method and r.error is not None]
         ax_err.errorbar(
-            [r["n"] for r in errs], [r["error"] for r in errs], yerr=[low, high], fmt="o-",
-            capsize=3, label=method, color=line.get_color(),
+            [r.n for r in errs], [r.error for r in errs], yerr=_error_bars(errs), fmt="o-",
+            capsize=3, label=method, color=colour, gid="method",
         )  # fmt: skip
-    exact = {}
+    exact: dict[int, tuple[float, bool]] = {}
     for r in table:
-        if r["exact_s"] and r["n"] not in exact:
-            exact[r["n"]] = (r["exact_s"], r["exact_extrapolated"])
+        if r.exact_s and r.n not in exact:
+            exact[r.n] = (r.exact_s, bool(r.exact_extrapolated))
     if exact:
         ns = sorted(exact)
-        fit = report.fits.get("exact")
-        slope = "" if fit is None or fit.exponent is None else f" (n^{fit.exponent:.2f})"
-        ax_time.plot(ns, [exact[n][0] for n in ns], "k--", label="exact (SDPA)" + slope)
+        ax_time.plot(ns, [exact[n][0] for n in ns], "k--", gid="reference",
+                     label="exact (SDPA)" + _slope(report, "exact"))  # fmt: skip
         hollow = [n for n in ns if exact[n][1]]
-        ax_time.plot(hollow, [exact[n][0] for n in hollow], "ko", mfc="none", label="extrapolated")
+        if hollow:
+            ax_time.plot(hollow, [exact[n][0] for n in hollow], "ko", mfc="none",
+                         label="extrapolated")  # fmt: skip
     ax_time.set(xscale="log", yscale="log", xlabel="n (queries = keys)", ylabel="seconds per call")
     ax_err.set(xscale="log", xlabel="n (queries = keys)", ylabel="error (rel_spectral, or F rows)")
     for ax in (ax_time, ax_err):
@@ -86,11 +65,10 @@ def plot_scale(report: ScaleReport, path: str | os.PathLike) -> Path:
         ax.legend(fontsize=8)
     budget = "" if report.budget is None else f", budget {report.budget}"
     fig.suptitle(f"{report.input}{budget}")
-    try:
-        with atomic_path(path) as partial:
-            fig.savefig(partial, dpi=150, bbox_inches="tight", format=path.suffix[1:].lower())
-    except OSError as exc:
-        raise write_failure(str(path), exc) from None
-    finally:
-        plt.close(fig)
-    return path
+    return fig
+
+
+def plot_scale(report: ScaleReport, path: str | os.PathLike) -> Path:
+    """Draw ``report`` to ``path`` (.png, .svg or .pdf) and return the path."""
+    check_plot_path(path)
+    return save_figure(figure(report), path)

@@ -2,23 +2,46 @@
 
 The error shown is rel_spectral where the run had the full reference, else rel_frobenius from the
 row sample (with its 95 % interval when the record has one); the column says which.  An exact time
-extrapolated from a row sample is marked ``≈``.
+extrapolated from a row sample is marked ``≈``.  The table fits the width and takes ``--columns``
+as every table does (``kdecli.render.table``).
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from kdecli.experiments.compare.records import Result, clean
-from kdecli.experiments.compare.report import FILE_WIDTH, fmt_time
-from kdecli.experiments.scale.run import ScaleReport, exact_extrapolated
+from kdecli.experiments.scale.records import ScaleReport
+from kdecli.render import table
+from kdecli.render.cells import MISSING, fmt_speedup, fmt_time
+from kdecli.render.table import Column, Layout
+from kdecli.render.writers import csv_text
 
-FORMATS = ("table", "json", "csv")
+FORMATS = ("table", "json", "csv", "markdown")
+
+
+@dataclass(frozen=True)
+class ScaleRow:
+    """One method at one length: its time, exact attention's, and the error it reached."""
+
+    method: str
+    n: int
+    status: str
+    time_s: float | None
+    exact_s: float | None
+    exact_extrapolated: bool | None  # exact time scaled from a row sample (None: not timed)
+    speedup: float | None
+    metric: str  # rel_spectral, or rel_frobenius under a row sample
+    error: float | None
+    error_low: float | None
+    error_high: float | None
 
 
 def error_of(record: Result) -> tuple[str, float | None, tuple[float, float] | None]:
@@ -32,109 +55,148 @@ def error_of(record: Result) -> tuple[str, float | None, tuple[float, float] | N
     return "rel_frobenius", record.error("rel_frobenius"), bounds
 
 
-def rows(report: ScaleReport) -> list[dict]:
+def rows(report: ScaleReport) -> list[ScaleRow]:
+    """One row per method × length (the first seed's record: it carries the job's timing)."""
     out = []
     for n, run in zip(report.lengths, report.runs):
         seen = set()
         for record in run.results:
-            if record.method in seen:  # the first seed's record carries the job's timing
+            if record.method in seen:
                 continue
             seen.add(record.method)
             metric, value, interval = error_of(record)
             time = record.time
-            exact_s = time.exact_s.median if time and time.exact_s else None
+            exact = time.exact_s if time else None
             out.append(
-                {
-                    "method": record.method,
-                    "n": n,
-                    "status": record.status,
-                    "time_s": time.method_s.median if time and time.method_s else None,
-                    "exact_s": exact_s,
-                    "exact_extrapolated": exact_extrapolated(record) if exact_s else None,
-                    "speedup": time.speedup if time else None,
-                    "metric": metric,
-                    "error": value,
-                    "error_low": interval[0] if interval else None,
-                    "error_high": interval[1] if interval else None,
-                }
+                ScaleRow(
+                    method=record.method,
+                    n=n,
+                    status=record.status,
+                    time_s=time.method_s.median if time and time.method_s else None,
+                    exact_s=exact.median if exact else None,
+                    exact_extrapolated=bool(exact.extrapolated) if exact else None,
+                    speedup=time.speedup if time else None,
+                    metric=metric,
+                    error=value,
+                    error_low=interval[0] if interval else None,
+                    error_high=interval[1] if interval else None,
+                )
             )
     return out
 
 
-def render_text(report: ScaleReport, fmt: str, *, width: int | None = None, colour: bool = False):
-    if fmt == "json":
-        return json.dumps(clean(report.to_dict()), indent=2) + "\n"
-    if fmt == "csv":
-        buffer = io.StringIO()
-        table_rows = rows(report)
-        writer = csv.DictWriter(buffer, fieldnames=list(table_rows[0]) if table_rows else ["n"])
-        writer.writeheader()
-        writer.writerows(table_rows)
-        return buffer.getvalue()
-    return _table(report, width, colour)
+def _error_cell(row: ScaleRow) -> str:
+    if row.error is None:
+        return MISSING
+    cell = f"{row.error:.4g}"
+    if row.error_low is not None:
+        cell += f" [{row.error_low:.3g}, {row.error_high:.3g}]"
+    return cell + ("" if row.metric == "rel_spectral" else " (F, rows)")
 
 
-def _error_cell(row: dict) -> str:
-    if row["error"] is None:
-        return "—"
-    cell = f"{row['error']:.4g}"
-    if row["error_low"] is not None:
-        cell += f" [{row['error_low']:.3g}, {row['error_high']:.3g}]"
-    return cell + ("" if row["metric"] == "rel_spectral" else " (F, rows)")
+def _exact_cell(row: ScaleRow) -> str:
+    return ("≈ " if row.exact_extrapolated else "") + fmt_time(row.exact_s)
 
 
-def _table(report: ScaleReport, width: int | None, colour: bool) -> str:
-    buffer = io.StringIO()
-    console = Console(
-        file=buffer,
-        width=width or FILE_WIDTH,
-        no_color=not colour,
-        highlight=False,
-        soft_wrap=False,
-    )
+COLUMNS = (
+    Column("method", "method", lambda row: row.method, "left"),
+    Column("n", "n", lambda row: f"{row.n:,}"),
+    Column("time", "time", lambda row: fmt_time(row.time_s)),
+    Column("exact_time", "exact", _exact_cell),
+    Column("speedup", "speed-up", lambda row: fmt_speedup(row.speedup)),
+    Column("error", "error", _error_cell),
+    Column("status", "status", lambda row: row.status, "left", wraps=True),
+)
+COLUMN_KEYS = tuple(c.key for c in COLUMNS)
+LAYOUT = Layout(COLUMNS, ("method", "n", "time", "error", "status"), ("speedup", "exact_time"), 12)
+
+
+def parse_columns(text: str | None) -> tuple[str, ...] | None:
+    """``--columns a,b,c`` or ``all``."""
+    return table.parse_columns(text, COLUMN_KEYS)
+
+
+def title(report: ScaleReport) -> str:
     budget = "no budget" if report.budget is None else f"budget {report.budget}"
-    table = Table(
-        title=f"time and error against n · {report.input} · {budget}", title_justify="left"
-    )
-    for name, justify in (
-        ("method", "left"),
-        ("n", "right"),
-        ("time", "right"),
-        ("exact", "right"),
-        ("speed-up", "right"),
-        ("error", "right"),
-        ("status", "left"),
-    ):
-        table.add_column(name, justify=justify, overflow="fold")
-    for row in rows(report):
-        exact = fmt_time(row["exact_s"])
-        if row["exact_extrapolated"]:
-            exact = "≈ " + exact
-        speedup = f"{row['speedup']:.1f}×" if row["speedup"] else "—"
-        table.add_row(
-            row["method"],
-            f"{row['n']:,}",
-            fmt_time(row["time_s"]),
-            exact,
-            speedup,
-            _error_cell(row),
-            row["status"],
-        )
-    console.print(table)
-    fits = Table(title="fitted exponent of time in n (log-log slope)", title_justify="left")
-    for name, justify in (("method", "left"), ("exponent", "right"), ("from", "right")):
-        fits.add_column(name, justify=justify)
-    fits.add_column("note", overflow="fold")
-    for name, fit in report.fits.items():
-        exponent = "—" if fit.exponent is None else f"{fit.exponent:.2f}"
-        span = f"{fit.points} lengths, {fit.n_min:,}–{fit.n_max:,}" if fit.points else "—"
-        fits.add_row(name, exponent, span, fit.note or "")
-    console.print(fits)
-    notes = ["≈: exact time extrapolated from a row sample (its cost is linear in n_q)"]
-    notes.append(
+    return f"time and error against n · {report.input} · {budget}"
+
+
+def notes(report: ScaleReport) -> str:
+    lines = ["≈: exact time extrapolated from a row sample (its cost is linear in n_q)"]
+    lines.append(
         "error: rel_spectral with the full reference; (F, rows): rel_frobenius from a row sample"
     )
     if report.interrupted:
-        notes.append("interrupted: the lengths shown are those that finished")
-    console.print(" · ".join(notes))
+        lines.append("interrupted: the lengths shown are those that finished")
+    return " · ".join(lines)
+
+
+def _fit_cells(report: ScaleReport) -> list[tuple[str, str, str, str]]:
+    """(method, exponent, the lengths it is fitted on, note) for each fit."""
+    cells = []
+    for name, fit in report.fits.items():
+        exponent = MISSING if fit.exponent is None else f"{fit.exponent:.2f}"
+        span = f"{fit.points} lengths, {fit.n_min:,}–{fit.n_max:,}" if fit.points else MISSING
+        cells.append((name, exponent, span, fit.note or ""))
+    return cells
+
+
+FIT_TITLE = "fitted exponent of time in n (log-log slope)"
+FIT_HEADERS = (("method", "left"), ("exponent", "right"), ("from", "right"), ("note", "left"))
+
+
+def _style(row: ScaleRow) -> str | None:
+    return None if row.status == "ok" else "red"
+
+
+def render_table(report: ScaleReport, console: Console, columns: Sequence[str] | None = None):
+    table_rows = rows(report)
+    choice = table.choose(LAYOUT, table_rows, console.width, columns)
+    table.draw(console, title(report), choice, table_rows, _style)
+    fits = Table(title=Text(FIT_TITLE), title_justify="left")
+    for name, justify in FIT_HEADERS:
+        fits.add_column(name, justify=justify, overflow="fold" if name == "note" else "ellipsis")
+    for cells in _fit_cells(report):
+        fits.add_row(*map(Text, cells))
+    console.print(fits)
+    console.print(notes(report), highlight=False, markup=False)
+
+
+def to_markdown(report: ScaleReport, columns: Sequence[str] | None = None) -> str:
+    """The table and the fits as GitHub Markdown, with the notes."""
+    lines = table.markdown_table(LAYOUT, rows(report), title(report), columns)
+    lines += ["", f"**{FIT_TITLE}**", ""]
+    fit_columns = [
+        Column(name, name, lambda cells, i=i: cells[i], justify)
+        for i, (name, justify) in enumerate(FIT_HEADERS)
+    ]
+    lines += table.markdown_rows(fit_columns, _fit_cells(report))
+    return "\n".join([*lines, "", notes(report)]) + "\n"
+
+
+def to_csv(report: ScaleReport, *, header: bool = True) -> str:
+    """One line per method × length, every field of ``ScaleRow``."""
+    fields = [f.name for f in ScaleRow.__dataclass_fields__.values()]
+    return csv_text(fields, (asdict(row) for row in rows(report)), header=header)
+
+
+def render_text(
+    report: ScaleReport,
+    fmt: str,
+    *,
+    width: int | None = None,
+    columns: Sequence[str] | None = None,
+    colour: bool = False,
+) -> str:
+    """The report in one of ``FORMATS``, in one string (a file is written whole)."""
+    if fmt == "json":
+        return json.dumps(clean(report.to_dict()), indent=2) + "\n"
+    if fmt == "csv":
+        return to_csv(report)
+    if fmt == "markdown":
+        return to_markdown(report, columns)
+    if fmt != "table":
+        raise ValueError(fmt)
+    buffer = io.StringIO()
+    render_table(report, table.console_for(buffer, width, colour), columns)
     return buffer.getvalue()

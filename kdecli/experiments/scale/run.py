@@ -18,91 +18,19 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-from kdecli import __version__
 from kdecli.errors import UsageError
-from kdecli.experiments.compare.records import Environment, Result, RunReport, SchemaError
-from kdecli.experiments.compare.run import RunConfig, compare
+from kdecli.experiments.compare.records import Result, RunReport
+from kdecli.experiments.compare.run import compare
+from kdecli.experiments.scale.records import (  # noqa: F401 (re-exported; their home)
+    SCALE_SCHEMA_VERSION,
+    Fit,
+    ScaleReport,
+)
+from kdecli.measure.config import RunConfig
 from kdecli.sources import InputOptions, load_input
-
-SCALE_SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Fit:
-    """time ≈ c·n^exponent over ``points`` lengths (from ``n_min`` to ``n_max``)."""
-
-    exponent: float | None
-    points: int
-    n_min: int | None
-    n_max: int | None
-    note: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {"exponent": self.exponent, "points": self.points, "n_min": self.n_min}
-        out["n_max"] = self.n_max
-        if self.note:
-            out["note"] = self.note
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Fit:
-        return cls(data["exponent"], data["points"], data["n_min"], data["n_max"], data.get("note"))
-
-
-@dataclass
-class ScaleReport:
-    """Every length's run (a whole ``RunReport`` each) and the fitted exponents per method."""
-
-    input: str
-    budget: int | None
-    lengths: list[int]
-    runs: list[RunReport] = field(default_factory=list)
-    fits: dict[str, Fit] = field(default_factory=dict)  # method (and "exact") -> fit
-    environment: Environment | None = None
-    interrupted: bool = False
-    kdecli_version: str = __version__
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "document": "scale",
-            "schema_version": SCALE_SCHEMA_VERSION,
-            "kdecli_version": self.kdecli_version,
-            "input": self.input,
-            "budget": self.budget,
-            "lengths": list(self.lengths),
-            "interrupted": self.interrupted,
-            "fits": {name: fit.to_dict() for name, fit in self.fits.items()},
-            "runs": [run.to_dict() for run in self.runs],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ScaleReport:
-        if data.get("document") != "scale":
-            raise SchemaError('not a `kdecli scale` document (no "document": "scale").')
-        report = cls(
-            input=data["input"],
-            budget=data["budget"],
-            lengths=list(data["lengths"]),
-            runs=[RunReport.from_dict(run) for run in data["runs"]],
-            fits={name: Fit.from_dict(fit) for name, fit in data["fits"].items()},
-            interrupted=bool(data.get("interrupted", False)),
-            kdecli_version=data.get("kdecli_version", __version__),
-        )
-        if report.runs:
-            report.environment = report.runs[0].environment
-        return report
-
-    def points(self, method: str) -> list[tuple[int, Result]]:
-        """(n, the method's first ok record) for every length where it ran."""
-        out = []
-        for n, run in zip(self.lengths, self.runs):
-            ok = [r for r in run.results if r.method == method and r.ok]
-            if ok:
-                out.append((n, ok[0]))
-        return out
 
 
 def parse_lengths(spec: str | Sequence[int]) -> list[int]:
@@ -210,8 +138,9 @@ def scale(
 
     ``on_run(n, report)`` is called as each length finishes; ``should_stop()`` ends the sweep
     between lengths (and inside one, as ``compare`` does), keeping what finished."""
-    config = replace(config or RunConfig(), **settings)
-    config.check()
+    config = config or RunConfig()  # checked as it is made
+    if settings:
+        config = replace(config, **settings)
     budgets = [budget] if budget is not None else []
     report = ScaleReport(input=spec, budget=budget, lengths=[])
     for index, n in enumerate(lengths):

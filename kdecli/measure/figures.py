@@ -1,0 +1,228 @@
+"""The figures a measurement yields, as records every experiment's document shares.
+
+- ``Environment``: where a figure was measured (device, dtype, threads, versions).
+- ``Summary``: one error metric of one record over its batch×head *slices* — mean, max, every
+  slice — with a row-sampled reference's ``Interval``.  It is what one measured call gives.
+- ``SeedStats``: one figure of one setting over its *seeds* — mean, sample std, the seeds'
+  values, and where the figure has them, the max behind it and the bounds of an interval.  It is
+  what a table row or a drift result shows (``kdecli.experiments.compare.aggregate``, drift), built
+  from ``Summary``s or from plain values.  The two are different concepts: a Summary lives inside
+  one record and keeps its slices; SeedStats lives across records and keeps the spread over seeds.
+- ``TimeStat``: seconds per call (median, inter-quartile range) and the call's peak memory.
+
+Every record's dict form is derived from its fields (``kdecli.records``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kdecli.records import Reader, Record, json_field
+
+
+@dataclass(frozen=True)
+class Environment(Record):
+    """Where a result was measured."""
+
+    torch: str = json_field(absent="?")
+    device: str = json_field()
+    device_name: str = json_field(absent="")
+    dtype: str = json_field()
+    threads: int = json_field(absent=0)
+    python: str = json_field(absent="?")
+
+    def label(self) -> str:
+        """``float32 on cpu (AMD EPYC …)``: how a report names the machine and precision."""
+        name = f" ({self.device_name})" if self.device_name else ""
+        return f"{self.dtype} on {self.device}{name}"
+
+
+@dataclass(frozen=True)
+class Interval(Record):
+    """A confidence interval (``level``, e.g. 0.95) of an estimated metric: of its mean over
+    slices (``low``, ``high``) and of each slice's value."""
+
+    low: float | None
+    high: float | None
+    per_slice_low: tuple[float | None, ...] = ()
+    per_slice_high: tuple[float | None, ...] = ()
+    level: float = 0.95
+
+    json_order = ("level", "low", "high", "per_slice_low", "per_slice_high")
+
+
+@dataclass(frozen=True)
+class Summary(Record):
+    """One metric of one record over batch×head slices: mean, max, and every slice.
+
+    Under a row-sampled reference (``reference.mode`` "rows") a value is an estimate: ``interval``
+    holds its confidence interval, ``lower_bound`` marks a value that can only be below the truth
+    (a max over the sampled rows), and a metric the sample cannot measure has no values and a
+    ``note`` that says why.  The three are written only when set, so full-reference documents read
+    as before.  (Over seeds, a setting's figure is a ``SeedStats``.)
+    """
+
+    mean: float | None
+    max: float | None
+    per_slice: tuple[float | None, ...] = ()
+    interval: Interval | None = json_field(None, omit="none")
+    lower_bound: bool = json_field(False, omit="falsy")
+    note: str | None = json_field(None, omit="none")
+
+    @classmethod
+    def unavailable(cls, note: str) -> Summary:
+        """A metric this reference cannot measure, and why."""
+        return cls(None, None, note=note)
+
+    @classmethod
+    def of(cls, values: list[float]) -> Summary:
+        """Summarise per-slice values (a non-finite slice makes the mean and max non-finite)."""
+        finite = all(math.isfinite(v) for v in values)
+        mean = sum(values) / len(values) if finite else math.inf
+        return cls(mean, max(values) if finite else math.inf, tuple(values))
+
+
+@dataclass(frozen=True)
+class SeedStats(Record):
+    """One figure over seeds (or over the layers of a capture): mean, sample std (0 for one value;
+    None where a value is not finite, and the mean is then inf) and every seed's value.
+
+    Where the figure is a mean over slices (compare's errors) it also keeps ``max``, the largest
+    slice value of any seed, and under a row-sampled reference ``low`` and ``high``, the means over
+    seeds of each record's interval bounds: every seed is measured on the same rows and the same
+    bootstrap resamples, so its estimates move together (comonotone); the quantile of their mean
+    is then the mean of their quantiles, and where they are less than fully dependent this
+    interval is the wider one (conservative).  ``lower_bound``: the values are maxima over the
+    sampled rows, lower bounds of the true ones.  The four are written only when set, so a drift
+    document holds mean, std and per_seed alone.
+    """
+
+    mean: float | None
+    std: float | None
+    per_seed: tuple[float | None, ...] = ()
+    max: float | None = json_field(None, omit="none")
+    low: float | None = json_field(None, omit="none")
+    high: float | None = json_field(None, omit="none")
+    lower_bound: bool = json_field(False, omit="falsy")
+
+    @classmethod
+    def of(cls, values: Sequence[float], **extra) -> SeedStats:
+        """Mean and sample std of ``values`` (``extra``: max, low, high, lower_bound)."""
+        if not values:
+            return cls(None, None, (), **extra)
+        if not all(math.isfinite(v) for v in values):
+            return cls(math.inf, None, tuple(values), **extra)
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return cls(statistics.fmean(values), std, tuple(values), **extra)
+
+    @classmethod
+    def over(cls, parts: Sequence[Summary | SeedStats]) -> SeedStats | None:
+        """The figure over records' ``Summary``s (one per seed) or settings' ``SeedStats`` (one
+        per layer): the mean and std of their means, the largest of their maxima (inf where one is
+        null: a non-finite value JSON could not hold), the mean of their interval bounds when every
+        one has them, and whether any is a lower bound.  None when no part has a mean."""
+        measured = [p for p in parts if p.mean is not None]
+        if not measured:
+            return None
+        maxima = [p.max for p in parts if getattr(p, "note", None) is None]
+        bounds = [_bounds(p) for p in measured]
+        low = high = None
+        if all(b is not None for b in bounds):
+            low = statistics.fmean(b[0] for b in bounds)
+            high = statistics.fmean(b[1] for b in bounds)
+        return cls.of(
+            [p.mean for p in measured],
+            max=math.inf if None in maxima else max(maxima, default=None),
+            low=low,
+            high=high,
+            lower_bound=any(p.lower_bound for p in parts),
+        )
+
+    @property
+    def worst(self) -> float | None:
+        """The largest value behind the figure: ``max`` where kept, else the largest seed's."""
+        if self.max is not None:
+            return self.max
+        values = [v for v in self.per_seed if v is not None]
+        return max(values) if values else None
+
+
+def _bounds(part: Summary | SeedStats) -> tuple[float, float] | None:
+    if isinstance(part, SeedStats):
+        low, high = part.low, part.high
+    else:
+        low, high = (
+            (None, None) if part.interval is None else (part.interval.low, part.interval.high)
+        )
+    return None if low is None or high is None else (low, high)
+
+
+@dataclass(frozen=True)
+class TimeStat(Record):
+    """Seconds per call: median and inter-quartile range over ``repeats`` samples (each the mean
+    of ``calls_per_sample`` calls), and the call's peak memory with its source: "cuda"
+    (``max_memory_allocated``) or "rss" (the sampled RSS increase on the CPU).  ``extrapolated``:
+    exact attention timed on ``extrapolated_rows`` query rows and scaled to all of them (too
+    costly to time in full; ALGORITHMS.md §10).  ``min_time``: the seconds of timed calls the
+    samples had to reach (``--min-time``)."""
+
+    median: float | None
+    iqr: float | None
+    repeats: int = json_field(absent=0)
+    peak_memory_bytes: int | None = None
+    calls_per_sample: int = 1
+    # before 0.4 only CUDA recorded a peak
+    memory_source: str | None = json_field(None, migrate=lambda r: _legacy_source(r))
+    extrapolated: bool = False
+    extrapolated_rows: int | None = None
+    min_time: float | None = None  # the seconds of timed calls asked for (--min-time)
+
+    json_order = (
+        "median",
+        "iqr",
+        "repeats",
+        "calls_per_sample",
+        "peak_memory_bytes",
+        "memory_source",
+        "extrapolated",
+        "extrapolated_rows",
+        "min_time",
+    )
+
+    @classmethod
+    def of_samples(
+        cls,
+        samples: Sequence[float],
+        *,
+        calls_per_sample: int = 1,
+        peak_memory_bytes: int | None = None,
+        memory_source: str | None = None,
+        min_time: float | None = None,
+        extrapolated_rows: int | None = None,
+    ) -> TimeStat:
+        """The record of timed samples (seconds per call): their median and inter-quartile range
+        (inclusive quartiles; 0 for one sample), as ``kdecli.measure.timing`` computes them."""
+        if not samples:
+            raise ValueError("a TimeStat needs at least one sample")
+        iqr = 0.0
+        if len(samples) > 1:
+            q = statistics.quantiles(samples, n=4, method="inclusive")
+            iqr = q[2] - q[0]
+        return cls(
+            statistics.median(samples),
+            iqr,
+            len(samples),
+            peak_memory_bytes,
+            calls_per_sample,
+            memory_source,
+            extrapolated_rows is not None,
+            extrapolated_rows,
+            min_time,
+        )
+
+
+def _legacy_source(reader: Reader) -> str | None:
+    return None if reader.data.get("peak_memory_bytes") is None else "cuda"

@@ -1,0 +1,91 @@
+"""One measured call: a method on the working inputs, its output checked and measured against the
+target (``kdecli.measure.target``) -> an ``Outcome``.
+
+The call is as a user makes it (``method(q, k, v, scale=, mask=, generator=)``, no gradient), with
+the method's own generator seeded from the run seed (``kdecli.measure.seeds``).  Before it runs,
+the method's ``not_supported_reasons`` may refuse the input; while it runs, any exception is
+classified (``kdecli.measure.failures``: a refusal, running out of memory, an error); after it, an
+output of the wrong shape or with non-finite values is an error.  Only a finite output of the
+right shape is measured.  The cost model's FLOPs and the keys a query pays are recorded whatever
+happens, with exact attention's FLOPs at the same shape and mask beside them (``Paid``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kdecli.masks import Mask
+from kdecli.measure.failures import Failure
+from kdecli.measure.figures import Summary
+from kdecli.measure.seeds import generator
+from kdecli.measure.target import Target
+from kdecli.methods import method_of_role
+from kdecli.methods.base import AttentionMethod
+from kdecli.qkv import QKV
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one call of a method × seed gave: ``ok`` and its errors, or a status and why."""
+
+    status: str = "ok"
+    reason: str | None = None
+    errors: dict[str, Summary] | None = None
+    flops: float | None = None
+
+    def error(self, metric: str) -> float | None:
+        """The mean over slices of ``metric``, or None."""
+        summary = (self.errors or {}).get(metric)
+        return None if summary is None else summary.mean
+
+
+@dataclass(frozen=True)
+class Paid:
+    """What one call of a method pays on this input: keys per query, and exact attention's FLOPs
+    at the same shape and mask, the denominator of ``flops_fraction``."""
+
+    keys_per_query: float | None
+    exact_flops: float
+
+    @classmethod
+    def of(cls, method: AttentionMethod, work: QKV, mask: Mask) -> Paid:
+        b, h, n_q, d = work.q.shape
+        n_k, d_v = work.k.shape[-2], work.v.shape[-1]
+        keys = method.paid_keys(n_q, n_k, mask)
+        exact = method_of_role("reference")().cost(b, h, n_q, n_k, d, d_v, mask)
+        return cls(keys if math.isfinite(keys) else None, exact)
+
+    def fraction(self, flops: float | None) -> float | None:
+        return None if flops is None or self.exact_flops <= 0 else flops / self.exact_flops
+
+
+def measure_call(
+    method: AttentionMethod, work: QKV, target: Target, scale: float, mask: Mask, run_seed: int
+) -> Outcome:
+    """Run ``method`` once on ``work`` under ``mask`` with its generator for ``run_seed`` and
+    measure the output against ``target`` (see the module docstring)."""
+    reasons = method.not_supported_reasons(work.q, work.k, work.v, mask)
+    if reasons:
+        return Outcome("unsupported", Failure.unsupported(reasons).reason)
+    b, h, n_q, d = work.q.shape
+    flops = method.cost(b, h, n_q, work.k.shape[-2], d, work.v.shape[-1], mask)
+    flops = flops if math.isfinite(flops) else None
+    seeded = generator(work.q.device, run_seed, method.name)
+    try:
+        with torch.no_grad():
+            out = method(work.q, work.k, work.v, scale=scale, mask=mask, generator=seeded)
+    except Exception as exc:  # one method's bug or allocation must not lose the others' results
+        failure = Failure.of(exc)
+        return Outcome(failure.status, failure.reason, flops=flops)
+    expected = (*work.q.shape[:-1], work.v.shape[-1])
+    if tuple(out.shape) != expected:
+        return Outcome(
+            "error", f"returned shape {tuple(out.shape)}; expected {expected}", flops=flops
+        )
+    bad = int((~torch.isfinite(out)).sum())
+    if bad:
+        return Outcome("error", f"non-finite output: {bad} NaN or infinite values", flops=flops)
+    return Outcome(errors=target.errors(out), flops=flops)
