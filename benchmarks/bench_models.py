@@ -35,6 +35,7 @@ import kdecli.hf
 from kdecli.experiments.drift.report import render_text
 from kdecli.hf import capture, load_model, load_tokenizer
 from kdecli.hf.models import quiet_transformers
+from kdecli.masks import mask_of
 from kdecli.measure.reference import exact_attention
 
 METHODS = ["kdeformer", "hyperattention", "performer"]
@@ -106,7 +107,8 @@ def capture_section(folder: Path, text: Path, out: Path, args) -> None:
         for layer in summary.layers:
             g = f[f"layer{layer}"]
             q, k, v, o = (torch.from_numpy(g[name][...]) for name in ("q", "k", "v", "o"))
-            ref = exact_attention(q, k, v, float(g.attrs["scale"]), causal=bool(g.attrs["causal"]))
+            mask = mask_of(bool(g.attrs["causal"]), None, q.shape[-2], k.shape[-2])
+            ref = exact_attention(q, k, v, float(g.attrs["scale"]), mask=mask)
             err = float((o.double() - ref).abs().max() / (v.abs().max() * eps))
             print(f"  layer {layer}: scale {g.attrs['scale']:.4f}, causal "
                   f"{bool(g.attrs['causal'])}, max|o − exact| = {err:.2f} max|v|·eps32")  # fmt: skip

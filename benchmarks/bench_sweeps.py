@@ -31,7 +31,10 @@ from pathlib import Path
 
 import torch
 
-from kdecli.experiments.compare.run import RunConfig, compare_layers, cpu_name, plan_grid
+from kdecli.experiments.compare.plan import plan_grid
+from kdecli.experiments.compare.run import compare_layers
+from kdecli.measure.config import RunConfig
+from kdecli.measure.environment import cpu_name
 from kdecli.sources import load_input
 from kdecli.sweeps.grid import keys_of
 

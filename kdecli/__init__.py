@@ -18,17 +18,17 @@ from typing import Any
 
 from kdecli.tuning import enable_huge_pages
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 _LAZY = {
     "attention": "kdecli.api",
     "QKV": "kdecli.qkv",
     "load_input": "kdecli.sources",
-    "RunConfig": "kdecli.experiments.compare.run",
+    "RunConfig": "kdecli.measure.config",
     "approx": "kdecli.experiments.compare.run",
     "compare": "kdecli.experiments.compare.run",
     "compare_layers": "kdecli.experiments.compare.run",
-    "plan_grid": "kdecli.experiments.compare.run",
+    "plan_grid": "kdecli.experiments.compare.plan",
     "merge_reports": "kdecli.sweeps.merge",
     "run_on_ray": "kdecli.sweeps.ray_executor",
     "load_inputs": "kdecli.sources",

@@ -144,24 +144,6 @@ Mask = Union[Full, Causal]
 FULL = Full()
 
 
-def as_mask(mask: Mask | bool, causal: bool | None = None) -> Mask:
-    """A mask from a mask or a causal flag: True -> ``Causal(0)``, False -> ``FULL``.
-
-    Transitional: removed once every caller passes a Mask.  Until then the functions that took
-    ``causal: bool`` accept it beside ``mask`` (``causal`` given wins; giving both is an error), and
-    a bool where a mask goes is read the same way.  ``Causal(0)`` is the old flag's meaning: query i
-    at position i (prefill, n_q = n_k)."""
-    if causal is not None:
-        if mask != FULL and mask is not False:
-            raise TypeError(f"pass `mask` or the transitional `causal`, not both (mask={mask!r})")
-        mask = bool(causal)
-    if isinstance(mask, (Full, Causal)):
-        return mask
-    if isinstance(mask, bool):
-        return Causal(0) if mask else FULL
-    raise TypeError(f"a mask must be Full() or Causal(offset); got {mask!r}")
-
-
 def mask_of(causal: bool, offset: int | None, n_q: int, n_k: int) -> Mask:
     """The mask of a causal flag and an optional query offset on n_q × n_k inputs, checked.
     Causal without an offset is bottom-right aligned (``Causal(n_k - n_q)``, 0 for prefill)."""

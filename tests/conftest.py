@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from kdecli.masks import FULL
 from kdecli.measure.metrics import slice_errors
 
 
@@ -38,12 +39,10 @@ def anti_aligned_inputs(norm=60.0):
     return q, k, torch.randn(1, 2, 97, 13, generator=g, dtype=torch.float64)
 
 
-def mean_error(method, q, k, v, scale, ref, seeds, metric="rel_spectral", causal=False):
+def mean_error(method, q, k, v, scale, ref, seeds, metric="rel_spectral", mask=FULL):
     """``metric`` of ``method`` against ``ref``, averaged over slices and over one call per seed."""
     errors = [
-        slice_errors(method(q, k, v, scale=scale, generator=gen(s), causal=causal), ref)[
-            metric
-        ].mean()
+        slice_errors(method(q, k, v, scale=scale, generator=gen(s), mask=mask), ref)[metric].mean()
         for s in seeds
     ]
     return float(torch.stack(errors).mean())

@@ -69,8 +69,8 @@ class NoGrad(AttentionMethod):
     summary = paper = "test only"
     uses_budget = False
 
-    def not_supported_reasons(self, q, k, v, mask=FULL, **kwargs):
-        reasons = super().not_supported_reasons(q, k, v, mask, **kwargs)
+    def not_supported_reasons(self, q, k, v, mask=FULL):
+        reasons = super().not_supported_reasons(q, k, v, mask)
         if q.requires_grad or k.requires_grad or v.requires_grad:
             reasons.append("no autograd support")
         return reasons

@@ -297,7 +297,7 @@ def test_causal_error_falls_as_the_budget_grows(name, falling_input):
     ref = exact_attention(q, k, v, 0.25, mask=Causal(0))
     seeds = FALLING_SEEDS if cls.randomized else FALLING_SEEDS[:1]
     small, large = (
-        mean_error(make_method(name, m), q, k, v, 0.25, ref, seeds, causal=True)
+        mean_error(make_method(name, m), q, k, v, 0.25, ref, seeds, mask=Causal(0))
         for m in FALLING_BUDGETS
     )
     assert small > large, (FALLING_BUDGETS, small, large)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 import kdecli
 from kdecli.cli import app
 from kdecli.experiments.compare.records import RunReport
-from kdecli.masks import Causal
+from kdecli.masks import FULL, Causal
 from kdecli.methods import get_method_class, method_names
 
 BUDGETED = [name for name in method_names() if get_method_class(name).uses_budget]
@@ -26,9 +26,9 @@ def test_keys_mode_pays_the_budget_per_query(name):
 def test_every_method_says_what_a_query_pays(name):
     cls = get_method_class(name)
     method = cls(64 if cls.uses_budget else None)
-    for causal in (False, True) if cls.supports_causal else (False,):
-        paid = method.paid_keys(1024, 1024, causal)
-        assert math.isfinite(paid) and 0 <= paid <= 1024 * 64, (name, causal, paid)
+    for mask in (FULL, Causal(0)) if cls.supports_causal else (FULL,):
+        paid = method.paid_keys(1024, 1024, mask)
+        assert math.isfinite(paid) and 0 <= paid <= 1024 * 64, (name, mask, paid)
 
 
 def test_the_paper_mapping_is_not_the_keys_mapping():

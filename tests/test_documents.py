@@ -8,7 +8,7 @@ import json
 import pytest
 
 import kdecli
-from kdecli.experiments.compare.records import SchemaError, to_json
+from kdecli.experiments.compare.records import to_json
 from kdecli.experiments.compare.report import render
 from kdecli.experiments.documents import kind_of, load_any
 from kdecli.experiments.drift.records import (
@@ -20,6 +20,7 @@ from kdecli.experiments.drift.records import (
 )
 from kdecli.experiments.scale.records import Fit, ScaleReport
 from kdecli.measure.figures import SeedStats, TimeStat
+from kdecli.records import SchemaError
 from kdecli.sweeps.merge import merge_reports
 
 SPEC = "synthetic:n=32,d=8,b=1,h=2"

@@ -106,7 +106,7 @@ class Broken(Exact):
     name = "broken"
     role = "approximation"
 
-    def forward(self, q, k, v, scale, generator, causal):
+    def forward(self, q, k, v, scale, generator, mask):
         raise RuntimeError("boom\nsecond line")
 
 

@@ -37,7 +37,7 @@ class CpuOutOfMemory(AttentionMethod):
     name, summary, paper = "cpu_oom", "test only", "test only"
     uses_budget = False
 
-    def forward(self, q, k, v, scale, generator, causal):
+    def forward(self, q, k, v, scale, generator, mask):
         raise RuntimeError(ALLOCATION_FAILURE)
 
 
@@ -48,7 +48,7 @@ class FailsWhenTimed(AttentionMethod):
     uses_budget = False
     calls = 0
 
-    def forward(self, q, k, v, scale, generator, causal):
+    def forward(self, q, k, v, scale, generator, mask):
         type(self).calls += 1
         if type(self).calls > 1:
             raise ValueError("timing broke")

@@ -15,6 +15,7 @@ from kdecli.cli import app
 from kdecli.errors import InputError, UsageError
 from kdecli.experiments.compare.records import load_document
 from kdecli.experiments.compare.report import render
+from kdecli.masks import FULL, Causal
 from kdecli.measure.reference import exact_attention
 from kdecli.sources import load_inputs
 
@@ -35,7 +36,7 @@ def capture(tmp_path):
             q, k, v = (rng.standard_normal((2, 2, 48, 8)).astype(np.float32) for _ in range(3))
             g["q"], g["k"], g["v"] = q, k, v
             o = exact_attention(*(torch.from_numpy(t).double() for t in (q, k, v)), SCALES[layer],
-                                causal=CAUSAL[layer])  # fmt: skip
+                                mask=Causal(0) if CAUSAL[layer] else FULL)  # fmt: skip
             g["o"] = o.float().numpy()
             g.attrs.update(layer=layer, scale=SCALES[layer], causal=CAUSAL[layer])
     return path
@@ -69,7 +70,7 @@ def test_the_exact_reference_reproduces_each_layers_own_output(capture):
     with h5py.File(capture) as f:
         o = torch.from_numpy(f["layer1/o"][()]).double()
     q, k, v = (t.double() for t in (layer1.q, layer1.k, layer1.v))
-    again = exact_attention(q, k, v, layer1.scale(), causal=layer1.causal())
+    again = exact_attention(q, k, v, layer1.scale(), mask=layer1.mask())
     assert torch.allclose(again, o, atol=1e-5)
 
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from kdecli.errors import UsageError
-from kdecli.masks import FULL, Causal, Full, as_mask, mask_of
+from kdecli.masks import FULL, Causal, mask_of
 from kdecli.measure.reference import exact_attention
+from kdecli.methods import make_method
 from kdecli.methods.causal import (
     Partial,
     causal_with_offset,
@@ -81,14 +82,27 @@ def test_mask_of_reads_the_flag_and_the_offset():
         mask_of(True, 91, 7, 97)
 
 
-def test_as_mask_reads_the_old_flag_and_refuses_both():
-    assert as_mask(True) == Causal(0) and as_mask(False) is FULL
-    assert as_mask(Causal(4)) == Causal(4) and isinstance(as_mask(Full()), Full)
-    assert as_mask(FULL, causal=True) == Causal(0) and as_mask(FULL, causal=False) is FULL
-    with pytest.raises(TypeError, match="not both"):
-        as_mask(Causal(4), causal=True)
-    with pytest.raises(TypeError, match="Full\\(\\) or Causal\\(offset\\)"):
-        as_mask("causal")
+@pytest.mark.parametrize("wrong", [True, False, "causal", None, 0])
+def test_a_mask_that_is_not_one_is_refused_by_name(wrong):
+    """A bool (the old causal flag) or anything else where a mask goes: a TypeError naming
+    `mask`, from the call and from ``not_supported_reasons``, never read as some mask."""
+    method = make_method("exact")
+    q, k, v = make_qkv(1, 1, 7, 7, 4)
+    for call in (
+        lambda: method(q, k, v, mask=wrong),
+        lambda: method.not_supported_reasons(q, k, v, wrong),
+    ):
+        with pytest.raises(TypeError, match="exact: `mask` must be a kdecli.masks mask") as info:
+            call()
+        assert ("Causal(0) for True" in str(info.value)) == isinstance(wrong, bool)
+
+
+def test_the_old_causal_keyword_is_gone():
+    q, k, v = make_qkv(1, 1, 7, 7, 4)
+    with pytest.raises(TypeError, match="causal"):
+        make_method("exact")(q, k, v, causal=True)
+    with pytest.raises(TypeError, match="causal"):
+        exact_attention(q, k, v, 0.5, causal=True)
 
 
 def exact_block(scale, calls):

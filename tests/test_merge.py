@@ -9,15 +9,16 @@ import pytest
 from typer.testing import CliRunner
 
 from kdecli.cli import app
+from kdecli.experiments.compare.plan import plan_grid
 from kdecli.experiments.compare.records import (
-    SchemaError,
     jsonl_header,
     jsonl_layer,
     jsonl_result,
     load_document,
     to_json,
 )
-from kdecli.experiments.compare.run import compare, compare_layers, plan_grid
+from kdecli.experiments.compare.run import compare, compare_layers
+from kdecli.records import SchemaError
 from kdecli.sources.synthetic import synthetic
 from kdecli.sweeps.grid import keys_of
 from kdecli.sweeps.merge import differences, measurement, merge_reports

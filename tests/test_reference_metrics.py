@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdecli.experiments.compare.records import Summary
 from kdecli.masks import FULL, Causal
+from kdecli.measure.figures import Summary
 from kdecli.measure.metrics import slice_errors
 from kdecli.measure.reference import (
     attention_column_sq_norms,
@@ -33,15 +33,6 @@ def test_chunked_reference_matches_sdpa_in_float64(n_q, mask, memory):
     if mask == Causal(0):
         sdpa = F.scaled_dot_product_attention(q, k, v, scale=0.3, is_causal=True)
         assert (ref - sdpa).abs().max() <= 64 * n_k * torch.finfo(torch.float64).eps
-
-
-def test_the_old_causal_flag_reads_as_prefill():
-    q, k, v = make_qkv(1, 2, 47, 47, 21)
-    assert torch.equal(
-        exact_attention(q, k, v, 0.3, causal=True), exact_attention(q, k, v, 0.3, mask=Causal(0))
-    )
-    with pytest.raises(TypeError, match="not both"):
-        exact_attention(q, k, v, 0.3, mask=Causal(0), causal=True)
 
 
 def test_masked_norms_are_those_of_the_masked_matrix():

@@ -15,8 +15,8 @@ from kdecli.experiments.compare.aggregate import aggregate
 from kdecli.experiments.compare.pareto import cheapest_settings
 from kdecli.experiments.compare.records import RunReport, load_document
 from kdecli.experiments.compare.report import render_text
-from kdecli.experiments.compare.run import RunConfig
 from kdecli.masks import Causal
+from kdecli.measure.config import RunConfig
 from kdecli.measure.metrics import slice_errors
 from kdecli.measure.reference import exact_attention
 from kdecli.measure.row_reference import (

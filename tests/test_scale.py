@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 from kdecli.cli import app
 from kdecli.errors import UsageError
-from kdecli.experiments.compare.records import ResultTime, TimeStat
 from kdecli.experiments.scale.run import (
     ScaleReport,
     fit_exponent,
@@ -18,6 +17,7 @@ from kdecli.experiments.scale.run import (
     parse_lengths,
     scale,
 )
+from kdecli.measure.figures import ResultTime, TimeStat
 
 runner = CliRunner()
 

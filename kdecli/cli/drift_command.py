@@ -12,8 +12,8 @@ from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, RUN, OutputOptions, shared_options
 from kdecli.cli.run_commands import _split_list
-from kdecli.experiments.compare.run import RunConfig
 from kdecli.files import Output
+from kdecli.measure.config import RunConfig
 
 # kdecli.experiments.drift.report.FORMATS, here so that `kdecli --help`
 # does not import rich tables
@@ -63,8 +63,7 @@ def drift_command(
 
     c.check_format(out.fmt, FORMATS)
     columns = parse_columns(out.columns)  # before the run, not after it
-    c.check_output(out.output)
-    run.check()
+    c.check_output(out.output)  # (`run` was checked when it was made, before any of this)
     method_list = _split_list(methods, "methods")
     params = c.parse_params(param)
     shared = params.pop("*", {})

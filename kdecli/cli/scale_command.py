@@ -12,8 +12,8 @@ from kdecli.cli.options import INPUT, OUTPUT, RUN, OutputOptions, shared_options
 from kdecli.cli.run_commands import _split_list
 from kdecli.cli.signals import graceful_stop
 from kdecli.errors import UsageError
-from kdecli.experiments.compare.run import RunConfig
 from kdecli.files import Output
+from kdecli.measure.config import RunConfig
 from kdecli.sources import InputOptions
 
 # kdecli.experiments.scale.report.FORMATS, here so that `kdecli --help`
@@ -55,8 +55,7 @@ def scale_command(
 
     c.check_format(out.fmt, FORMATS)
     columns = parse_columns(out.columns)  # before the run, not after it
-    c.check_output(out.output)
-    run.check()
+    c.check_output(out.output)  # (`run` was checked when it was made, before any of this)
     if input_spec is None:
         raise UsageError("scale needs an INPUT, e.g. synthetic:d=64 or a file long enough.")
     ns = parse_lengths(lengths)

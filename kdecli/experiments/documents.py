@@ -19,9 +19,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from kdecli.experiments.compare.records import RunReport, SchemaError, parse_document, read_text
+from kdecli.experiments.compare.records import RunReport, parse_document, read_text
 from kdecli.experiments.drift.records import DriftReport
 from kdecli.experiments.scale.records import ScaleReport
+from kdecli.records import SchemaError
 
 AnyReport = RunReport | ScaleReport | DriftReport
 

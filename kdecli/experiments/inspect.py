@@ -402,7 +402,7 @@ def render_table(doc: dict[str, Any], console: Console, max_slices: int = 32) ->
 
 def render(doc: dict[str, Any], fmt: str, stream: TextIO, *, width: int | None = None) -> None:
     if fmt == "json":
-        from kdecli.experiments.compare.records import clean
+        from kdecli.records import clean
 
         stream.write(json.dumps(clean(doc), indent=2, allow_nan=False) + "\n")
     elif fmt == "table":

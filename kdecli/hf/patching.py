@@ -38,7 +38,6 @@ from typing import Any
 import torch
 
 from kdecli.errors import ParameterError, UsageError
-from kdecli.experiments.compare.run import derive_seed
 from kdecli.hf.interface import (
     AttentionCall,
     AttentionFunction,
@@ -48,6 +47,7 @@ from kdecli.hf.interface import (
     use_attention,
 )
 from kdecli.masks import Mask
+from kdecli.measure.seeds import derive_seed
 from kdecli.methods import AttentionMethod, make_method
 
 

@@ -10,9 +10,8 @@ import platform
 
 import torch
 
-from kdecli.experiments.compare.records import InputInfo, Shape
 from kdecli.masks import FULL, Causal, Mask
-from kdecli.measure.figures import Environment
+from kdecli.measure.figures import Environment, InputInfo, Shape
 from kdecli.qkv import QKV
 
 

@@ -9,8 +9,12 @@
   from ``Summary``s or from plain values.  The two are different concepts: a Summary lives inside
   one record and keeps its slices; SeedStats lives across records and keeps the spread over seeds.
 - ``TimeStat``: seconds per call (median, inter-quartile range) and the call's peak memory.
+- ``InputInfo`` (with its ``Shape``): the input as run; ``Floors``: the errors of the two trivial
+  answers; ``ReferenceInfo``: which exact reference the errors are measured against (every row,
+  or a row sample); ``ResultTime``: a record's timings beside exact attention's.
 
-Every record's dict form is derived from its fields (``kdecli.records``).
+Every record's dict form is derived from its fields (``kdecli.records``); the documents of the
+experiments (``kdecli.experiments.compare.records``, scale, drift) are built around these.
 """
 
 from __future__ import annotations
@@ -226,3 +230,116 @@ class TimeStat(Record):
 
 def _legacy_source(reader: Reader) -> str | None:
     return None if reader.data.get("peak_memory_bytes") is None else "cuda"
+
+
+@dataclass(frozen=True)
+class Shape(Record):
+    b: int
+    h: int
+    n_q: int
+    n_k: int
+    d: int
+    d_v: int
+
+    @property
+    def slices(self) -> int:
+        return self.b * self.h
+
+
+@dataclass(frozen=True)
+class InputInfo(Record):
+    """The input as run: its name, shape, layout, stored dtype, the softmax scale used, its mask
+    (``causal``, and a causal mask's first query position ``query_offset``, written when not 0)."""
+
+    source: str
+    shape: Shape
+    layout: str = json_field(absent="bhnd")
+    dtype: str = json_field(absent="?")
+    scale: float = json_field()
+    causal: bool = json_field(absent=False)
+    query_offset: int = json_field(0, omit="falsy")
+
+    def describe(self) -> str:
+        """One line: the source, its shape and the scale (the scale changes which methods win)."""
+        s = self.shape
+        return (
+            f"{self.source}  b={s.b} h={s.h} n_q={s.n_q} n_k={s.n_k} d={s.d} d_v={s.d_v}  "
+            f"scale={self.scale:.6g}"
+            + ("  causal" if self.causal else "")
+            + (f" (query offset {self.query_offset})" if self.query_offset else "")
+        )
+
+
+@dataclass(frozen=True)
+class Floors(Record):
+    """Errors of the two trivial answers: every query gets the mean of V; every output is zero."""
+
+    mean: dict[str, Summary]
+    zero: dict[str, Summary]
+
+    def mean_floor(self, metric: str = "rel_spectral") -> float | None:
+        summary = self.mean.get(metric)
+        return None if summary is None else summary.mean
+
+
+@dataclass(frozen=True)
+class ReferenceInfo(Record):
+    """The exact reference a run measured against: every query (``mode`` "full"), or ``rows``
+    query rows drawn with ``seed`` (``mode`` "rows"; ALGORITHMS.md §10), whose errors are
+    estimates with a ``level`` interval from ``draws`` bootstrap resamples of the rows.
+    ``requested`` is what ``--reference`` asked for (``auto`` picks by the input's size).  The
+    interval's method, draws and level are written as one ``interval`` object (null for none)."""
+
+    mode: str = json_field("full", choices=("full", "rows"))
+    rows: int | None = None
+    seed: int | None = None
+    requested: str = json_field("full", migrate=lambda r: r.str("mode", "full"))
+    interval: str | None = json_field(None, name="interval.method")  # "bootstrap"
+    draws: int | None = json_field(None, name="interval.draws")
+    level: float | None = json_field(None, name="interval.level")
+
+    @property
+    def sampled(self) -> bool:
+        return self.mode == "rows"
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric that ranks and meets the floor: rel_spectral, which needs every row, or
+        rel_frobenius under a row sample."""
+        return "rel_frobenius" if self.sampled else "rel_spectral"
+
+
+@dataclass(frozen=True)
+class ResultTime(Record):
+    """The method's time and exact attention's, from the same run; ``note`` says why one is absent.
+
+    With ``--backward`` also one forward + backward of each (``backward_s``, ``exact_backward_s``:
+    the inputs require grad, the call is the method then ``autograd.grad`` of the output) and
+    their ratio; ``backward_note`` says why the method's was not timed (its forward figures
+    stand).  The four are written only when set, so older documents read as before.
+    """
+
+    method_s: TimeStat | None
+    exact_s: TimeStat | None
+    speedup: float | None
+    note: str | None = json_field(None, omit="none")
+    backward_s: TimeStat | None = json_field(None, omit="none")
+    exact_backward_s: TimeStat | None = json_field(None, omit="none")
+    backward_speedup: float | None = json_field(None, omit="none")
+    backward_note: str | None = json_field(None, omit="none")
+
+    @property
+    def method_median(self) -> float | None:
+        return None if self.method_s is None else self.method_s.median
+
+    @property
+    def exact_median(self) -> float | None:
+        return None if self.exact_s is None else self.exact_s.median
+
+    @property
+    def backward_median(self) -> float | None:
+        return None if self.backward_s is None else self.backward_s.median
+
+    @property
+    def exact_backward_median(self) -> float | None:
+        return None if self.exact_backward_s is None else self.exact_backward_s.median

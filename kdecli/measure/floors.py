@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from kdecli.experiments.compare.records import Floors
 from kdecli.masks import Mask
+from kdecli.measure.figures import Floors
 from kdecli.measure.target import Target
 from kdecli.methods import method_of_role
 

@@ -6,8 +6,7 @@ nothing overflows.  The same chunked P also gives the column norms of D⁻¹A (K
 probabilities) and ‖D⁻¹A‖₂ by a matrix-free power iteration.
 
 Every function takes the mask (``kdecli.masks``, ALGORITHMS.md §13): under ``Causal(offset)`` query
-i sits at key position offset + i and its row of P is the softmax over keys j ≤ offset + i.  The
-keyword ``causal`` is transitional (``kdecli.masks.as_mask``: True is ``Causal(0)``).
+i sits at key position offset + i and its row of P is the softmax over keys j ≤ offset + i.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from kdecli.masks import FULL, Mask, as_mask
+from kdecli.masks import FULL, Mask
 
 DEFAULT_MEMORY_BYTES = 256 * 2**20
 
@@ -37,7 +36,6 @@ def iter_softmax_chunks(
     scale: float,
     *,
     mask: Mask = FULL,
-    causal: bool | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     positions: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -47,7 +45,6 @@ def iter_softmax_chunks(
     sequence (a row sample): row r sits at key position offset + positions[r]; by default query i
     sits at offset + i.
     """
-    mask = as_mask(mask, causal)
     q64, k64 = q.to(torch.float64), k.to(torch.float64)
     b, h, n_q, _ = q.shape
     n_k = k.shape[-2]
@@ -75,13 +72,11 @@ def exact_attention(
     scale: float,
     *,
     mask: Mask = FULL,
-    causal: bool | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(s·QKᵀ)V under ``mask`` in float64, (b, h, n_q, d_v); ``positions`` as in
     ``iter_softmax_chunks``."""
-    mask = as_mask(mask, causal)
     v64 = v.to(torch.float64)
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float64, device=q.device)
     for start, stop, probs in iter_softmax_chunks(
@@ -97,11 +92,9 @@ def attention_column_sq_norms(
     scale: float,
     *,
     mask: Mask = FULL,
-    causal: bool | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> torch.Tensor:
     """‖(D⁻¹A)_{:,j}‖₂² for every key j under ``mask``: (b, h, n_k) float64."""
-    mask = as_mask(mask, causal)
     total = torch.zeros(*k.shape[:-1], dtype=torch.float64, device=k.device)
     for _, _, probs in iter_softmax_chunks(q, k, scale, mask=mask, memory_bytes=memory_bytes):
         total += probs.square().sum(-2)
@@ -114,7 +107,6 @@ def attention_spectral_norm(
     scale: float,
     *,
     mask: Mask = FULL,
-    causal: bool | None = None,
     iterations: int = 30,
     tol: float = 1e-7,
     generator: torch.Generator | None = None,
@@ -126,7 +118,6 @@ def attention_spectral_norm(
     iteration approaches the top singular value from below; it stops when every slice's estimate
     moves by less than ``tol`` (relative).
     """
-    mask = as_mask(mask, causal)
     b, h, n_k = k.shape[:-1]
     x = torch.rand(b, h, n_k, 1, dtype=torch.float64, generator=generator).to(k.device) + 0.5
     x /= x.norm(dim=-2, keepdim=True)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from kdecli.errors import UsageError
-from kdecli.masks import FULL, Mask, as_mask
+from kdecli.masks import FULL, Mask
 from kdecli.measure.metrics import ratio
 from kdecli.measure.reference import exact_attention
 
@@ -175,7 +175,6 @@ def sample_rows(
     seed: int,
     *,
     mask: Mask = FULL,
-    causal: bool | None = None,
     draws: int = BOOTSTRAP_DRAWS,
     memory_bytes: int = ROW_MEMORY_BYTES,
 ) -> RowSample:
@@ -183,9 +182,8 @@ def sample_rows(
 
     Cost R·n_k·(d + d_v) per slice, in query chunks of at most ``memory_bytes`` of logits; under
     ``mask`` a row keeps its own position, so row i sees keys j ≤ offset + i as in the full
-    reference.  ``causal``: transitional (``kdecli.masks.as_mask``).
+    reference.
     """
-    mask = as_mask(mask, causal)
     n_q = q.shape[-2]
     rows = draw_rows(n_q, count, seed)
     exact = exact_attention(

@@ -14,9 +14,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kdecli.experiments.compare.records import ReferenceInfo
 from kdecli.masks import Mask
-from kdecli.measure.figures import Interval, Summary
+from kdecli.measure.figures import Interval, ReferenceInfo, Summary
 from kdecli.measure.metrics import slice_errors, spectral_norm
 from kdecli.measure.reference import attention_spectral_norm, exact_attention
 from kdecli.measure.row_reference import (

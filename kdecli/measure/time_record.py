@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from kdecli.experiments.compare.records import ResultTime
 from kdecli.measure.failures import Failure
-from kdecli.measure.figures import TimeStat
+from kdecli.measure.figures import ResultTime, TimeStat
 from kdecli.measure.timing import Timing
 
 

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 
 from kdecli.errors import ParameterError, UsageError
-from kdecli.masks import FULL, Causal, Mask, as_mask
+from kdecli.masks import FULL, Causal, Full, Mask
 from kdecli.methods.causal import (
     decomposed_causal,
     decomposed_flops,
@@ -261,10 +261,9 @@ class AttentionMethod:
         return float("nan")
 
     # ---- the dispatch ------------------------------------------------------------------------
-    def runs_as(self, n_q: int, n_k: int, mask: Mask | bool) -> tuple[int, Mask]:
+    def runs_as(self, n_q: int, n_k: int, mask: Mask) -> tuple[int, Mask]:
         """(keys, mask) a call on n_q × n_k inputs runs with: the keys up to the last query's
         position (the rest are seen by no query) and the ``effective`` mask on them."""
-        mask = as_mask(mask)
         keys = mask.key_span(n_q, n_k)
         return keys, mask.effective(n_q, keys)
 
@@ -291,7 +290,7 @@ class AttentionMethod:
             return decomposed_causal(self, q, k, v, scale, generator, mask.offset)
         raise UsageError(f"{self.name} does not support causal masking ({mask}).")
 
-    def paid_keys(self, n_q: int, n_k: int, mask: Mask | bool) -> float:
+    def paid_keys(self, n_q: int, n_k: int, mask: Mask) -> float:
         """``keys_per_query`` of one call as it will run: averaged over the decomposition's
         pieces when it runs through it, as ``cost`` is."""
         keys, mask = self.runs_as(n_q, n_k, mask)
@@ -299,9 +298,7 @@ class AttentionMethod:
             return decomposed_keys_per_query(self, n_q, mask.offset)
         return self.keys_per_query(n_q, keys, mask)
 
-    def cost(
-        self, b: int, h: int, n_q: int, n_k: int, d: int, d_v: int, mask: Mask | bool
-    ) -> float:
+    def cost(self, b: int, h: int, n_q: int, n_k: int, d: int, d_v: int, mask: Mask) -> float:
         """``flops`` of one call as it will run: through the decomposition's pieces when causal
         and decomposed; a native causal mode's own ``cost`` override says what it costs."""
         keys, mask = self.runs_as(n_q, n_k, mask)
@@ -315,13 +312,11 @@ class AttentionMethod:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        mask: Mask | bool = FULL,
-        *,
-        causal: bool | None = None,
+        mask: Mask = FULL,
     ) -> list[str]:
-        """Why the method cannot run on these inputs under ``mask`` (empty when it can).
-        ``causal``: transitional, the old flag (``kdecli.masks.as_mask``)."""
-        mask = as_mask(mask, causal)
+        """Why the method cannot run on these inputs under ``mask`` (empty when it can); a
+        ``TypeError`` when ``mask`` is not a mask (``kdecli.masks``)."""
+        _check_mask(self.name, mask)
         reasons = []
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             return ["inputs must be 4-d (batch, heads, n, d)"]
@@ -347,7 +342,7 @@ class AttentionMethod:
         return [] if self.supports_grad else ["does not support autograd (no backward pass)"]
 
     def memory_reasons(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | bool = FULL
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask = FULL
     ) -> list[str]:
         """Why the call would not fit: its estimated memory against what the device has free, so
         that a run says so before it starts instead of meeting the OOM killer half way."""
@@ -384,7 +379,7 @@ class AttentionMethod:
         d: int,
         d_v: int,
         itemsize: int,
-        mask: Mask | bool,
+        mask: Mask,
     ) -> float | None:
         """``memory_bytes`` as the call will run: the decomposition adds the partial outputs and
         row sums it merges (``kdecli.methods.causal.decomposition_memory``)."""
@@ -403,13 +398,13 @@ class AttentionMethod:
         scale: float | None = None,
         generator: torch.Generator | None = None,
         mask: Mask = FULL,
-        causal: bool | None = None,
     ) -> torch.Tensor:
         """softmax(scale·QKᵀ)V estimated under ``mask`` (default: full); ``scale`` defaults to
-        1/√d.  ``causal``: transitional, the old flag (True is ``Causal(0)``)."""
+        1/√d.  A ``TypeError`` when ``mask`` is not a mask (``kdecli.masks``)."""
+        _check_mask(self.name, mask)
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
-        return self.forward(q, k, v, float(scale), generator, as_mask(mask, causal))
+        return self.forward(q, k, v, float(scale), generator, mask)
 
     @property
     def resolved_params(self) -> dict[str, Any]:
@@ -437,3 +432,14 @@ class AttentionMethod:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"{type(self).__name__}(budget={self.budget}, {args})"
+
+
+def _check_mask(name: str, mask: Any) -> None:
+    """Refuse what is not a mask where a mask goes (a bool, the old ``causal`` flag, included):
+    a ``TypeError`` naming ``mask``, before anything reads it as one."""
+    if isinstance(mask, (Full, Causal)):
+        return
+    message = f"{name}: `mask` must be a kdecli.masks mask, FULL or Causal(offset); got {mask!r}."
+    if isinstance(mask, bool):
+        message += " The old causal flag is a mask now: Causal(0) for True, FULL for False."
+    raise TypeError(message)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from kdecli.masks import FULL, Mask, as_mask
+from kdecli.masks import FULL, Mask
 from kdecli.methods.base import BUDGET_MODES
 from kdecli.methods.registry import get_method_class, method_names
 
@@ -18,14 +18,13 @@ def describe_methods(
     k: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
     budget: int | None = None,
-    mask: Mask | bool = FULL,
+    mask: Mask = FULL,
 ) -> list[dict[str, Any]]:
     """One dict per method (all registered ones by default).  Given a budget, each dict holds
     its parameters under both budget modes (``params_at_budget``: "paper", ``params_at_keys``:
     "keys"); given inputs, also ``reasons``: why the method, built at that budget, cannot run on
-    them under ``mask`` (a bool: transitional, ``kdecli.masks.as_mask``), and ``keys_per_query``
-    under each mode on those inputs."""
-    mask = as_mask(mask)
+    them under ``mask`` (``kdecli.masks``), and ``keys_per_query`` under each mode on those
+    inputs."""
     entries = []
     for name in names or method_names():
         cls = get_method_class(name)

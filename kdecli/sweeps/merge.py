@@ -39,9 +39,8 @@ from kdecli.experiments.compare.records import (
     MergeInfo,
     Result,
     RunReport,
-    SchemaError,
-    clean,
 )
+from kdecli.records import SchemaError, clean
 from kdecli.sweeps.grid import GridInfo, JobEntry
 
 UNTIMED = ("time", "environment")  # what may differ between two runs of the same measurement

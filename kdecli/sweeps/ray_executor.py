@@ -59,7 +59,7 @@ import torch
 
 from kdecli.errors import RuntimeFailure, UsageError, first_line
 from kdecli.experiments.compare.plan import plan_grid
-from kdecli.experiments.compare.records import Floors, LayerInfo, Result, RunReport
+from kdecli.experiments.compare.records import LayerInfo, Result, RunReport
 from kdecli.experiments.compare.run import (
     ProgressFn,
     ResultFn,
@@ -70,6 +70,7 @@ from kdecli.experiments.compare.run import (
 from kdecli.measure.config import RunConfig
 from kdecli.measure.environment import describe_input, environment
 from kdecli.measure.failures import Failure
+from kdecli.measure.figures import Floors
 from kdecli.measure.setting import Setting
 from kdecli.methods import get_method_class
 from kdecli.qkv import QKV

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import TextIO
 
 from kdecli.errors import UsageError
-from kdecli.experiments.compare.records import Result, RunReport, SchemaError, parse_document
+from kdecli.experiments.compare.records import Result, RunReport, parse_document
 from kdecli.files import check_writable, write_failure
+from kdecli.records import SchemaError
 from kdecli.sweeps.grid import GridInfo
 
 

@@ -13,8 +13,8 @@ import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from kdecli.experiments.compare.records import Result, ResultTime
-from kdecli.measure.figures import SeedStats, Summary
+from kdecli.experiments.compare.records import Result
+from kdecli.measure.figures import ResultTime, SeedStats, Summary
 from kdecli.measure.metrics import METRICS
 
 _MEASURED = Summary(None, None)  # a stand-in for a metric a record does not hold

@@ -33,13 +33,8 @@ from typing import Any
 
 from kdecli.errors import UsageError
 from kdecli.experiments.compare.aggregate import group_settings
-from kdecli.experiments.compare.records import (
-    Environment,
-    InputInfo,
-    Result,
-    RunReport,
-    load_document,
-)
+from kdecli.experiments.compare.records import Result, RunReport, load_document
+from kdecli.measure.figures import Environment, InputInfo
 from kdecli.measure.metrics import METRICS
 from kdecli.render.cells import fmt_time
 from kdecli.render.figures import (

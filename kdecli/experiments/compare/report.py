@@ -37,12 +37,12 @@ from kdecli.experiments.compare.columns import (
 from kdecli.experiments.compare.records import (
     Result,
     RunReport,
-    Summary,
     jsonl_header,
     jsonl_pareto,
     jsonl_result,
     to_json,
 )
+from kdecli.measure.figures import Summary
 from kdecli.measure.metrics import METRICS
 from kdecli.render import table
 from kdecli.render.cells import fmt_flops, fmt_params, fmt_time

@@ -30,39 +30,19 @@ from kdecli.errors import UsageError
 from kdecli.experiments.compare.aggregate import beats_floor
 from kdecli.experiments.compare.plan import plan_grid
 from kdecli.experiments.compare.prepared import Prepared
-from kdecli.experiments.compare.records import (
-    Environment,
-    LayerInfo,
-    Result,
-    ResultTime,
-    RunReport,
-)
+from kdecli.experiments.compare.records import LayerInfo, Result, RunReport
 from kdecli.measure.config import RunConfig
-from kdecli.measure.environment import cpu_name, describe_input, environment
 from kdecli.measure.failures import Failure
+from kdecli.measure.figures import Environment, ResultTime
 from kdecli.measure.record import Outcome, Paid, measure_call
-from kdecli.measure.seeds import derive_seed
 from kdecli.measure.setting import Setting
-from kdecli.measure.time_record import result_time, time_stat, with_backward
+from kdecli.measure.time_record import result_time, with_backward
 from kdecli.measure.timed import Timed, TimingOptions, time_backward, time_method
 from kdecli.methods.base import AttentionMethod
 from kdecli.qkv import QKV
 from kdecli.sweeps.grid import GridJob
 
-__all__ = [  # the library's names; the kernel's re-exported where callers found them before
-    "ProgressFn",
-    "ResultFn",
-    "RunConfig",
-    "approx",
-    "compare",
-    "compare_layers",
-    "cpu_name",
-    "derive_seed",
-    "describe_input",
-    "environment",
-    "plan_grid",
-    "time_stat",
-]
+__all__ = ["ProgressFn", "ResultFn", "approx", "compare", "compare_layers", "jobs_of"]
 
 ProgressFn = Callable[[int, int, str], None]
 ResultFn = Callable[[Result], None]

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdecli import __version__
-from kdecli.experiments.compare.records import ResultTime, read_text
-from kdecli.measure.figures import Environment, SeedStats, TimeStat
+from kdecli.experiments.compare.records import read_text
+from kdecli.measure.figures import Environment, ResultTime, SeedStats, TimeStat
 from kdecli.records import Reader, Record, SchemaError, clean, json_field, write_record
 
 DOCUMENT = "drift"

@@ -34,7 +34,6 @@ import torch
 
 from kdecli.devices import resolve_device, resolve_dtype
 from kdecli.errors import UsageError
-from kdecli.experiments.compare.records import ResultTime
 from kdecli.experiments.drift.records import (
     DriftReport,
     DriftResult,
@@ -62,7 +61,7 @@ from kdecli.hf.text import (
 )
 from kdecli.measure.environment import environment
 from kdecli.measure.failures import Failure
-from kdecli.measure.figures import SeedStats, TimeStat
+from kdecli.measure.figures import ResultTime, SeedStats, TimeStat
 from kdecli.measure.time_record import time_stat
 from kdecli.measure.timing import Timing, time_call
 from kdecli.methods import AttentionMethod, get_method_class, make_method, method_of_role

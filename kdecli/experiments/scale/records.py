@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdecli import __version__
-from kdecli.experiments.compare.records import Environment, Result, RunReport
+from kdecli.experiments.compare.records import Result, RunReport
+from kdecli.measure.figures import Environment
 from kdecli.records import Reader, Record, SchemaError, json_field
 
 DOCUMENT = "scale"

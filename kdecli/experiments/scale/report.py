@@ -17,8 +17,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from kdecli.experiments.compare.records import Result, clean
+from kdecli.experiments.compare.records import Result
 from kdecli.experiments.scale.records import ScaleReport
+from kdecli.records import clean
 from kdecli.render import table
 from kdecli.render.cells import MISSING, fmt_speedup, fmt_time
 from kdecli.render.table import Column, Layout
