@@ -189,7 +189,7 @@ def test_python_dash_m_and_console_script_work():
         [sys.executable, "-m", "kdecli", "methods", "--format", "json"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert res.returncode == 0 and json.loads(res.stdout)
 

@@ -148,7 +148,7 @@ def child(args, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "kdecli", *map(str, args)], **options)
 
 
-def wait_for_lines(folder: Path, lines: int, timeout: float = 120) -> None:
+def wait_for_lines(folder: Path, lines: int, timeout: float = 600) -> None:
     """Until the hidden temporary file of a JSONL run holds ``lines`` lines."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -171,7 +171,7 @@ def test_a_signal_stops_between_records_and_keeps_what_finished(tmp_path, signum
     proc = child([*LONG_RUN, "-f", "jsonl", "-o", out])
     wait_for_lines(tmp_path, 3)  # the run line and two results
     proc.send_signal(signum)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == code, stderr
     assert "Traceback" not in stderr and "Stopping after the current record" in stderr
     kept = load_document(out)  # whole lines only, and a valid stream
@@ -191,7 +191,7 @@ def test_an_interrupted_json_run_writes_a_whole_document_of_what_finished(tmp_pa
     if proc.poll() is not None:
         pytest.skip("the run finished before the signal")
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     if "kept 0 finished records" in stderr:  # stopped before the first record: untouched
         assert out.read_text() == "previous"
@@ -209,7 +209,7 @@ def test_a_signal_during_start_up_is_one_line(signum, code, word):
     proc = child(["methods"])
     time.sleep(0.3)  # inside the imports
     proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=600)
     if proc.returncode == 0:
         pytest.skip("the command finished before the signal arrived")
     if proc.returncode == -signum:  # a very slow machine: Python itself had not started yet
@@ -225,7 +225,7 @@ def test_a_closed_pipe_ends_quietly():
     proc.stdout.read(100)
     proc.stdout.close()  # like `| head -c 100`
     stderr = proc.stderr.read()
-    proc.wait(timeout=120)
+    proc.wait(timeout=600)
     assert stderr == "" and proc.returncode == 141, stderr
 
 
@@ -236,7 +236,7 @@ def test_a_full_standard_output_is_named(tmp_path):
     with open("/dev/full", "w") as full:
         proc = child(["compare", SPEC, "--methods", "mean", "--no-timing", "-f", "json"],
                      stdout=full)  # fmt: skip
-        _, stderr = proc.communicate(timeout=60)
+        _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 1
     assert "cannot write standard output: No space left on device." in stderr
 

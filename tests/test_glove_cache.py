@@ -133,7 +133,7 @@ def race(server, cache, tmp_path, dims) -> list[tuple[int, str, str]]:
             time.sleep(0.05)
     finally:
         server.hold.set()
-    outs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    outs = [p.communicate(timeout=600)[0].decode() for p in procs]
     return [(p.returncode, out, log.read_text()) for p, out, log in zip(procs, outs, logs)]
 
 
@@ -170,7 +170,7 @@ def test_a_lock_nests_in_one_process_and_names_what_it_waits_for(tmp_path):
         )
         waiting = holder.stdout.readline().decode()  # it cannot get past the lock while held
     assert waiting.startswith("Waiting for another kdecli process to finish with file")
-    out = holder.communicate(timeout=60)[0].decode()
+    out = holder.communicate(timeout=600)[0].decode()
     assert holder.returncode == 0 and out == "acquired\n"
     assert (tmp_path / ".locks" / "file.lock").exists()
 

@@ -48,7 +48,7 @@ def test_methods_input_takes_the_same_input_options(tmp_path):
 def run_python(code, **env):
     environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=600
     )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()

@@ -348,7 +348,7 @@ def test_an_interrupted_resume_says_how_to_go_on(tmp_path):
     path = tmp_path / "run.jsonl"
     process, args, env = start_slow_run(path)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = process.communicate(timeout=600)
     assert process.returncode == 130, stderr
     assert "rerun the same command to go on" in stderr
     written = path.read_bytes()

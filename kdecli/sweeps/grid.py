@@ -30,7 +30,9 @@ import json
 import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from kdecli.records import Record, json_field
 
 if TYPE_CHECKING:  # results files import this module; reading one needs no torch
     import torch
@@ -146,7 +148,7 @@ class GridJob:
 
 
 @dataclass(frozen=True)
-class JobEntry:
+class JobEntry(Record):
     """One record of the grid, as a results file lists it: its key and what a person reads."""
 
     key: str
@@ -154,21 +156,6 @@ class JobEntry:
     method: str
     budget: int | None
     seed: int | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "layer": self.layer,
-            "method": self.method,
-            "budget": self.budget,
-            "seed": self.seed,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobEntry:
-        return cls(
-            data["key"], data.get("layer"), data["method"], data.get("budget"), data.get("seed")
-        )
 
     def describe(self) -> str:
         """``layer 3 kdeformer budget=64 seed=1``."""
@@ -182,35 +169,18 @@ class JobEntry:
 
 
 @dataclass(frozen=True)
-class GridInfo:
+class GridInfo(Record):
     """What a results file says of its grid: the digest, every record of the whole grid, the
     settings that define it (``spec``, to name a difference between two grids), and which
     shard of how many this file's run was (None: the whole grid)."""
 
+    json_order: ClassVar[tuple[str, ...]] = ("digest", "shard_id", "num_shards", "spec", "jobs")
+
     digest: str
-    jobs: tuple[JobEntry, ...]
-    spec: dict[str, Any]
+    jobs: tuple[JobEntry, ...] = json_field(absent=())
+    spec: dict[str, Any] = json_field(absent={})
     shard_id: int | None = None
     num_shards: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "digest": self.digest,
-            "shard_id": self.shard_id,
-            "num_shards": self.num_shards,
-            "spec": self.spec,
-            "jobs": [job.to_dict() for job in self.jobs],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GridInfo:
-        return cls(
-            data["digest"],
-            tuple(JobEntry.from_dict(job) for job in data.get("jobs") or []),
-            dict(data.get("spec") or {}),
-            data.get("shard_id"),
-            data.get("num_shards"),
-        )
 
     def unsharded(self) -> GridInfo:
         return GridInfo(self.digest, self.jobs, self.spec)
