@@ -11,7 +11,7 @@ same chunks.  Also printed: each layer's largest |o − exact(q, k, v)| in units
 and each layer's rel_spectral of kdeformer, hyperattention and performer at budgets 64, 128, 256
 (mean over 3 seeds, float32), beside the layer's mean-of-V floor.
 
-Then what the approximations do to the model (`kdecli.hf.drift`, ALGORITHMS.md §11): every
+Then what the approximations do to the model (`kdecli.hf.drift`, docs/metrics.md): every
 approximation in all six layers, budgets 64, 128, 256, 3 seeds, on `--drift-chunks` chunks of 512
 tokens: the cosine of the pooled, normalised sentence embeddings against the exact model's, each
 layer's hidden-state drift, and the forward time, beside the `mean` floor in the same layers.

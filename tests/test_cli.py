@@ -46,6 +46,7 @@ def test_compare_table_on_sample_data_mentions_floors_and_params():
         1,
         "--n",
         512,
+        "--verbose",  # the resolved parameters
     )
     assert res.exit_code == 0, res.stderr
     out = res.stdout
@@ -199,7 +200,8 @@ def test_methods_and_commands_are_listed_in_their_documented_order():
 
     assert method_names() == [
         "exact", "mean", "kdeformer", "performer", "reformer", "scatterbrain",
-        "hyperattention", "thinformer", "nystromformer", "uniform", "topk", "rankk",
+        "hyperattention", "thinformer", "nystromformer", "uniform", "streaming", "quest",
+        "magicpig", "topk", "rankk", "topk_pages",
     ]  # fmt: skip
     commands = [c.name for c in app.registered_commands]
     assert commands == [

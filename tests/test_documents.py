@@ -38,7 +38,7 @@ def run():
 
 def scale_of(run) -> ScaleReport:
     fits = {"uniform": Fit(1.0, 2, 32, 64), "exact": Fit(None, 1, 32, 32, "one length")}
-    return ScaleReport(SPEC, 8, [32, 64], [run, run], fits, run.environment)
+    return ScaleReport(SPEC, 8, [32, 64], runs=[run, run], fits=fits, environment=run.environment)
 
 
 def drift_of(run) -> DriftReport:

@@ -176,7 +176,7 @@ def test_minilm_folder_as_shipped_is_mean_pooled_and_normalised():
 def test_the_document_reads_back(model_dirs, text_file, tmp_path):
     report = _drift(model_dirs["llama"], text_file, ["uniform", Broken()], [4])
     doc = report.to_dict()
-    assert doc["document"] == "drift" and doc["schema_version"] == 1
+    assert doc["kind"] == "drift" and doc["schema_version"] == 1
     again = DriftReport.from_dict(json.loads(json.dumps(doc)))
     assert again.to_dict() == doc
     path = tmp_path / "d.json"

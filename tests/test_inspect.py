@@ -172,7 +172,7 @@ def test_cli_json_on_stdout_and_warnings_on_stderr(tmp_path):
     res = runner.invoke(app, ["inspect", str(path), "--format", "json"])
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert doc["report"] == "inspect" and doc["input"]["source"] == str(path)
+    assert doc["kind"] == "inspect" and doc["input"]["source"] == str(path)
     assert doc["slices"][0]["entropy"]["mean"] == pytest.approx(math.log(n), rel=1e-12)
     assert "Warning:" in res.stderr and "bound_normalized" in res.stderr
     quiet = runner.invoke(app, ["inspect", str(path), "--format", "json", "--quiet"])

@@ -1,4 +1,4 @@
-"""The package's layout holds (DESIGN.md §7): the measuring kernel and the methods depend on no
+"""The package's layout holds (docs/design.md): the measuring kernel and the methods depend on no
 experiment, the root stays small, no module grows past a few hundred lines, and no two modules
 import each other at import time.  Read with ``ast``: nothing here is imported."""
 

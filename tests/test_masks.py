@@ -1,4 +1,4 @@
-"""The mask type (kdecli/masks.py, ALGORITHMS.md §13) and the causal decomposition under an offset
+"""The mask type (kdecli/masks.py, docs/methods.md) and the causal decomposition under an offset
 (kdecli/methods/causal.py): validation messages, the allowed pairs, query chunks, the command
 line's flag and offset, and the decomposition's pieces against the exact float64 reference.  Every
 method under an offset is in the contract battery."""

@@ -1,4 +1,4 @@
-"""Aligned pairing of sorted-LSH blocks (ALGORITHMS.md §12) for kdeformer and hyperattention: each
+"""Aligned pairing of sorted-LSH blocks (docs/methods.md) for kdeformer and hyperattention: each
 query scores the key_block sorted keys around its own rank, tiles of queries share one window, and
 the contract's properties hold for both pairings (the battery itself runs the default)."""
 

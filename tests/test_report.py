@@ -104,7 +104,7 @@ def test_the_table_fits_and_cuts_no_name_or_number(saved, width):
     assert max(len(line) for line in text.splitlines()) <= width
     settings = aggregate(report.results, report.floors.mean_floor())
     columns, left_out = choose_columns(settings, width)
-    assert set(ALWAYS) - {"layer"} <= {c.key for c in columns}  # no layers: no layer column
+    assert set(ALWAYS) - {"layer", "phase"} <= {c.key for c in columns}  # no layer, phase columns
     # every row's first line holds each cell whole (only the status sentence may wrap)
     rows = [line.strip("│").split("│") for line in text.splitlines() if line.startswith("│")]
     rows = [row for row in rows if row[0].strip()]

@@ -100,7 +100,7 @@ def test_the_cli_table_json_and_errors(tmp_path):
     )
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
-    assert doc["document"] == "scale" and doc["lengths"] == [256, 512]
+    assert doc["kind"] == "scale" and doc["lengths"] == [256, 512]
     assert set(doc["fits"]) == {"uniform", "exact"}
     res = runner.invoke(app, [*args, "--repeats", "1", "--min-time", "0"])
     assert res.exit_code == 0, res.output

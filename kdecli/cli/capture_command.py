@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
@@ -12,7 +12,11 @@ from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, RUN, OutputOptions, shared_options
 from kdecli.errors import UsageError
-from kdecli.measure.config import RunConfig
+
+if TYPE_CHECKING:  # the library (and torch) is imported when the command runs, not for --help
+    from kdecli.measure.config import RunConfig
+
+CAPTURE_SUFFIXES = (".h5", ".hdf5")
 
 
 @app.command("capture")
@@ -50,6 +54,12 @@ def capture_command(
     layer's scale and causal flag.  `kdecli compare FILE.h5:/layer3` reads one layer back."""
     if out.output is None:
         raise UsageError("capture needs --output OUT.h5.")
+    if out.output.suffix.lower() not in CAPTURE_SUFFIXES:
+        # an HDF5 file under another name is read back as no capture at all
+        raise UsageError(
+            f"--output {out.output}: a capture is an HDF5 file; give a name ending in "
+            f"{' or '.join(CAPTURE_SUFFIXES)}."
+        )
     from kdecli.hf.capturing import capture
 
     progress, update = c.progress_printer(out.quiet)

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kdecli.errors import KdecliError, Terminated, UsageError, first_line, is_out_of_memory
 from kdecli.files import check_writable
+from kdecli.render.safe import MESSAGE_LIMIT, printable
 
 stderr = Console(stderr=True)
 
@@ -23,8 +24,9 @@ stderr = Console(stderr=True)
 InputArg = Annotated[
     Optional[str],
     typer.Argument(
-        help="file.npz | file.h5[:/group] | file.pt | glove:PATH | synthetic:n=…,d=…,b=…,h=… "
-        "(or give --q/--k/--v .npy files).",
+        help="sample:glove (the bundled sample) | file.npz | file.h5[:/group] | file.pt | "
+        "glove:PATH | synthetic:n=…,d=…,b=…,h=… | capture.h5:/layer3 (or give --q/--k/--v .npy "
+        "files).",
         show_default=False,
     ),
 ]
@@ -54,9 +56,12 @@ def debug() -> bool:
 
 
 def error(message: str, hint: str | None = None) -> None:
-    """``Error: message`` on stderr; the message is never read as markup (it quotes user text)."""
+    """``Error: message`` on stderr; the message is never read as markup and its control
+    characters are escaped (it quotes user text and file content)."""
+    message = printable(message, MESSAGE_LIMIT)
     stderr.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if hint:
+        hint = printable(hint, MESSAGE_LIMIT)
         stderr.print(f"Hint: {hint}", highlight=False, markup=False, soft_wrap=True)
 
 
@@ -120,10 +125,13 @@ def check_output(path: Path | None) -> None:
 
 
 def table_width(path: Path | None) -> int:
-    """A table is 160 columns wide in a file, the terminal's width on one, 200 down a pipe."""
+    """A table is 160 columns wide in a file, the terminal's width on one, 200 down a pipe;
+    ``COLUMNS`` set in the environment is the width asked for, on a terminal or not."""
     if path is not None:
         return 160
-    return shutil.get_terminal_size().columns if sys.stdout.isatty() else 200
+    if os.environ.get("COLUMNS", "").strip().isdigit() or sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return 200
 
 
 def colour(path: Path | None) -> bool:
@@ -168,11 +176,14 @@ def progress_printer(quiet: bool):
 
 
 def note(message: str, quiet: bool) -> None:
-    """A line on stderr (unless --quiet), printed as it is: never read as markup."""
+    """A line on stderr (unless --quiet), printed as it is: never read as markup, control
+    characters escaped."""
     if not quiet:
+        message = printable(message, MESSAGE_LIMIT)
         stderr.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
 def warn(message: str, quiet: bool) -> None:
     if not quiet:
-        stderr.print(f"[yellow]Warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        message = escape(printable(message, MESSAGE_LIMIT))
+        stderr.print(f"[yellow]Warning:[/] {message}", highlight=False, soft_wrap=True)

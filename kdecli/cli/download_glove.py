@@ -20,7 +20,6 @@ from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
 from kdecli.errors import Terminated
-from kdecli.sources import glove_cache
 
 
 class RichProgress:
@@ -114,6 +113,8 @@ def download_glove(
     `glove:6B.50d` style names to the other commands.  A broken transfer is retried (5 times in a
     row, waiting 1 to 16 s) and resumed; a second run into the same cache waits for the first.
     """
+    from kdecli.sources import glove_cache  # imports torch: when the command runs, not for --help
+
     console = Console(stderr=True)
     quiet = out.quiet
     reporter = RichProgress(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
@@ -13,7 +13,9 @@ from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, RUN, OutputOptions, shared_options
 from kdecli.cli.run_commands import _split_list
 from kdecli.files import Output
-from kdecli.measure.config import RunConfig
+
+if TYPE_CHECKING:  # the library (and torch) is imported when the command runs, not for --help
+    from kdecli.measure.config import RunConfig
 
 # kdecli.experiments.drift.report.FORMATS, here so that `kdecli --help`
 # does not import rich tables
@@ -51,6 +53,21 @@ def drift_command(
     ),
     tokens: int = typer.Option(512, "--tokens", help="N: tokens per chunk."),
     chunks: int = typer.Option(1, "--chunks", help="K: chunks of N tokens."),
+    generate: Optional[int] = typer.Option(
+        None,
+        "--generate",
+        help="T: generate T tokens greedily after each chunk, with exact attention and with each "
+        "method, and compare them (first divergence, token agreement, teacher-forced KL, top-1 "
+        "and perplexity per step). Causal LMs only.",
+        show_default=False,
+    ),
+    phase: Optional[str] = typer.Option(
+        None,
+        "--phase",
+        help="With --generate: where the method runs: decode (calls with a KV cache; the "
+        "default) | prefill (the prompt's forward) | both.",
+        show_default=False,
+    ),
     param: c.Params = None,
     *,
     run: RunConfig,
@@ -58,7 +75,8 @@ def drift_command(
 ) -> None:
     """Run a model with exact attention and with each method × budget × seed in the chosen
     layers, on the same tokens: hidden-state drift per layer, and KL, top-1 agreement and
-    perplexity (causal LMs) or embedding cosine (encoders), beside the `mean` baseline's."""
+    perplexity (causal LMs) or embedding cosine (encoders), beside the `mean` baseline's; with
+    --generate, what the method does to a greedy generation."""
     from kdecli.experiments.drift.report import parse_columns, render_text
 
     c.check_format(out.fmt, FORMATS)
@@ -84,6 +102,7 @@ def drift_command(
             layers=layers, seeds=[run.seed + i for i in range(run.seeds)], tokens=tokens,
             chunks=chunks, device=run.device, dtype=run.dtype, params=params,
             timing=run.timing, repeats=run.repeats, warmup=run.warmup, progress=update,
+            generate=generate, phase=phase,
         )  # fmt: skip
     with Output(out.output) as output:
         output.write(
@@ -99,7 +118,8 @@ def drift_command(
     for r in failed:
         c.warn(f"{r.method} (budget {r.budget}): {r.status}: {r.reason}", out.quiet)
     coupled = [m for m in method_list if get_method_class(m).causal_query_coupled]
-    if report.model.output == "next-token" and coupled:
+    prefill = report.phase in (None, "prefill", "both")  # one decode query groups with no other
+    if report.model.output == "next-token" and coupled and prefill:
         c.warn(
             f"{', '.join(coupled)}: causally, a full block groups its queries, so a later token's "
             "query can move an earlier position's output (no later key reaches it); their "

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import INPUT, OUTPUT, RUN, OutputOptions, shared_options
-from kdecli.experiments.inspect import FORMATS, inspect_input, render
 from kdecli.files import Output
-from kdecli.measure.config import RunConfig
-from kdecli.sources import InputOptions, load_input
+
+if TYPE_CHECKING:  # the library (and torch) is imported when the command runs, not for --help
+    from kdecli.measure.config import RunConfig
+    from kdecli.sources import InputOptions
 
 
 @app.command("inspect")
@@ -18,7 +20,7 @@ from kdecli.sources import InputOptions, load_input
 @shared_options(
     inputs=INPUT.without("all_layers"),
     run=RUN.only("device", "scale", "causal", "query_offset"),
-    out=OUTPUT.without("columns"),
+    out=OUTPUT.without("columns", "verbose"),
     helps={"fmt": "table | json."},
 )
 def inspect_command(
@@ -26,6 +28,9 @@ def inspect_command(
 ) -> None:
     """Per batch×head slice: norms of Q, K, V, logit range, attention entropy and top-1% mass,
     ‖O‖₂ against ‖D⁻¹A‖₂‖V‖₂, and exp overflow risk (all in float64, chunked)."""
+    from kdecli.experiments.inspect import FORMATS, inspect_input, render
+    from kdecli.sources import load_input
+
     c.check_format(out.fmt, FORMATS)
     c.check_output(out.output)
     qkv = load_input(input_spec, inputs)

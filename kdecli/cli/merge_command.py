@@ -9,7 +9,8 @@ import typer
 from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
-from kdecli.experiments.compare.records import load_document, to_json
+from kdecli.experiments.compare.records import to_json
+from kdecli.experiments.documents import cut_short, load_compare
 from kdecli.files import Output
 from kdecli.sweeps.grid import JobEntry
 from kdecli.sweeps.merge import Merged, differences, merge_reports
@@ -36,7 +37,11 @@ def merge_command(
     """Merge the shards of one sweep into one JSON document, the same in any order.
     Merging again changes nothing; files of different grids are refused."""
     c.check_output(out.output)
-    reports = [load_document(path) for path in files]
+    reports = [load_compare(path) for path in files]
+    for path in filter(cut_short, files):
+        c.note(
+            f"{path}: its last line was cut short (a run stopped mid-write); left out.", out.quiet
+        )
     merged = merge_reports(reports, [str(path) for path in files])
     with Output(out.output) as output:
         output.write(to_json(merged.report) + "\n")

@@ -8,8 +8,9 @@ each group to the command's signature (for Typer) and hands the command one obje
     @shared_options(inputs=INPUT, run=RUN, out=OUTPUT, repeats=3)
     def compare_command(input_spec: c.InputArg = None, *, inputs, run, out): ...
 
-so a new shared option is one entry in ``OPTIONS`` and one field of the object it fills; the same
-option has the same name, help and meaning in every command.
+so a new shared option is one entry in ``OPTIONS`` and one field of the object it fills (and, for
+the run and input options, whose classes are imported only when a command runs, its name in the
+group); the same option has the same name, help and meaning in every command.
 """
 
 from __future__ import annotations
@@ -18,24 +19,46 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from importlib import import_module
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from kdecli.measure.config import RunConfig
-from kdecli.sources import InputOptions
+from kdecli.errors import UsageError
 from kdecli.sweeps.options import SweepOptions
+
+# ``--output FILE`` names its format by its extension when ``--format`` is not given.
+FORMAT_OF_SUFFIX = {
+    ".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".md": "markdown", ".txt": "table",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class OutputOptions:
-    """Where and how results are written."""
+    """Where and how results are written.  ``fmt`` None: the format the output file's extension
+    names (``FORMAT_OF_SUFFIX``), else a table; an explicit ``--format`` that contradicts the
+    extension is refused (``out.json`` holding a table is read back as nothing)."""
 
-    fmt: str = "table"
+    fmt: str | None = None
     output: Path | None = None
     quiet: bool = False
     columns: str | None = None
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        named = FORMAT_OF_SUFFIX.get(self.output.suffix.lower()) if self.output else None
+        if self.fmt is None:
+            object.__setattr__(self, "fmt", named or "table")
+        elif named is not None and self.fmt != named:
+            raise UsageError(
+                f"--output {self.output} names {named} by its extension; got --format {self.fmt}.",
+                hint=f"Drop --format, or give a file name ending in .{_suffix_of(self.fmt)}.",
+            )
+
+
+def _suffix_of(fmt: str) -> str:
+    return next((s[1:] for s, f in FORMAT_OF_SUFFIX.items() if f == fmt), fmt)
 
 
 @dataclass(frozen=True)
@@ -93,6 +116,26 @@ OPTIONS: dict[str, Opt] = {
         None,
         "Under a causal mask, query i sits at key position N + i and sees keys j ≤ N + i; "
         "N in 0..n_k−n_q (default n_k−n_q: the queries are the last positions, as a decode step).",
+    ),
+    "phase": Opt(
+        ("--phase",),
+        str,
+        "prefill",
+        "prefill: every query at once | decode: the last --queries queries, each over its own "
+        "prefix (a causal mask) | both: the two side by side.",
+    ),
+    "queries": Opt(
+        ("--queries",),
+        int,
+        1,
+        "--phase decode: how many of the last queries to measure, M in 1..n_q (1: one decode step).",
+    ),
+    "steps": Opt(
+        ("--steps",),
+        int,
+        64,
+        "--phase decode: the decode steps a method's one-off preparation of the cache is "
+        "amortised over (amortised step = step + preparation / steps).",
     ),
     "repeats": Opt(("--repeats",), int, 3, "Timed calls per method (median reported)."),
     "warmup": Opt(("--warmup",), int, 1, "Untimed calls before timing."),
@@ -160,7 +203,13 @@ OPTIONS: dict[str, Opt] = {
         "names, else a local one (pip install 'kdecli\\[ray]').",
     ),
     # output: where and how
-    "fmt": Opt(("--format", "-f"), str, "table", "table | json | jsonl | csv."),
+    "fmt": Opt(
+        ("--format", "-f"),
+        Optional[str],
+        None,
+        "table | json | jsonl | csv | markdown (default: from the --output file's extension: "
+        ".json .jsonl .csv .md .txt; else table).",
+    ),
     "output": Opt(("--output", "-o"), Optional[Path], None, "Write the results to FILE."),
     "quiet": Opt(("--quiet", "-q"), bool, False, "No progress or notes on stderr."),
     "columns": Opt(
@@ -169,15 +218,33 @@ OPTIONS: dict[str, Opt] = {
         None,
         "Table columns, comma-separated, or `all` (default: what fits the terminal).",
     ),
+    "verbose": Opt(
+        ("--verbose", "-v"),
+        bool,
+        False,
+        "Under the table, also each setting's resolved parameters (the JSON always has them).",
+    ),
 }
 
 
 @dataclass(frozen=True)
 class Group:
-    """Options that fill one typed object: ``build(**{field: value})``."""
+    """Options that fill one typed object: ``make(**{field: value})``.
 
-    build: Callable[..., Any]
+    ``build`` is the object's class, or its ``"module:Name"`` path, imported only when a command
+    runs: the run and input options live beside torch, and ``--help`` must not import it.  Such a
+    group names its fields here (in the class's order; ``tests/test_cli_surface.py`` checks them).
+    """
+
+    build: Callable[..., Any] | str
     names: tuple[str, ...]
+
+    def make(self, **values: Any) -> Any:
+        build = self.build
+        if isinstance(build, str):
+            module, _, name = build.partition(":")
+            build = getattr(import_module(module), name)
+        return build(**values)
 
     def only(self, *names: str) -> Group:
         """The same object, offering only some of its options (the rest keep their defaults)."""
@@ -191,8 +258,18 @@ def _group(cls: type) -> Group:
     return Group(cls, tuple(f.name for f in fields(cls) if f.name in OPTIONS))
 
 
-INPUT = _group(InputOptions)
-RUN = _group(RunConfig)
+INPUT = Group(
+    "kdecli.sources:InputOptions",
+    ("q", "k", "v", "q_key", "k_key", "v_key", "layout", "n", "batch", "all_layers"),
+)
+RUN = Group(
+    "kdecli.measure.config:RunConfig",
+    (
+        "seeds", "seed", "device", "dtype", "scale", "causal", "repeats", "warmup", "min_time",
+        "budget_mode", "bound", "timing", "reference", "backward", "query_offset", "phase",
+        "queries", "steps",
+    ),
+)  # fmt: skip
 OUTPUT = _group(OutputOptions)
 SWEEP = _group(SweepOptions)
 
@@ -211,8 +288,14 @@ def shared_options(
         raise TypeError(f"no shared option named {', '.join(sorted(unknown))}")
 
     def decorate(command: Callable) -> Callable:
-        signature = inspect.signature(command, eval_str=True)
-        own = [p for name, p in signature.parameters.items() if name not in groups]
+        # The groups' own annotations (``run: RunConfig``) are not evaluated: a command module
+        # names those classes for type checkers only, without importing them.
+        signature = inspect.signature(command)
+        own = [
+            _evaluated(p, command.__globals__)
+            for name, p in signature.parameters.items()
+            if name not in groups
+        ]
         added = []
         for group in groups.values():
             for name in group.names:
@@ -230,10 +313,24 @@ def shared_options(
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             for param, group in groups.items():
-                kwargs[param] = group.build(**{name: kwargs.pop(name) for name in group.names})
+                kwargs[param] = group.make(**{name: kwargs.pop(name) for name in group.names})
             return command(*args, **kwargs)
 
-        wrapper.__signature__ = signature.replace(parameters=[*own, *added])
+        parameters = [*own, *added]
+        wrapper.__signature__ = signature.replace(parameters=parameters)
+        # Typer reads the annotations too (``get_type_hints``): the evaluated ones, not the
+        # command's own strings, which name classes its module does not import.
+        wrapper.__annotations__ = {
+            p.name: p.annotation for p in parameters if p.annotation is not p.empty
+        }
         return wrapper
 
     return decorate
+
+
+def _evaluated(parameter: inspect.Parameter, namespace: dict[str, Any]) -> inspect.Parameter:
+    """The parameter with its annotation evaluated (``from __future__ import annotations`` leaves
+    a string), as Typer needs it."""
+    if isinstance(parameter.annotation, str):
+        return parameter.replace(annotation=eval(parameter.annotation, namespace))
+    return parameter

@@ -33,7 +33,8 @@ def plot_command(
         None,
         "--x",
         help="compare: budget (default) | time | flops, or several comma-separated (one panel "
-        "each); or layer (runs over a capture's layers). drift: budget (default) | layer. "
+        "each); or layer (runs over a capture's layers). drift: budget (default) | layer | step "
+        "(a --generate run's per-step curves). "
         "scale: n (always).",
         show_default=False,
     ),
@@ -42,7 +43,8 @@ def plot_command(
         "--y",
         help="compare: rel_spectral (default) | rel_frobenius | max_row_rel | bound_normalized "
         "(needs compare --bound). drift: kl (default, next-token models) | cosine (default, "
-        "embedding models) | top1 | perplexity | hidden_max | hidden_last.",
+        "embedding models) | top1 | perplexity | hidden_max | hidden_last; a --generate run also "
+        "first_divergence | token_agreement.",
         show_default=False,
     ),
     *,

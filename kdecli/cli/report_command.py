@@ -14,10 +14,11 @@ from kdecli.cli import common as c
 from kdecli.cli.app import app
 from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
 from kdecli.errors import UsageError
-from kdecli.experiments.compare.pareto import cheapest_settings, check_target_error
 from kdecli.experiments.compare.records import RunReport
+from kdecli.experiments.documents import cut_short
 from kdecli.experiments.views import REPORT_FORMATS, load_report
 from kdecli.files import Output
+from kdecli.render.safe import printable_lines
 
 ONE_DOCUMENT = ("json", "jsonl")
 
@@ -44,6 +45,9 @@ def report_command(
     out: OutputOptions,
 ) -> None:
     """Re-render saved results: the table the command printed, Markdown, CSV, or normalised JSON."""
+    # imports torch: when the command runs, not for --help
+    from kdecli.experiments.compare.pareto import cheapest_settings, check_target_error
+
     c.check_format(out.fmt, REPORT_FORMATS)
     if target_error is not None:
         check_target_error(target_error)
@@ -54,6 +58,10 @@ def report_command(
         )
     c.check_output(out.output)
     loaded = [(path, *load_report(path)) for path in results]
+    for path in filter(cut_short, results):
+        c.note(
+            f"{path}: its last line was cut short (a run stopped mid-write); left out.", out.quiet
+        )
     kinds = list(dict.fromkeys(view.kind for _, _, view in loaded))
     if out.fmt == "csv" and len(kinds) > 1:
         raise UsageError(
@@ -75,7 +83,11 @@ def report_command(
     width, colour = c.table_width(out.output), c.colour(out.output)
     with Output(out.output) as output:
         for i, (report, view, columns) in enumerate(rendered):
-            text = view.render_text(report, out.fmt, width=width, columns=columns, colour=colour)
+            text = view.render_text(
+                report, out.fmt, width=width, columns=columns, colour=colour, verbose=out.verbose
+            )
+            if out.fmt == "markdown":  # plain text for a terminal too: no control bytes
+                text = printable_lines(text, None)
             if i and out.fmt in ("table", "markdown"):
                 output.write("\n")
             if i and out.fmt == "csv":  # one header for all files

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import typer
 
 from kdecli.cli import common as c
@@ -14,8 +13,6 @@ from kdecli.cli.app import app
 from kdecli.cli.options import INPUT, OUTPUT, RUN, SWEEP, OutputOptions, shared_options
 from kdecli.cli.signals import graceful_stop
 from kdecli.errors import Terminated, UsageError
-from kdecli.experiments.compare.pareto import cheapest_settings, check_target_error
-from kdecli.experiments.compare.plan import plan_grid
 from kdecli.experiments.compare.records import (
     RunReport,
     jsonl_header,
@@ -23,13 +20,14 @@ from kdecli.experiments.compare.records import (
     jsonl_pareto,
     jsonl_result,
 )
-from kdecli.experiments.compare.report import FORMATS, parse_columns, render_text
 from kdecli.files import Output
-from kdecli.measure.config import RunConfig
-from kdecli.sources import InputOptions, load_inputs
 from kdecli.sweeps.grid import keys_of
 from kdecli.sweeps.options import SweepOptions, executor
 from kdecli.sweeps.resume import ResumeFile
+
+if TYPE_CHECKING:  # the library (and torch) is imported when a command runs, not for --help
+    from kdecli.measure.config import RunConfig
+    from kdecli.sources import InputOptions
 
 
 @dataclass(frozen=True)
@@ -51,6 +49,11 @@ def _run(
     target_error: float | None = None,
     spread: SweepOptions = SweepOptions(),
 ) -> None:
+    from kdecli.experiments.compare.pareto import check_target_error
+    from kdecli.experiments.compare.plan import plan_grid
+    from kdecli.experiments.compare.report import FORMATS, parse_columns
+    from kdecli.sources import load_inputs
+
     # everything that can be refused is refused before any output is opened
     c.check_format(out.fmt, FORMATS)
     spread.check()  # (a RunConfig is checked when it is made: before the input is read)
@@ -62,8 +65,19 @@ def _run(
                 f"--output and --resume name the same file ({out.output}); --resume appends "
                 "each record to it as it finishes, --output writes the whole report at the end."
             )
+    if spread.executor == "ray" and run.phase == "both":
+        raise UsageError(
+            "--phase both runs with --executor local; on Ray, run --phase prefill and "
+            "--phase decode as two runs."
+        )
     if target_error is not None:
         check_target_error(target_error)
+        if run.phase == "both":
+            c.note(
+                "--target-error with --phase both: the cheapest settings are picked over the "
+                "two phases together; run one phase to pick within it.",
+                out.quiet,
+            )
         if out.fmt == "csv":
             c.note(
                 "--target-error: the CSV has one row per record and no room for the cheapest "
@@ -78,6 +92,12 @@ def _run(
     grid = plan_grid(
         layers, sweep.methods, sweep.budgets, _planning(run, spread), params=sweep.params
     )
+    if run.phase != "prefill" and not all(qkv.causal(run.causal) for qkv in layers):
+        c.note(
+            "--phase decode: the input is not causal; each of the last "
+            f"{run.queries} queries is measured over its own prefix (a causal mask).",
+            out.quiet,
+        )
     info = grid.info(spread.shard_id, spread.num_shards)
     jobs = grid.shard(spread.shard_id, spread.num_shards) if spread.sharded else grid.jobs
     wanted = keys_of(jobs)
@@ -90,7 +110,9 @@ def _run(
     with contextlib.ExitStack() as stack:
         resume = None
         if spread.resume is not None:
-            resume = stack.enter_context(ResumeFile.open(spread.resume, info))
+            resume = stack.enter_context(  # another run on the file: wait for it, saying so
+                ResumeFile.open(spread.resume, info, on_wait=lambda line: c.note(line, out.quiet))
+            )
             wanted = _resuming(resume, wanted, spread, out.quiet)
         if resume is not None and not wanted and resume.previous is not None:
             c.note(f"Nothing left to run: {resume.path} holds every record.", out.quiet)
@@ -114,6 +136,8 @@ def _planning(run: RunConfig, spread: SweepOptions) -> RunConfig:
     ``--device cuda`` names the tasks' device kind, which this machine need not have (keys name
     the kind only; under ``auto`` a cluster with GPUs is named by ``--device cuda``)."""
     if spread.executor == "ray" and str(run.device).startswith("cuda"):
+        import torch
+
         return replace(run, device=torch.device("cuda"))
     return run
 
@@ -146,12 +170,13 @@ def _resumed_report(resume: ResumeFile, report: RunReport | None, info) -> RunRe
     records = resume.previous_records(redone) + new
     order = {entry.key: i for i, entry in enumerate(info.jobs)}
     records.sort(key=lambda r: order.get(r.key, len(order)))
-    layers = {layer.layer: layer for layer in (report.layers if report else [])}
-    layers.update({layer.layer: layer for layer in previous.layers})
+    layers = {layer.part: layer for layer in (report.layers if report else [])}
+    layers.update({layer.part: layer for layer in previous.layers})
+    ranked = sorted(layers, key=lambda k: (k[0] is None, k[0] or 0, k[1] != "prefill"))
     return replace(
         previous,
         results=records,
-        layers=[layers[k] for k in sorted(layers, key=lambda k: (k is None, k or 0))],
+        layers=[layers[k] for k in ranked],
         grid=info,
         interrupted=bool(report and report.interrupted),
         pareto=None,
@@ -221,6 +246,9 @@ def _execute(
 def _render(report, out, columns, target_error, streaming, output=None) -> None:
     """The report as ``--format`` asks (a JSONL stream has had its lines already; the Pareto
     picks follow them)."""
+    from kdecli.experiments.compare.pareto import cheapest_settings
+    from kdecli.experiments.compare.report import render_text
+
     if target_error is not None and not report.interrupted:
         report.pareto = cheapest_settings(report.results, target_error)
         if streaming:
@@ -229,7 +257,7 @@ def _render(report, out, columns, target_error, streaming, output=None) -> None:
         return
     text = render_text(
         report, out.fmt, width=c.table_width(out.output), columns=columns,
-        colour=c.colour(out.output),
+        colour=c.colour(out.output), verbose=out.verbose,
     )  # fmt: skip
     if output is not None:
         output.write(text)

@@ -1,8 +1,10 @@
-"""`kdecli scale INPUT --methods ... --budget 256 --n 4096,...,1048576`: time and error against n."""
+"""`kdecli scale INPUT --methods ... --budget 256 --n 4096,...,1048576`: time and error against n;
+with `--phase decode`, of one decode step against the cache length n."""
 
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -13,8 +15,10 @@ from kdecli.cli.run_commands import _split_list
 from kdecli.cli.signals import graceful_stop
 from kdecli.errors import UsageError
 from kdecli.files import Output
-from kdecli.measure.config import RunConfig
-from kdecli.sources import InputOptions
+
+if TYPE_CHECKING:  # the library (and torch) is imported when the command runs, not for --help
+    from kdecli.measure.config import RunConfig
+    from kdecli.sources import InputOptions
 
 # kdecli.experiments.scale.report.FORMATS, here so that `kdecli --help`
 # does not import rich tables
@@ -27,7 +31,12 @@ FORMATS = ("table", "json", "csv", "markdown")
     inputs=INPUT.without("n"),
     run=RUN.without("backward"),
     out=OUTPUT.only("fmt", "output", "quiet", "columns"),
-    helps={"fmt": "table | json | csv | markdown."},
+    helps={
+        "fmt": "table | json | csv | markdown.",
+        "phase": "prefill: every query at each n | decode: one decode step (--queries queries at "
+        "the last positions) over a cache of n keys, its preparation timed apart.",
+        "queries": "--phase decode: queries per step, at the last positions (1: one decode step).",
+    },
 )
 def scale_command(
     input_spec: c.InputArg = None,
@@ -39,7 +48,8 @@ def scale_command(
         "4096,16384,65536",
         "--n",
         help="Sequence lengths, comma-separated (64k and 1M allowed): a synthetic input is drawn "
-        "at each, a file cropped to its first n queries and keys.",
+        "at each, a file cropped to its first n queries and keys; under --phase decode, cache "
+        "lengths.",
     ),
     param: c.Params = None,
     *,
@@ -49,7 +59,9 @@ def scale_command(
 ) -> None:
     """Time and error of each method against n, one `compare` per length (each with its own
     reference and exact timing), and the fitted exponent of time in n for each method and for
-    exact attention."""
+    exact attention.  --phase decode: one decode step over a cache of n keys against exact
+    attention's step, the method's preparation of the cache timed apart and amortised over
+    --steps."""
     from kdecli.experiments.scale.report import parse_columns, render_text
     from kdecli.experiments.scale.run import parse_lengths, scale
 

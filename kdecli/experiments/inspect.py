@@ -10,7 +10,7 @@ Per batch×head slice, with logits ℓ = s·QKᵀ and P = D⁻¹A = softmax(ℓ)
 - ‖O‖₂ against ‖D⁻¹A‖₂‖V‖₂ (O = PV; ‖D⁻¹A‖₂ by the chunked power iteration of
   ``kdecli.measure.reference``, to a relative change of 1e-4): when their ratio is small (< 0.1),
   rel_spectral = ‖Õ−O‖₂/‖O‖₂ exaggerates every method's error and bound_normalized is the fair
-  figure (ALGORITHMS.md);
+  figure (docs/metrics.md);
 - the overflow risk of a naive exp(ℓ): max |ℓ| against log(float32 max) ≈ 88.72 (bfloat16 has the
   same range) and log(float16 max) ≈ 11.09.  Max-subtracted softmax is safe either way; estimators
   that exponentiate raw logits or feature maps of them are not.
@@ -43,6 +43,7 @@ from kdecli.measure.reference import (
 )
 from kdecli.measure.setting import resolve_mask
 from kdecli.qkv import QKV
+from kdecli.records import KIND
 
 TOP_FRACTION = 0.01
 NORM_TOL = 1e-4  # power iteration for ‖D⁻¹A‖₂: relative change per step; ample for a ratio
@@ -226,7 +227,7 @@ def inspect_input(
                 }
             )
     doc = {
-        "report": "inspect",
+        KIND: "inspect",  # "report": "inspect" before kdecli 0.8
         "schema_version": 1,
         "kdecli_version": __version__,
         "environment": environment(device, torch.float64).to_dict(),

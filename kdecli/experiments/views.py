@@ -70,6 +70,7 @@ class View:
     report_module: str
     plot: Callable[..., Path]
     plots_together: bool  # several documents of this kind can share one figure
+    verbose: bool = False  # its table takes ``verbose`` (``--verbose``: resolved parameters)
 
     def _report(self):
         return importlib.import_module(self.report_module)
@@ -86,12 +87,15 @@ class View:
         return self._report().parse_columns(text)
 
     def render_text(self, report: Any, fmt: str, **options: Any) -> str:
+        if not self.verbose:
+            options.pop("verbose", None)  # nothing more to show
         return self._report().render_text(report, fmt, **options)
 
 
 VIEWS: dict[type, View] = {
     RunReport: View(
-        "compare", REPORT_FORMATS, "kdecli.experiments.compare.report", _plot_compare, True
+        "compare", REPORT_FORMATS, "kdecli.experiments.compare.report", _plot_compare, True,
+        verbose=True,
     ),
     ScaleReport: View(
         "scale", ("table", "markdown", "csv", "json"), "kdecli.experiments.scale.report",
@@ -121,7 +125,7 @@ def load_report(path: str | os.PathLike) -> tuple[Any, View]:
 
 def render_document(path: str | os.PathLike, fmt: str = "table", **options: Any) -> str:
     """``kdecli report PATH``: any document rendered as ``fmt`` (one of its view's formats);
-    ``options``: ``width``, ``columns`` (a ``--columns`` string), ``colour``."""
+    ``options``: ``width``, ``columns`` (a ``--columns`` string), ``colour``, ``verbose``."""
     report, view = load_report(path)
     view.check_format(fmt, str(path))
     columns = view.parse_columns(options.pop("columns", None))

@@ -9,6 +9,8 @@ install it when it is missing.  Library use::
     report = drift("my-model/", "text.txt", methods=["kdeformer"], budgets=[64, 128])
     with patch(model, "kdeformer", budget=128, layers=[3, 4, 5]):
         model.generate(ids, max_new_tokens=20)
+    with patch(model, "topk", budget=128, phase="decode"):   # the decode steps only
+        model.generate(ids, max_new_tokens=20)
 
 One function registered under the name ``kdecli`` (``kdecli.hf.interface``) receives every layer's
 query, key and value after the projections and RoPE, and returns the attention output; what it does

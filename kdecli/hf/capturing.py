@@ -15,8 +15,10 @@ File layout (HDF5)::
                  attributes layer, scale (the model's `scaling`), causal, kv_heads
 
 Arrays are stored in the working dtype (bfloat16, which HDF5 lacks, as float32: exact).  The file
-is written as ``OUT.incomplete`` beside the target and renamed when complete; an error or Ctrl-C
-removes it.
+is written as ``OUT.PID@HOST.incomplete`` beside the target (two captures to one target never share
+it) and renamed when complete; an error or Ctrl-C removes it, and the next capture to the target
+removes one that a killed capture left (``kdecli.files.remove_stale``).  A target that is no regular
+file (a device) is refused: renaming over it would replace it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 
 from kdecli.devices import resolve_device, resolve_dtype
 from kdecli.errors import RuntimeFailure, UsageError
-from kdecli.files import check_writable
+from kdecli.files import check_writable, incomplete_path, remove_stale, require_regular
 from kdecli.hf.interface import (
     NAME,
     AttentionCall,
@@ -144,6 +146,7 @@ def capture(
     output, text_path = Path(output), Path(text_path)
     check_counts(tokens, chunks)
     check_writable(output, f"--output {output}")
+    require_regular(output, f"--output {output}")
     src = model_source(model_path)
     text_bytes, text = read_text(text_path)
     transformers = require_transformers()
@@ -169,7 +172,8 @@ def capture(
     recorder = Recorder(set(chosen))
     function = attention_function(recorder.handler)
     store = _storage_dtype(work_dtype)
-    partial = output.with_name(output.name + ".incomplete")
+    remove_stale(output)
+    partial = incomplete_path(output)
     try:
         with use_attention(model, function), h5py.File(partial, "w") as f:
             f.attrs.update(

@@ -78,6 +78,13 @@ class AttentionCall:
         return Causal.bottom_right(self.query.shape[-2], self.key.shape[-2])
 
     @property
+    def is_decode_step(self) -> bool:
+        """Whether the call has a past: fewer queries than keys, the keys before the queries'
+        positions coming from the KV cache (a decode step, or a chunk of a prefill after the
+        first).  A call without a past (the prompt's forward, an encoder's) is a prefill."""
+        return self.query.shape[-2] < self.key.shape[-2]
+
+    @property
     def groups(self) -> int:
         """Query heads per key/value head (1 without grouped-query attention)."""
         return self.query.shape[1] // self.key.shape[1]

@@ -14,6 +14,12 @@ every other layer runs stock SDPA.
 Afterwards the model's previous attention implementation is back, so its outputs are
 bit-identical to those before the block (also when the block raises).
 
+Phases: ``phase="decode"`` runs the method only in calls that have a past (fewer queries than
+keys: the decode steps of a ``generate`` loop, over the model's own KV cache object, which is never
+copied), ``phase="prefill"`` only in calls without one (the prompt's forward), ``"both"`` (the
+default) in every call; a call outside the phase runs stock SDPA.  The decision is made from what
+the attention function receives (``AttentionCall.is_decode_step``), so it holds for any loop.
+
 Randomness: the i-th call of layer l draws from its own ``torch.Generator`` seeded from
 (seed, method, l, i), on the device of the tensors: the same seed and the same calls give the same
 outputs, and a layer's draws do not depend on which other layers are patched.
@@ -44,11 +50,21 @@ from kdecli.hf.interface import (
     attention_function,
     extra_terms,
     mask_problem,
+    not_routed,
     use_attention,
 )
 from kdecli.masks import Mask
 from kdecli.measure.seeds import derive_seed
 from kdecli.methods import AttentionMethod, make_method
+
+PHASES = ("both", "prefill", "decode")
+
+
+def check_phase(phase: str) -> str:
+    """``phase`` when it is one of ``PHASES``, else a one-line ``UsageError``."""
+    if phase not in PHASES:
+        raise UsageError(f"phase must be one of {', '.join(PHASES)}; got {phase!r}.")
+    return phase
 
 
 def resolve_method(
@@ -79,11 +95,20 @@ class LayerMethod:
 
     method: AttentionMethod
     seed: int = 0
+    phase: str = "both"  # which calls the method runs in (module doc); the others run stock
     calls: dict[int, int] = field(default_factory=dict)  # layer -> calls so far (the seed index)
+    # "prefill" / "decode" -> calls that ran the method, and calls left stock (outside the phase)
+    approximated: dict[str, int] = field(default_factory=dict)
+    left_stock: dict[str, int] = field(default_factory=dict)
     _supported: dict[tuple, str | None] = field(default_factory=dict, repr=False)
     _plain_mask: Any = field(default=None, repr=False)  # weakref to the last mask found plain
 
     def __call__(self, call: AttentionCall) -> torch.Tensor:
+        kind = "decode" if call.is_decode_step else "prefill"
+        if self.phase not in ("both", kind):
+            self.left_stock[kind] = self.left_stock.get(kind, 0) + 1
+            return call.stock()
+        self.approximated[kind] = self.approximated.get(kind, 0) + 1
         query, key, value = call.query, call.key, call.value
         n_q, n_k = query.shape[-2], key.shape[-2]
         try:
@@ -154,6 +179,20 @@ class Patch:
         with use_attention(self.model, self.function):
             yield self
 
+    def check_routed(self) -> None:
+        """After a run: a ``UsageError`` when a patched layer never called the registered
+        attention function (the architecture, not the method: no figure would mean anything)."""
+        missing = [layer for layer in self.layers if not self.function.calls.get(layer)]
+        if not missing:
+            return
+        if not self.function.calls:
+            raise not_routed(self.model, "no layer called the registered attention function")
+        raise UsageError(
+            f"layers {', '.join(map(str, missing))} never called the registered attention "
+            "function; this architecture routes only some of its attention through transformers' "
+            "AttentionInterface."
+        )
+
 
 def prepare(
     model: torch.nn.Module,
@@ -162,16 +201,24 @@ def prepare(
     layers: str | Sequence[int] | None = None,
     seed: int = 0,
     params: Mapping[str, Any] | None = None,
+    phase: str = "both",
 ) -> Patch:
-    """Check everything ``patch`` is given (method, budget, parameters, layers, seed) and bind it,
-    without touching the model."""
+    """Check everything ``patch`` is given (method, budget, parameters, layers, seed, phase) and
+    bind it, without touching the model."""
     from kdecli.hf.text import n_layers, parse_layers
 
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ParameterError(f"patch: `seed` must be an integer; got {seed!r}.")
+    check_phase(phase)
     built = resolve_method(method, budget, params)
+    if built.needs_prompt_queries:  # a one-step call holds no prompt queries to choose from
+        raise UsageError(
+            f"patch: {built.name} cannot run inside a model: it chooses its cache from the "
+            "prompt's queries, which a model's attention call does not pass on; measure it "
+            "with compare --phase decode."
+        )
     chosen = parse_layers(layers, n_layers(model.config))
-    handler = LayerMethod(built, seed)
+    handler = LayerMethod(built, seed, phase)
     function = attention_function(dict.fromkeys(chosen, handler))
     return Patch(model, built, chosen, handler, function)
 
@@ -184,13 +231,16 @@ def patch(
     layers: str | Sequence[int] | None = None,
     seed: int = 0,
     params: Mapping[str, Any] | None = None,
+    phase: str = "both",
 ) -> Iterator[Patch]:
     """Run the block with ``method`` (a name from ``kdecli methods`` with its ``budget`` and
     ``params``, or an ``AttentionMethod``) in ``layers`` (indices, ``"0,3-5"``, None = all) of a
-    transformers ``model``; every other layer, and the whole model afterwards, runs stock.
+    transformers ``model``, in the calls of ``phase`` ("both", "prefill": calls without a past,
+    "decode": calls with one); every other call and layer, and the whole model afterwards, runs
+    stock.
 
     Bad names, budgets, parameters and layers raise ``UsageError`` / ``ParameterError`` before
     the model runs; see the module doc for what a patched layer refuses while it runs."""
-    bound = prepare(model, method, budget, layers, seed, params)
+    bound = prepare(model, method, budget, layers, seed, params, phase)
     with bound.applied():
         yield bound

@@ -18,6 +18,10 @@ from kdecli.errors import UsageError
 from kdecli.measure.row_reference import parse_reference
 from kdecli.methods.base import BUDGET_MODES
 
+# What a run measures: every query (prefill), the last M queries over their prefixes (decode), or
+# the two side by side.  A measurement's own phase is one of the first two (``Setting.phase``).
+RUN_PHASES = ("prefill", "decode", "both")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -38,6 +42,10 @@ class RunConfig:
     (full up to ``row_reference.FULL_REFERENCE_LIMIT``, else ``rows:4096``).  ``backward`` also
     times one forward + backward of each method × budget and of exact attention (SDPA) in the
     timing pass (``ResultTime.backward_s``, ``exact_backward_s``, ``backward_speedup``).
+    ``phase``: ``prefill`` measures every query (as before 0.8); ``decode`` measures the last
+    ``queries`` (M) queries only, each at its own position over its own prefix: Q's last M rows,
+    K and V whole, ``Causal(n_k − M)`` (a causal mask even on an input that is not causal);
+    ``both`` measures the two, each with its own reference and floors.
     """
 
     seeds: int = 1
@@ -55,6 +63,9 @@ class RunConfig:
     reference: str = "auto"
     backward: bool = False
     query_offset: int | None = None  # None: bottom-right (Causal(n_k - n_q)) under a causal mask
+    phase: str = "prefill"  # one of RUN_PHASES
+    queries: int = 1  # decode: the last M queries measured, each over its own prefix
+    steps: int = 64  # decode: the steps a cache's one-off preparation is amortised over
 
     def __post_init__(self) -> None:
         self.check()
@@ -81,6 +92,24 @@ class RunConfig:
             raise UsageError(
                 f"--query-offset must be an integer >= 0 (a query's position among the keys); "
                 f"got {offset!r}."
+            )
+        if self.phase not in RUN_PHASES:
+            raise UsageError(f"--phase must be one of {', '.join(RUN_PHASES)}; got {self.phase!r}.")
+        queries = self.queries
+        if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
+            raise UsageError(
+                f"--queries must be an integer >= 1 (the decode steps measured); got {queries!r}."
+            )
+        steps = self.steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise UsageError(
+                f"--steps must be an integer >= 1 (the decode steps a cache's preparation is "
+                f"amortised over); got {steps!r}."
+            )
+        if self.phase != "prefill" and self.causal is False:
+            raise UsageError(
+                "--phase decode measures each query over its own prefix, a causal mask; "
+                "drop --no-causal."
             )
         if offset is not None and self.causal is False:
             raise UsageError("--query-offset places queries under a causal mask; drop --no-causal.")

@@ -170,7 +170,7 @@ class TimeStat(Record):
     of ``calls_per_sample`` calls), and the call's peak memory with its source: "cuda"
     (``max_memory_allocated``) or "rss" (the sampled RSS increase on the CPU).  ``extrapolated``:
     exact attention timed on ``extrapolated_rows`` query rows and scaled to all of them (too
-    costly to time in full; ALGORITHMS.md §10).  ``min_time``: the seconds of timed calls the
+    costly to time in full; docs/metrics.md).  ``min_time``: the seconds of timed calls the
     samples had to reach (``--min-time``)."""
 
     median: float | None
@@ -258,15 +258,22 @@ class InputInfo(Record):
     scale: float = json_field()
     causal: bool = json_field(absent=False)
     query_offset: int = json_field(0, omit="falsy")
+    # what was measured: every query ("prefill"), or the last ``queries`` queries of the input,
+    # each over its own prefix ("decode"; ``shape.n_q`` is then those M); written for decode only
+    phase: str = json_field("prefill", omit="default", choices=("prefill", "decode"))
+    queries: int | None = json_field(None, omit="none")
+    note: str | None = json_field(None, omit="none")  # e.g. decode on an input that is not causal
 
     def describe(self) -> str:
-        """One line: the source, its shape and the scale (the scale changes which methods win)."""
+        """One line: the source, its shape and the scale (the scale changes which methods win);
+        for decode, the queries measured."""
         s = self.shape
         return (
             f"{self.source}  b={s.b} h={s.h} n_q={s.n_q} n_k={s.n_k} d={s.d} d_v={s.d_v}  "
             f"scale={self.scale:.6g}"
             + ("  causal" if self.causal else "")
             + (f" (query offset {self.query_offset})" if self.query_offset else "")
+            + (f"  decode: the last {self.queries} queries" if self.phase == "decode" else "")
         )
 
 
@@ -285,7 +292,7 @@ class Floors(Record):
 @dataclass(frozen=True)
 class ReferenceInfo(Record):
     """The exact reference a run measured against: every query (``mode`` "full"), or ``rows``
-    query rows drawn with ``seed`` (``mode`` "rows"; ALGORITHMS.md §10), whose errors are
+    query rows drawn with ``seed`` (``mode`` "rows"; docs/metrics.md), whose errors are
     estimates with a ``level`` interval from ``draws`` bootstrap resamples of the rows.
     ``requested`` is what ``--reference`` asked for (``auto`` picks by the input's size).  The
     interval's method, draws and level are written as one ``interval`` object (null for none)."""
@@ -317,6 +324,11 @@ class ResultTime(Record):
     the inputs require grad, the call is the method then ``autograd.grad`` of the output) and
     their ratio; ``backward_note`` says why the method's was not timed (its forward figures
     stand).  The four are written only when set, so older documents read as before.
+
+    A decode step's record: ``method_s`` and ``exact_s`` are one step's (the method's on a
+    prepared cache, exact attention's over the whole cache), ``prepare_s`` the cache's one-off
+    preparation (absent when the method has none), and ``amortised_s`` = step + prepare/``steps``
+    with its ``amortised_speedup``; also written only when set.
     """
 
     method_s: TimeStat | None
@@ -327,6 +339,10 @@ class ResultTime(Record):
     exact_backward_s: TimeStat | None = json_field(None, omit="none")
     backward_speedup: float | None = json_field(None, omit="none")
     backward_note: str | None = json_field(None, omit="none")
+    prepare_s: TimeStat | None = json_field(None, omit="none")
+    steps: int | None = json_field(None, omit="none")
+    amortised_s: float | None = json_field(None, omit="none")
+    amortised_speedup: float | None = json_field(None, omit="none")
 
     @property
     def method_median(self) -> float | None:

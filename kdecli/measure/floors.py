@@ -1,7 +1,7 @@
 """The floors: the errors of the two answers that need no attention at all.
 
 ``mean``: every query gets the mean of the values it may see (the ``mean`` baseline; under
-``Causal(offset)`` query i gets the mean of v_0 … v_{offset+i}, ALGORITHMS.md §13); ``zero``:
+``Causal(offset)`` query i gets the mean of v_0 … v_{offset+i}, docs/metrics.md); ``zero``:
 every output is zero (relative errors of 1).  A method whose error is not below the mean floor
 has learned nothing about the input.  Under a row-sampled reference the floors are measured on
 the same rows as every method.

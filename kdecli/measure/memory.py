@@ -1,4 +1,5 @@
-"""Peak memory of a call on the CPU: the process's resident set size, sampled in a thread.
+"""Peak memory of a call on the CPU: the process's resident set size, sampled in a thread; and
+the estimate of what a decode measurement holds, checked before it starts (``decode_bytes``).
 
 The figure is the *sampled RSS increase*: max over samples of RSS, minus RSS just before the call.
 A thread reads ``/proc/self/statm`` about every millisecond while the call runs (torch releases
@@ -90,6 +91,19 @@ class RssSampler:
         if self.base is None or self.peak is None:
             return None
         return max(0, self.peak - self.base)
+
+
+def decode_bytes(
+    b: int, h: int, n_k: int, d: int, d_v: int, queries: int, itemsize: int, work_itemsize: int
+) -> int:
+    """Bytes a decode measurement over a cache of n_k keys holds beside the methods' own calls
+    (which their ``call_memory`` estimates): the input as loaded (Q, K, V of n_k rows, ``itemsize``
+    bytes), the measured rows and the cache in float64 for the reference, and in the working
+    dtype (``work_itemsize``).  The cache dominates: n_k·(d + d_v) numbers per slice each time."""
+    slices = b * h
+    loaded = n_k * (2 * d + d_v) * itemsize
+    cache = n_k * (d + d_v) + queries * (d + d_v)
+    return slices * (loaded + cache * (8 + work_itemsize))
 
 
 def sampled_peak(fn: Callable[[], T]) -> tuple[T, int | None]:

@@ -63,11 +63,22 @@ class Paid:
 
 
 def measure_call(
-    method: AttentionMethod, work: QKV, target: Target, scale: float, mask: Mask, run_seed: int
+    method: AttentionMethod,
+    work: QKV,
+    target: Target,
+    scale: float,
+    mask: Mask,
+    run_seed: int,
+    prompt: torch.Tensor | None = None,
 ) -> Outcome:
     """Run ``method`` once on ``work`` under ``mask`` with its generator for ``run_seed`` and
-    measure the output against ``target`` (see the module docstring)."""
-    reasons = method.not_supported_reasons(work.q, work.k, work.v, mask)
+    measure the output against ``target`` (see the module docstring).  A method that
+    ``needs_prompt_queries`` runs as a decode step over a cache prepared with ``prompt`` (the
+    queries before ``work``'s), and is refused without it."""
+    if method.needs_prompt_queries:
+        reasons = method.not_supported_reasons(work.q, work.k, work.v, mask, prompt_queries=prompt)
+    else:
+        reasons = method.not_supported_reasons(work.q, work.k, work.v, mask)
     if reasons:
         return Outcome("unsupported", Failure.unsupported(reasons).reason)
     b, h, n_q, d = work.q.shape
@@ -76,7 +87,7 @@ def measure_call(
     seeded = generator(work.q.device, run_seed, method.name)
     try:
         with torch.no_grad():
-            out = method(work.q, work.k, work.v, scale=scale, mask=mask, generator=seeded)
+            out = _call(method, work, scale, mask, seeded, prompt)
     except Exception as exc:  # one method's bug or allocation must not lose the others' results
         failure = Failure.of(exc)
         return Outcome(failure.status, failure.reason, flops=flops)
@@ -89,3 +100,14 @@ def measure_call(
     if bad:
         return Outcome("error", f"non-finite output: {bad} NaN or infinite values", flops=flops)
     return Outcome(errors=target.errors(out), flops=flops)
+
+
+def _call(method, work: QKV, scale: float, mask: Mask, seeded, prompt) -> torch.Tensor:
+    """The call as a user makes it: the forward, or for a method that needs the prompt's
+    queries the decode step over the cache prepared with them (its only way to run)."""
+    if not method.needs_prompt_queries:
+        return method(work.q, work.k, work.v, scale=scale, mask=mask, generator=seeded)
+    cache = method.prepare_cache(
+        work.k, work.v, mask=mask, scale=scale, generator=seeded, queries=prompt
+    )
+    return method.decode_step(work.q, cache)

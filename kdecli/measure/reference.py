@@ -5,7 +5,7 @@ queries holds ``chunk × n_k`` logits; rows are normalised with their own max (a
 nothing overflows.  The same chunked P also gives the column norms of D⁻¹A (KDEformer's oracle
 probabilities) and ‖D⁻¹A‖₂ by a matrix-free power iteration.
 
-Every function takes the mask (``kdecli.masks``, ALGORITHMS.md §13): under ``Causal(offset)`` query
+Every function takes the mask (``kdecli.masks``, docs/methods.md): under ``Causal(offset)`` query
 i sits at key position offset + i and its row of P is the softmax over keys j ≤ offset + i.
 """
 

@@ -1,4 +1,4 @@
-"""Error past the exact reference's reach: exact rows for a seeded sample of queries (ALGORITHMS.md §10).
+"""Error past the exact reference's reach: exact rows for a seeded sample of queries (docs/metrics.md).
 
 ``--reference`` is ``full`` (every query's exact output), ``rows:R`` or ``auto``.  Under ``rows:R``
 one set S of R query indices is drawn without replacement from a ``torch.Generator`` seeded from

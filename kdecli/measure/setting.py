@@ -8,9 +8,17 @@ or R seeded rows), and the options that change what a record measures (budget mo
 ``kdecli.sweeps.grid.record_key``), the measuring loop reads it, and the report's header is
 written from it, so the three cannot disagree.
 
+A setting has a *phase*: ``prefill`` measures every query of the input; ``decode`` measures its
+last M queries (``queries``), each at its own position over its own prefix — Q's last M rows
+(``measured``, ``QKV.last_queries``), K and V whole, under ``Causal(o + n_q − M)`` where
+``Causal(o)`` is the input's causal mask (``Causal(n_k − M)`` by default).  Decode implies the
+causal mask, whatever the input's own flag; ``--reference auto`` is the full reference of the M
+rows.  ``RunConfig.phase == "both"`` resolves to one setting per phase (``phases_of``).
+
 Keys of settings that existed before masks were types hash the same content as then: the mask
 enters as ``causal`` (a bool), and ``query_offset`` is added only when it is not 0, so a resume
-file of an earlier version still resumes.
+file of an earlier version still resumes; likewise ``phase`` and ``queries`` enter a decode
+setting's key only, so prefill keys are those of before phases.
 """
 
 from __future__ import annotations
@@ -24,11 +32,16 @@ import torch
 from kdecli.devices import resolve_device, resolve_dtype
 from kdecli.errors import UsageError
 from kdecli.masks import Causal, Mask, mask_of
-from kdecli.measure.row_reference import resolve_reference
+from kdecli.measure.row_reference import parse_reference, resolve_reference
 
 if TYPE_CHECKING:
     from kdecli.measure.config import RunConfig
     from kdecli.qkv import QKV
+
+
+# A measurement's phase: every query of the input (prefill), or its last M queries, each over its
+# own prefix (decode).
+PHASES = ("prefill", "decode")
 
 
 @dataclass(frozen=True)
@@ -51,15 +64,34 @@ class Setting:
     bound: bool
     timing: bool
     backward: bool
+    phase: str = "prefill"  # one of PHASES
+    queries: int | None = None  # decode: the last M queries measured (None under prefill)
 
     @classmethod
-    def of(cls, qkv: QKV, config: RunConfig) -> Setting:
-        """Resolve ``config`` on ``qkv``; a ``UsageError`` for what this input cannot take (a
-        device that is absent, a bad scale, a query offset outside 0..n_k − n_q)."""
+    def of(cls, qkv: QKV, config: RunConfig, phase: str | None = None) -> Setting:
+        """Resolve ``config`` on ``qkv`` for one phase (default: the config's; its first under
+        ``both``); a ``UsageError`` for what this input cannot take (a device that is absent, a
+        bad scale, a query offset outside 0..n_k − n_q, ``--queries`` outside 1..n_q)."""
+        phase = phase or config.phase
+        phase = "prefill" if phase == "both" else phase
+        if phase not in PHASES:
+            raise UsageError(f"a measurement's phase is one of {', '.join(PHASES)}; got {phase!r}.")
         shape = qkv.shape
-        mask = resolve_mask(
-            qkv.causal(config.causal), config.query_offset, shape["n_q"], shape["n_k"]
-        )
+        n_q, n_k = shape["n_q"], shape["n_k"]
+        decode = phase == "decode"
+        causal = True if decode else qkv.causal(config.causal)
+        mask = resolve_mask(causal, config.query_offset, n_q, n_k)
+        queries = None
+        if decode:
+            queries = config.queries
+            if not 1 <= queries <= n_q:
+                raise UsageError(
+                    f"--queries must be in 1..{n_q} (the input's n_q = {n_q} queries); "
+                    f"got {queries}."
+                )
+            # the last M queries keep their positions: they start n_q − M after the first
+            mask = mask.rows(n_q - queries)
+            shape = {**shape, "n_q": queries}
         device = config.device
         device = device if isinstance(device, torch.device) else resolve_device(device)
         dtype = config.dtype
@@ -67,7 +99,10 @@ class Setting:
         scale = qkv.scale(config.scale)
         if not math.isfinite(scale) or scale <= 0:
             raise UsageError(f"--scale must be a positive number; got {scale}.")
-        plan = resolve_reference(config.reference, shape)
+        spec = config.reference
+        if decode and parse_reference(spec).mode == "auto":
+            spec = "full"  # M rows: the full reference of the measured rows is cheap
+        plan = resolve_reference(spec, shape)
         reference = "full" if plan.rows is None else f"rows:{plan.rows}@{config.seed}"
         return cls(
             input_digest=qkv.digest,
@@ -82,7 +117,29 @@ class Setting:
             bound=config.bound,
             timing=config.timing,
             backward=config.backward,
+            phase=phase,
+            queries=queries,
         )
+
+    @classmethod
+    def phases_of(cls, qkv: QKV, config: RunConfig) -> list[Setting]:
+        """One setting per phase the config asks for: two under ``both`` (prefill first)."""
+        phases = PHASES if config.phase == "both" else (config.phase,)
+        return [cls.of(qkv, config, phase) for phase in phases]
+
+    def measured(self, qkv: QKV) -> QKV:
+        """The part of ``qkv`` this setting measures: all of it under prefill, its last
+        ``queries`` queries (K and V whole) under decode (``QKV.last_queries``)."""
+        return qkv if self.queries is None else qkv.last_queries(self.queries)
+
+    def prompt_queries(self, qkv: QKV) -> torch.Tensor | None:
+        """Decode: the queries of ``qkv`` before the measured ones (the prompt's, which a method
+        that chooses its cache from the prompt's attention prepares it with), on the setting's
+        device and dtype; None under prefill."""
+        if self.queries is None:
+            return None
+        prompt = qkv.q[..., : qkv.q.shape[-2] - self.queries, :]
+        return prompt.to(self.device, self.dtype)
 
     @property
     def causal(self) -> bool:
@@ -110,6 +167,9 @@ class Setting:
         }
         if self.query_offset:
             fields["query_offset"] = self.query_offset
+        if self.phase != "prefill":  # prefill keys hash what they hashed before phases existed
+            fields["phase"] = self.phase
+            fields["queries"] = self.queries
         return fields
 
     def measuring_cost(self, shape: dict[str, int]) -> float:
@@ -117,7 +177,7 @@ class Setting:
         of its call: per slice, rel_spectral's SVD of the (rows × d_v) error (≈ 4·rows·d_v²)
         and the row norms.  It matters: on GloVe at n = 4096 it is as large as a kdeformer call
         at budget 64."""
-        n_q, d_v = shape["n_q"], shape["d_v"]
+        n_q, d_v = self.queries or shape["n_q"], shape["d_v"]
         rows = n_q if self.rows is None else min(n_q, self.rows)
         return shape["b"] * shape["h"] * rows * (4.0 * d_v * d_v + 10.0 * d_v)
 

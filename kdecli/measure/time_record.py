@@ -1,5 +1,8 @@
 """What a record keeps of its timings: ``TimeStat`` figures, the speed-ups, and why one is missing.
 
+A decode step's record (``decode_time``) holds the step as the method's time, the cache's
+preparation apart, and the step amortised over the stated number of steps with its speed-up.
+
 A method's time and exact attention's come from the same process, device, dtype and thread count,
 so their ratio (``speedup`` = exact / method) is a like-for-like comparison; with ``--backward``
 the forward + backward figures and their ratio are added beside them.  A timing that failed
@@ -12,6 +15,7 @@ from dataclasses import replace
 
 from kdecli.measure.failures import Failure
 from kdecli.measure.figures import ResultTime, TimeStat
+from kdecli.measure.timed import DecodeTiming
 from kdecli.measure.timing import Timing
 
 
@@ -39,6 +43,26 @@ def result_time(method: Timing | Failure, exact: Timing | Failure | None) -> Res
     if exact is None:
         return ResultTime(time_stat(method), None, None)
     return ResultTime(time_stat(method), time_stat(exact), exact.median / method.median)
+
+
+def decode_time(decode: DecodeTiming | Failure, exact: Timing | Failure | None) -> ResultTime:
+    """A decode step's figures: the step against exact attention's step (``method_s``,
+    ``exact_s``, ``speedup``), the preparation (``prepare_s``, absent when the method has none),
+    ``steps`` and the amortised step, step + prepare/steps, with its speed-up."""
+    if isinstance(decode, Failure):
+        return ResultTime(None, None, None, note=decode.reason)
+    time = result_time(decode.step, exact)
+    amortised = decode.amortised
+    speedup = None
+    if isinstance(exact, Timing) and amortised > 0:
+        speedup = exact.median / amortised
+    return replace(
+        time,
+        prepare_s=None if decode.prepare is None else time_stat(decode.prepare),
+        steps=decode.steps,
+        amortised_s=amortised,
+        amortised_speedup=speedup,
+    )
 
 
 def with_backward(

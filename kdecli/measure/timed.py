@@ -1,5 +1,6 @@
-"""The timed calls of a measurement: a method's forward, its forward + backward, and exact
-attention's (in full, or extrapolated from a row sample past its reach; ALGORITHMS.md §10).
+"""The timed calls of a measurement: a method's forward, its forward + backward, a decode step
+(the cache's preparation and the step apart), and exact attention's (in full, or extrapolated from
+a row sample past its reach; docs/metrics.md).
 
 Each is timed by ``kdecli.measure.timing.time_call`` (warm-up, synchronisation, autorange) in the
 working dtype, on the working device, at the process's thread count, with the options of
@@ -29,7 +30,7 @@ from kdecli.qkv import QKV
 # Exact attention is timed in full while one call's FLOPs stay under this (about 15 s on 2 CPU
 # cores at ~80 GFLOP/s: n = 65536, d = 64, b·h = 1 — 1.1e12 — is still timed in full, so speed-ups
 # there are both measured; n = 131072 is not); above it, SDPA runs on EXTRAPOLATION_ROWS query rows
-# against every key and the time is scaled (ALGORITHMS.md §10).
+# against every key and the time is scaled (docs/metrics.md).
 EXACT_TIMING_LIMIT_FLOPS = {"cpu": 1.5e12, "cuda": 1e14}
 EXTRAPOLATION_ROWS = 4096
 # One forward + backward of exact attention costs about this many forwards (the backward computes
@@ -39,6 +40,9 @@ FORWARD_BACKWARD_COST = 3.0
 # Exact attention gets at least this many warm-up calls: the first SDPA calls of a process set up
 # thread buffers.
 EXACT_WARMUP = 2
+# A decode step's amortised time spreads the cache's one-off preparation over this many steps
+# unless told otherwise (``--steps``): a short generation after a long prompt.
+DECODE_STEPS = 64
 
 Timed = Timing | Failure
 
@@ -46,12 +50,14 @@ Timed = Timing | Failure
 @dataclass(frozen=True)
 class TimingOptions:
     """How each timed setting is sampled: at least ``repeats`` samples and ``min_time`` seconds
-    of timed calls after ``warmup`` untimed ones (``time_call``); ``clock`` is for tests."""
+    of timed calls after ``warmup`` untimed ones (``time_call``); ``clock`` is for tests.
+    ``steps``: the decode steps a cache's preparation is amortised over."""
 
     repeats: int = 3
     warmup: int = 1
     min_time: float = 0.0
     clock: Callable[[], float] = time.perf_counter
+    steps: int = DECODE_STEPS
 
     def time(self, call: Callable[[], object], device: torch.device, warmup: int = 0) -> Timing:
         """``time_call`` of ``call`` with these options (and at least ``warmup`` warm-ups)."""
@@ -85,6 +91,66 @@ def time_method(
     try:
         return options.time(call, device)
     except Exception as exc:  # the timing pass is as fault-tolerant as the correctness pass
+        return Failure.of(exc, "timing")
+
+
+@dataclass(frozen=True)
+class DecodeTiming:
+    """A decode step's times: the step (``decode_step`` on a prepared cache), the cache's one-off
+    preparation (None when the method declares none) and the ``steps`` it is amortised over:
+
+        amortised = step + prepare / steps
+    """
+
+    step: Timing
+    prepare: Timing | None
+    steps: int
+
+    @property
+    def amortised(self) -> float:
+        spread = 0.0 if self.prepare is None else self.prepare.median / self.steps
+        return self.step.median + spread
+
+
+def time_decode_step(
+    method: AttentionMethod,
+    work: QKV,
+    scale: float,
+    mask: Mask,
+    run_seed: int,
+    options: TimingOptions,
+    prompt: torch.Tensor | None = None,
+) -> DecodeTiming | Failure:
+    """A decode step of ``method``: the queries of ``work`` (the last positions under ``mask``,
+    ``Causal(n_k − M)``) over its keys and values as the cache.  The preparation
+    (``prepare_cache``) is timed on its own when it does work (``DecodeCache.prepared_work``);
+    the step is timed on one prepared cache (``decode_step``), so its figure holds only the
+    per-step work.  Both are seeded as the correctness pass seeds the forward; the preparation
+    is amortised over ``options.steps`` steps.  ``prompt``: the prompt's queries, which a method
+    that ``needs_prompt_queries`` prepares its cache with (the others are not given them)."""
+    if options.steps < 1:
+        raise ValueError("steps must be >= 1")
+    device = work.q.device
+    seeded = generator(device, run_seed, method.name)
+
+    def prepare():
+        with torch.no_grad():
+            if method.needs_prompt_queries:
+                return method.prepare_cache(
+                    work.k, work.v, mask=mask, scale=scale, generator=seeded, queries=prompt
+                )
+            return method.prepare_cache(work.k, work.v, mask=mask, scale=scale, generator=seeded)
+
+    try:
+        cache = prepare()
+        prepared = options.time(prepare, device) if cache.prepared_work else None
+
+        def step():
+            with torch.no_grad():
+                method.decode_step(work.q, cache)
+
+        return DecodeTiming(options.time(step, device), prepared, options.steps)
+    except Exception as exc:  # as fault-tolerant as the forward's timing
         return Failure.of(exc, "timing")
 
 

@@ -22,7 +22,13 @@ from kdecli.methods import hyperattention as _hyperattention  # noqa: F401
 from kdecli.methods import thinformer as _thinformer  # noqa: F401
 from kdecli.methods import nystromformer as _nystromformer  # noqa: F401
 from kdecli.methods import uniform as _uniform  # noqa: F401
+from kdecli.methods import streaming as _streaming  # noqa: F401
+from kdecli.methods import quest as _quest  # noqa: F401
+from kdecli.methods import magicpig as _magicpig  # noqa: F401
+from kdecli.methods import h2o as _h2o  # noqa: F401
+from kdecli.methods import snapkv as _snapkv  # noqa: F401
 from kdecli.methods import oracles as _oracles  # noqa: F401  (registers topk, rankk)
+from kdecli.methods import page_oracle as _page_oracle  # noqa: F401  (registers topk_pages)
 # isort: on
 
 __all__ = [

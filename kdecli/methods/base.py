@@ -13,7 +13,7 @@ and ``v`` its own width ``d_v``.  All randomness comes from ``generator``.  Meth
 not modify their inputs and keep no state between calls.  ``not_supported_reasons`` says, without
 running, why a method cannot run on given inputs; "supported" means the list is empty.
 
-Where the queries sit is a ``kdecli.masks`` value (ALGORITHMS.md §13): ``FULL``, or
+Where the queries sit is a ``kdecli.masks`` value (docs/methods.md): ``FULL``, or
 ``Causal(offset)``, under which query i sits at key position offset + i and sees keys j ≤ offset + i.
 The base class owns the dispatch (``forward``); a subclass writes no branch on the mask:
 
@@ -23,7 +23,7 @@ The base class owns the dispatch (``forward``); a subclass writes no branch on t
   3. ``FULL`` -> ``forward_full`` (the method's non-causal estimate);
   4. causal, by the declared ``causal_mode``: "native" -> ``forward_causal`` (the method's own
      causal algorithm, given the mask and so its offset); "decomposition" -> the shared recursion
-     of ``kdecli.methods.causal`` over the method's ``partial`` (ALGORITHMS.md §9, with the offset:
+     of ``kdecli.methods.causal`` over the method's ``partial`` (docs/methods.md, with the offset:
      keys [0, offset) are one full block, the causal square after it recurses); "none" -> refused
      by ``not_supported_reasons`` (and a ``UsageError`` if called anyway).
 
@@ -46,6 +46,7 @@ from kdecli.methods.causal import (
     decomposition_memory,
 )
 from kdecli.methods.common import needs_grad, working_dtype
+from kdecli.methods.decode import DecodeCache, decode_mask
 from kdecli.methods.params import Param
 
 __all__ = ["AttentionMethod", "BUDGET_MODES", "CAUSAL_MODES", "ROLES", "Param"]
@@ -88,6 +89,17 @@ class AttentionMethod:
       estimates                  -- which function is estimated; "softmax" unless a parameter
                                     makes the method estimate something else (an instance may
                                     override it from its configuration)
+      prepares_cache             -- decode: the method has one-off work on the KV cache
+                                    (``prepare_decode``) that its steps reuse; timed apart from
+                                    the step and amortised over the steps
+      phases                     -- the measurement phases the method approximates ("prefill":
+                                    every query of a sequence; "decode": the last queries over
+                                    a cache); ``phase_reasons`` refuses the others, giving
+                                    ``phase_help`` (why) as the reason
+      needs_prompt_queries       -- decode: the method chooses its cache from the prompt's
+                                    attention, so it needs the prompt's queries
+                                    (``prepare_cache(..., queries=)``); without them it is
+                                    refused (``prompt_reasons``), a forward call included
 
     Class methods:
       params_for_budget(budget)  -- the budget's mapping onto the parameters (``budget_mode``
@@ -116,6 +128,10 @@ class AttentionMethod:
     role: ClassVar[str] = "approximation"
     estimates: ClassVar[str] = "softmax"
     cost_help: ClassVar[str] = ""
+    prepares_cache: ClassVar[bool] = False
+    phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
+    phase_help: ClassVar[str] = ""  # why the phases not in ``phases`` are refused
+    needs_prompt_queries: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -313,9 +329,12 @@ class AttentionMethod:
         k: torch.Tensor,
         v: torch.Tensor,
         mask: Mask = FULL,
+        *,
+        prompt_queries: torch.Tensor | None = None,
     ) -> list[str]:
         """Why the method cannot run on these inputs under ``mask`` (empty when it can); a
-        ``TypeError`` when ``mask`` is not a mask (``kdecli.masks``)."""
+        ``TypeError`` when ``mask`` is not a mask (``kdecli.masks``).  ``prompt_queries``: the
+        prompt's queries a decode step is prepared with (``needs_prompt_queries`` only)."""
         _check_mask(self.name, mask)
         reasons = []
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -326,6 +345,8 @@ class AttentionMethod:
         problem = mask.problem(n_q, n_k)
         if problem is not None:
             return reasons + [problem]
+        if self.needs_prompt_queries:
+            reasons += self.prompt_reasons(prompt_queries, q.shape, n_k, mask)
         keys, effective = self.runs_as(n_q, n_k, mask)
         if effective.is_causal and not self.supports_causal:
             reasons.append("does not support causal masking")
@@ -335,6 +356,55 @@ class AttentionMethod:
         if not reasons:
             reasons += self.memory_reasons(q, k, v, mask)
         return reasons
+
+    def realised_keys_per_query(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        generator: torch.Generator | None,
+        mask: Mask = FULL,
+    ) -> float | None:
+        """A method whose kept keys are random (candidates of a hash draw) counts them on the
+        draw ``generator`` gives, the call's own: the keys column then holds the measured mean,
+        not ``keys_per_query``'s model.  None (the default): the model is the count."""
+        return None
+
+    def phase_reasons(self, phase: str) -> list[str]:
+        """Why the method does not approximate attention in ``phase`` (empty when it does): a
+        rule defined only over a prompt's queries has no prefill, for instance."""
+        if phase in self.phases:
+            return []
+        why = f": {self.phase_help}" if self.phase_help else ""
+        return [f"{self.name} is defined for the {' and '.join(self.phases)} phase only{why}"]
+
+    def prompt_reasons(
+        self, queries: torch.Tensor | None, q_shape: tuple[int, ...], n_k: int, mask: Mask
+    ) -> list[str]:
+        """``needs_prompt_queries`` only: why a decode of queries of ``q_shape`` at the last
+        positions of n_k keys under ``mask`` cannot be prepared with ``queries`` as the prompt's
+        (none given, not a decode mask, or not the (b, h, n_k − M, d) queries of the prompt)."""
+        *lead, n_q, d = q_shape
+        if queries is None:
+            return [
+                f"{self.name} chooses its cache from the prompt's attention and needs the "
+                "prompt's queries, which a forward call does not have: run it as decode_step(q, "
+                "prepare_cache(k, v, mask=, queries=prompt_queries)), or compare --phase decode"
+            ]
+        if not isinstance(mask, Causal) or mask.offset + n_q != n_k:
+            return [
+                f"{self.name} runs decode steps only: the queries at the last positions of the "
+                f"cache, under Causal(n_k − M); got {mask} for {n_q} queries over {n_k} keys"
+            ]
+        expected = (*lead, mask.offset, d)
+        if tuple(queries.shape) != expected:
+            return [
+                f"{self.name} needs the queries of every prompt position [0, {mask.offset}), "
+                f"shape {expected}; got {tuple(queries.shape)} (an input with a query offset "
+                "lacks the first ones)"
+            ]
+        return []
 
     def grad_reasons(self) -> list[str]:
         """Why autograd cannot differentiate this configuration (asked only when an input requires
@@ -406,6 +476,52 @@ class AttentionMethod:
             scale = 1.0 / math.sqrt(q.shape[-1])
         return self.forward(q, k, v, float(scale), generator, mask)
 
+    # ---- the decode phase: the cache prepared once, then steps (kdecli.methods.decode) ------
+    def prepare_cache(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        mask: Mask | None = None,
+        scale: float | None = None,
+        generator: torch.Generator | None = None,
+        queries: torch.Tensor | None = None,
+    ) -> DecodeCache:
+        """The one-off work on a cache of keys and values (b, h, n_k, ·) for the decode steps
+        that will run under ``mask`` (default ``Causal(n_k − 1)``: one query at the last
+        position); ``scale`` defaults to 1/√d.  Without ``prepares_cache`` it only holds them.
+        ``queries``: the prompt's queries (b, h, n_k − M, d), which a method that
+        ``needs_prompt_queries`` requires (a one-line ``UsageError`` without them)."""
+        mask = decode_mask(k.shape[-2]) if mask is None else mask
+        _check_mask(self.name, mask)
+        if scale is None:
+            scale = 1.0 / math.sqrt(k.shape[-1])
+        if self.needs_prompt_queries:
+            steps = k.shape[-2] - mask.offset if isinstance(mask, Causal) else 1
+            shape = (*k.shape[:-2], steps, k.shape[-1])
+            refused = self.prompt_reasons(queries, shape, k.shape[-2], mask)
+            if refused:
+                raise UsageError(f"{refused[0]}.")
+        cache = DecodeCache(k, v, mask, float(scale), generator, queries)
+        return self.prepare_decode(cache) if self.prepares_cache else cache
+
+    def decode_step(self, q: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        """One decode step: the queries q (b, h, n_q, d), at the positions the cache was
+        prepared for, over the cache; equal to the forward on the cache's keys and values under
+        its mask, with the same generator (to float rounding)."""
+        cache.mask.check(q.shape[-2], cache.keys)
+        cache.queries_fit(q.shape[-2])
+        return self.forward_decode(q, cache)
+
+    def prepare_decode(self, cache: DecodeCache) -> DecodeCache:
+        """``prepares_cache`` only: the cache with the method's prepared fields (a subclass of
+        ``DecodeCache``), drawing from ``cache.generator`` what the forward draws first."""
+        return cache
+
+    def forward_decode(self, q: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        """The per-step work; by default the forward over the held cache under its mask."""
+        return self.forward(q, cache.k, cache.v, cache.scale, cache.generator, cache.mask)
+
     @property
     def resolved_params(self) -> dict[str, Any]:
         return dict(self.config)
@@ -426,6 +542,8 @@ class AttentionMethod:
             "supports_grad": cls.supports_grad,
             "role": cls.role,
             "oracle": cls.role == "oracle",
+            "prepares_cache": cls.prepares_cache,
+            "phases": list(cls.phases),
             "cost": cls.cost_help,
         }
 

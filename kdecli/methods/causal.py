@@ -1,6 +1,6 @@
 """Causal attention for any method that can return its row sums: the recursive decomposition.
 
-ALGORITHMS.md §9 and §13, after HyperAttention (Han et al., ICLR 2024, section 4).  Under
+docs/methods.md, after HyperAttention (Han et al., ICLR 2024, section 4).  Under
 ``Causal(offset)`` query i sits at key position offset + i and sees keys j ≤ offset + i (the base
 class has already dropped the keys after offset + n_q − 1, which no query sees, so n_k = offset + n_q).
 The keys split in two:
@@ -53,7 +53,7 @@ CAUSAL_LEAF = Param(
     int,
     128,
     "causal only: pieces of at most this many positions are computed exactly; the method runs "
-    "on the full blocks between them (ALGORITHMS.md §9)",
+    "on the full blocks between them (the recursive decomposition)",
     1,
     2**24,
 )

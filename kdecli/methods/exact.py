@@ -18,7 +18,7 @@ class Exact(AttentionMethod):
     in float64 and in query chunks (``kdecli.measure.reference``).  Causal: prefill (``Causal(0)``
     with n_q = n_k) is SDPA's ``is_causal``, which skips the blocks above the diagonal; any other
     offset passes the boolean mask j ≤ offset + i, because ``is_causal`` aligns top-left when
-    n_q ≠ n_k (ALGORITHMS.md §13).
+    n_q ≠ n_k (docs/methods.md).
     """
 
     name = "exact"
@@ -78,13 +78,13 @@ class Exact(AttentionMethod):
 class Mean(AttentionMethod):
     """The trivial baseline: Õ_i = (1/n_k) Σ_j v_j, attention with all logits equal.
 
-    It costs nothing, yet on real data it is a strong opponent (ALGORITHMS.md, `mean`).  Under
+    It costs nothing, yet on real data it is a strong opponent (docs/metrics.md, floors).  Under
     ``Causal(offset)`` query i gets the mean of v_0..v_{offset+i} (a running mean).
     """
 
     name = "mean"
     summary = "Every query gets the mean of V (all logits equal): the floor to beat."
-    paper = "baseline (KDEformer paper, section 6 discussion; kdecli ALGORITHMS.md)"
+    paper = "baseline (KDEformer paper, section 6 discussion)"
     role = "baseline"
     uses_budget = False
     supports_causal = True

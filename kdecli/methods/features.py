@@ -23,7 +23,7 @@ so that φ(q_i)·φ(k_j) = exp(γ_i − log m) · qf_i·kf_j exactly.  Every ent
 overflows, and Σ_j qf_i·kf_j ≥ 1 (the feature r attaining γ_i meets the key attaining β_r with
 weight 1·1), so a row sum never underflows to 0.  The per-query shift cancels in each row's ratio.
 
-This departs from the Performer code (and ALGORITHMS.md), which subtracts one global max over all
+This departs from the Performer code, which subtracts one global max over all
 keys and features.  That is no cheaper and can fail: when a query's strongest features are the
 keys' weakest (queries opposite a cluster of keys, logits around −500), every product underflows
 in float32 and the row is 0/0.  A max per feature removes that case
@@ -41,8 +41,17 @@ def split_scale(
     q: torch.Tensor, k: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q', k') with q'·k' = s·q·k; works for any sign of s (s = 0 gives all-zero logits)."""
-    root = math.sqrt(abs(scale))
-    return q * math.copysign(root, scale), k * root
+    return scaled_queries(q, scale), scaled_keys(k, scale)
+
+
+def scaled_queries(q: torch.Tensor, scale: float) -> torch.Tensor:
+    """q' = sign(s)·√|s|·q, the queries' half of ``split_scale``."""
+    return q * math.copysign(math.sqrt(abs(scale)), scale)
+
+
+def scaled_keys(k: torch.Tensor, scale: float) -> torch.Tensor:
+    """k' = √|s|·k, the keys' half of ``split_scale`` (a decode cache scales its keys once)."""
+    return k * math.sqrt(abs(scale))
 
 
 def random_directions(

@@ -11,7 +11,7 @@ indices π_1..π_m drawn uniformly with replacement (one set per slice):
 The mask keeps in-block keys from being counted twice; the residual sum is an unbiased estimate of
 the off-block sum.  A block of attention whose key count is below ``min_seq_len`` is computed exactly.
 Pairing of query and key blocks: ``rank``, ``aligned`` or ``auto`` (default), as for kdeformer
-(``kdecli.methods.lsh``, ALGORITHMS.md §12).  In the causal decomposition a full block's queries
+(``kdecli.methods.lsh``, docs/methods.md).  In the causal decomposition a full block's queries
 and keys are different positions, so ``auto`` pairs them aligned.
 
 Causal: the paper's recursion, which kdecli shares with every method (``kdecli.methods.causal``):

@@ -13,7 +13,7 @@ keys drawn with replacement from p.  The residual is an unbiased estimate of the
 the shift c_i (the largest logit the estimate uses) cancels in the ratio but keeps exp finite.
 Exact when one block holds every key (block_size >= n_k).
 
-Pairing (``pairing``, ALGORITHMS.md §12): ``rank`` gives the t-th block of sorted queries the t-th
+Pairing (``pairing``, docs/methods.md): ``rank`` gives the t-th block of sorted queries the t-th
 block of sorted keys (the released code: right when Q and K hash alike); ``aligned`` gives it the B
 sorted keys around the position of its queries' ranks among the key ranks (``AlignedBlocks``),
 the same number of keys at the same cost; ``auto`` (default) takes rank when K = Q and aligned

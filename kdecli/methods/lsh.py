@@ -119,7 +119,7 @@ class SortedBlocks:
 
 @dataclass
 class AlignedBlocks(SortedBlocks):
-    """Aligned pairing (ALGORITHMS.md §12): a block of sorted queries scores the ``key_block``
+    """Aligned pairing (docs/methods.md): a block of sorted queries scores the ``key_block``
     consecutive sorted keys around the position of its queries' ranks among the sorted key ranks,
     not the key block of the same index.
 
@@ -162,7 +162,7 @@ PAIRING = Param(  # the parameter of both sorted-LSH methods
     str,
     "auto",
     "which keys a query's block scores: rank (the t-th query block with the t-th key block, the "
-    "released code), aligned (the keys whose LSH rank is nearest its own; ALGORITHMS.md §12), or "
+    "released code), aligned (the keys whose LSH rank is nearest its own), or "
     "auto (rank when K = Q, else aligned)",
     choices=PAIRINGS,
 )

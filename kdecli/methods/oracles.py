@@ -43,7 +43,7 @@ def _too_large(method: str, n_q: int, n_k: int, limit: int, why: str) -> list[st
 class TopK(AttentionMethod):
     name = "topk"
     summary = "Oracle: each query keeps its exact top-m logits (the ceiling of sparse methods)."
-    paper = "oracle (kdecli ALGORITHMS.md, `topk`)"
+    paper = "oracle (the ceiling of any method reading m keys per query)"
     budget_help = "m = keys kept per query (`keys`)."
     params = (
         Param("keys", int, 256, "largest logits kept per query (m)", 1, 2**24),
@@ -111,7 +111,7 @@ class TopK(AttentionMethod):
 class RankK(AttentionMethod):
     name = "rankk"
     summary = "Oracle: best rank-m approximation of D⁻¹A times V (the ceiling of low-rank methods)."
-    paper = "oracle (kdecli ALGORITHMS.md, `rankk`; Eckart–Young)"
+    paper = "oracle (Eckart–Young: the ceiling of any rank-m method)"
     budget_help = "m = rank kept (`rank`)." + CAUSAL_BUDGET_HELP
     params = (
         Param("rank", int, 256, "rank of the truncated SVD of D⁻¹A (m)", 1, 2**24),

@@ -18,21 +18,31 @@ depend only on the query and the keys before it (``in_chunk``), so a later key n
 earlier output, not even by rounding; the two parts are merged by their log-sum-exps.  A row sum that
 underflows is recomputed in log space, so the output stays finite with logits in the hundreds.
 Error falls like 1/√m; there is no exact limit.
+
+Decode (``prepares_cache``): the directions ω, the per-feature key maximum β and the sums
+φ(K)ᵀṼ (with Σ_j φ(k_j) as their last column) over the keys every step query sees are computed
+once per cache; a step of one query then costs O(m·d) for its features and O(m·d_v) for the
+product, whatever n_k.  Under ``Causal(n_k − M)`` the prepared sums are the scan's starting state
+(the keys before the first step query) and the step scans its own M keys.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from kdecli.masks import FULL
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.common import merge_lse, with_ones_column, working_dtype
+from kdecli.methods.decode import DecodeCache
 from kdecli.methods.features import (
     favor_features,
     log_features,
     random_directions,
+    scaled_keys,
+    scaled_queries,
     split_scale,
 )
 from kdecli.methods.registry import register
@@ -52,6 +62,7 @@ class Performer(AttentionMethod):
     )
     randomized = True
     supports_causal = True
+    prepares_cache = True
     estimates = "softmax"
     cost_help = (
         "2·(n_q+n_k)·d·m features + (n_q+n_k)·m exponentials + 2·(n_q+n_k)·m·(d_v+1) for φ(K)ᵀṼ "
@@ -86,6 +97,37 @@ class Performer(AttentionMethod):
         omega = self.directions(q, generator)
         return causal_favor(q, k, v, scale, omega, mask.offset).to(dtype)
 
+    def prepare_decode(self, cache):
+        k, v = cache.k, cache.v
+        work = working_dtype(k.dtype)
+        k, v = k.to(work), v.to(work)
+        omega = self.directions(k, cache.generator)  # drawn first, as the forward draws them
+        k1 = scaled_keys(k, cache.scale)
+        mask = cache.step_mask
+        if mask.is_causal:  # the scan's starting state: the keys before the first step query
+            beta, sums = favor_prefix(k1, v, omega, mask.offset)
+        else:  # every key, as ``stabilised_features`` sums them
+            g = log_features(k1, omega)
+            beta = g.amax(dim=-2, keepdim=True)
+            sums = torch.einsum("bhjm,bhje->bhme", torch.exp(g - beta), with_ones_column(v))
+        return FavorCache.prepared(cache, omega=omega, beta=beta, sums=sums)
+
+    def forward_decode(self, q, cache):
+        dtype, work = q.dtype, working_dtype(q.dtype)
+        f = log_features(scaled_queries(q.to(work), cache.scale), cache.omega)
+        mask = cache.step_mask
+        if mask.is_causal:  # scan the step's own keys from the prepared state
+            offset = mask.offset
+            k1 = scaled_keys(cache.k[..., offset:, :].to(work), cache.scale)
+            v = cache.v[..., offset:, :].to(work)
+            g = log_features(k1, cache.omega)
+            out = favor_scan(f, g, v, cache.beta, cache.sums, offset > 0)
+            return out.to(dtype)
+        shifted = f + cache.beta
+        qf = torch.exp(shifted - shifted.amax(dim=-1, keepdim=True))
+        num = torch.einsum("bhim,bhme->bhie", qf, cache.sums)
+        return (num[..., :-1] / num[..., -1:]).to(dtype)
+
     def directions(self, q, generator):
         """The m random directions ω of every slice, (b, h, m, d), in q's (working) dtype."""
         b, h, _, d = q.shape
@@ -113,26 +155,53 @@ class Performer(AttentionMethod):
         )
 
 
+@dataclass(frozen=True, eq=False)
+class FavorCache(DecodeCache):
+    """A cache prepared for Performer's decode steps: the directions ω (b, h, m, d), the
+    per-feature key maximum β (b, h, 1, m) and Σ_j exp(g_j − β) ṽ_jᵀ (b, h, m, d_v + 1) over
+    the keys every step query sees (all of them for one query)."""
+
+    omega: torch.Tensor | None = None
+    beta: torch.Tensor | None = None
+    sums: torch.Tensor | None = None
+
+
 def causal_favor(q, k, v, scale, omega, offset=0):
     """FAVOR+ under ``Causal(offset)`` with n_k = offset + n_q, the chunked scan of the module
     docstring: (b, h, n_q, d_v).  The keys [0, offset) are the state the scan starts from."""
-    b, h, n_q, _ = q.shape
-    m = omega.shape[-2]
     q1, k1 = split_scale(q, k, scale)
-    f, g = log_features(q1, omega), log_features(k1, omega)  # (b, h, n_q, m), (b, h, n_k, m)
+    f = log_features(q1, omega)  # (b, h, n_q, m)
+    beta, state = favor_prefix(k1, v, omega, offset)
+    g = log_features(k1[..., offset:, :], omega)  # the queries' own keys
+    return favor_scan(f, g, v[..., offset:, :], beta, state, offset > 0)
+
+
+def favor_prefix(k1, v, omega, offset):
+    """(β, state) of the keys [0, offset), seen by every query of the scan: the per-feature max
+    of g over them (b, h, 1, m) and Σ_j exp(g_j − β) ṽ_jᵀ (b, h, m, d_v + 1); −inf and zeros
+    for no key."""
+    b, h, _, _ = k1.shape
+    m = omega.shape[-2]
+    if not offset:
+        beta = k1.new_full((b, h, 1, m), float("-inf"))
+        return beta, k1.new_zeros(b, h, m, v.shape[-1] + 1)
+    g = log_features(k1[..., :offset, :], omega)
+    beta = g.amax(-2, keepdim=True)
+    return beta, torch.exp(g - beta).transpose(-1, -2) @ with_ones_column(v[..., :offset, :])
+
+
+def favor_scan(f, g, v, beta, state, started):
+    """The scan over the n_q queries' own keys (query i's key is g_i, v_i), from the prefix's
+    (β, state); ``started``: the prefix holds at least one key."""
+    b, h, n_q, m = f.shape
     v_aug = with_ones_column(v)
-    beta = f.new_full((b, h, 1, m), float("-inf"))  # per-feature max of g over the prefix
-    state = f.new_zeros(b, h, m, v_aug.shape[-1])  # Σ_{j in prefix} exp(g_j − β) ṽ_jᵀ
-    if offset:  # the keys every query sees
-        beta = g[..., :offset, :].amax(-2, keepdim=True)
-        state = torch.exp(g[..., :offset, :] - beta).transpose(-1, -2) @ v_aug[..., :offset, :]
     out = v.new_empty(b, h, n_q, v.shape[-1])
     for start in range(0, n_q, CAUSAL_CHUNK):
         stop = min(n_q, start + CAUSAL_CHUNK)
-        keys = slice(offset + start, offset + stop)
+        keys = slice(start, stop)
         fc, gc, vc = f[..., start:stop, :], g[..., keys, :], v_aug[..., keys, :]
         lse, part = in_chunk(fc, gc, vc)
-        if offset + start > 0:  # the prefix part, with a row sum >= 1 by construction
+        if started or start > 0:  # the prefix part, with a row sum >= 1 by construction
             shifted = fc + beta
             gamma = shifted.amax(-1, keepdim=True)
             num = torch.exp(shifted - gamma) @ state

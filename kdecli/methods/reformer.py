@@ -24,9 +24,19 @@ row sum over the keys query i met, so the merged estimate is the softmax over th
 met in every piece.  Queries of a full block are sorted among themselves, so a later query can move
 an earlier one's chunk (never a later key into it).  Not with shared_qk (keys would be the block's
 queries, which come later).
+
+Decode (``prepares_cache``): for a step of one query (which sees the whole cache) the rotations
+are drawn, the keys hashed and sorted into chunks once per cache (``SortedKeys``); a step hashes
+its query and runs the rounds.  Note that with fewer queries than chunks every query chunk holds
+one query, so a lone query always meets the first and the last sorted chunks, whatever its hash
+(rank pairing, docs/methods.md).  A step of several queries runs through the causal
+decomposition, whose pieces hash their own keys: it is not prepared (nor with shared_qk, whose keys
+are the queries).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -42,6 +52,7 @@ from kdecli.methods.common import (
     pad_dim,
     working_dtype,
 )
+from kdecli.methods.decode import DecodeCache
 from kdecli.methods.registry import register
 
 HASH_CHUNK_ELEMENTS = 2**24  # projections held at once while hashing
@@ -81,6 +92,7 @@ class Reformer(AttentionMethod):
     randomized = True
     causal_mode = "decomposition"
     causal_query_coupled = True  # a full block's queries are sorted into blocks together
+    prepares_cache = True
     estimates = "softmax"
     cost_help = (
         "h·(n_q+n_k)·d·nb hashing + 2·h·n_q·2c·(d + d_v) for the chunks + 2·h²·n_q·2c comparisons "
@@ -145,21 +157,45 @@ class Reformer(AttentionMethod):
 
     def partial(self, q, k, v, scale, generator, query_offset):
         cfg = self.config
-        b, h, n_q, d = q.shape
-        work = q.dtype
         if cfg["shared_qk"]:
-            k = q / q.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(work).tiny)
-        n_k, rounds = k.shape[-2], cfg["n_hashes"]
-        rot = draw_rotations(b, h, rounds, d, self.n_buckets_for(n_k), generator, q.device, work)
-        chunks = ChunkLayout.build(hash_buckets(q, rot), hash_buckets(k, rot), cfg["chunk_size"])
+            k = q / q.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
+        rot = self.rotations(k, generator)
+        keys = SortedKeys(hash_buckets(k, rot), cfg["chunk_size"])
+        return self.rounds(q, k, v, scale, rot, keys)
 
+    def rotations(self, k, generator):
+        """The rotations of every round for these keys (their number sets the buckets)."""
+        b, h, n_k, d = k.shape
+        nb = self.n_buckets_for(n_k)
+        return draw_rotations(b, h, self.config["n_hashes"], d, nb, generator, k.device, k.dtype)
+
+    def rounds(self, q, k, v, scale, rot, keys: SortedKeys) -> Partial:
+        """Every round on the sorted keys, merged: the estimate with its log row sums."""
+        chunks = ChunkLayout.build(hash_buckets(q, rot), keys)
         # Under autograd the rounds allocate afresh: a reused buffer cannot hold what backward needs.
         workspace = Workspace(enabled=not needs_grad(q, k, v))
         q_scaled, lse, out = q * scale, None, None
-        for r in range(rounds):
-            lse_r, out_r = one_round(q_scaled, k, v, chunks, r, cfg["shared_qk"], workspace)
+        for r in range(self.config["n_hashes"]):
+            lse_r, out_r = one_round(q_scaled, k, v, chunks, r, self.config["shared_qk"], workspace)
             lse, out = (lse_r, out_r) if lse is None else merge_lse(lse, out, lse_r, out_r)
         return Partial(lse, out)
+
+    def prepare_decode(self, cache):
+        if cache.step_mask.is_causal or self.config["shared_qk"]:  # the module docstring
+            return cache
+        work = working_dtype(cache.k.dtype)
+        k, v = cache.k.to(work), cache.v.to(work)
+        rot = self.rotations(k, cache.generator)  # drawn first, as the forward draws them
+        keys = SortedKeys(hash_buckets(k, rot), self.config["chunk_size"])
+        return HashedCache.prepared(cache, work_k=k, work_v=v, rotations=rot, sorted_keys=keys)
+
+    def forward_decode(self, q, cache):
+        if not isinstance(cache, HashedCache):
+            return super().forward_decode(q, cache)
+        dtype, work = q.dtype, working_dtype(q.dtype)
+        k, v = cache.work_k, cache.work_v
+        partial = self.rounds(q.to(work), k, v, cache.scale, cache.rotations, cache.sorted_keys)
+        return partial.out.to(dtype)
 
     def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
         # Per query: one round's window logits, weights and counts (2c each), the merged and the
@@ -217,65 +253,89 @@ def hash_buckets(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return buckets
 
 
+@dataclass(frozen=True, eq=False)
+class HashedCache(DecodeCache):
+    """A cache prepared for Reformer's one-query steps: the keys and values in the working
+    dtype, the rotations of every round and the keys hashed and sorted into chunks."""
+
+    work_k: torch.Tensor | None = None
+    work_v: torch.Tensor | None = None
+    rotations: torch.Tensor | None = None
+    sorted_keys: SortedKeys | None = None
+
+
+class SortedKeys:
+    """The keys' half of a ``ChunkLayout``: per round, their (bucket, position) sort and every
+    key's chunk; it depends on the keys alone, so a decode cache computes it once.
+
+    ``k_order`` (b, h, rounds, n_k): sorted position -> original index (a stable sort of the
+    buckets keeps positions increasing inside a bucket).  ``k_chunk`` (b, h, n_k, rounds):
+    original index -> chunk in every round, in ``small``, the least integer type that holds the
+    chunk ids (uint8 when it fits: the co-occurrence count then runs on one byte per pair).  Keys
+    fill n_c = ⌈n_k/c_k⌉ chunks of c_k = min(c, n_k) (only the last one padded).
+    """
+
+    def __init__(self, k_bucket, chunk_size):
+        n_k = k_bucket.shape[-1]
+        self.c_k = min(chunk_size, n_k)
+        self.num_chunks = nc = -(-n_k // self.c_k)
+        self.small = torch.uint8 if nc <= 256 else torch.int16 if nc < 2**15 else torch.int32
+        self.k_order = torch.sort(k_bucket, dim=-1, stable=True).indices
+        k_chunk = torch.argsort(self.k_order, dim=-1) // self.c_k
+        self.k_chunk = k_chunk.transpose(-1, -2).to(self.small)
+
+
 class ChunkLayout:
     """Per round, the (bucket, position) sort of queries and keys and the chunk of every row.
 
-    ``q_order``/``k_order`` (b, h, rounds, n): sorted position -> original index (a stable sort of
-    the buckets keeps positions increasing inside a bucket).  ``q_chunk``/``k_chunk`` (b, h, n,
-    rounds): original index -> chunk in every round (int16 when it fits, for cheap compares);
-    ``q_chunk_prev`` the chunk before the query's, cyclically.  Keys fill n_c = ⌈n_k/c_k⌉ chunks of
-    c_k = min(c, n_k) (only the last one padded); queries fill as many chunks, of ⌈n_q/n_c⌉.
+    The keys' part is a ``SortedKeys``; ``q_order`` (b, h, rounds, n_q) and ``q_chunk`` (b, h,
+    n_q, rounds) are the queries' (in the keys' chunk-id type, for cheap compares);
+    ``q_chunk_prev`` the chunk before the query's, cyclically.  Queries fill as many chunks as the
+    keys, of c_q = ⌈n_q/n_c⌉.
     """
 
-    def __init__(self, q_order, k_order, q_chunk, k_chunk, num_chunks, c_q, c_k):
-        self.q_order, self.k_order = q_order, k_order
-        # uint8 when it fits: the co-occurrence count then runs on one byte per pair.
-        small = (
-            torch.uint8 if num_chunks <= 256 else torch.int16 if num_chunks < 2**15 else torch.int32
-        )
-        self.q_chunk = q_chunk.transpose(-1, -2).to(small)
-        self.q_chunk_prev = ((q_chunk - 1) % num_chunks).transpose(-1, -2).to(small)
-        self.k_chunk = k_chunk.transpose(-1, -2).to(small)
-        self.num_chunks, self.c_q, self.c_k = num_chunks, c_q, c_k
+    def __init__(self, q_order, q_chunk, c_q, keys: SortedKeys):
+        self.q_order, self.k_order = q_order, keys.k_order
+        num_chunks = keys.num_chunks
+        self.q_chunk = q_chunk.transpose(-1, -2).to(keys.small)
+        self.q_chunk_prev = ((q_chunk - 1) % num_chunks).transpose(-1, -2).to(keys.small)
+        self.k_chunk = keys.k_chunk
+        self.num_chunks, self.c_q, self.c_k = num_chunks, c_q, keys.c_k
 
     @classmethod
-    def build(cls, q_bucket, k_bucket, chunk_size):
-        n_q, n_k = q_bucket.shape[-1], k_bucket.shape[-1]
-        c_k = min(chunk_size, n_k)
-        num_chunks = -(-n_k // c_k)
-        c_q = -(-n_q // num_chunks)
+    def build(cls, q_bucket, keys: SortedKeys):
+        c_q = -(-q_bucket.shape[-1] // keys.num_chunks)
         q_order = torch.sort(q_bucket, dim=-1, stable=True).indices
-        k_order = torch.sort(k_bucket, dim=-1, stable=True).indices
         q_chunk = torch.argsort(q_order, dim=-1) // c_q
-        k_chunk = torch.argsort(k_order, dim=-1) // c_k
-        return cls(q_order, k_order, q_chunk, k_chunk, num_chunks, c_q, c_k)
+        return cls(q_order, q_chunk, c_q, keys)
 
 
 def one_round(q_scaled, k, v, chunks: ChunkLayout, r: int, shared_qk: bool, workspace: Workspace):
     """(lse, out) of round r for every query in original order: (b, h, n_q), (b, h, n_q, d_v)."""
     b, h, n_q, d = q_scaled.shape
-    n_k, d_v = k.shape[-2], v.shape[-1]
+    d_v = v.shape[-1]
     nc, c_q, c_k = chunks.num_chunks, chunks.c_q, chunks.c_k
     q_order, k_order = chunks.q_order[:, :, r], chunks.k_order[:, :, r]
+    # The chunks that hold a query: all of them, unless there are fewer queries than chunks (a
+    # decode step), when the queries fill the first n_q and the rest would be padding alone.
+    used = -(-n_q // c_q)
 
-    q_idx = pad_dim(q_order, nc * c_q, dim=-1).view(b, h, nc, c_q)  # padded rows read query 0
-    k_idx = pad_dim(k_order, nc * c_k, dim=-1).view(b, h, nc, c_k)
-    k_win_idx = look_back(k_idx)  # (b, h, nc, 2c_k)
+    q_idx = pad_dim(q_order, used * c_q, dim=-1).view(b, h, used, c_q)  # padding reads query 0
+    k_win_idx, key_valid = key_windows(k_order, nc, c_k, used)  # (b, h, used, 2c_k)
 
     def rows(name, x, index, per_slice):
         buffer = workspace.get(name, (b, h, per_slice, x.shape[-1]), x.dtype, x.device)
-        return gather_rows(x, index.flatten(2), out=buffer).view(b, h, nc, -1, x.shape[-1])
+        return gather_rows(x, index.flatten(2), out=buffer).view(b, h, used, -1, x.shape[-1])
 
-    k_win = rows("k_win", k, k_win_idx, nc * 2 * c_k)
-    v_win = rows("v_win", v, k_win_idx, nc * 2 * c_k)
-    q_sorted = rows("q_sorted", q_scaled, q_idx, nc * c_q)
+    k_win = rows("k_win", k, k_win_idx, used * 2 * c_k)
+    v_win = rows("v_win", v, k_win_idx, used * 2 * c_k)
+    q_sorted = rows("q_sorted", q_scaled, q_idx, used * c_q)
 
-    window = (b, h, nc, c_q, 2 * c_k)
+    window = (b, h, used, c_q, 2 * c_k)
     logits = workspace.get("logits", window, q_sorted.dtype, q_sorted.device)
     logits = torch.matmul(q_sorted, k_win.transpose(-1, -2), out=logits)
     if shared_qk:
         logits.masked_fill_(q_idx.unsqueeze(-1) == k_win_idx.unsqueeze(-2), SELF_LOGIT)
-    key_valid = look_back((torch.arange(nc * c_k, device=k.device) < n_k).view(1, 1, nc, c_k))
     logits.masked_fill_(~key_valid.unsqueeze(-2), float("-inf"))
 
     # e^{ℓ_ij} / c_ij: the count divides the weight instead of shifting the logit by log c_ij,
@@ -293,17 +353,26 @@ def one_round(q_scaled, k, v, chunks: ChunkLayout, r: int, shared_qk: bool, work
         if not bool(key_valid.all()):
             weights = weights.masked_fill(~key_valid.unsqueeze(-2), 0.0)
     total = weights.sum(-1)
-    lse = (top.squeeze(-1) + torch.log(total)).view(b, h, nc * c_q)[..., :n_q]
-    out = ((weights @ v_win) / total.unsqueeze(-1)).view(b, h, nc * c_q, d_v)[:, :, :n_q]
+    lse = (top.squeeze(-1) + torch.log(total)).view(b, h, used * c_q)[..., :n_q]
+    out = ((weights @ v_win) / total.unsqueeze(-1)).view(b, h, used * c_q, d_v)[:, :, :n_q]
     # Back to the original query order.
     lse_orig = torch.empty_like(lse).scatter_(-1, q_order, lse)
     out_orig = torch.empty_like(out).scatter_(-2, q_order.unsqueeze(-1).expand_as(out), out)
     return lse_orig, out_orig
 
 
-def look_back(x: torch.Tensor) -> torch.Tensor:
-    """Along the chunk axis (dim 2), put chunk t − 1 (cyclically) after chunk t, on dim 3."""
-    return torch.cat([x, x.roll(1, dims=2)], dim=3)
+def key_windows(k_order, num_chunks: int, c_k: int, used: int):
+    """The keys the first ``used`` query chunks see: (b, h, used, 2c_k) original indices, for
+    chunk t its sorted keys then those of chunk t − 1 (cyclically), and (1, 1, used, 2c_k) which
+    are real keys (the last chunk may be padded: its padding reads key 0, masked out).  Only those
+    windows are formed, so a step of one query does not pay for every chunk."""
+    n_k, device = k_order.shape[-1], k_order.device
+    t = torch.arange(used, device=device)
+    chunk = torch.stack([t, (t - 1) % num_chunks], dim=-1)  # (used, 2)
+    position = (chunk.unsqueeze(-1) * c_k + torch.arange(c_k, device=device)).view(used, 2 * c_k)
+    valid = position < n_k
+    index = k_order[..., position.clamp(max=n_k - 1)].masked_fill(~valid, 0)
+    return index, valid.view(1, 1, used, 2 * c_k)
 
 
 def co_occurrences(

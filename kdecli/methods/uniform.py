@@ -27,7 +27,7 @@ from kdecli.methods.registry import register
 class Uniform(AttentionMethod):
     name = "uniform"
     summary = "Softmax over m keys sampled uniformly without replacement (one set per slice)."
-    paper = "baseline (kdecli ALGORITHMS.md, `uniform`)"
+    paper = "baseline (the floor of importance sampling)"
     budget_help = "m = number of sampled keys per slice (`samples`)."
     params = (Param("samples", int, 256, "keys drawn uniformly without replacement (m)", 1, 2**24),)
     randomized = True

@@ -42,5 +42,8 @@ def fmt_number(value: float | None, spec: str = ".3g") -> str:
 
 
 def fmt_speedup(speedup: float | None, spec: str = ".1f") -> str:
-    """``14.1×``; ``—`` when not timed (or zero)."""
-    return f"{speedup:{spec}}×" if speedup else MISSING
+    """``14.1×``, and below 1 two significant digits (``0.034×``, never ``0.0×``); ``—`` when
+    not timed (or zero)."""
+    if not speedup:
+        return MISSING
+    return f"{speedup:{spec}}×" if speedup >= 1 else f"{speedup:.2g}×"

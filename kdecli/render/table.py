@@ -4,7 +4,9 @@ A table is a list of rows (any record: a compare setting, a drift result, a scal
 ``Layout``: every ``Column`` it can show, in display order, the keys that are always shown, and
 the optional keys in the order they join.  The fitter keeps names and numbers whole: a column is
 either drawn at the width of its widest cell or left out, never cut (only a ``wraps`` column, a
-status sentence, folds onto more lines, and counts as at most ``wrap_room`` wide).  Optional
+status sentence, folds onto more lines, and counts as at most ``wrap_room`` wide; one with a
+short form is drawn as its codes instead, one row per line, when its sentences would not fit on
+one line, and a legend under the table says what the codes mean).  Optional
 columns join, in order, while the table fits the width; a one-line note under the table names the
 ones left out and how to get them.  ``--columns a,b,c`` (or ``all``) chooses instead.  A table
 asked for explicitly, or one whose required columns alone are wider than the terminal, is drawn
@@ -16,7 +18,7 @@ The same columns give the Markdown table (``markdown_rows``), so the two never d
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from rich.cells import cell_len
@@ -25,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kdecli.errors import UsageError
+from kdecli.render.safe import MESSAGE_LIMIT, printable, printable_lines
 
 Row = TypeVar("Row")
 
@@ -48,6 +51,17 @@ class Column(Generic[Row]):
     justify: str = "right"
     wraps: bool = False
     flat: str | None = None  # the header on one line (Markdown), when it differs
+    # A sentence column's short form (a status code), drawn when the table would not fit the
+    # width with the sentences on one line; ``legend`` then gives the lines under the table that
+    # say what the codes mean (and the reasons they stand for).
+    short: Callable[[Row], str] | None = None
+    legend: Callable[[Sequence[Row]], list[str]] | None = None
+
+    def __post_init__(self) -> None:
+        # Every cell of every table (terminal and Markdown) is made here, from strings that may
+        # come from a file: control characters escaped, long strings cut (``render.safe``).
+        fill = self.cell
+        object.__setattr__(self, "cell", lambda row: printable_lines(fill(row)))
 
     @property
     def one_line_header(self) -> str:
@@ -57,6 +71,10 @@ class Column(Generic[Row]):
         """The widest line of its header and cells, in terminal cells (µ, ±, ≈ are one)."""
         texts = (*(self.cell(row) for row in rows), self.header)
         return max(cell_len(line) for text in texts for line in text.split("\n"))
+
+    def shortened(self) -> Column[Row]:
+        """The column drawn with its short form, kept whole."""
+        return replace(self, cell=self.short, wraps=False, short=None)
 
     def least_width(self, rows: Sequence[Row]) -> int:
         """The narrowest it can be drawn: whole, or, for a sentence that wraps, its longest word
@@ -96,6 +114,7 @@ class Choice(Generic[Row]):
     left_out: list[str]
     width: int
     drawn_width: int
+    legend: list[str] = field(default_factory=list)  # under the table: what short codes mean
 
 
 def parse_columns(text: str | None, keys: Sequence[str]) -> tuple[str, ...] | None:
@@ -136,10 +155,20 @@ def choose(
                 f"it has {', '.join(available)}."
             )
         return Choice(chosen, [], width, table_width(chosen, widths))
+    keys = [key for key in layout.required if key in available]
+    shortened = [
+        key for key, column in available.items() if column.short is not None and column.wraps
+    ]
+    if shortened and table_width((available[k] for k in keys), widths) > width:
+        # a sentence would wrap onto more lines: one row per line, codes explained underneath
+        for key in shortened:
+            available[key] = available[key].shortened()
+            widths[key] = available[key].width(rows)
+    else:
+        shortened = []
     for key, column in available.items():
         if column.wraps:
             widths[key] = min(widths[key], layout.wrap_room)
-    keys = [key for key in layout.required if key in available]
     left_out = []
     for key in layout.optional:
         if key not in available:
@@ -148,9 +177,15 @@ def choose(
             keys.append(key)
         else:
             left_out.append(key)
-    chosen = [column for column in layout.columns if column.key in keys]
+    chosen = [available[column.key] for column in layout.columns if column.key in keys]
     least = {column.key: column.least_width(rows) for column in chosen}
-    return Choice(chosen, left_out, width, table_width(chosen, least))
+    legend = [
+        line
+        for column in layout.columns
+        if column.key in shortened and column.key in keys and column.legend is not None
+        for line in column.legend(rows)
+    ]
+    return Choice(chosen, left_out, width, table_width(chosen, least), legend)
 
 
 def left_out_note(width: int, left_out: Sequence[str]) -> str:
@@ -171,7 +206,7 @@ def draw(
     never read as markup; ``style`` colours a whole row (red: failed, yellow: no better than a
     floor)."""
     console.width = max(console.width, choice.drawn_width)  # past the edge rather than cut
-    table = Table(title=Text(title), title_justify="left")
+    table = Table(title=Text(printable(title, None)), title_justify="left")
     for column in choice.columns:
         table.add_column(
             column.header,
@@ -183,6 +218,8 @@ def draw(
     for row in rows:
         table.add_row(*(Text(column.cell(row)) for column in choice.columns), style=style(row))
     console.print(table)
+    for line in choice.legend:
+        console.print(line, highlight=False, markup=False)
     if choice.left_out:
         console.print(left_out_note(choice.width, choice.left_out), highlight=False, markup=False)
 
@@ -192,15 +229,24 @@ def console_for(stream, width: int | None, colour: bool) -> Console:
     ANSI styles only when ``colour`` (a terminal)."""
     if width is None and not stream.isatty():
         width = FILE_WIDTH
-    return Console(file=stream, width=width, soft_wrap=False, force_terminal=colour or None)
+    return _Console(file=stream, width=width, soft_wrap=False, force_terminal=colour or None)
+
+
+class _Console(Console):
+    """Every string a report prints (a footer naming the device, the resolved parameters) may
+    quote a file: its control characters are escaped and a long one cut (``render.safe``) before
+    rich reads it, here, in the one place strings become text."""
+
+    def render_str(self, text: str, **options) -> Text:
+        return super().render_str(printable_lines(text, MESSAGE_LIMIT), **options)
 
 
 # ---- Markdown ----------------------------------------------------------------------------------
 
 
 def escape_markdown(text: str) -> str:
-    """A cell on one line, its pipes escaped."""
-    return text.replace("|", "\\|").replace("\n", " ")
+    """A cell on one line, its pipes escaped (and any control character, ``render.safe``)."""
+    return printable(text.replace("\n", " "), None).replace("|", "\\|")
 
 
 def markdown_rows(columns: Sequence[Column[Row]], rows: Iterable[Row]) -> list[str]:

@@ -91,12 +91,12 @@ class Hdf5File(InputSource):
             arrays = {n: node[pick(names, n, options.keys[n], where)][()] for n in ROLES}
             # a dataset `scale`, or the attributes `kdecli capture` writes on each layer
             scale = node["scale"][()] if "scale" in names else node.attrs.get("scale")
-            causal, layer = node.attrs.get("causal"), node.attrs.get("layer")
+            causal = _flag_attribute(node.attrs.get("causal"), "causal", where)
+            layer = _index_attribute(node.attrs.get("layer"), "layer", where)
         name = display_path(path) + (f":{group}" if group else "")
         return Loaded(
             **arrays, name=name, where=spec, layout=options.layout, scale=scale,
-            causal=None if causal is None else bool(causal),
-            layer=None if layer is None else int(layer),
+            causal=causal, layer=layer,
         )  # fmt: skip
 
     def expand(self, spec: str, options: InputOptions) -> list[str]:
@@ -118,7 +118,9 @@ class Hdf5File(InputSource):
             def visit(name: str, item) -> None:
                 if isinstance(item, h5py.Group) and {"q", "k", "v"} <= set(item):
                     if pattern is None or fnmatch.fnmatchcase("/" + name, pattern):
-                        found.append(("/" + name, item.attrs.get("layer")))
+                        layer = item.attrs.get("layer")
+                        where = f"{path}:/{name}"
+                        found.append(("/" + name, _index_attribute(layer, "layer", where)))
 
             handle.visititems(visit)
         if not found:
@@ -126,6 +128,37 @@ class Hdf5File(InputSource):
             raise InputError(f"{path}: {what}.")
         found.sort(key=lambda g: (g[1] is None, g[1] if g[1] is not None else 0, _natural(g[0])))
         return [f"{path}:{name}" for name, _ in found]
+
+
+def _flag_attribute(value: object, name: str, where: str) -> bool | None:
+    """A boolean attribute as ``kdecli capture`` writes it (a bool, or the integer 0 or 1); the
+    strings ``'no'`` or ``b'false'`` are refused, not read as true (any non-empty string is)."""
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.shape == () and array.dtype.kind in "biu" and array.item() in (0, 1):
+        return bool(array.item())
+    raise InputError(
+        f"{where}: attribute `{name}` must be true or false (0 or 1); got {_shown(value)}."
+    )
+
+
+def _index_attribute(value: object, name: str, where: str) -> int | None:
+    """A non-negative integer attribute (a layer's index)."""
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.shape == () and array.dtype.kind in "iu" and array.item() >= 0:
+        return int(array.item())
+    raise InputError(
+        f"{where}: attribute `{name}` must be a non-negative integer; got {_shown(value)}."
+    )
+
+
+def _shown(value: object) -> str:
+    """An attribute's value in a message: short, and only printable characters (repr)."""
+    text = repr(value.tolist() if isinstance(value, np.ndarray) else value)
+    return text if len(text) <= 60 else text[:59] + "…"
 
 
 def _natural(name: str) -> list:

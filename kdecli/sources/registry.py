@@ -123,10 +123,19 @@ def find_source(spec: str | None, options: InputOptions) -> tuple[InputSource, s
         )
     path, _ = split_location(spec)
     if not path.exists():
+        head = spec.rpartition(":")[0]
+        if head and Path(head).is_file():  # FILE:/group of a file that is not named .h5
+            raise InputError(
+                f"{head}: is an HDF5 file; name it with .h5 or .hdf5 to read its groups."
+                if is_hdf5(Path(head))
+                else f"{head}: is not an HDF5 file (FILE:/group reads a group of one)."
+            )
         raise InputError(f"{path}: no such file.")
     suffix = path.suffix.lower()
     for source in _SOURCES.values():
         if source.kind == "file" and suffix in source.suffixes:
+            if source.locations and path.is_file() and not is_hdf5(path):
+                raise InputError(f"{path}: is not an HDF5 file.")
             return source, spec
     raise InputError(
         f"{path}: unknown input format {suffix or '(no suffix)'}.",
@@ -142,6 +151,25 @@ def split_location(spec: str) -> tuple[Path, str | None]:
         if any(s.locations and suffix in s.suffixes for s in _SOURCES.values()):
             return Path(head), tail or "/"
     return Path(spec), None
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def is_hdf5(path: Path) -> bool:
+    """Does ``path`` hold HDF5's signature (at byte 0, or after a user block of 512·2^k bytes)?"""
+    try:
+        with path.open("rb") as f:
+            size = path.stat().st_size
+            offset = 0
+            while offset + len(HDF5_SIGNATURE) <= size:
+                f.seek(offset)
+                if f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                    return True
+                offset = 512 if offset == 0 else 2 * offset
+    except OSError:
+        return False
+    return False
 
 
 def _forms() -> str:

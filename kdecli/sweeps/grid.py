@@ -7,7 +7,8 @@ everything that decides what it measures —
     the input's identity (a digest of Q, K and V's bytes, shapes and dtype, and its layer),
     method, budget, seed, resolved parameters, budget mode, working dtype, device kind,
     softmax scale, mask (``causal``, and the causal queries' ``query_offset`` where it is not 0,
-    so that keys of earlier versions stay the same), reference mode (``full``, or ``rows:R``
+    so that keys of earlier versions stay the same), the phase and its query count M for a decode
+    measurement (a prefill key hashes no phase: it is what it was before phases), reference mode (``full``, or ``rows:R``
     with its row seed), and whether the run adds ``bound_normalized``, times at all, and times
     the backward —
 
@@ -141,8 +142,9 @@ class GridJob:
         self.__dict__.update(state)
 
     def entries(self) -> list[JobEntry]:
+        phase = self.setting.phase
         return [
-            JobEntry(key, self.layer, self.method, self.budget, seed)
+            JobEntry(key, self.layer, self.method, self.budget, seed, phase)
             for seed, key in zip(self.seeds, self.keys)
         ]
 
@@ -156,10 +158,12 @@ class JobEntry(Record):
     method: str
     budget: int | None
     seed: int | None
+    phase: str = json_field("prefill", omit="default")  # written for decode records only
 
     def describe(self) -> str:
-        """``layer 3 kdeformer budget=64 seed=1``."""
-        parts = [] if self.layer is None else [f"layer {self.layer}"]
+        """``layer 3 kdeformer budget=64 seed=1`` (``decode`` first for a decode record)."""
+        parts = [] if self.phase == "prefill" else [self.phase]
+        parts += [] if self.layer is None else [f"layer {self.layer}"]
         parts.append(self.method)
         if self.budget is not None:
             parts.append(f"budget={self.budget}")
@@ -287,6 +291,9 @@ def spec_of(
         }
         if "query_offset" in f:  # only where it is not 0: older grids' specs read the same
             entry["query_offset"] = f["query_offset"]
+        if "phase" in f:  # decode only: prefill grids' specs read as before phases
+            entry["phase"] = f["phase"]
+            entry["queries"] = f["queries"]
         inputs.append(entry)
     return {
         "inputs": inputs,

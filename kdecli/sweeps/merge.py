@@ -193,7 +193,9 @@ def _records(part: RunReport) -> Iterator[Result]:
 
 
 def _entry(record: Result) -> JobEntry:
-    return JobEntry(record.key or "", record.layer, record.method, record.budget, record.seed)
+    return JobEntry(
+        record.key or "", record.layer, record.method, record.budget, record.seed, record.phase
+    )
 
 
 def _check_record(record: Result, entries: dict[str, JobEntry], name: str) -> None:
@@ -238,14 +240,17 @@ def _settle(records: list[Result]) -> _Settled:
 
 
 def _layers(parts: Sequence[RunReport]) -> list[LayerInfo]:
-    """The union of the parts' layers: per layer index the entry whose canonical JSON is
-    smallest, in layer order."""
-    by_layer: dict[int | None, list[LayerInfo]] = {}
+    """The union of the parts' layers: per layer index (and phase) the entry whose canonical JSON
+    is smallest, in layer order, prefill before decode."""
+    by_layer: dict[tuple[int | None, str], list[LayerInfo]] = {}
     for part in parts:
         for info in part.layers:
-            by_layer.setdefault(info.layer, []).append(info)
+            by_layer.setdefault(info.part, []).append(info)
     chosen = [min(infos, key=lambda info: canonical(info.to_dict())) for infos in by_layer.values()]
-    return sorted(chosen, key=lambda info: (info.layer is None, info.layer or 0))
+    return sorted(
+        chosen,
+        key=lambda info: (info.layer is None, info.layer or 0, info.input.phase != "prefill"),
+    )
 
 
 def _header(part: RunReport, layered: bool) -> dict[str, Any]:

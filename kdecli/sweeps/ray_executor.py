@@ -417,6 +417,7 @@ class _Sweep:
                 layer=job.layer,
                 budget_mode=job.setting.budget_mode,
                 key=key,
+                phase=job.setting.phase,
             )
             for seed, key in zip(task.seeds, task.keys)
         ]

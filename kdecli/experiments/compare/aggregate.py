@@ -43,6 +43,10 @@ class Setting:
         return "all" if self.over_layers else self.first.layer
 
     @property
+    def phase(self) -> str:
+        return self.first.phase
+
+    @property
     def first(self) -> Result:
         return self.records[0]
 
@@ -142,15 +146,17 @@ def group_settings(results: Iterable[Result]) -> list[tuple[Result, ...]]:
 
 def aggregate(
     results: Iterable[Result],
-    mean_floor: float | Callable[[int | None], float | None] | None = None,
+    mean_floor: float | Callable[[Result], float | None] | None = None,
     metric: str = "rel_spectral",
 ) -> list[Setting]:
-    """One ``Setting`` per layer × method × budget × parameters, in order of first appearance.
+    """One ``Setting`` per layer × phase × method × budget × parameters, in order of first
+    appearance.
 
     ``beats_mean_floor`` compares the seed-mean ``metric`` with the mean-of-V floor: a number, or
-    a function of the layer (each layer of a capture has its own); a baseline gets None.
+    a function of a record (each layer of a capture and each phase has its own); a baseline gets
+    None.
     """
-    floor_of = mean_floor if callable(mean_floor) else (lambda layer: mean_floor)
+    floor_of = mean_floor if callable(mean_floor) else (lambda record: mean_floor)
     settings = []
     for records in group_settings(results):
         ok = [r for r in records if r.ok]
@@ -161,17 +167,17 @@ def aggregate(
                 errors[name] = stats
         beats = None
         if records[0].role != "baseline" and metric in errors:
-            beats = beats_floor(errors[metric].mean, floor_of(records[0].layer))
+            beats = beats_floor(errors[metric].mean, floor_of(records[0]))
         settings.append(Setting(tuple(records), errors, beats))
     return settings
 
 
 def mean_over_layers(
     settings: Iterable[Setting],
-    mean_floor: Callable[[int | None], float | None],
+    mean_floor: Callable[[Result], float | None],
     metric: str = "rel_spectral",
 ) -> list[Setting]:
-    """Per method × budget × parameters over the layers of a capture: the mean over layers of
+    """Per phase × method × budget × parameters over the layers of a capture: the mean over layers of
     each layer's seed-mean (``std`` is then the spread over layers), compared with the mean of the
     layers' floors."""
     groups: dict[tuple, list[Setting]] = {}
@@ -185,7 +191,7 @@ def mean_over_layers(
             stats = [s.errors[name] for s in group if name in s.errors]
             if len(stats) == len(group):  # as over seeds: the mean of the layers' bounds
                 errors[name] = SeedStats.over(stats)
-        floors = [mean_floor(s.first.layer) for s in group]
+        floors = [mean_floor(s.first) for s in group]
         beats = None
         if group[0].role != "baseline" and metric in errors and None not in floors:
             beats = beats_floor(errors[metric].mean, statistics.fmean(floors))

@@ -4,7 +4,8 @@ One row per setting (method × budget × parameters, seeds aggregated: mean ± s
 slice-mean).  The method, budget, the primary metric's mean ± std, time, speed-up and status are
 always shown; the other columns join, in the order of ``OPTIONAL``, while they fit the width
 (``kdecli.render.table``).  A column for a metric no row has, the layer column of a run that is
-not over a capture's layers and the forward + backward columns of a run without ``--backward`` do
+not over a capture's layers, the phase column of a run of one phase and the forward + backward
+columns of a run without ``--backward`` do
 not exist for that table.  Under a row-sampled reference rel_frobenius leads, since rel_spectral
 cannot be measured on a sample of rows.
 """
@@ -16,7 +17,7 @@ from collections.abc import Callable, Sequence
 from kdecli.experiments.compare.aggregate import Setting, primary_metric
 from kdecli.measure.metrics import METRICS
 from kdecli.render import table
-from kdecli.render.cells import MISSING, fmt_flops, fmt_time
+from kdecli.render.cells import MISSING, fmt_flops, fmt_speedup, fmt_time
 from kdecli.render.table import Column, Layout
 
 PRIMARY = "rel_spectral"
@@ -52,6 +53,44 @@ def status_text(setting: Setting) -> str:
     return text
 
 
+# A narrow table shows the status as a code (one row per line); the legend under it says what
+# each code present means and lists the reasons the codes stand for.
+STATUS_LEGEND = {
+    "ok": "ran",
+    "≥floor": "ran, error not below the mean-of-V floor",
+    "n/m": "n of m seeds ran",
+    "est": "estimates another function",
+    "unsup": "cannot run here",
+    "oom": "out of memory",
+    "error": "failed",
+}
+
+
+def status_code(setting: Setting) -> str:
+    """``status_text`` in a few letters: ok, ≥floor, 2/3, unsup, oom, error (and est)."""
+    if setting.status != "ok":
+        return "unsup" if setting.status == "unsupported" else setting.status
+    ok = len(setting.ok_records)
+    code = "ok" if ok == setting.seeds else f"{ok}/{setting.seeds}"
+    if setting.beats_mean_floor is False:
+        code = "≥floor" if code == "ok" else f"{code} ≥floor"
+    return code if setting.estimates == "softmax" else f"{code} est"
+
+
+def status_legend(rows: Sequence[Setting]) -> list[str]:
+    """Under a table drawn with status codes: the codes present, then each longer status."""
+    used = {word for row in rows for word in status_code(row).split()}
+    if any("/" in word for word in used):
+        used.add("n/m")
+    line = " · ".join(f"{c} {meaning}" for c, meaning in STATUS_LEGEND.items() if c in used)
+    reasons = dict.fromkeys(
+        f"  {method_label(s)} @ {budget_label(s)}: {status_text(s)}"
+        for s in rows
+        if status_code(s) not in ("ok", "≥floor")
+    )
+    return [f"status: {line}", *reasons]
+
+
 def _missing(setting: Setting, metric: str) -> str:
     return NOT_AVAILABLE if setting.unavailable(metric) else MISSING
 
@@ -62,7 +101,7 @@ def _error_mean(metric: str) -> Callable[[Setting], str]:
         if stats is None:
             return _missing(setting, metric)
         text = f"{stats.mean:.4f}"
-        if len(setting.ok_records) > 1:
+        if len(setting.ok_records) > 1 and stats.std is not None:  # None: a seed not finite
             text += f" ± {stats.std:.4f}"
         if stats.low is not None and stats.high is not None:
             # a row sample's 95 % interval, under the estimate (a line of its own keeps the column
@@ -96,7 +135,9 @@ def _mark(setting: Setting, text: str, which: str = "exact_s") -> str:
 
 def _speedup(setting: Setting) -> str:
     time = setting.time
-    return _mark(setting, f"{time.speedup:.1f}×") if time is not None and time.speedup else MISSING
+    if setting.role == "reference" or time is None or not time.speedup:
+        return MISSING  # exact attention against itself is 1× by definition
+    return _mark(setting, fmt_speedup(time.speedup))
 
 
 def _exact_time(setting: Setting) -> str:
@@ -144,6 +185,7 @@ def _columns() -> tuple[list[Column[Setting]], dict[str, str]]:
     """Every column, in display order, and the metric each metric column shows."""
     columns = [
         Column("layer", "layer", lambda s: MISSING if s.layer is None else str(s.layer), "left"),
+        Column("phase", "phase", lambda s: s.phase, "left"),
         Column("method", "method", method_label, "left"),
         Column("budget", "budget", budget_label),
     ]
@@ -173,14 +215,22 @@ def _columns() -> tuple[list[Column[Setting]], dict[str, str]]:
             flat="FLOPs / exact",
         ),  # fmt: skip
         Column("keys", "keys\n/query", lambda s: _keys(s.keys_per_query), flat="keys per query"),
-        Column("status", "status", status_text, "left", wraps=True),
+        Column(
+            "status",
+            "status",
+            status_text,
+            "left",
+            wraps=True,
+            short=status_code,
+            legend=status_legend,
+        ),
     ]
     return columns, needs
 
 
 COLUMNS, NEEDS = _columns()
 COLUMN_KEYS = tuple(c.key for c in COLUMNS)
-ALWAYS = ("layer", "method", "budget", "rel_spectral", "time", "speedup", "status")
+ALWAYS = ("layer", "phase", "method", "budget", "rel_spectral", "time", "speedup", "status")
 # Joined while they fit, in this order: the spread of the primary metric first, the forward +
 # backward time and its speed-up (present only when --backward timed them, which asks for them),
 # the cost as a fraction of exact attention's, then the other metrics, then what the time is
@@ -204,6 +254,8 @@ def layout(rows: Sequence[Setting]) -> Layout[Setting]:
     absent = {key for key, metric in NEEDS.items() if metric not in present}
     if all(row.layer is None for row in rows):  # not a run over a capture's layers
         absent.add("layer")
+    if len({row.phase for row in rows}) < 2:  # one phase: the title says which
+        absent.add("phase")
     if not any(_timed_backward(row) for row in rows):  # no --backward
         absent.update(BACKWARD_COLUMNS)
     required, optional = ALWAYS, OPTIONAL

@@ -90,8 +90,9 @@ def plan_grid(
     params: dict[str, dict[str, Any]] | None = None,
     **settings: Any,
 ) -> Grid:
-    """The job grid of ``compare`` over ``inputs`` (one input × method × budget with its seeds per
-    job), each record with its stable key (``kdecli.sweeps.grid``).  Checks what ``compare`` checks,
+    """The job grid of ``compare`` over ``inputs`` (one input × phase × method × budget with its
+    seeds per job; under ``phase="both"`` each input's prefill jobs, then its decode jobs), each
+    record with its stable key (``kdecli.sweeps.grid``).  Checks what ``compare`` checks,
     so a bad request is refused before anything runs."""
     config = config or RunConfig()
     if settings:
@@ -99,10 +100,10 @@ def plan_grid(
     seed_list = [config.seed + i for i in range(config.seeds)]
     jobs: list[GridJob] = []
     resolved_settings = []
-    for qkv in inputs:
-        setting = Setting.of(qkv, config)
+    parts = [(qkv, setting) for qkv in inputs for setting in Setting.phases_of(qkv, config)]
+    for qkv, setting in parts:
         resolved_settings.append(setting)
-        shape = qkv.shape
+        shape = setting.measured(qkv).shape
         b, h, n_q, n_k, d, d_v = (shape[name] for name in ("b", "h", "n_q", "n_k", "d", "d_v"))
         for job in plan_jobs(list(methods), list(budgets), params, n_k, config.budget_mode):
             method = job.built

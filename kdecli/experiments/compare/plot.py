@@ -51,7 +51,7 @@ from kdecli.render.figures import (
 )
 
 X_AXES = {
-    "budget": "budget (keys or features per query)",
+    "budget": "budget (keys or features per query; ▲ n keys: read more than the budget)",
     "time": "time per call (s, median)",
     "flops": "FLOPs per call (cost model)",
     "layer": "layer of the model",
@@ -106,6 +106,7 @@ class Series:
     method: str
     role: str
     points: list[Point] = field(default_factory=list)
+    phase: str = "prefill"  # a document over both phases has a series per method × phase
 
     @property
     def budget_free(self) -> bool:
@@ -124,18 +125,29 @@ def _x_value(record: Result, x: str) -> float | None:
     return record.flops
 
 
+def _over_budget(doc: RunReport, s: Series) -> dict[int, float]:
+    """{budget: keys per query} of the series' settings that read more keys than their budget
+    (reformer at budget 64 reads 512): drawn at the budget, they are marked with what they read."""
+    return {
+        r.budget: r.keys_per_query
+        for r in doc.results
+        if r.ok and r.method == s.method and r.phase == s.phase and r.budget
+        and r.keys_per_query is not None and r.keys_per_query > r.budget
+    }  # fmt: skip
+
+
 def collect_series(doc: RunReport, x: str, y: str) -> tuple[list[Series], list[str]]:
-    """One Series per method (ok records only) and notes on what was left out."""
-    by_method: dict[str, list[tuple[Result, ...]]] = defaultdict(list)
+    """One Series per method × phase (ok records only) and notes on what was left out."""
+    by_method: dict[tuple[str, str], list[tuple[Result, ...]]] = defaultdict(list)
     failed: dict[str, set[str]] = defaultdict(set)
     for records in group_settings(r for r in doc.results if r.ok):
-        by_method[records[0].method].append(records)
+        by_method[records[0].method, records[0].phase].append(records)
     for record in doc.results:
         if not record.ok:
             failed[record.method].add(record.status)
     series, notes, no_x = [], [], []
-    for method, settings in by_method.items():
-        s = Series(method, settings[0][0].role)
+    for (method, phase), settings in by_method.items():
+        s = Series(method, settings[0][0].role, phase=phase)
         for records in settings:
             budget = records[0].budget
             ys = [r.error(y) for r in records if _finite(r.error(y))]
@@ -155,7 +167,7 @@ def collect_series(doc: RunReport, x: str, y: str) -> tuple[list[Series], list[s
         if s.points:
             series.append(s)
     for method, statuses in failed.items():
-        if method not in by_method:
+        if method not in {name for name, _ in by_method}:
             notes.append(f"{method} ({'/'.join(sorted(statuses))})")
     if no_x:
         notes.append(f"{', '.join(sorted(set(no_x)))} (no {x})")
@@ -216,11 +228,18 @@ def _exact_flops(doc: RunReport) -> float | None:
     return flops if math.isfinite(flops) else None
 
 
-def _floor(doc: RunReport, which: str, y: str) -> float | None:
+def _floor(doc: RunReport, which: str, y: str, phase: str | None = None) -> float | None:
+    """A floor of the document (its first part's), or of ``phase`` in a run over both phases."""
     if which == "zero" and y != "bound_normalized":
         return 1.0
-    summary = getattr(doc.floors, which).get(y)
+    floors = doc.floors if phase is None else doc.floors_of(None, phase)
+    summary = getattr(floors, which).get(y)
     return None if summary is None else summary.mean
+
+
+def _phase_dash(phase: str, dash: str, phased: bool) -> str:
+    """A document's line style; its decode series dotted where it has both phases."""
+    return ":" if phased and phase == "decode" else dash
 
 
 def figure(
@@ -289,6 +308,8 @@ def figure(
                 ):
                     continue  # the reference, and the mean floor drawn below
                 name = s.method + (" (oracle)" if s.role == "oracle" else "")
+                phased = len(doc.phases) > 1  # two phases: decode dotted, named
+                name += f" · {s.phase}" if phased else ""
                 name += f" · {label}" if several else ""
                 color = colors[s.method]
                 seeds_seen = max(seeds_seen, *(len(p.ys) for p in s.points))
@@ -303,10 +324,11 @@ def figure(
                     )
                     continue
                 px = [p.x for p in s.points]
+                over = _over_budget(doc, s) if axis == "budget" else {}
                 ax.plot(
                     px,
                     [p.mean for p in s.points],
-                    linestyle="none" if s.budget_free else dash,
+                    linestyle="none" if s.budget_free else _phase_dash(s.phase, dash, phased),
                     marker=marker,
                     color=color,
                     label=name,
@@ -320,6 +342,10 @@ def figure(
                         )
                     else:  # x steps back (timing noise): a band would fold over itself; use bars
                         ax.vlines(px, low, high, color=color, alpha=0.35, linewidth=4, gid="band")
+                for p in s.points:
+                    if p.budget in over:  # the keys it really reads, beside the point
+                        ax.annotate(f"▲ {over[p.budget]:g} keys", (p.x, p.mean), fontsize="x-small",
+                                    color=color, xytext=(3, 3), textcoords="offset points")  # fmt: skip
                 bounded = [p for p in s.points if p.interval is not None]
                 if bounded:  # a row sample's 95 % intervals, as error bars
                     intervals = [p.interval for p in bounded]
@@ -331,9 +357,11 @@ def figure(
             continue
         floors = {}
         for doc, label in zip(docs, labels):
-            value = _floor(doc, "mean", y)
-            if value is not None:
-                floors.setdefault(round(value, 6), (value, label))
+            for phase in doc.phases if len(doc.phases) > 1 else [None]:
+                value = _floor(doc, "mean", y, phase)
+                where = label if phase is None else f"{phase} · {label}" if several else phase
+                if value is not None:
+                    floors.setdefault(round(value, 6), (value, where))
         for value, label in floors.values():
             where = f" · {label}" if len(floors) > 1 else ""
             ax.axhline(value, label=f"mean-of-V floor {value:.3g}{where}", **FLOOR)
@@ -391,7 +419,10 @@ def figure(
         "(error ≈ rounding): not drawn as a method."
     )
     if "budget" in xs:
-        text += " On budget axes `mean` is the dashed mean-of-V floor."
+        text += (
+            " On budget axes `mean` is the dashed mean-of-V floor; a point marked ▲ n keys reads"
+            " n keys per query, more than its budget."
+        )
     if several:
         text += " Line styles tell the results files apart."
     if sampled:
@@ -421,18 +452,25 @@ def _layer_figure(docs: Sequence[RunReport], y: str, labels: Sequence[str]):
     values: list[float] = []
     for doc, label, (_, marker) in zip(docs, labels, DOC_STYLES * len(docs)):  # a marker per file
         where = f" · {label}" if several else ""
-        floors = [(x.layer, x.floors.mean.get(y)) for x in doc.layers if x.layer is not None]
-        floors = [(layer, f.mean) for layer, f in floors if f is not None and _finite(f.mean)]
-        if floors:
-            ax.plot(*zip(*floors), label=f"mean-of-V floor{where}", **FLOOR)
+        phased = len(doc.phases) > 1
+        for phase in doc.phases:  # a floor per phase where there are two
+            floors = [
+                (x.layer, x.floors.mean.get(y))
+                for x in doc.layers
+                if x.layer is not None and x.input.phase == phase
+            ]
+            floors = [(layer, f.mean) for layer, f in floors if f is not None and _finite(f.mean)]
+            named = f" · {phase}" if phased else ""
+            if floors:
+                ax.plot(*zip(*floors), label=f"mean-of-V floor{named}{where}", **FLOOR)
         lines: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         for r in doc.results:
             if r.ok and r.layer is not None and r.role in ("approximation", "oracle"):
                 if _finite(r.error(y)):
-                    lines[r.method, r.budget, r.role][r.layer].append(r.error(y))
-        methods = list(dict.fromkeys(method for method, _, _ in lines))
-        budgets = list(dict.fromkeys(budget for _, budget, _ in lines))
-        for (method, budget, role), by_layer in lines.items():
+                    lines[r.method, r.budget, r.role, r.phase][r.layer].append(r.error(y))
+        methods = list(dict.fromkeys(key[0] for key in lines))
+        budgets = list(dict.fromkeys(key[1] for key in lines))
+        for (method, budget, role, phase), by_layer in lines.items():
             # a colour per method, a line style per budget
             colour = f"C{methods.index(method) % 10}"
             style = ("-", "--", ":", "-.")[budgets.index(budget) % 4]
@@ -440,8 +478,10 @@ def _layer_figure(docs: Sequence[RunReport], y: str, labels: Sequence[str]):
             means = [sum(by_layer[n]) / len(by_layer[n]) for n in layers]
             values += means
             name = method + (" (oracle)" if role == "oracle" else "")
-            name += ("" if budget is None else f" @ {budget}") + where
-            ax.plot(layers, means, linestyle=style, marker=marker, color=colour, label=name,
+            name += "" if budget is None else f" @ {budget}"
+            name += (f" · {phase}" if phased else "") + where
+            marker_of = "x" if phased and phase == "decode" else marker  # decode: crosses
+            ax.plot(layers, means, linestyle=style, marker=marker_of, color=colour, label=name,
                     gid="method")  # fmt: skip
             if any(len(by_layer[n]) > 1 for n in layers):
                 low = [min(by_layer[n]) for n in layers]

@@ -1,5 +1,6 @@
 """One input made ready to measure against, once: the working tensors, the exact target, the
-report's header and exact attention's timings.
+report's header and exact attention's timings.  A decode setting measures the input's last M
+queries only (``Setting.measured``): the reference, floors and timings are those rows'.
 
 The float64 target (every row, or a row sample) is computed on the measuring device; running out
 of memory there is a ``RuntimeFailure`` that says what to shrink.  The header holds the
@@ -12,7 +13,7 @@ not once per job.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -20,6 +21,7 @@ from kdecli.errors import RuntimeFailure, first_line, is_out_of_memory
 from kdecli.experiments.compare.records import RunReport
 from kdecli.measure.config import RunConfig
 from kdecli.measure.environment import describe_input, environment
+from kdecli.measure.figures import InputInfo
 from kdecli.measure.floors import floors
 from kdecli.measure.grads import GradInputs
 from kdecli.measure.row_reference import parse_reference
@@ -59,6 +61,8 @@ class Prepared:
     @classmethod
     def _compute(cls, qkv: QKV, setting: Setting, config: RunConfig, identity) -> Prepared:
         device, mask = setting.device, setting.mask
+        causal_input = qkv.causal(config.causal)
+        qkv = setting.measured(qkv)  # decode: the last M queries, K and V whole
         float64 = qkv.to(device, torch.float64)
         try:
             target = Target.compute(
@@ -77,7 +81,7 @@ class Prepared:
         work = qkv.to(device, setting.dtype)
         report = RunReport(
             environment=environment(device, setting.dtype),
-            input=describe_input(qkv, setting.scale, mask),
+            input=_input_info(qkv, setting, causal_input),
             floors=floors(target, float64.v, mask),
             reference=target.info(str(parse_reference(config.reference)), config.seed),
         )
@@ -93,6 +97,21 @@ class Prepared:
             self.grads = GradInputs.of(self.work, run_seed, self.work.q.device)
             self.exact_backward = time_exact(self.work, scale, mask, options, grads=self.grads)
         self.timed = True
+
+
+def _input_info(qkv: QKV, setting: Setting, causal_input: bool) -> InputInfo:
+    """The input as measured, with its phase: decode says how many queries, and says so where
+    it put a causal mask on an input that is not causal itself."""
+    info = describe_input(qkv, setting.scale, setting.mask)
+    if setting.phase == "prefill":
+        return info
+    note = None
+    if not causal_input:
+        note = (
+            "the input is not causal; decode measures each of the last queries over its own "
+            "prefix (a causal mask)"
+        )
+    return replace(info, phase=setting.phase, queries=setting.queries, note=note)
 
 
 _LAST: Prepared | None = None

@@ -27,6 +27,9 @@ Version history (``SCHEMA_VERSION`` is defined here and nowhere else):
      ``backward_s``, ``exact_backward_s``, ``backward_speedup`` and ``backward_note``.
      kdecli 0.6 adds, within version 2, per result its job ``key``, and per document its
      ``grid`` and (merged documents) ``merge``; per input ``query_offset`` (written when not 0).
+     kdecli 0.8 adds, within version 2, per result its ``phase`` ("prefill" or "decode"; absent
+     reads as prefill), per input ``phase``, ``queries`` and ``note`` (written for decode), and
+     ``layers`` for a run over both phases (one part per layer × phase).
 """
 
 from __future__ import annotations
@@ -47,12 +50,14 @@ from kdecli.measure.figures import (
     Summary,
 )
 from kdecli.records import (
+    KIND,
     MISSING,
     Place,
     Reader,
     Record,
     SchemaError,
     clean,
+    document_kind,
     json_field,
     read_record,
     write_record,
@@ -105,6 +110,9 @@ class Result(Record):
     keys_per_query: float | None = None
     flops_fraction: float | None = None
     budget_mode: str = "paper"
+    # what was measured: every query ("prefill"), or the last M queries, each over its own prefix
+    # ("decode"; M is the input's ``queries``); documents before 0.8 are prefill
+    phase: str = json_field("prefill", choices=("prefill", "decode"))
     # the record's stable job key (``kdecli.sweeps.grid``): what resume and merge match records by
     key: str | None = json_field(None, omit="none")
 
@@ -127,6 +135,7 @@ class Result(Record):
         "beats_mean_floor",
         "environment",
         "layer",
+        "phase",
         "key",
     )
 
@@ -139,10 +148,11 @@ class Result(Record):
         return self.status == "ok"
 
     @property
-    def setting(self) -> tuple[int | None, str, int | None, str]:
-        """The key that groups a setting's seeds: layer, method, budget, resolved parameters."""
+    def setting(self) -> tuple[int | None, str, str, int | None, str]:
+        """The key that groups a setting's seeds: layer, phase, method, budget, resolved
+        parameters."""
         params = json.dumps(self.params, sort_keys=True, default=str)
-        return (self.layer, self.method, self.budget, params)
+        return (self.layer, self.phase, self.method, self.budget, params)
 
     def error(self, metric: str) -> float | None:
         summary = self.errors.get(metric)
@@ -196,11 +206,16 @@ class Pareto(Record):
 
 @dataclass(frozen=True)
 class LayerInfo(Record):
-    """One layer of a run over a capture's layers: its input as run and its floors."""
+    """One part of a run over a capture's layers or over both phases: the layer, its input as
+    run (whose ``phase`` says which phase the part measured) and its floors."""
 
     layer: int | None
     input: InputInfo
     floors: Floors
+
+    @property
+    def part(self) -> tuple[int | None, str]:
+        return (self.layer, self.input.phase)
 
 
 @dataclass(frozen=True)
@@ -236,8 +251,8 @@ class RunReport(Record):
     kdecli_version: str = json_field(__version__, absent="?")
     # the run was stopped: ``results`` holds what finished
     interrupted: bool = json_field(False, omit="falsy")
-    # a run over several layers of a capture: each layer's input and floors (``input`` and
-    # ``floors`` above are the first layer's)
+    # a run over several layers of a capture, or over both phases: each part's input and floors
+    # (``input`` and ``floors`` above are the first part's)
     layers: list[LayerInfo] = json_field(default_factory=list, omit="falsy")
     # the exact reference: every query, or a sample of rows (documents before 0.4: full)
     reference: ReferenceInfo = ReferenceInfo()
@@ -246,7 +261,7 @@ class RunReport(Record):
     # a merged document: what the merge found (``kdecli.sweeps.merge``)
     merge: MergeInfo | None = json_field(None, omit="none")
 
-    json_head = {"schema_version": SCHEMA_VERSION}
+    json_head = {KIND: "compare", "schema_version": SCHEMA_VERSION}
     json_order = (
         "kdecli_version",
         "environment",
@@ -259,9 +274,15 @@ class RunReport(Record):
     )
     reads_hint = READS_HINT
 
-    def floors_of(self, layer: int | None) -> Floors:
-        """The floors that a result of ``layer`` is measured against."""
-        return next((x.floors for x in self.layers if x.layer == layer), self.floors)
+    def floors_of(self, layer: int | None, phase: str = "prefill") -> Floors:
+        """The floors that a result of ``layer`` and ``phase`` is measured against."""
+        return next((x.floors for x in self.layers if x.part == (layer, phase)), self.floors)
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The phases this document measured, in order of first appearance."""
+        parts = [x.input.phase for x in self.layers] or [self.input.phase]
+        return tuple(dict.fromkeys(parts + [r.phase for r in self.results]))
 
     def header_dict(self) -> dict[str, Any]:
         """Everything but the results and the Pareto picks: the first line of a JSONL stream."""
@@ -278,14 +299,15 @@ class RunReport(Record):
         doc, where = reader.data, reader.where
         if reader.path:  # a run inside another document (a scale document's runs)
             where = f"{where}: `{reader.path}`"
-        if doc.get("report") == "inspect":
+        kind = document_kind(doc)
+        if kind == "inspect":
             raise SchemaError(
                 f"{where}: is a `kdecli inspect` report, not `kdecli compare` results.",
                 hint=READS_HINT,
             )
-        if isinstance(doc.get("document"), str):  # a scale or drift document
+        if isinstance(kind, str) and kind != "compare":  # a scale or drift document
             raise SchemaError(
-                f"{where}: is a `kdecli {doc['document']}` document, not `kdecli compare` results.",
+                f"{where}: is a `kdecli {kind}` document, not `kdecli compare` results.",
                 hint=READS_HINT,
             )
         required = ("schema_version", "input", "environment", "floors", "results")
@@ -399,12 +421,21 @@ def _from_jsonl(lines: list[str], path: Path) -> dict[str, Any]:
             )
     doc = {**head, "results": latest_per_key(results)}
     if layers:
-        doc["layers"] = list({layer.get("layer"): layer for layer in reversed(layers)}.values())[
+        doc["layers"] = list({_part(layer): layer for layer in reversed(layers)}.values())[
             ::-1
         ]  # a resumed run announces a layer again: its first announcement stands
     if pareto is not None:
         doc["pareto"] = pareto
     return doc
+
+
+def _part(layer: Any) -> Any:
+    """A layer line's part: its layer and phase (a malformed line is checked when read)."""
+    if not isinstance(layer, dict):
+        return id(layer)
+    info = layer.get("input")
+    phase = info.get("phase", "prefill") if isinstance(info, dict) else None
+    return (json.dumps(layer.get("layer")), json.dumps(phase))
 
 
 def _is_json(line: str) -> bool:
@@ -439,7 +470,13 @@ def latest_per_key(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def to_json(report: RunReport) -> str:
-    return json.dumps(report.to_dict(), indent=2, allow_nan=False)
+    """The JSON document, with the verdict printed under its table as ``summary``: computed from
+    the results, so written, never read back (``kdecli.experiments.verdict``)."""
+    from kdecli.experiments.verdict import compare_verdict  # it reads the table's rows
+
+    doc = report.to_dict()
+    doc["summary"] = compare_verdict(report).to_dict()
+    return json.dumps(doc, indent=2, allow_nan=False)
 
 
 def jsonl_header(report: RunReport) -> str:

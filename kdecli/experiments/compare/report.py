@@ -5,8 +5,10 @@ each record's slice-mean; ``kdecli.experiments.compare.columns`` says what each 
 which are shown); JSON, JSONL and CSV keep every record.  The rich table fits the width it is
 printed at (``kdecli.render.table``): method names and numbers are never cut, and a line under the
 table names what was left out and how to get it.  ``--columns`` chooses the columns instead.
-Under the table: the resolved parameters, the cheapest settings (``--target-error``), the floors,
-the reference, the environment and what the marks (``≈``, ``≥``) mean.
+Under the table: the verdict (``kdecli.experiments.verdict``: what the numbers mean, also the
+JSON's ``summary``), the resolved parameters (``verbose``: ``--verbose``), the cheapest settings
+(``--target-error``), the floors, the reference, the environment and what the marks (``≈``,
+``≥``) mean.
 """
 
 from __future__ import annotations
@@ -35,13 +37,16 @@ from kdecli.experiments.compare.columns import (
     parse_columns,
 )
 from kdecli.experiments.compare.records import (
+    LayerInfo,
     Result,
     RunReport,
     jsonl_header,
+    jsonl_layer,
     jsonl_pareto,
     jsonl_result,
     to_json,
 )
+from kdecli.experiments.verdict import compare_verdict
 from kdecli.measure.figures import Summary
 from kdecli.measure.metrics import METRICS
 from kdecli.render import table
@@ -54,18 +59,26 @@ __all__ = [
     "parse_columns", "render", "render_table", "render_text", "to_csv", "to_json", "to_markdown",
 ]  # fmt: skip
 
-FORMATS = ("table", "json", "jsonl", "csv")
+FORMATS = ("table", "json", "jsonl", "csv", "markdown")
 REPORT_FORMATS = ("table", "markdown", "csv", "json", "jsonl")
 
 
 # ---- the tables ----------------------------------------------------------------------------------
 
 
-def render_table(report: RunReport, console: Console, columns: Sequence[str] | None = None) -> None:
+def render_table(
+    report: RunReport,
+    console: Console,
+    columns: Sequence[str] | None = None,
+    verbose: bool = True,
+) -> None:
+    """The table, the verdict under it, then the footer (``verbose``: with the resolved
+    parameters of every setting)."""
     rows = table_rows(report)
     choice = table.choose(layout(rows), rows, console.width, columns)
     table.draw(console, title(report), choice, rows, _style)
-    _print_footer(report, rows, console)
+    console.print(compare_verdict(report).text(), highlight=False, markup=False)
+    _print_footer(report, rows, console, verbose)
 
 
 def _style(row: Setting) -> str | None:
@@ -75,8 +88,10 @@ def _style(row: Setting) -> str | None:
     return None if row.status == "ok" else "red"
 
 
-def _print_footer(report: RunReport, rows: list[Setting], console: Console) -> None:
-    lines = list(
+def _print_footer(
+    report: RunReport, rows: list[Setting], console: Console, verbose: bool = True
+) -> None:
+    lines = verbose and list(
         dict.fromkeys(  # once per setting, not once per layer
             f"  {method_label(r)} @ {budget_label(r)}: {fmt_params(r.params)}"
             for r in rows
@@ -103,10 +118,17 @@ def _print_footer(report: RunReport, rows: list[Setting], console: Console) -> N
 
 
 def title(report: RunReport) -> str:
-    """The input (the first layer's, for a run over layers) and how many layers there are."""
+    """The input (the first part's, for a run over layers or phases), how many layers there are,
+    and the phases when there are two."""
     text = report.input.describe()
-    if len(report.layers) > 1:
-        text += f"  ({len(report.layers)} layers: {', '.join(str(x.layer) for x in report.layers)})"
+    layers = list(dict.fromkeys(x.layer for x in report.layers))
+    if len(layers) > 1:
+        text += f"  ({len(layers)} layers: {', '.join(str(layer) for layer in layers)})"
+    phases = report.phases
+    if len(phases) > 1:
+        decode = next((x.input for x in report.layers if x.input.phase == "decode"), None)
+        queries = f" (the last {decode.queries} queries)" if decode else ""
+        text += f"  phases: {', '.join(phases)}{queries}"
     return text
 
 
@@ -115,8 +137,8 @@ def table_rows(report: RunReport) -> list[Setting]:
 
     metric = report.reference.primary_metric  # rel_frobenius under a row sample
 
-    def floor(layer: int | None) -> float | None:
-        return report.floors_of(layer).mean_floor(metric)
+    def floor(record: Result) -> float | None:
+        return report.floors_of(record.layer, record.phase).mean_floor(metric)
 
     rows = aggregate(report.results, floor, metric)
     if report.layers:
@@ -135,13 +157,26 @@ def _fmt_estimate(summary: Summary) -> str:
 
 def floors_line(report: RunReport) -> str:
     metric = report.reference.primary_metric
-    if report.layers:
-        per_layer = [(x.layer, x.floors.mean_floor(metric)) for x in report.layers]
-        listed = ", ".join(f"{layer}: {value:.4g}" for layer, value in per_layer)
-        mean = sum(value for _, value in per_layer) / len(per_layer)
+    if len(report.phases) > 1 and not any(x.layer is not None for x in report.layers):
+        listed = ", ".join(
+            f"{x.input.phase} {x.floors.mean_floor(metric):.4g}" for x in report.layers
+        )
         return (
-            f"floors: mean-of-V baseline {metric} by layer {listed} (mean {mean:.4g}); zero "
-            "output 1 on every relative norm. Rows `all`: the mean over layers, ± std over layers."
+            f"floors: mean-of-V baseline {metric} by phase {listed} (decode: each query's mean "
+            "of V over its own prefix); zero output 1 on every relative norm."
+        )
+    if report.layers:
+        per_layer = [(_part_name(x), x.floors.mean_floor(metric)) for x in report.layers]
+        listed = ", ".join(f"{layer}: {value:.4g}" for layer, value in per_layer)
+        means = []
+        for phase in report.phases:  # a mean over layers is one phase's
+            values = [x.floors.mean_floor(metric) for x in report.layers if x.input.phase == phase]
+            name = f"{phase} " if len(report.phases) > 1 else ""
+            means.append(f"{name}{sum(values) / len(values):.4g}" if values else "")
+        return (
+            f"floors: mean-of-V baseline {metric} by layer {listed} (mean "
+            f"{', '.join(m for m in means if m)}); zero output 1 on every relative norm. "
+            "Rows `all`: the mean over layers, ± std over layers."
         )
     mean, zero = report.floors.mean, report.floors.zero
     others = [m for m in ("rel_frobenius", "max_row_rel") if m != metric and m in mean]
@@ -158,6 +193,11 @@ def floors_line(report: RunReport) -> str:
             f"compares {metric}"
         )
     return text + "."
+
+
+def _part_name(part: LayerInfo) -> str:
+    """A layer of a capture, with its phase where the run measured two: ``3 decode``."""
+    return str(part.layer) + ("" if part.input.phase == "prefill" else f" {part.input.phase}")
 
 
 def reference_line(report: RunReport) -> str:
@@ -264,6 +304,7 @@ def to_markdown(report: RunReport, columns: Sequence[str] | None = None) -> str:
     """The table as GitHub Markdown (every column unless ``columns`` chooses), with its caption."""
     rows = table_rows(report)
     lines = table.markdown_table(layout(rows), rows, title(report), columns)
+    lines += ["", compare_verdict(report).text()]
     lines += ["", floors_line(report), "", reference_line(report), "", environment_line(report)]
     note = extrapolated_line(rows)
     if note:
@@ -306,7 +347,8 @@ CSV_FIELDS = [
     "rel_frobenius_low", "rel_frobenius_high",
     "backward_s_median", "backward_s_iqr", "exact_backward_s_median", "backward_speedup",
     "exact_backward_s_extrapolated", "backward_peak_memory_bytes", "backward_note",
-    "reference",  # last, as before 0.5
+    "reference",  # as before 0.5
+    "phase",  # prefill, or decode (the last M queries): from 0.8, after what was there before
 ]  # fmt: skip
 
 
@@ -350,6 +392,7 @@ def _csv_row(report: RunReport, r: Result) -> dict[str, Any]:
     row["rel_frobenius_low"] = None if interval is None else interval.low
     row["rel_frobenius_high"] = None if interval is None else interval.high
     row["reference"] = _reference_spec(report)
+    row["phase"] = r.phase
     backward, exact_backward = time and time.backward_s, time and time.exact_backward_s
     row["backward_s_median"] = backward.median if backward else None
     row["backward_s_iqr"] = backward.iqr if backward else None
@@ -382,13 +425,16 @@ def render(
     width: int | None = None,
     columns: Sequence[str] | None = None,
     colour: bool = False,
+    verbose: bool = True,
 ) -> None:
     """Write ``report`` to ``stream`` in one of ``REPORT_FORMATS`` (``colour``: ANSI styles in the
-    table, for a terminal)."""
+    table, for a terminal; ``verbose``: the resolved parameters under it, as ``--verbose``)."""
     if fmt == "json":
         stream.write(to_json(report) + "\n")
     elif fmt == "jsonl":
         stream.write(jsonl_header(report) + "\n")
+        for part in report.layers:  # each layer's (and phase's) input and floors
+            stream.write(jsonl_layer(part) + "\n")
         for record in report.results:
             stream.write(jsonl_result(record) + "\n")
         if report.pareto is not None:
@@ -398,6 +444,6 @@ def render(
     elif fmt == "markdown":
         stream.write(to_markdown(report, columns))
     elif fmt == "table":
-        render_table(report, table.console_for(stream, width, colour), columns)
+        render_table(report, table.console_for(stream, width, colour), columns, verbose)
     else:
         raise ValueError(fmt)

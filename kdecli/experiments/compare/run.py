@@ -18,6 +18,10 @@ records.
    (``kdecli.measure.timed``).
 A method that cannot run, runs out of memory, raises, or returns non-finite values gets a status
 and a reason (``kdecli.measure.failures``); the others still run.
+
+``phase="decode"`` measures the input's last ``queries`` queries over their prefixes (each setting
+says which rows: ``Setting.measured``); ``phase="both"`` runs prefill and then decode as two
+*parts* of one report, each with its own reference and floors (``report.layers``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
+
+import torch
 
 from kdecli.errors import UsageError
 from kdecli.experiments.compare.aggregate import beats_floor
@@ -35,14 +41,23 @@ from kdecli.measure.config import RunConfig
 from kdecli.measure.failures import Failure
 from kdecli.measure.figures import Environment, ResultTime
 from kdecli.measure.record import Outcome, Paid, measure_call
+from kdecli.measure.seeds import generator
 from kdecli.measure.setting import Setting
-from kdecli.measure.time_record import result_time, with_backward
-from kdecli.measure.timed import Timed, TimingOptions, time_backward, time_method
+from kdecli.measure.time_record import decode_time, result_time, with_backward
+from kdecli.measure.timed import (
+    Timed,
+    TimingOptions,
+    time_backward,
+    time_decode_step,
+    time_method,
+)
 from kdecli.methods.base import AttentionMethod
 from kdecli.qkv import QKV
 from kdecli.sweeps.grid import GridJob
 
-__all__ = ["ProgressFn", "ResultFn", "approx", "compare", "compare_layers", "jobs_of"]
+__all__ = [
+    "ProgressFn", "ResultFn", "approx", "compare", "compare_layers", "jobs_of", "parts_of",
+]  # fmt: skip
 
 ProgressFn = Callable[[int, int, str], None]
 ResultFn = Callable[[Result], None]
@@ -83,6 +98,18 @@ def compare(
     if jobs is None:
         jobs = plan_grid([qkv], methods, budgets, config, params=params).jobs
     setting = jobs[0].setting if jobs else Setting.of(qkv, config)
+    if len(parts_of(qkv, jobs)) > 1 and len(jobs_of(qkv, jobs)) == len(jobs):  # both phases
+        return compare_layers(
+            [qkv],
+            config=config,
+            jobs=jobs,
+            only=only,
+            reuse=reuse,
+            on_start=on_start,
+            on_result=on_result,
+            on_progress=on_progress,
+            should_stop=should_stop,
+        )
     if any(job.setting != setting for job in jobs):
         raise UsageError(
             "compare runs the jobs of one input; these were planned for several "
@@ -101,24 +128,42 @@ def compare(
         report.interrupted = report.interrupted or bool(should_stop and should_stop())
         return report.interrupted
 
-    options = TimingOptions(config.repeats, config.warmup, config.min_time)
+    options = TimingOptions(config.repeats, config.warmup, config.min_time, steps=config.steps)
     if wanted and setting.timing and not stopping():
         prepared.time_exact(setting, options, config.seed)
     total = sum(len(pairs) for _, pairs in wanted)
     done = 0
+    prompt = None  # decode: the prompt's queries, for the methods that choose from them
     for job, pairs in wanted:
         method = job.instance()
         paid = Paid.of(method, prepared.work, setting.mask)
-        timer = _JobTimer(method, prepared, setting, options)
+        if method.needs_prompt_queries and prompt is None:
+            prompt = setting.prompt_queries(qkv)
+        own_prompt = prompt if method.needs_prompt_queries else None
+        timer = _JobTimer(method, prepared, setting, options, own_prompt)
         for seed, key in pairs:
             if stopping():
                 break
             run_seed = config.seed if seed is None else seed
             if on_progress:
                 on_progress(done, total, f"{job.method} budget={job.budget} seed={run_seed}")
-            outcome = measure_call(
-                method, prepared.work, prepared.target, setting.scale, setting.mask, run_seed
+            refused = method.phase_reasons(setting.phase)  # a phase the method does not define
+            outcome = (
+                Outcome("unsupported", Failure.unsupported(refused).reason)
+                if refused
+                else measure_call(
+                    method,
+                    prepared.work,
+                    prepared.target,
+                    setting.scale,
+                    setting.mask,
+                    run_seed,
+                    own_prompt,
+                )
             )
+            counted = paid  # random key sets: the count of this call's own draw
+            if outcome.status == "ok":
+                counted = _realised(method, prepared.work, setting, run_seed, paid)
             time = None
             if setting.timing and outcome.status == "ok":
                 time, failed = timer.time(run_seed)
@@ -127,8 +172,8 @@ def compare(
             beats = None
             if method.role != "baseline":
                 beats = beats_floor(outcome.error(primary), mean_floor)
-            record = _record(method, run_seed, outcome, time, beats, report.environment, paid)
-            record = replace(record, key=key)
+            record = _record(method, run_seed, outcome, time, beats, report.environment, counted)
+            record = replace(record, key=key, phase=setting.phase)
             report.results.append(record)
             if on_result:
                 on_result(record)
@@ -140,6 +185,20 @@ def compare(
     return report
 
 
+def _realised(method: AttentionMethod, work: QKV, setting: Setting, run_seed: int, paid: Paid):
+    """``paid`` with the keys per query the method counts on the call's own draw, where it
+    counts them (``realised_keys_per_query``); else ``paid`` as modelled."""
+    seeded = generator(work.q.device, run_seed, method.name)
+    try:
+        with torch.no_grad():
+            keys = method.realised_keys_per_query(
+                work.q, work.k, work.v, setting.scale, seeded, setting.mask
+            )
+    except Exception:  # the count is a figure beside the errors: never lose them for it
+        keys = None
+    return paid if keys is None else replace(paid, keys_per_query=keys)
+
+
 @dataclass
 class _JobTimer:
     """The timing pass of one job: the method's forward (and backward) timed once, at the first
@@ -149,22 +208,28 @@ class _JobTimer:
     prepared: Prepared
     setting: Setting
     options: TimingOptions
+    prompt: torch.Tensor | None = None  # the prompt's queries, for a method that needs them
     forward: Timed | None = None
     backward: Timed | None = None
 
     def time(self, run_seed: int) -> tuple[ResultTime, Failure | None]:
         """The record's ``ResultTime``, and the forward's failure if it could not be timed."""
         prepared, setting = self.prepared, self.setting
+        decode = getattr(setting, "phase", "prefill") == "decode"  # the cache prepared apart
         if self.forward is None:
-            self.forward = time_method(
-                self.method, prepared.work, setting.scale, setting.mask, run_seed, self.options
-            )
+            work, scale, mask = prepared.work, setting.scale, setting.mask
+            if decode:
+                self.forward = time_decode_step(
+                    self.method, work, scale, mask, run_seed, self.options, self.prompt
+                )
+            else:
+                self.forward = time_method(self.method, work, scale, mask, run_seed, self.options)
         failed = self.forward if isinstance(self.forward, Failure) else None
         if prepared.grads is not None and self.backward is None and failed is None:
             self.backward = time_backward(
                 self.method, prepared.grads, setting.scale, setting.mask, run_seed, self.options
             )
-        time = result_time(self.forward, prepared.exact_time)
+        time = (decode_time if decode else result_time)(self.forward, prepared.exact_time)
         if self.backward is not None:
             time = with_backward(time, self.backward, prepared.exact_backward)
         return time, failed
@@ -187,26 +252,28 @@ def compare_layers(
     should_stop: Callable[[], bool] | None = None,
     **settings: Any,
 ) -> RunReport:
-    """``compare`` on each input in turn — the layers of a capture — into one report.
+    """``compare`` on each input in turn — the layers of a capture — into one report; under
+    ``phase="both"``, on each input's prefill and then its decode (a *part* is one input × phase).
 
-    Each layer has its own exact reference, floors and timings; its records carry its ``layer``
-    and ``report.layers`` its input and floors.  ``on_start`` is called once, when the first layer
-    is ready; ``on_layer(info)`` when each layer is.  A single input without a layer is a plain
-    ``compare``.  ``jobs``: the planned jobs to run (``plan_grid`` over ``inputs``; a shard's part
-    of them); each input runs its own.  With ``only`` (record keys) or ``jobs``, a layer none of
-    whose records is wanted is skipped whole: its reference is never computed.
+    Each part has its own exact reference, floors and timings; its records carry its ``layer``
+    (and ``phase``) and ``report.layers`` its input and floors.  ``on_start`` is called once, when
+    the first part is ready; ``on_layer(info)`` when each part is.  A single part without a layer
+    is a plain ``compare``.  ``jobs``: the planned jobs to run (``plan_grid`` over ``inputs``; a
+    shard's part of them); each input runs its own.  With ``only`` (record keys) or ``jobs``, a
+    part none of whose records is wanted is skipped whole: its reference is never computed.
     """
     config = _configured(config, settings)
     only = None if only is None else frozenset(only)
     filtered = only is not None or jobs is not None
     if jobs is None:
         jobs = plan_grid(inputs, methods, budgets, config, params=params).jobs
-    planned = [(qkv, jobs_of(qkv, jobs)) for qkv in inputs]
+    planned = [(qkv, own) for qkv in inputs for own in parts_of(qkv, jobs)]
+    single = len(planned) == 1 and planned[0][0].layer is None  # a plain compare's document
     if filtered and len(planned) > 1:
         kept = [(qkv, own) for qkv, own in planned if any(job.wanted(only) for job in own)]
-        planned = kept or planned[:1]  # nothing wanted: one layer's header, no records
+        planned = kept or planned[:1]  # nothing wanted: one part's header, no records
     run = {"config": config, "only": only, "reuse": reuse, "should_stop": should_stop}
-    if len(planned) == 1 and planned[0][0].layer is None:
+    if single:
         qkv, own = planned[0]
         return compare(
             qkv, jobs=own, on_start=on_start, on_result=on_result, on_progress=on_progress, **run
@@ -232,9 +299,12 @@ def compare_layers(
             if on_result:
                 on_result(record)
 
-        def progress(done: int, total: int, label: str, layer: int | None = qkv.layer) -> None:
+        where = [] if qkv.layer is None else [f"layer {qkv.layer}"]
+        where += [own[0].setting.phase] if own and len(parts_of(qkv, jobs)) > 1 else []
+
+        def progress(done: int, total: int, label: str, where: str = " ".join(where)) -> None:
             if on_progress:
-                on_progress(done, total, f"layer {layer}: {label}")
+                on_progress(done, total, f"{where}: {label}" if where else label)
 
         part = compare(
             qkv, jobs=own, on_start=started, on_result=finished, on_progress=progress, **run
@@ -250,6 +320,15 @@ def jobs_of(qkv: QKV, jobs: Sequence[GridJob]) -> list[GridJob]:
     return [
         job for job in jobs if job.layer == qkv.layer and job.setting.input_digest == qkv.digest
     ]
+
+
+def parts_of(qkv: QKV, jobs: Sequence[GridJob]) -> list[list[GridJob]]:
+    """The jobs planned for ``qkv``, one list per setting (per phase), in the plan's order; one
+    empty list where none is."""
+    parts: dict[Setting, list[GridJob]] = {}
+    for job in jobs_of(qkv, jobs):
+        parts.setdefault(job.setting, []).append(job)
+    return list(parts.values()) or [[]]
 
 
 def approx(

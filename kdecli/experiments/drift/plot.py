@@ -10,6 +10,11 @@ dash-dotted horizontal line.
 ``--x layer``: the hidden-state drift ‖Ĥ⁽ˡ⁾−H⁽ˡ⁾‖_F/‖H⁽ˡ⁾‖_F at every layer, one line per
 method × budget, the floor's per layer dashed, the patched layers shaded: drift starts at the first
 patched layer and shows how it grows or heals through the rest.
+
+A ``--generate`` document draws its generation figures: against the budget (``--y`` kl, top1,
+perplexity — teacher-forced on the exact generation — first_divergence or token_agreement), or,
+``--x step``, the per-step KL (or ``--y top1``) along the generation, one line per method ×
+budget, the floor's dashed: whether the error accumulates as the generation goes on.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from kdecli.render.figures import (
     shared_legend,
 )
 
-X_AXES = ("budget", "layer")
+X_AXES = ("budget", "layer", "step")
 # --y name -> (the DriftResult field, the axis label, is higher better)
 FIGURES = {
     "kl": ("kl", "KL(p‖p̂) of the next-token distribution", False),
@@ -40,7 +45,18 @@ FIGURES = {
     "cosine": ("cosine", "cosine of the embedding with the exact one", True),
     "hidden_max": ("hidden_max", "hidden drift, largest over layers", False),
     "hidden_last": ("hidden_last", "hidden drift, last layer", False),
+    "first_divergence": ("first_divergence", "first step where the generation differs", True),
+    "token_agreement": ("token_agreement", "token agreement with the exact generation", True),
 }
+# --y name -> the GenerationFigures field a --generate document draws for it
+GENERATION = {
+    "kl": "kl",
+    "top1": "top1_agreement",
+    "perplexity": "perplexity",
+    "first_divergence": "first_divergence",
+    "token_agreement": "token_agreement",
+}
+STEP_CURVES = {"kl": "kl_per_step", "top1": "top1_agreement_per_step"}
 HIDDEN = "hidden drift ‖Ĥ−H‖_F / ‖H‖_F"
 
 
@@ -52,6 +68,11 @@ def default_y(report: DriftReport) -> str:
 def _values(r: DriftResult, name: str) -> tuple[float | None, list[float]]:
     """(the seed mean, every seed's value) of one figure of a result."""
     field = FIGURES[name][0]
+    if r.generation is not None:
+        stat = getattr(r.generation, GENERATION[name]) if name in GENERATION else None
+        if stat is None or stat.mean is None:
+            return None, []
+        return stat.mean, [v for v in stat.per_seed if v is not None]
     if field in ("hidden_max", "hidden_last"):
         value = getattr(r, field)
         return value, [] if value is None else [value]
@@ -65,7 +86,9 @@ def figure(report: DriftReport, x: str = "budget", y: str | None = None):
     """A matplotlib Figure of ``report`` (module docstring).  Artists carry a gid: ``"method"``,
     ``"band"``, ``"floor"``."""
     if x not in X_AXES:
-        raise UsageError(f"--x must be budget or layer for a drift document; got {x!r}.")
+        raise UsageError(f"--x must be budget, layer or step for a drift document; got {x!r}.")
+    if x == "step":
+        return _step_figure(report, "kl" if y is None else y)
     if x == "layer":
         if y not in (None, "hidden"):
             raise UsageError(f"--x layer draws the hidden drift of every layer; drop --y {y}.")
@@ -177,6 +200,52 @@ def _layer_figure(report: DriftReport):
     return fig
 
 
+def _step_figure(report: DriftReport, y: str):
+    """The per-step curves of a ``--generate`` document (module docstring)."""
+    if report.generate is None:
+        raise UsageError(
+            "--x step draws the per-step curves of a `drift --generate` document; this one has "
+            "none (it was run without --generate)."
+        )
+    if y not in STEP_CURVES:
+        raise UsageError(f"--x step draws kl or top1 per step; got --y {y}.")
+    settings = [r for r in report.results if r.ok and r.generation is not None]
+    if not settings:
+        raise UsageError("nothing to plot: no result with status ok has a generation.")
+    fig = new_figure(9.0, 5.2)
+    ax = fig.subplots()
+    colours = method_colours(r.method for r in settings)
+    budgets = list(dict.fromkeys(r.budget for r in settings))
+    values: list[float] = []
+    for r in settings:
+        curve = getattr(r.generation, STEP_CURVES[y])
+        steps = [t for t, v in enumerate(curve) if v is not None]
+        points = [v for v in curve if v is not None]
+        values += points
+        style = ("-", "--", ":", "-.")[budgets.index(r.budget) % 4]
+        name = r.method + ("" if r.budget is None else f" @ {r.budget}")
+        ax.plot(steps, points, linestyle=style, color=colours[r.method], label=name, gid="method")
+    floor = report.floor and report.floor.generation
+    if floor is not None:
+        curve = getattr(floor, STEP_CURVES[y])
+        steps = [t for t, v in enumerate(curve) if v is not None]
+        values += [v for v in curve if v is not None]
+        ax.plot(steps, [v for v in curve if v is not None], label="mean floor", **FLOOR)
+    if y == "kl":
+        log_if_spread(ax, [v for v in values if v > 0])
+    ax.set_xlabel(f"generation step (0: the first token after the prompt; {report.phase} phase)")
+    ax.set_ylabel(FIGURES[y][1] + "\nteacher-forced, mean over prompts and seeds")
+    ax.grid(True, which="major", alpha=0.3)
+    fig.suptitle(_title(report), fontsize="medium", x=0.01, ha="left")
+    shared_legend(fig, [ax])
+    caption(
+        fig,
+        "Each step's figure with the exact generation fed through the KV cache (teacher forcing); "
+        "the dashed line: the `mean` baseline in the same layers and phases.",
+    )
+    return fig
+
+
 def _hidden(r: DriftResult) -> tuple[list[int], list[float]]:
     pairs = [(i, s.mean) for i, s in enumerate(r.hidden) if s.mean is not None]
     return [i for i, _ in pairs], [m for _, m in pairs]
@@ -188,7 +257,8 @@ def _title(report: DriftReport) -> str:
     return (
         f"drift of {m.source} ({m.model_type}, {m.n_layers} layers) · layers {layers} · "
         f"{report.chunks} × {report.tokens} tokens of {report.text} · "
-        f"{report.environment.label()}"
+        + ("" if report.generate is None else f"{report.generate} generated · ")
+        + report.environment.label()
     )
 
 

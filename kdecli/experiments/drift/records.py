@@ -1,14 +1,20 @@
 """The drift document: typed records of what an approximation does to a model (``kdecli drift``).
 
-One document (``"document": "drift"``) holds the run — model, text, tokens, chunks, the patched
+One document (``"kind": "drift"``; ``"document"`` before kdecli 0.8) holds the run — model, text, tokens, chunks, the patched
 layers, the environment — the exact model's own figures (perplexity, forward time), the ``mean``
 baseline's drift in the same layers (the floor), and one result per method × budget, each figure
-a ``SeedStats``: the mean ± std over its seeds (ALGORITHMS.md 11).  It is its own document, not a
+a ``SeedStats``: the mean ± std over its seeds (docs/metrics.md).  It is its own document, not a
 ``compare`` result: the figures are a model's, not an attention matrix's.  Every record's dict
 form is derived from its fields (``kdecli.records``); ``load_drift`` reads a document back, and
 ``kdecli.experiments.documents.load_any`` reads it among every other kind.
 
-Version history (``DRIFT_SCHEMA_VERSION``): 1, the first.
+With ``--generate T`` (``GenerationFigures``) each result holds instead what the method does to
+T greedy steps after each prompt — first divergence, token agreement, and the teacher-forced KL,
+top-1 agreement (also per step) and perplexity of the exact continuation — and the document names
+T and the phases the method ran in.
+
+Version history (``DRIFT_SCHEMA_VERSION``): 1, the first; 2 adds ``generate``, ``phase`` and each
+result's ``generation`` (written only by a ``--generate`` run: every other document is still 1).
 """
 
 from __future__ import annotations
@@ -21,10 +27,20 @@ from typing import Any
 from kdecli import __version__
 from kdecli.experiments.compare.records import read_text
 from kdecli.measure.figures import Environment, ResultTime, SeedStats, TimeStat
-from kdecli.records import Reader, Record, SchemaError, clean, json_field, write_record
+from kdecli.records import (
+    KIND,
+    Reader,
+    Record,
+    SchemaError,
+    clean,
+    document_kind,
+    json_field,
+    write_record,
+)
 
 DOCUMENT = "drift"
-DRIFT_SCHEMA_VERSION = 1
+DRIFT_SCHEMA_VERSION = 2
+READS_VERSIONS = (1, 2)
 OUTPUTS = ("next-token", "embedding")  # what the output figure is: KL/top-1/ppl, or cosine
 READS_HINT = "kdecli reads the JSON that `kdecli drift --format json --output FILE` writes."
 
@@ -32,6 +48,27 @@ READS_HINT = "kdecli reads the JSON that `kdecli drift --format json --output FI
 def _hidden_drift(stats: tuple[SeedStats, ...]) -> list[dict[str, Any]]:
     """Each layer's figure under its index: ``{"layer": 0, "mean": …, "std": …, "per_seed": …}``."""
     return [{"layer": i, **s.to_dict()} for i, s in enumerate(stats)]
+
+
+@dataclass(frozen=True)
+class GenerationFigures(Record):
+    """T greedy steps after each prompt, the method's against exact attention's (the module doc of
+    ``kdecli.experiments.drift.generate`` has the math).  ``first_divergence``: per seed the
+    median over prompts of the first step whose token differs (0-based; T when none does:
+    ``never_diverged`` of the ``generations`` never did); ``token_agreement``: the share of
+    steps with the same token; ``kl``, ``top1_agreement``, ``perplexity``: teacher-forced on the
+    exact generation, mean over prompts and steps, and per step (mean over prompts and seeds)."""
+
+    steps: int
+    first_divergence: SeedStats
+    never_diverged: int
+    generations: int
+    token_agreement: SeedStats
+    kl: SeedStats
+    top1_agreement: SeedStats
+    perplexity: SeedStats
+    kl_per_step: tuple[float | None, ...] = ()
+    top1_agreement_per_step: tuple[float | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,6 +94,7 @@ class DriftResult(Record):
     top1: SeedStats | None = None
     perplexity: SeedStats | None = None
     time: ResultTime | None = None
+    generation: GenerationFigures | None = json_field(None, omit="none")
 
     @property
     def ok(self) -> bool:
@@ -87,7 +125,8 @@ class ModelInfo(Record):
 
 @dataclass(frozen=True)
 class ExactRun(Record):
-    """The stock model's own figures: perplexity (next-token models) and one forward's time."""
+    """The stock model's own figures: perplexity (next-token models) and one forward's time; with
+    ``--generate``, the perplexity of its own greedy continuations and one decode step's time."""
 
     perplexity: float | None
     time: TimeStat | None
@@ -105,11 +144,13 @@ class DriftReport(Record):
     chunks: int = json_field()
     layers: list[int] = json_field()  # the patched layers
     exact: ExactRun = json_field()
+    generate: int | None = json_field(None, omit="none")  # T of `--generate T`
+    phase: str | None = json_field(None, omit="none")  # where the method ran: decode|prefill|both
     floor: DriftResult | None = None  # `mean` in the same layers
     results: list[DriftResult] = json_field(default_factory=list)
     kdecli_version: str = json_field(__version__, absent="?")
 
-    json_head = {"document": DOCUMENT, "schema_version": DRIFT_SCHEMA_VERSION}
+    json_head = {KIND: DOCUMENT, "schema_version": DRIFT_SCHEMA_VERSION}
     json_order = (
         "kdecli_version",
         "environment",
@@ -119,6 +160,8 @@ class DriftReport(Record):
         "tokens",
         "chunks",
         "layers",
+        "generate",
+        "phase",
         "exact",
         "floor",
         "results",
@@ -126,18 +169,21 @@ class DriftReport(Record):
     reads_hint = READS_HINT
 
     def to_dict(self) -> dict[str, Any]:
-        return clean(write_record(self))
+        doc = clean(write_record(self))
+        if self.generate is None:  # what version 1 already held: older readers take it
+            doc["schema_version"] = 1
+        return doc
 
     @classmethod
     def read(cls, reader: Reader) -> DriftReport:
         doc, where = reader.data, reader.where
-        if doc.get("document") != DOCUMENT:
+        if document_kind(doc) != DOCUMENT:
             raise SchemaError(f"{where}: is not a kdecli drift document.", hint=READS_HINT)
         version = doc.get("schema_version")
-        if version != DRIFT_SCHEMA_VERSION:
+        if version not in READS_VERSIONS:
             raise SchemaError(
                 f"{where}: has drift schema_version {version!r}; this kdecli ({__version__}) "
-                f"reads {DRIFT_SCHEMA_VERSION}.",
+                f"reads {', '.join(map(str, READS_VERSIONS))}.",
                 hint="Read it with the kdecli version that wrote it.",
             )
         return super().read(reader)

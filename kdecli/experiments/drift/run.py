@@ -1,4 +1,4 @@
-"""``drift``: what an approximation in some attention layers does to a model's output (ALGORITHMS.md 11).
+"""``drift``: what an approximation in some attention layers does to a model's output (docs/metrics.md).
 
 The text's first K·N tokens, cut into K chunks of N (``kdecli.hf.text``), run through the model
 with its stock attention once — H⁽ˡ⁾, the hidden states after each layer l, and the output — and
@@ -34,13 +34,23 @@ import torch
 
 from kdecli.devices import resolve_device, resolve_dtype
 from kdecli.errors import UsageError
+from kdecli.experiments.drift.generate import (
+    GENERATION_PHASES,
+    GenerationTally,
+    check_generate,
+    decode_time,
+    exact_perplexity,
+    run_generations,
+    step_time,
+)
+from kdecli.experiments.drift.generate import figures as generation_figures
 from kdecli.experiments.drift.records import (
     DriftReport,
     DriftResult,
     ExactRun,
     ModelInfo,
 )
-from kdecli.hf.interface import not_routed, require_transformers
+from kdecli.hf.interface import require_transformers
 from kdecli.hf.models import (
     config_sha256,
     is_causal_lm,
@@ -150,6 +160,10 @@ class PatchedRun:
     status: str = "ok"
     reason: str | None = None
 
+    def label(self, seed: int | None) -> str:
+        budget = "" if self.method.budget is None else f" budget={self.method.budget}"
+        return self.method.name + budget + ("" if seed is None else f" seed={seed}")
+
 
 def seed_list(seeds: int | Sequence[int]) -> list[int]:
     """``3`` -> [0, 1, 2]; a list of seeds stays as given."""
@@ -221,6 +235,8 @@ def drift(
     warmup: int = 1,
     progress: Progress | None = None,
     on_result: ResultFn | None = None,
+    generate: int | None = None,
+    phase: str | None = None,
 ) -> DriftReport:
     """Measure the drift of each method × budget in ``layers`` (default all) of the model at
     ``model_path`` (a local folder or .gguf file) on ``chunks`` chunks of ``tokens`` tokens of the
@@ -228,8 +244,18 @@ def drift(
     list; ``params`` maps a method name to its parameters; ``dtype`` is the working precision
     (default float32).  ``progress(done, total, label)`` is called before each forward,
     ``on_result(result)`` as each method × budget finishes.  Bad requests raise ``UsageError``
-    before the model runs."""
+    before the model runs.
+
+    ``generate=T`` (causal LMs): instead of the one-pass figures, T greedy steps after each chunk
+    with exact attention and with each method active in ``phase`` ("decode", the default: calls
+    with a KV cache; "prefill": the prompt's forward; "both"), compared step by step
+    (``kdecli.experiments.drift.generate``); the times are one decode step's."""
     check_counts(tokens, chunks)
+    if generate is None and phase is not None:
+        raise UsageError("--phase goes with --generate (the phases of a generation).")
+    if generate is not None:
+        phase = phase or GENERATION_PHASES[0]
+        check_generate(generate, phase, tokens, None)
     if repeats < 1 or warmup < 0:
         raise UsageError(f"--repeats must be >= 1 and --warmup >= 0; got {repeats} and {warmup}.")
     floor, runs = plan(methods, budgets, params, seed_list(seeds))
@@ -243,10 +269,19 @@ def drift(
     work_device = resolve_device(device) if isinstance(device, str) else torch.device(device)
 
     causal_lm = is_causal_lm(src)
+    if generate is not None and not causal_lm:
+        raise UsageError(
+            f"--generate needs a causal language model with its head; {src.name} is an encoder "
+            "(no language-model head), so it generates nothing."
+        )
     model = load_model(src, dtype=work_dtype, device=work_device, causal_lm=causal_lm)
     count = n_layers(model.config)
     chosen = parse_layers(layers, count)
     check_positions(model.config, tokens)
+    if generate is not None:
+        text_config = model.config.get_text_config()
+        positions = getattr(text_config, "max_position_embeddings", None)
+        check_generate(generate, phase, tokens, positions)
     ids = chunk_ids(
         load_tokenizer(src), text_str, model.config, tokens=tokens, chunks=chunks,
         model_name=src.name, text_name=text_path.name,
@@ -255,8 +290,35 @@ def drift(
     every = [floor, *(s for s in runs if s is not floor)]
     for patched in every:
         for seed in patched.seeds:
-            patched.patches.append(prepare(model, patched.method, None, chosen, seed or 0))
-            patched.tallies.append(Tally(count))
+            bound = prepare(model, patched.method, None, chosen, seed or 0, phase=phase or "both")
+            patched.patches.append(bound)
+            patched.tallies.append(Tally(count) if generate is None else GenerationTally(generate))
+
+    info = ModelInfo(
+        source=src.name,
+        model_type=str(model.config.model_type),
+        n_layers=count,
+        output="next-token" if causal_lm else "embedding",
+        pooling=None if pooling is None else pooling.label,
+        config_sha256=config_sha256(src, model),
+    )
+    header = dict(
+        environment=environment(work_device, work_dtype),
+        model=info,
+        text=text_path.name,
+        text_sha256=hashlib.sha256(text_bytes).hexdigest(),
+        tokens=tokens,
+        chunks=chunks,
+        layers=chosen,
+    )
+    if generate is not None:
+        report = _generation_report(
+            model, ids, floor, runs, every, generate, phase, header, timing, work_device, progress
+        )
+        for result in report.results:
+            if on_result:
+                on_result(result)
+        return report
 
     exact_tally = Tally(count)
     total = chunks * (1 + sum(len(s.seeds) for s in every))
@@ -271,29 +333,16 @@ def drift(
         for patched in every:
             for patch, tally, seed in zip(patched.patches, patched.tallies, patched.seeds):
                 if progress:
-                    progress(done, total, f"chunk {index + 1}/{chunks}: {_label(patched, seed)}")
+                    progress(done, total, f"chunk {index + 1}/{chunks}: {patched.label(seed)}")
                 done += 1
                 if patched.status == "ok":
-                    _run_patched(patched, patch, tally, exact, chunk, count, pooling, chosen)
+                    _run_patched(patched, patch, tally, exact, chunk, count, pooling)
 
     exact_time = _time_forward(model, ids[:1].to(work_device), None, repeats, warmup, timing)
     if progress:
         progress(total, total, "done")
     report = DriftReport(
-        environment=environment(work_device, work_dtype),
-        model=ModelInfo(
-            source=src.name,
-            model_type=str(model.config.model_type),
-            n_layers=count,
-            output="next-token" if causal_lm else "embedding",
-            pooling=None if pooling is None else pooling.label,
-            config_sha256=config_sha256(src, model),
-        ),
-        text=text_path.name,
-        text_sha256=hashlib.sha256(text_bytes).hexdigest(),
-        tokens=tokens,
-        chunks=chunks,
-        layers=chosen,
+        **header,
         exact=ExactRun(
             perplexity=exact_tally.perplexity() if causal_lm else None,
             time=exact_time if isinstance(exact_time, TimeStat) else None,
@@ -314,12 +363,44 @@ def drift(
     return report
 
 
-def _label(patched: PatchedRun, seed: int | None) -> str:
-    budget = "" if patched.method.budget is None else f" budget={patched.method.budget}"
-    return patched.method.name + budget + ("" if seed is None else f" seed={seed}")
+def _generation_report(
+    model, ids, floor, runs, every, steps, phase, header, timing, device, progress
+) -> DriftReport:
+    """``drift --generate``: the generations of every run, and the document of their figures."""
+    stock_prefill = phase == "decode"  # the prompt's forward is then the same in every run
+    exact = run_generations(model, ids, every, steps, device, progress, stock_prefill)
+    exact_step = step_time([s for g in exact for s in g.step_seconds]) if timing else None
+    report = DriftReport(
+        **header,
+        generate=steps,
+        phase=phase,
+        exact=ExactRun(perplexity=exact_perplexity(exact), time=exact_step),
+    )
+    for patched in every:
+        base = dict(
+            method=patched.method.name,
+            budget=patched.method.budget,
+            params=patched.method.resolved_params,
+            role=patched.method.role,
+            seeds=patched.seeds,
+        )
+        if patched.status != "ok":
+            result = DriftResult(**base, status=patched.status, reason=patched.reason)
+        else:
+            seconds = [s for t in patched.tallies for s in t.step_seconds]
+            result = DriftResult(
+                **base,
+                generation=generation_figures(patched.tallies),
+                time=decode_time(seconds, exact_step) if timing else None,
+            )
+        if patched is floor:
+            report.floor = result
+        if patched is not floor or any(s is floor for s in runs):
+            report.results.append(result)
+    return report
 
 
-def _run_patched(patched, patch: Patch, tally: Tally, exact, chunk, count, pooling, chosen):
+def _run_patched(patched, patch: Patch, tally: Tally, exact, chunk, count, pooling):
     """One patched forward into ``tally``; a failure marks the run (its later forwards skip)."""
     try:
         with patch.applied():
@@ -328,15 +409,7 @@ def _run_patched(patched, patch: Patch, tally: Tally, exact, chunk, count, pooli
         failure = Failure.of(exc)
         patched.status, patched.reason = failure.status, failure.reason
         return
-    missing = [layer for layer in chosen if not patch.function.calls.get(layer)]
-    if missing:  # the model, not the method: no result means anything
-        if not patch.function.calls:
-            raise not_routed(patch.model, "no layer called the registered attention function")
-        raise UsageError(
-            f"layers {', '.join(map(str, missing))} never called the registered attention "
-            "function; this architecture routes only some of its attention through transformers' "
-            "AttentionInterface."
-        )
+    patch.check_routed()  # the model, not the method: no result would mean anything
     tally.add(exact, approx)
 
 

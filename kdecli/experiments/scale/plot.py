@@ -58,8 +58,10 @@ def figure(report: ScaleReport):
         if hollow:
             ax_time.plot(hollow, [exact[n][0] for n in hollow], "ko", mfc="none",
                          label="extrapolated")  # fmt: skip
-    ax_time.set(xscale="log", yscale="log", xlabel="n (queries = keys)", ylabel="seconds per call")
-    ax_err.set(xscale="log", xlabel="n (queries = keys)", ylabel="error (rel_spectral, or F rows)")
+    x_label = "n (cache length)" if report.phase == "decode" else "n (queries = keys)"
+    y_label = "seconds per decode step" if report.phase == "decode" else "seconds per call"
+    ax_time.set(xscale="log", yscale="log", xlabel=x_label, ylabel=y_label)
+    ax_err.set(xscale="log", xlabel=x_label, ylabel="error (rel_spectral, or F rows)")
     for ax in (ax_time, ax_err):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

@@ -1,10 +1,15 @@
 """The scale document: every length's ``compare`` run and the fitted exponents (``kdecli scale``).
 
-One document (``"document": "scale"``) holds the input, the budget, the lengths that ran, one whole
-compare document per length (``runs``) and per method (and for exact attention) the fit of
-time ≈ c·n^α (``fits``).  ``kdecli.experiments.documents.load_any`` reads it back.
+One document (``"kind": "scale"``; ``"document"`` before kdecli 0.8) holds the input, the budget, the phase, the lengths that
+ran, one whole compare document per length (``runs``) and per method (and for exact attention) the
+fit of time ≈ c·n^α (``fits``).  ``kdecli.experiments.documents.load_any`` reads it back.
 
-Version history (``SCALE_SCHEMA_VERSION``): 1, the first.
+Under ``phase`` "decode" a length is a cache length n_k: each run measures ``queries`` decode
+queries at the last positions (one decode step), timed as a step with the cache's preparation
+apart and amortised over ``steps`` steps.
+
+Version history (``SCALE_SCHEMA_VERSION``): 1, the first; kdecli 0.8 adds ``phase`` (absent reads
+as "prefill") and, for decode, ``queries`` and ``steps``, within version 1.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 from kdecli import __version__
 from kdecli.experiments.compare.records import Result, RunReport
 from kdecli.measure.figures import Environment
-from kdecli.records import Reader, Record, SchemaError, json_field
+from kdecli.records import KIND, Reader, Record, SchemaError, document_kind, json_field
 
 DOCUMENT = "scale"
 SCALE_SCHEMA_VERSION = 1
@@ -41,22 +46,36 @@ class ScaleReport(Record):
     input: str
     budget: int | None = json_field(required=True)
     lengths: list[int] = json_field()
+    phase: str = json_field("prefill", choices=("prefill", "decode"))
+    queries: int | None = json_field(None, omit="none")  # decode: queries per step (M)
+    steps: int | None = json_field(None, omit="none")  # decode: a preparation amortised over
     runs: list[RunReport] = json_field(default_factory=list, required=True)
     fits: dict[str, Fit] = json_field(default_factory=dict, required=True)  # method, "exact"
     environment: Environment | None = json_field(None, skip=True)
     interrupted: bool = False
     kdecli_version: str = __version__
 
-    json_head = {"document": DOCUMENT, "schema_version": SCALE_SCHEMA_VERSION}
-    json_order = ("kdecli_version", "input", "budget", "lengths", "interrupted", "fits", "runs")
+    json_head = {KIND: DOCUMENT, "schema_version": SCALE_SCHEMA_VERSION}
+    json_order = (
+        "kdecli_version",
+        "input",
+        "budget",
+        "phase",
+        "queries",
+        "steps",
+        "lengths",
+        "interrupted",
+        "fits",
+        "runs",
+    )
     reads_hint = READS_HINT
 
     @classmethod
     def read(cls, reader: Reader) -> ScaleReport:
         doc, where = reader.data, reader.where
-        if doc.get("document") != DOCUMENT:
+        if document_kind(doc) != DOCUMENT:
             raise SchemaError(
-                f'{where}: is not a `kdecli scale` document (no "document": "scale").',
+                f'{where}: is not a `kdecli scale` document (no "kind": "scale").',
                 hint=READS_HINT,
             )
         version = doc.get("schema_version")
@@ -75,7 +94,7 @@ class ScaleReport(Record):
     def from_dict(cls, doc: Any, where: str = "document", path: str = "") -> ScaleReport:
         if not isinstance(doc, dict):
             raise SchemaError(
-                f'{where}: is not a `kdecli scale` document (no "document": "scale").',
+                f'{where}: is not a `kdecli scale` document (no "kind": "scale").',
                 hint=READS_HINT,
             )
         return super().from_dict(doc, where, path)

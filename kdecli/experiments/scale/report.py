@@ -3,7 +3,9 @@
 The error shown is rel_spectral where the run had the full reference, else rel_frobenius from the
 row sample (with its 95 % interval when the record has one); the column says which.  An exact time
 extrapolated from a row sample is marked ``≈``.  The table fits the width and takes ``--columns``
-as every table does (``kdecli.render.table``).
+as every table does (``kdecli.render.table``).  A decode document (n: cache length) times one
+step, and adds the method's preparation of the cache and the speed-up of the step amortised over
+the document's ``steps``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from rich.text import Text
 
 from kdecli.experiments.compare.records import Result
 from kdecli.experiments.scale.records import ScaleReport
+from kdecli.experiments.verdict import scale_verdict
 from kdecli.records import clean
 from kdecli.render import table
-from kdecli.render.cells import MISSING, fmt_speedup, fmt_time
+from kdecli.render.cells import MISSING, fmt_number, fmt_speedup, fmt_time
 from kdecli.render.table import Column, Layout
 from kdecli.render.writers import csv_text
 
@@ -43,6 +46,12 @@ class ScaleRow:
     error: float | None
     error_low: float | None
     error_high: float | None
+    floor: float | None = None  # the mean-of-V floor of ``metric`` at this n
+    prepare_s: float | None = None  # decode: the cache's one-off preparation
+    amortised_speedup: float | None = None  # decode: exact step / (step + prepare/steps)
+
+
+DECODE_FIELDS = ("prepare_s", "amortised_speedup")
 
 
 def error_of(record: Result) -> tuple[str, float | None, tuple[float, float] | None]:
@@ -81,6 +90,9 @@ def rows(report: ScaleReport) -> list[ScaleRow]:
                     error=value,
                     error_low=interval[0] if interval else None,
                     error_high=interval[1] if interval else None,
+                    floor=run.floors.mean_floor(metric),
+                    prepare_s=time.prepare_s.median if time and time.prepare_s else None,
+                    amortised_speedup=time.amortised_speedup if time else None,
                 )
             )
     return out
@@ -106,10 +118,27 @@ COLUMNS = (
     Column("exact_time", "exact", _exact_cell),
     Column("speedup", "speed-up", lambda row: fmt_speedup(row.speedup)),
     Column("error", "error", _error_cell),
+    Column("floor", "mean\nfloor", lambda row: fmt_number(row.floor, ".4g"), flat="mean floor"),
     Column("status", "status", lambda row: row.status, "left", wraps=True),
 )
-COLUMN_KEYS = tuple(c.key for c in COLUMNS)
-LAYOUT = Layout(COLUMNS, ("method", "n", "time", "error", "status"), ("speedup", "exact_time"), 12)
+DECODE_COLUMNS = (
+    Column("prepare", "prepare", lambda row: fmt_time(row.prepare_s)),
+    Column("amortised", "amortised speed-up", lambda row: fmt_speedup(row.amortised_speedup)),
+)
+COLUMN_KEYS = tuple(c.key for c in COLUMNS + DECODE_COLUMNS)
+LAYOUT = Layout(
+    COLUMNS, ("method", "n", "time", "error", "floor", "status"), ("speedup", "exact_time"), 12
+)
+DECODE_LAYOUT = Layout(
+    COLUMNS[:5] + DECODE_COLUMNS + COLUMNS[5:],
+    ("method", "n", "time", "error", "floor", "status"),
+    ("speedup", "prepare", "amortised", "exact_time"),
+    12,
+)
+
+
+def layout_of(report: ScaleReport) -> Layout:
+    return DECODE_LAYOUT if report.phase == "decode" else LAYOUT
 
 
 def parse_columns(text: str | None) -> tuple[str, ...] | None:
@@ -119,11 +148,22 @@ def parse_columns(text: str | None) -> tuple[str, ...] | None:
 
 def title(report: ScaleReport) -> str:
     budget = "no budget" if report.budget is None else f"budget {report.budget}"
+    if report.phase == "decode":
+        return (
+            f"decode step against the cache length n · {report.input} · {budget} · "
+            f"{report.queries} quer{'y' if report.queries == 1 else 'ies'} per step, "
+            f"preparation amortised over {report.steps} steps"
+        )
     return f"time and error against n · {report.input} · {budget}"
 
 
 def notes(report: ScaleReport) -> str:
     lines = ["≈: exact time extrapolated from a row sample (its cost is linear in n_q)"]
+    lines.append(
+        "mean floor: the error of answering every query with the mean of V; a method at or above "
+        "it does no better (on gaussian synthetic data attention is nearly uniform, so the mean of V"
+        " is close to exact attention)"
+    )
     lines.append(
         "error: rel_spectral with the full reference; (F, rows): rel_frobenius from a row sample"
     )
@@ -152,7 +192,7 @@ def _style(row: ScaleRow) -> str | None:
 
 def render_table(report: ScaleReport, console: Console, columns: Sequence[str] | None = None):
     table_rows = rows(report)
-    choice = table.choose(LAYOUT, table_rows, console.width, columns)
+    choice = table.choose(layout_of(report), table_rows, console.width, columns)
     table.draw(console, title(report), choice, table_rows, _style)
     fits = Table(title=Text(FIT_TITLE), title_justify="left")
     for name, justify in FIT_HEADERS:
@@ -160,25 +200,30 @@ def render_table(report: ScaleReport, console: Console, columns: Sequence[str] |
     for cells in _fit_cells(report):
         fits.add_row(*map(Text, cells))
     console.print(fits)
+    console.print(scale_verdict(report).text(), highlight=False, markup=False)
     console.print(notes(report), highlight=False, markup=False)
 
 
 def to_markdown(report: ScaleReport, columns: Sequence[str] | None = None) -> str:
     """The table and the fits as GitHub Markdown, with the notes."""
-    lines = table.markdown_table(LAYOUT, rows(report), title(report), columns)
+    lines = table.markdown_table(layout_of(report), rows(report), title(report), columns)
     lines += ["", f"**{FIT_TITLE}**", ""]
     fit_columns = [
         Column(name, name, lambda cells, i=i: cells[i], justify)
         for i, (name, justify) in enumerate(FIT_HEADERS)
     ]
     lines += table.markdown_rows(fit_columns, _fit_cells(report))
+    lines += ["", scale_verdict(report).text(" ")]
     return "\n".join([*lines, "", notes(report)]) + "\n"
 
 
 def to_csv(report: ScaleReport, *, header: bool = True) -> str:
     """One line per method × length, every field of ``ScaleRow``."""
     fields = [f.name for f in ScaleRow.__dataclass_fields__.values()]
-    return csv_text(fields, (asdict(row) for row in rows(report)), header=header)
+    if report.phase != "decode":  # a prefill document's lines as before decode existed
+        fields = [name for name in fields if name not in DECODE_FIELDS]
+    lines = ({name: row[name] for name in fields} for row in map(asdict, rows(report)))
+    return csv_text(fields, lines, header=header)
 
 
 def render_text(
@@ -191,7 +236,8 @@ def render_text(
 ) -> str:
     """The report in one of ``FORMATS``, in one string (a file is written whole)."""
     if fmt == "json":
-        return json.dumps(clean(report.to_dict()), indent=2) + "\n"
+        doc = {**report.to_dict(), "summary": scale_verdict(report).to_dict()}
+        return json.dumps(clean(doc), indent=2) + "\n"
     if fmt == "csv":
         return to_csv(report)
     if fmt == "markdown":

@@ -11,6 +11,14 @@ exact attention, the exponent α of time ≈ c·n^α is the least-squares slope 
 over the lengths where the method ran.  For exact attention only measured times enter the fit
 when at least two lengths were measured: an extrapolated time is n_q/R times the time of R rows,
 quadratic by construction, so fitting it would only return the assumption.
+
+``phase="decode"``: each length is a cache of n keys, and each run is ``compare``'s decode phase,
+the last M queries (``queries``, 1: one decode step) over the whole cache: the error is that of
+those rows (their float64 reference is cheap even at 1M keys: one row's attention), the time is
+one step against exact attention's step over the whole cache, with the method's preparation of
+the cache timed apart and amortised over ``steps``.  What the inputs, their float64 copy and the
+working copy of a cache would hold (``kdecli.measure.memory.decode_bytes``) is checked against
+the device's free memory for every length before the first runs.
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+import torch
+
+from kdecli.devices import available_memory, resolve_device, resolve_dtype
 from kdecli.errors import UsageError
 from kdecli.experiments.compare.records import Result, RunReport
 from kdecli.experiments.compare.run import compare
@@ -30,6 +41,8 @@ from kdecli.experiments.scale.records import (  # noqa: F401 (re-exported; their
     ScaleReport,
 )
 from kdecli.measure.config import RunConfig
+from kdecli.measure.memory import decode_bytes
+from kdecli.qkv import QKV
 from kdecli.sources import InputOptions, load_input
 
 
@@ -120,6 +133,31 @@ def exact_extrapolated(record: Result) -> bool:
     )
 
 
+def check_decode_memory(qkv: QKV, lengths: Sequence[int], config: RunConfig) -> None:
+    """A ``UsageError`` naming the first length whose decode cache would not fit on the device
+    (``qkv``: the input at any length, for its b, h, d, d_v and dtype); nothing when the free
+    memory cannot be told."""
+    device = config.device
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    free = available_memory(device)
+    if free is None:
+        return
+    dtype = config.dtype
+    dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype) or qkv.k.dtype
+    shape = qkv.shape
+    work = torch.empty((), dtype=dtype).element_size()
+    for n in lengths:
+        needed = decode_bytes(shape["b"], shape["h"], n, shape["d"], shape["d_v"],
+                              config.queries, qkv.k.element_size(), work)  # fmt: skip
+        if needed > free:
+            raise UsageError(
+                f"--n {n:,}: a decode cache of {n:,} keys (b·h = {shape['b'] * shape['h']}, "
+                f"d = {shape['d']}, d_v = {shape['d_v']}) needs about {needed / 2**30:.1f} GiB "
+                f"with its float64 and working copies; {device.type} has {free / 2**30:.1f} GiB "
+                "available. Use smaller --n, or fewer slices."
+            )
+
+
 def scale(
     spec: str,
     methods: Sequence[str],
@@ -134,22 +172,41 @@ def scale(
     should_stop: Callable[[], bool] | None = None,
     **settings: Any,
 ) -> ScaleReport:
-    """``compare`` of ``methods`` at ``budget`` on ``spec`` at every length, then the fits.
+    """``compare`` of ``methods`` at ``budget`` on ``spec`` at every length, then the fits;
+    under ``config.phase`` "decode" a length is a cache length (module docstring).
 
     ``on_run(n, report)`` is called as each length finishes; ``should_stop()`` ends the sweep
     between lengths (and inside one, as ``compare`` does), keeping what finished."""
     config = config or RunConfig()  # checked as it is made
     if settings:
         config = replace(config, **settings)
+    decode = config.phase == "decode"
+    if config.phase == "both":
+        raise UsageError("scale measures one phase: --phase prefill or --phase decode.")
+    if decode and lengths and config.queries > min(lengths):
+        raise UsageError(
+            f"--queries {config.queries} is more than the shortest cache, --n {min(lengths)}."
+        )
     budgets = [budget] if budget is not None else []
-    report = ScaleReport(input=spec, budget=budget, lengths=[])
+    report = ScaleReport(
+        input=spec,
+        budget=budget,
+        lengths=[],
+        phase=config.phase,
+        queries=config.queries if decode else None,
+        steps=config.steps if decode else None,
+    )
+    first = input_at(spec, lengths[0], options) if lengths else None
+    if decode and first is not None:
+        check_decode_memory(first, lengths, config)
     for index, n in enumerate(lengths):
         if should_stop and should_stop():
             report.interrupted = True
             break
         if on_progress:
             on_progress(index, len(lengths), f"n = {n}")
-        qkv = input_at(spec, n, options)
+        qkv = first if index == 0 else input_at(spec, n, options)
+        first = None  # held only until the first length runs
         run = compare(qkv, methods, budgets, config, params=params, should_stop=should_stop)
         report.lengths.append(n)
         report.runs.append(run)
