@@ -44,10 +44,11 @@ print(json.dumps(out))
 
 
 def modelled():
-    return [
+    return [  # h2o, snapkv have no forward to measure (decode steps over the prompt's queries)
         name
         for name in method_names()
-        if make_method(name, 256 if get_method_class(name).uses_budget else None).memory_bytes(
+        if not get_method_class(name).needs_prompt_queries
+        and make_method(name, 256 if get_method_class(name).uses_budget else None).memory_bytes(
             1, 1, N, N, 64, 64, 4
         )
         is not None
