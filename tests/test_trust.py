@@ -389,6 +389,16 @@ def test_control_characters_from_a_file_are_escaped_and_markup_is_not_read(resul
     assert "[bold]loud[/bold]" in shown and "gpu\\x1b]2;t\\x07" in shown
 
 
+def test_the_markdown_compare_writes_is_escaped_too(results, tmp_path):
+    """``compare --format markdown`` writes ``to_markdown`` straight to its output."""
+    from kdecli.experiments.compare.records import load_document
+    from kdecli.experiments.compare.report import to_markdown
+
+    shown = to_markdown(load_document(_hostile(results, tmp_path)))
+    assert not any(c in shown for c in "\x1b\x07\x9b")
+    assert "gpu\\x1b]2;t\\x07" in shown
+
+
 def test_a_huge_reason_is_cut_in_the_table_and_whole_in_the_json(results, tmp_path):
     reason = "why " * 250_000  # a megabyte
     path = _hostile(results, tmp_path, reason)

@@ -51,6 +51,7 @@ from kdecli.measure.figures import Summary
 from kdecli.measure.metrics import METRICS
 from kdecli.render import table
 from kdecli.render.cells import fmt_flops, fmt_params, fmt_time
+from kdecli.render.safe import printable_lines
 from kdecli.render.table import FILE_WIDTH
 from kdecli.render.writers import csv_text
 
@@ -333,7 +334,8 @@ def to_markdown(report: RunReport, columns: Sequence[str] | None = None) -> str:
             f"Cheapest setting with {report.pareto.metric} ≤ {report.pareto.target_error:g}:",
             *picks,
         ]
-    return "\n".join(lines) + "\n"
+    # the cells are escaped and cut; the lines around them quote data too (names, notes)
+    return printable_lines("\n".join(lines), None) + "\n"
 
 
 # ---- machine formats -----------------------------------------------------------------------------
