@@ -468,16 +468,14 @@ def drift_verdict(report: Any) -> Verdict:
     against the ``mean`` baseline's in the same layers, and the forward's speed-up."""
     next_token = report.model.output == "next-token"
     name, metric = ("kl", "KL") if next_token else ("cosine", "cosine")
-    if getattr(report, "generate", None) is not None:
-        # a --generate run: its KL is the teacher-forced one of the generated steps
-        def figure_of(r):
-            return r.generation.kl if r.generation is not None else None
-
+    generated = getattr(report, "generate", None) is not None
+    if generated:  # a --generate run: its KL is the teacher-forced one of the generated steps
         metric = "teacher-forced KL"
-    else:
 
-        def figure_of(r):
-            return getattr(r, name)
+    def figure_of(r):
+        if generated:
+            return r.generation.kl if r.generation is not None else None
+        return getattr(r, name)
 
     floor = report.floor and figure_of(report.floor)
     points = []

@@ -38,8 +38,8 @@ from kdecli.methods.selection import (
     PROMPT_PARAMS,
     PromptChosen,
     group_total,
+    mean_kept,
     prompt_attention,
-    query_positions,
 )
 
 
@@ -91,8 +91,7 @@ class H2O(PromptChosen):
         return {"keys": budget, "recent": max(1, budget // 2)}
 
     def keys_per_query(self, n_q, n_k, mask=FULL):
-        positions = query_positions(n_q, n_k, mask, torch.device("cpu"))
-        return float(torch.clamp(positions + 1, max=self.config["keys"]).double().mean())
+        return mean_kept(lambda p: torch.clamp(p + 1, max=self.config["keys"]), n_q, n_k, mask)
 
     def recent(self) -> int:
         return min(self.config["recent"], self.config["keys"])

@@ -38,7 +38,7 @@ from kdecli.measure.reference import chunk_rows
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.common import working_dtype
 from kdecli.methods.registry import register
-from kdecli.methods.selection import query_positions
+from kdecli.methods.selection import query_positions, sinks_and_window
 
 SINKS, WINDOW = 4, 64  # the paper's exact part: attention sinks and a local window
 BITS, TABLES = 10, 150  # the paper's (K, L) for its long-context models
@@ -95,10 +95,7 @@ class MagicPIG(AttentionMethod):
 
     def exact_kept(self, positions: torch.Tensor) -> torch.Tensor:
         """|E_p|: the sinks and window a query at position p keeps exact."""
-        sinks, window = self.config["sinks"], self.config["window"]
-        return torch.clamp(positions + 1, max=sinks) + torch.clamp(
-            positions + 1 - sinks, min=0, max=window
-        )
+        return sinks_and_window(positions, self.config["sinks"], self.config["window"])
 
     def tables_for(self, n_k: int) -> int:
         """L: the ``tables`` parameter, or (0) the L whose expected candidates, for a query at

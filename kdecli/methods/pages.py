@@ -29,7 +29,7 @@ from kdecli.errors import UsageError
 from kdecli.masks import FULL
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.common import working_dtype
-from kdecli.methods.selection import GATHER_ELEMENTS, Selection, attend, query_positions
+from kdecli.methods.selection import GATHER_ELEMENTS, Selection, attend, mean_kept, query_positions
 
 PAGE = 16  # Quest's default page size
 
@@ -68,8 +68,7 @@ class PageSelection(AttentionMethod):
         return positions % page + 1 + page * earlier
 
     def keys_per_query(self, n_q, n_k, mask=FULL):
-        positions = query_positions(n_q, n_k, mask, torch.device("cpu"))
-        return float(self.kept(positions).double().mean())
+        return mean_kept(self.kept, n_q, n_k, mask)
 
     def forward_full(self, q, k, v, scale, generator):
         return self.forward_causal(q, k, v, scale, generator, FULL)

@@ -54,6 +54,22 @@ def query_positions(n_q: int, n_k: int, mask: Mask, device: torch.device) -> tor
     return torch.full((n_q,), n_k - 1, device=device, dtype=torch.long)
 
 
+def sinks_and_window(positions: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """|E_p| for each position p: the first ``sinks`` positions and the ``window`` most recent
+    ones up to p (its own included), a position in both counted once."""
+    return torch.clamp(positions + 1, max=sinks) + torch.clamp(
+        positions + 1 - sinks, min=0, max=window
+    )
+
+
+def mean_kept(
+    kept: Callable[[torch.Tensor], torch.Tensor], n_q: int, n_k: int, mask: Mask
+) -> float:
+    """The mean over queries of ``kept(p)``, the keys a query at position p reads: the keys per
+    query of a selection whose size depends on the position only."""
+    return float(kept(query_positions(n_q, n_k, mask, torch.device("cpu"))).double().mean())
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -20,7 +20,13 @@ import torch
 from kdecli.masks import FULL
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.registry import register
-from kdecli.methods.selection import Selection, attend, query_positions
+from kdecli.methods.selection import (
+    Selection,
+    attend,
+    mean_kept,
+    query_positions,
+    sinks_and_window,
+)
 
 SINKS = 4  # the paper's four initial tokens
 
@@ -62,14 +68,10 @@ class Streaming(AttentionMethod):
 
     def kept(self, positions: torch.Tensor) -> torch.Tensor:
         """|S_p| for each position p: the keys a query there reads."""
-        sinks, window = self.config["sinks"], self.config["window"]
-        return torch.clamp(positions + 1, max=sinks) + torch.clamp(
-            positions + 1 - sinks, min=0, max=window
-        )
+        return sinks_and_window(positions, self.config["sinks"], self.config["window"])
 
     def keys_per_query(self, n_q, n_k, mask=FULL):
-        positions = query_positions(n_q, n_k, mask, torch.device("cpu"))
-        return float(self.kept(positions).double().mean())
+        return mean_kept(self.kept, n_q, n_k, mask)
 
     def forward_full(self, q, k, v, scale, generator):
         return self.forward_causal(q, k, v, scale, generator, FULL)
