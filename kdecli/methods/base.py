@@ -47,6 +47,7 @@ from kdecli.methods.causal import (
 )
 from kdecli.methods.common import needs_grad, working_dtype
 from kdecli.methods.decode import DecodeCache, decode_mask
+from kdecli.methods.keysets import KeySets
 from kdecli.methods.params import Param
 
 __all__ = ["AttentionMethod", "BUDGET_MODES", "CAUSAL_MODES", "ROLES", "Param"]
@@ -96,6 +97,10 @@ class AttentionMethod:
                                     every query of a sequence; "decode": the last queries over
                                     a cache); ``phase_reasons`` refuses the others, giving
                                     ``phase_help`` (why) as the reason
+      key_set_note               -- why the method has no key set (``key_sets`` returns None):
+                                    a kernel or low-rank estimate weighs every key, for
+                                    instance; the diagnostics print it where their figures
+                                    are null.  Empty for a method that returns its sets
       needs_prompt_queries       -- decode: the method chooses its cache from the prompt's
                                     attention, so it needs the prompt's queries
                                     (``prepare_cache(..., queries=)``); without them it is
@@ -132,6 +137,7 @@ class AttentionMethod:
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
     phase_help: ClassVar[str] = ""  # why the phases not in ``phases`` are refused
     needs_prompt_queries: ClassVar[bool] = False
+    key_set_note: ClassVar[str] = "it does not report the keys it reads"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -369,6 +375,37 @@ class AttentionMethod:
         """A method whose kept keys are random (candidates of a hash draw) counts them on the
         draw ``generator`` gives, the call's own: the keys column then holds the measured mean,
         not ``keys_per_query``'s model.  None (the default): the model is the count."""
+        return None
+
+    # ---- the diagnostics' hooks (kdecli.methods.keysets, kdecli.measure.diagnostics) ----------
+    def key_sets(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        generator: torch.Generator | None,
+        mask: Mask = FULL,
+    ) -> KeySets | None:
+        """The keys each query read in the call ``self(q, k, v, scale=, generator=, mask=)``
+        with a generator in the same state: the same code and the same draws as the forward
+        (``kdecli.methods.keysets``).  None (the default): the method has no key set, and
+        ``key_set_note`` says why."""
+        return None
+
+    def log_row_sums(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        generator: torch.Generator | None,
+        mask: Mask = FULL,
+    ) -> torch.Tensor | None:
+        """(b, h, n_q) the method's own estimate of log D_i = log Σ_j e^{scale·q_i·k_j} over
+        the keys the mask allows, in the call with a generator in the same state.  None (the
+        default): the method estimates no row sum, or its key sets give it (``exact_over_set``,
+        whose row sum is the set's)."""
         return None
 
     def phase_reasons(self, phase: str) -> list[str]:
