@@ -201,7 +201,8 @@ def test_methods_and_commands_are_listed_in_their_documented_order():
     assert method_names() == [
         "exact", "mean", "kdeformer", "performer", "reformer", "scatterbrain",
         "hyperattention", "thinformer", "nystromformer", "uniform", "streaming", "quest",
-        "magicpig", "h2o", "snapkv", "topk", "rankk", "topk_pages",
+        "magicpig", "h2o", "snapkv", "blocktopk", "vertical_slash", "xattention",
+        "flexprefill", "topk", "rankk", "topk_pages", "topk_tiles",
     ]  # fmt: skip
     commands = [c.name for c in app.registered_commands]
     assert commands == [

@@ -283,7 +283,8 @@ def test_causal_no_future_leak(name, t):
     method, q, k, v = causal_runnable(name, 2, 2, 97, 97, 21, 13)
     out = method(q, k, v, scale=0.3, generator=gen(4), mask=Causal(0))
     k2, v2 = k.clone(), v.clone()
-    k2[..., t + 1 :, :] = k2[..., t + 1 :, :].flip(-2) * 2 + 1
+    if not method.causal_choice_reads_ahead:  # else later keys may move the choice (declared)
+        k2[..., t + 1 :, :] = k2[..., t + 1 :, :].flip(-2) * 2 + 1
     v2[..., t + 1 :, :] = -3 * v2[..., t + 1 :, :]
     out2 = method(q, k2, v2, scale=0.3, generator=gen(4), mask=Causal(0))
     assert torch.equal(out[..., : t + 1, :], out2[..., : t + 1, :])
@@ -316,6 +317,28 @@ def test_causal_cost_is_at_most_a_log_factor_over_the_full_cost(name):
     cost = method.cost(1, 2, n, n, 64, 64, Causal(0))
     assert math.isfinite(cost) and cost > 0
     assert cost <= math.log2(n) * method.flops(1, 2, n, n, 64, 64), cost
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_causal_choice_reads_ahead_only_where_declared_and_then_for_real(name):
+    """A method declaring ``causal_choice_reads_ahead`` (its key sets are chosen from the whole
+    input) must really move with later keys, or the declaration misleads; its sets still lie
+    inside the mask (no later key is ever read: the value-only leak tests above check its
+    outputs)."""
+    method, q, k, v = causal_runnable(name, 1, 2, 97, 97, 21, 13)
+    if not method.causal_choice_reads_ahead:
+        pytest.skip(f"{name} does not declare it (test_causal_no_future_leak covers keys)")
+    out = method(q, k, v, scale=0.3, generator=gen(4), mask=Causal(0))
+    moved = False
+    for t in (20, 48, 70):
+        k2 = k.clone()
+        k2[..., t + 1 :, :] = k2[..., t + 1 :, :].flip(-2) * 2 + 1
+        out2 = method(q, k2, v, scale=0.3, generator=gen(4), mask=Causal(0))
+        moved |= not torch.equal(out[..., : t + 1, :], out2[..., : t + 1, :])
+    assert moved, f"{name} declares causal_choice_reads_ahead but later keys never moved it"
+    sets = method.key_sets(q, k, v, 0.3, gen(4), Causal(0))
+    read = sets.rows(0, 97)
+    assert not (read & ~torch.ones(97, 97, dtype=torch.bool).tril()).any()
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -443,7 +466,8 @@ def test_offset_no_future_leak(name, case):
     for t in sorted({0, n_q // 3, n_q - 1}):
         after = offset + t + 1
         k2, v2 = k.clone(), v.clone()
-        k2[..., after:, :] = k2[..., after:, :].flip(-2) * 2 + 1
+        if not method.causal_choice_reads_ahead:  # else later keys may move the choice
+            k2[..., after:, :] = k2[..., after:, :].flip(-2) * 2 + 1
         v2[..., after:, :] = -3 * v2[..., after:, :]
         out2 = method(q, k2, v2, scale=0.3, generator=gen(4), mask=mask)
         assert torch.equal(out[..., : t + 1, :], out2[..., : t + 1, :]), (name, t)
@@ -528,6 +552,8 @@ def test_a_native_causal_mode_gives_the_prefill_rows_after_a_prefix(name, n_q):
     rounding (a scan may cut its chunks elsewhere; one query at the end runs as full)."""
     if get_method_class(name).causal_mode != "native":
         pytest.skip(f"{name}: causal_mode {get_method_class(name).causal_mode}")
+    if get_method_class(name).causal_choice_reads_ahead:
+        pytest.skip(f"{name} chooses from the whole input: a chunk after a prefix chooses anew")
     q, k, v = make_qkv(2, 2, 150, 150, 21, 13)
     method = build(name)
     prefill = method(q, k, v, scale=0.3, generator=gen(2), mask=Causal(0))

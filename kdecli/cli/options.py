@@ -137,6 +137,14 @@ OPTIONS: dict[str, Opt] = {
         "--phase decode: the decode steps a method's one-off preparation of the cache is "
         "amortised over (amortised step = step + preparation / steps).",
     ),
+    "diagnostics": Opt(
+        ("--diagnostics/--no-diagnostics",),
+        Optional[bool],
+        None,
+        "Also measure why each estimate is wrong: density, mass recall, selection vs estimation "
+        "error, row-sum error (a second exact pass; default: on under a full reference, off "
+        "under rows:R, where the split has rel_frobenius only).",
+    ),
     "repeats": Opt(("--repeats",), int, 3, "Timed calls per method (median reported)."),
     "warmup": Opt(("--warmup",), int, 1, "Untimed calls before timing."),
     "min_time": Opt(
@@ -267,7 +275,7 @@ RUN = Group(
     (
         "seeds", "seed", "device", "dtype", "scale", "causal", "repeats", "warmup", "min_time",
         "budget_mode", "bound", "timing", "reference", "backward", "query_offset", "phase",
-        "queries", "steps",
+        "queries", "steps", "diagnostics",
     ),
 )  # fmt: skip
 OUTPUT = _group(OutputOptions)
@@ -334,3 +342,41 @@ def _evaluated(parameter: inspect.Parameter, namespace: dict[str, Any]) -> inspe
     if isinstance(parameter.annotation, str):
         return parameter.replace(annotation=eval(parameter.annotation, namespace))
     return parameter
+
+
+# ---- per head (compare, approx, report) --------------------------------------------------------
+
+PerHead = Annotated[
+    bool,
+    typer.Option(
+        "--per-head",
+        help="Under the table, each setting's worst heads (batch × head slices, over every layer) "
+        "beside its mean, with their diagnostics where measured (the JSON keeps every head's "
+        "figures in any case).",
+    ),
+]
+EveryHead = Annotated[
+    bool,
+    typer.Option(
+        "--every-head",
+        help="With --target-error: every head (the worst, over every layer) must meet the "
+        "target, not the mean over heads.",
+    ),
+]
+
+
+def check_per_head(
+    per_head: bool, every_head: bool, target_error: float | None, fmt: str
+) -> str | None:
+    """Refuse ``--every-head`` without a target; the note to print where the ``--per-head``
+    table is not drawn (the machine formats), else None."""
+    if every_head and target_error is None:
+        raise UsageError(
+            "--every-head says how --target-error judges a setting; got no --target-error.",
+            hint="Add --target-error E: every head's error must then be at most E.",
+        )
+    if per_head and fmt not in ("table", "markdown"):
+        kept = "keeps every head's figures (errors.*.per_slice)"
+        where = f"the {fmt.upper()} {kept}" if fmt != "csv" else "the CSV has one row per record"
+        return f"--per-head: the worst-heads table is drawn in the table and Markdown; {where}."
+    return None

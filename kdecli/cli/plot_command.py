@@ -33,7 +33,8 @@ def plot_command(
         None,
         "--x",
         help="compare: budget (default) | time | flops, or several comma-separated (one panel "
-        "each); or layer (runs over a capture's layers). drift: budget (default) | layer | step "
+        "each); or layer (runs over a capture's layers); or head (each head's error; a layer × "
+        "head heat map for runs over layers). drift: budget (default) | layer | step "
         "(a --generate run's per-step curves). "
         "scale: n (always).",
         show_default=False,

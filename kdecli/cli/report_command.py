@@ -12,7 +12,14 @@ import typer
 
 from kdecli.cli import common as c
 from kdecli.cli.app import app
-from kdecli.cli.options import OUTPUT, OutputOptions, shared_options
+from kdecli.cli.options import (
+    OUTPUT,
+    EveryHead,
+    OutputOptions,
+    PerHead,
+    check_per_head,
+    shared_options,
+)
 from kdecli.errors import UsageError
 from kdecli.experiments.compare.records import RunReport
 from kdecli.experiments.documents import cut_short
@@ -41,16 +48,22 @@ def report_command(
         show_default=False,
     ),
     target_error: c.TargetError = None,
+    per_head: PerHead = False,
+    every_head: EveryHead = False,
     *,
     out: OutputOptions,
 ) -> None:
     """Re-render saved results: the table the command printed, Markdown, CSV, or normalised JSON."""
     # imports torch: when the command runs, not for --help
+    from kdecli.experiments.compare.heads import cheapest_every_head
     from kdecli.experiments.compare.pareto import cheapest_settings, check_target_error
 
     c.check_format(out.fmt, REPORT_FORMATS)
     if target_error is not None:
         check_target_error(target_error)
+    heads_note = check_per_head(per_head, every_head, target_error, out.fmt)
+    if heads_note:
+        c.note(heads_note, out.quiet)
     if out.fmt in ONE_DOCUMENT and len(results) > 1:
         raise UsageError(
             f"--format {out.fmt} writes one document; got {len(results)} results files.",
@@ -72,20 +85,28 @@ def report_command(
     for path, report, view in loaded:
         view.check_format(out.fmt, str(path))
         columns = view.parse_columns(out.columns)
+        if (per_head or every_head) and not isinstance(report, RunReport):
+            raise UsageError(
+                f"{path}: --per-head and --every-head read the heads of compare results; "
+                f"this is a {view.kind} document."
+            )
         if target_error is not None:
             if not isinstance(report, RunReport):
                 raise UsageError(
                     f"{path}: --target-error picks among the settings of compare results; "
                     f"this is a {view.kind} document."
                 )
-            report.pareto = cheapest_settings(report.results, target_error)
+            pick = cheapest_every_head if every_head else cheapest_settings
+            report.pareto = pick(report.results, target_error)
         rendered.append((report, view, columns))
     width, colour = c.table_width(out.output), c.colour(out.output)
+    heads = {"per_head": True} if per_head else {}  # compare results only (checked above)
     with Output(out.output) as output:
         for i, (report, view, columns) in enumerate(rendered):
             text = view.render_text(
-                report, out.fmt, width=width, columns=columns, colour=colour, verbose=out.verbose
-            )
+                report, out.fmt, width=width, columns=columns, colour=colour, verbose=out.verbose,
+                **heads,
+            )  # fmt: skip
             if out.fmt == "markdown":  # plain text for a terminal too: no control bytes
                 text = printable_lines(text, None)
             if i and out.fmt in ("table", "markdown"):

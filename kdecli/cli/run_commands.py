@@ -10,7 +10,17 @@ import typer
 
 from kdecli.cli import common as c
 from kdecli.cli.app import app
-from kdecli.cli.options import INPUT, OUTPUT, RUN, SWEEP, OutputOptions, shared_options
+from kdecli.cli.options import (
+    INPUT,
+    OUTPUT,
+    RUN,
+    SWEEP,
+    EveryHead,
+    OutputOptions,
+    PerHead,
+    check_per_head,
+    shared_options,
+)
 from kdecli.cli.signals import graceful_stop
 from kdecli.errors import Terminated, UsageError
 from kdecli.experiments.compare.records import (
@@ -39,6 +49,14 @@ class Sweep:
     params: dict[str, dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class Heads:
+    """``--per-head`` (the worst-heads table) and ``--every-head`` (how --target-error judges)."""
+
+    per_head: bool = False
+    every_head: bool = False
+
+
 def _run(
     input_spec: str | None,
     inputs: InputOptions,
@@ -48,6 +66,7 @@ def _run(
     plot: str | None = None,
     target_error: float | None = None,
     spread: SweepOptions = SweepOptions(),
+    heads: Heads = Heads(),
 ) -> None:
     from kdecli.experiments.compare.pareto import check_target_error
     from kdecli.experiments.compare.plan import plan_grid
@@ -56,6 +75,9 @@ def _run(
 
     # everything that can be refused is refused before any output is opened
     c.check_format(out.fmt, FORMATS)
+    heads_note = check_per_head(heads.per_head, heads.every_head, target_error, out.fmt)
+    if heads_note:
+        c.note(heads_note, out.quiet)
     spread.check()  # (a RunConfig is checked when it is made: before the input is read)
     columns = parse_columns(out.columns)
     c.check_output(out.output)
@@ -117,10 +139,10 @@ def _run(
         if resume is not None and not wanted and resume.previous is not None:
             c.note(f"Nothing left to run: {resume.path} holds every record.", out.quiet)
             report = _resumed_report(resume, None, info)
-            _render(report, out, columns, target_error, streaming=False)
+            _render(report, out, columns, target_error, streaming=False, heads=heads)
         else:
             report = _execute(
-                layers, jobs, run, out, spread, info, wanted, resume, columns, target_error
+                layers, jobs, run, out, spread, info, wanted, resume, columns, target_error, heads
             )
     if out.output is not None:
         c.note(f"Wrote {out.output}.", out.quiet)
@@ -184,7 +206,7 @@ def _resumed_report(resume: ResumeFile, report: RunReport | None, info) -> RunRe
 
 
 def _execute(
-    layers, jobs, run, out, spread, info, wanted, resume, columns, target_error
+    layers, jobs, run, out, spread, info, wanted, resume, columns, target_error, heads=Heads()
 ) -> RunReport:
     """Run the planned jobs' wanted records, streaming them as they finish; the whole report."""
     streaming = out.fmt == "jsonl" and resume is None
@@ -228,7 +250,7 @@ def _execute(
         if report.interrupted and not report.results:
             output.discard()  # nothing finished: the previous file stays as it was
         else:
-            _render(report, out, columns, target_error, streaming, output)
+            _render(report, out, columns, target_error, streaming, output, heads)
     if report.interrupted:
         if resume is not None:
             c.note(
@@ -243,21 +265,23 @@ def _execute(
     return report
 
 
-def _render(report, out, columns, target_error, streaming, output=None) -> None:
+def _render(report, out, columns, target_error, streaming, output=None, heads=Heads()) -> None:
     """The report as ``--format`` asks (a JSONL stream has had its lines already; the Pareto
     picks follow them)."""
+    from kdecli.experiments.compare.heads import cheapest_every_head
     from kdecli.experiments.compare.pareto import cheapest_settings
     from kdecli.experiments.compare.report import render_text
 
     if target_error is not None and not report.interrupted:
-        report.pareto = cheapest_settings(report.results, target_error)
+        pick = cheapest_every_head if heads.every_head else cheapest_settings
+        report.pareto = pick(report.results, target_error)
         if streaming:
             output.write(jsonl_pareto(report.pareto) + "\n")
     if streaming:
         return
     text = render_text(
         report, out.fmt, width=c.table_width(out.output), columns=columns,
-        colour=c.colour(out.output), verbose=out.verbose,
+        colour=c.colour(out.output), verbose=out.verbose, per_head=heads.per_head,
     )  # fmt: skip
     if output is not None:
         output.write(text)
@@ -276,6 +300,7 @@ def approx_command(
         256, "--budget", "-b", help="Keys or features per query (see `kdecli methods NAME`)."
     ),
     param: c.Params = None,
+    per_head: PerHead = False,
     *,
     inputs: InputOptions,
     run: RunConfig,
@@ -283,7 +308,7 @@ def approx_command(
 ) -> None:
     """Run one method at one budget and report its error and time against exact attention."""
     sweep = Sweep([method], [budget], c.parse_params(param, default_method=method))
-    _run(input_spec, inputs, sweep, run, out)
+    _run(input_spec, inputs, sweep, run, out, heads=Heads(per_head=per_head))
 
 
 def _split_list(text: str, what: str, convert=str) -> list:
@@ -312,6 +337,8 @@ def compare_command(
     param: c.Params = None,
     plot: str = typer.Option(None, "--plot", help="Also draw the error curves to this image file."),
     target_error: c.TargetError = None,
+    per_head: PerHead = False,
+    every_head: EveryHead = False,
     *,
     inputs: InputOptions,
     run: RunConfig,
@@ -328,4 +355,7 @@ def compare_command(
         _split_list(budgets, "budgets", int),
         c.parse_params(param),
     )
-    _run(input_spec, inputs, sweep, run, out, plot=plot, target_error=target_error, spread=spread)
+    _run(
+        input_spec, inputs, sweep, run, out, plot=plot, target_error=target_error, spread=spread,
+        heads=Heads(per_head, every_head),
+    )  # fmt: skip

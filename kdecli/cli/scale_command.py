@@ -1,10 +1,11 @@
 """`kdecli scale INPUT --methods ... --budget 256 --n 4096,...,1048576`: time and error against n;
-with `--phase decode`, of one decode step against the cache length n."""
+with `--phase decode`, of one decode step against the cache length n; with `--target-error E`,
+each method's smallest budget meeting E at each n (no timing)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
@@ -43,7 +44,9 @@ def scale_command(
     methods: str = typer.Option(
         "kdeformer,hyperattention,performer", "--methods", help="Comma-separated method names."
     ),
-    budget: int = typer.Option(256, "--budget", "-b", help="One budget for every length."),
+    budget: Optional[int] = typer.Option(
+        None, "--budget", "-b", help="One budget for every length (default 256)."
+    ),
     lengths: str = typer.Option(
         "4096,16384,65536",
         "--n",
@@ -52,6 +55,27 @@ def scale_command(
         "lengths.",
     ),
     param: c.Params = None,
+    target_error: Optional[float] = typer.Option(
+        None,
+        "--target-error",
+        help="Instead of timing: each method's smallest budget whose error (rel_spectral, the mean "
+        "over seeds and heads) is at most this, at each n, and its density budget/n.",
+    ),
+    budgets: Optional[str] = typer.Option(
+        None,
+        "--budgets",
+        help="--target-error: the budgets searched, comma-separated (default: powers of two from "
+        "16 to n, and n).",
+    ),
+    every_head: bool = typer.Option(
+        False, "--every-head", help="--target-error: every batch×head slice must meet it."
+    ),
+    search: str = typer.Option(
+        "bisect",
+        "--search",
+        help="--target-error: bisect (assumes the error falls as the budget grows) | all (every "
+        "budget measured).",
+    ),
     *,
     inputs: InputOptions,
     run: RunConfig,
@@ -61,7 +85,9 @@ def scale_command(
     reference and exact timing), and the fitted exponent of time in n for each method and for
     exact attention.  --phase decode: one decode step over a cache of n keys against exact
     attention's step, the method's preparation of the cache timed apart and amortised over
-    --steps."""
+    --steps.  --target-error E: no timing; per method, the smallest budget of a grid meeting E at
+    each n (a file cropped to its first n positions: for a capture, the causal prefill of its
+    first n tokens)."""
     from kdecli.experiments.scale.report import parse_columns, render_text
     from kdecli.experiments.scale.run import parse_lengths, scale
 
@@ -73,6 +99,12 @@ def scale_command(
     ns = parse_lengths(lengths)
     method_list = _split_list(methods, "methods")
     params = c.parse_params(param)
+    if target_error is not None or budgets is not None or every_head or search != "bisect":
+        _check_tolerable(target_error, budget, out.columns, inputs.all_layers)
+        _tolerable(input_spec, method_list, ns, target_error, budgets, every_head, search, params,
+                   inputs, run, out)  # fmt: skip
+        return
+    budget = 256 if budget is None else budget
     progress, update = c.progress_printer(out.quiet)
     with graceful_stop(lambda line: c.note(line, out.quiet)) as stop:
         with progress or contextlib.nullcontext():
@@ -102,6 +134,46 @@ def scale_command(
             output.discard()
     if report.interrupted:
         c.note(f"Interrupted: kept the {len(report.runs)} lengths that finished.", out.quiet)
+        raise typer.Exit(stop.exit_code)
+    if out.output is not None:
+        c.note(f"Wrote {out.output}.", out.quiet)
+
+
+def _check_tolerable(target_error, budget, columns, all_layers) -> None:
+    """What --target-error cannot be given with, in one line each."""
+    if target_error is None:
+        raise UsageError("--budgets, --every-head and --search go with --target-error E.")
+    if budget is not None:
+        raise UsageError("--target-error searches the budget: give the grid with --budgets.")
+    if columns is not None:
+        raise UsageError("--columns: the --target-error table has one column per n.")
+    if all_layers:
+        raise UsageError("--target-error measures one input: pick a layer, FILE.h5:/layer15.")
+
+
+def _tolerable(input_spec, methods, ns, target_error, budgets, every_head, search, params,
+               inputs, run, out) -> None:  # fmt: skip
+    """`scale --target-error`: the search, then its document written whole."""
+    from kdecli.experiments.scale.report import render_text
+    from kdecli.experiments.scale.tolerable import parse_budgets, tolerable_budgets
+
+    grid = parse_budgets(budgets)
+    progress, update = c.progress_printer(out.quiet)
+    with graceful_stop(lambda line: c.note(line, out.quiet)) as stop:
+        with progress or contextlib.nullcontext():
+            report = tolerable_budgets(
+                input_spec, methods, ns, target_error, run, budgets=grid, every_head=every_head,
+                search=search, options=inputs, params=params, on_progress=update,
+                should_stop=stop.requested,
+            )  # fmt: skip
+    with Output(out.output) as output:
+        if report.lengths:
+            width, colour = c.table_width(out.output), c.colour(out.output)
+            output.write(render_text(report, out.fmt, width=width, colour=colour))
+        else:
+            output.discard()
+    if report.interrupted:
+        c.note(f"Interrupted: kept the {len(report.lengths)} lengths that finished.", out.quiet)
         raise typer.Exit(stop.exit_code)
     if out.output is not None:
         c.note(f"Wrote {out.output}.", out.quiet)

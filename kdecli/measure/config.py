@@ -45,7 +45,10 @@ class RunConfig:
     ``phase``: ``prefill`` measures every query (as before 0.8); ``decode`` measures the last
     ``queries`` (M) queries only, each at its own position over its own prefix: Q's last M rows,
     K and V whole, ``Causal(n_k − M)`` (a causal mask even on an input that is not causal);
-    ``both`` measures the two, each with its own reference and floors.
+    ``both`` measures the two, each with its own reference and floors.  ``diagnostics`` also
+    diagnoses each measured call in a second pass (``kdecli.measure.diagnostics``: density, mass
+    recall, selection vs estimation error, row-sum error); None: on under a full reference, off
+    under a row sample (``diagnoses``).
     """
 
     seeds: int = 1
@@ -66,9 +69,16 @@ class RunConfig:
     phase: str = "prefill"  # one of RUN_PHASES
     queries: int = 1  # decode: the last M queries measured, each over its own prefix
     steps: int = 64  # decode: the steps a cache's one-off preparation is amortised over
+    diagnostics: bool | None = None  # None: on under a full reference, off under rows:R
 
     def __post_init__(self) -> None:
         self.check()
+
+    def diagnoses(self, sampled: bool) -> bool:
+        """Whether the calls of a setting are diagnosed: as asked, else unless its reference is
+        a row sample (``sampled``), where the diagnostics cost a pass over every row for
+        figures estimated on the sample."""
+        return (not sampled) if self.diagnostics is None else self.diagnostics
 
     def check(self) -> None:
         """Refuse what no input could make valid, with the allowed values (a ``UsageError``)."""

@@ -12,6 +12,8 @@
 - ``InputInfo`` (with its ``Shape``): the input as run; ``Floors``: the errors of the two trivial
   answers; ``ReferenceInfo``: which exact reference the errors are measured against (every row,
   or a row sample); ``ResultTime``: a record's timings beside exact attention's.
+- ``Diagnostics``: why one call's estimate is wrong (density, mass recall, selection vs
+  estimation error, row-sum error; ``kdecli.measure.diagnostics`` computes them).
 
 Every record's dict form is derived from its fields (``kdecli.records``); the documents of the
 experiments (``kdecli.experiments.compare.records``, scale, drift) are built around these.
@@ -359,3 +361,31 @@ class ResultTime(Record):
     @property
     def exact_backward_median(self) -> float | None:
         return None if self.exact_backward_s is None else self.exact_backward_s.median
+
+
+# The diagnostics' figures (``Diagnostics``), and those split by norm like the errors.
+DIAGNOSTIC_FIGURES = ("density", "mass_recall", "selection_error", "estimation_error", "lse_error")
+SPLIT_FIGURES = ("selection_error", "estimation_error")
+
+
+@dataclass(frozen=True)
+class Diagnostics(Record):
+    """Why one call's estimate is wrong (``kdecli.measure.diagnostics``; docs/metrics.md): one
+    ``Summary`` per figure over batch×head slices (``per_slice`` keeps every head).
+    ``selection_error`` and ``estimation_error`` hold one ``Summary`` per norm (``rel_spectral``,
+    ``rel_frobenius``).  A figure the method cannot give is null and ``note`` says why (no key
+    set: the method's ``key_set_note``); under a row sample it says the figures are the rows'."""
+
+    density: Summary | None = None
+    mass_recall: Summary | None = None
+    selection_error: dict[str, Summary] | None = None
+    estimation_error: dict[str, Summary] | None = None
+    lse_error: Summary | None = None
+    note: str | None = json_field(None, omit="none")
+
+    def figure(self, name: str, metric: str = "rel_spectral") -> Summary | None:
+        """``name``'s Summary (one of ``DIAGNOSTIC_FIGURES``); a split's in ``metric``."""
+        value = getattr(self, name)
+        if name in SPLIT_FIGURES:
+            return None if value is None else value.get(metric)
+        return value

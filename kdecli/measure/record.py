@@ -8,6 +8,10 @@ classified (``kdecli.measure.failures``: a refusal, running out of memory, an er
 output of the wrong shape or with non-finite values is an error.  Only a finite output of the
 right shape is measured.  The cost model's FLOPs and the keys a query pays are recorded whatever
 happens, with exact attention's FLOPs at the same shape and mask beside them (``Paid``).
+
+Given the float64 inputs (``exact_inputs``), a measured call is also diagnosed in a second pass
+(``kdecli.measure.diagnostics``: density, mass recall, selection vs estimation error, row-sum
+error), after its errors and apart from them: the errors are the same with or without it.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from kdecli.masks import Mask
+from kdecli.measure.diagnostics import diagnose
 from kdecli.measure.failures import Failure
-from kdecli.measure.figures import Summary
+from kdecli.measure.figures import Diagnostics, Summary
 from kdecli.measure.seeds import generator
 from kdecli.measure.target import Target
 from kdecli.methods import method_of_role
@@ -29,12 +34,14 @@ from kdecli.qkv import QKV
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one call of a method × seed gave: ``ok`` and its errors, or a status and why."""
+    """What one call of a method × seed gave: ``ok`` and its errors, or a status and why; and,
+    where asked, the diagnostics of an ``ok`` call."""
 
     status: str = "ok"
     reason: str | None = None
     errors: dict[str, Summary] | None = None
     flops: float | None = None
+    diagnostics: Diagnostics | None = None
 
     def error(self, metric: str) -> float | None:
         """The mean over slices of ``metric``, or None."""
@@ -70,11 +77,13 @@ def measure_call(
     mask: Mask,
     run_seed: int,
     prompt: torch.Tensor | None = None,
+    exact_inputs: QKV | None = None,
 ) -> Outcome:
     """Run ``method`` once on ``work`` under ``mask`` with its generator for ``run_seed`` and
     measure the output against ``target`` (see the module docstring).  A method that
     ``needs_prompt_queries`` runs as a decode step over a cache prepared with ``prompt`` (the
-    queries before ``work``'s), and is refused without it."""
+    queries before ``work``'s), and is refused without it.  ``exact_inputs``: the float64
+    inputs the target was computed from, to diagnose the call against (None: no diagnostics)."""
     if method.needs_prompt_queries:
         reasons = method.not_supported_reasons(work.q, work.k, work.v, mask, prompt_queries=prompt)
     else:
@@ -99,7 +108,13 @@ def measure_call(
     bad = int((~torch.isfinite(out)).sum())
     if bad:
         return Outcome("error", f"non-finite output: {bad} NaN or infinite values", flops=flops)
-    return Outcome(errors=target.errors(out), flops=flops)
+    errors = target.errors(out)
+    diagnostics = None
+    if exact_inputs is not None:
+        diagnostics = diagnose(
+            method, work, exact_inputs, target.exact, out, scale, mask, run_seed, prompt
+        )
+    return Outcome(errors=errors, flops=flops, diagnostics=diagnostics)
 
 
 def _call(method, work: QKV, scale: float, mask: Mask, seeded, prompt) -> torch.Tensor:

@@ -27,8 +27,13 @@ from kdecli.methods import quest as _quest  # noqa: F401
 from kdecli.methods import magicpig as _magicpig  # noqa: F401
 from kdecli.methods import h2o as _h2o  # noqa: F401
 from kdecli.methods import snapkv as _snapkv  # noqa: F401
+from kdecli.methods import blocktopk as _blocktopk  # noqa: F401
+from kdecli.methods import vertical_slash as _vertical_slash  # noqa: F401
+from kdecli.methods import xattention as _xattention  # noqa: F401
+from kdecli.methods import flexprefill as _flexprefill  # noqa: F401
 from kdecli.methods import oracles as _oracles  # noqa: F401  (registers topk, rankk)
 from kdecli.methods import page_oracle as _page_oracle  # noqa: F401  (registers topk_pages)
+from kdecli.methods import tile_oracle as _tile_oracle  # noqa: F401  (registers topk_tiles)
 # isort: on
 
 __all__ = [

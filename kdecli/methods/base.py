@@ -81,6 +81,13 @@ class AttentionMethod:
                                     estimate; no later key or value ever reaches it.  In a model a
                                     later query depends on later tokens, so next-token figures
                                     (perplexity) of such a method can read slightly optimistic
+      causal_choice_reads_ahead  -- causal only: which earlier keys a query reads is chosen from
+                                    the whole input, later keys and queries included (the
+                                    deployed block-sparse prefills rank their lines or tiles
+                                    from the last queries over every key), so a later key can
+                                    change an earlier query's key set; no later key or value
+                                    ever enters its output.  Implies ``causal_query_coupled``
+                                    for the model-level figures' caveat
       role                       -- what the method is for in a report (one of ``ROLES``):
                                     "reference" (exact attention: the errors are rounding, its time
                                     is the one every speed-up divides), "baseline" (a trivial answer
@@ -129,6 +136,7 @@ class AttentionMethod:
     supports_causal: ClassVar[bool] = False
     causal_mode: ClassVar[str] = ""  # set from supports_causal when a class leaves it empty
     causal_query_coupled: ClassVar[bool] = False
+    causal_choice_reads_ahead: ClassVar[bool] = False
     supports_grad: ClassVar[bool] = True
     role: ClassVar[str] = "approximation"
     estimates: ClassVar[str] = "softmax"
@@ -576,6 +584,7 @@ class AttentionMethod:
             "supports_causal": cls.supports_causal,
             "causal_mode": cls.causal_mode,
             "causal_query_coupled": cls.causal_query_coupled,
+            "causal_choice_reads_ahead": cls.causal_choice_reads_ahead,
             "supports_grad": cls.supports_grad,
             "role": cls.role,
             "oracle": cls.role == "oracle",

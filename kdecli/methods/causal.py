@@ -31,6 +31,10 @@ of the recursion is one call of the method, whatever the depth.  An odd piece ge
 appended; in every piece real rows precede appended ones, so under the causal mask an appended key
 is never seen by a real query, and the appended query's output is cut off.
 
+The recursion takes the exact pieces as a parameter too (``ExactPiece``): the key sets of a
+decomposed call (``kdecli.methods.keyset_calls``) run this very recursion, recording each piece's
+keys instead of computing it.
+
 This module knows methods only through what it is handed (``partial``, ``causal_leaf``, ``flops``,
 ``keys_per_query``); it imports no method class, and ``kdecli.methods.base`` imports it.
 """
@@ -76,6 +80,9 @@ class Partial(NamedTuple):
 # queries sit ``query_offset`` positions after its keys (the block's first query at key index
 # query_offset, as a position-aware method such as a local band needs to know).
 FullBlock = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], Partial]
+# exact(q, k, v, mask) -> Partial: an exact piece (a leaf, or a whole input of at most ``leaf``
+# positions) under its causal mask; by default ``exact_partial`` of the scaled queries.
+ExactPiece = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Mask], Partial]
 
 
 def causal_by_halves(
@@ -85,20 +92,23 @@ def causal_by_halves(
     v: torch.Tensor,
     scale: float,
     leaf: int,
+    exact: ExactPiece | None = None,
 ) -> Partial:
-    """Causal attention (n_q = n_k = n) by the decomposition of the module docstring."""
+    """Causal attention (n_q = n_k = n) by the decomposition of the module docstring; ``exact``
+    computes the leaves (``ExactPiece``)."""
     b, h, n, _ = q.shape
     if n <= max(1, leaf):
-        return exact_partial(q * scale, k, v, Causal(0))
+        return exact(q, k, v, Causal(0)) if exact else exact_partial(q * scale, k, v, Causal(0))
     if n % 2:  # an appended zero row is seen only by itself under the causal mask
         lse, out = causal_by_halves(
-            full_block, *(pad_dim(x, n + 1) for x in (q, k, v)), scale, leaf
+            full_block, *(pad_dim(x, n + 1) for x in (q, k, v)), scale, leaf, exact
         )
         return Partial(lse[..., :n], out[..., :n, :])
     half = n // 2
     lse_d, out_d = causal_by_halves(
-        full_block, *(x.reshape(b, 2 * h, half, x.shape[-1]) for x in (q, k, v)), scale, leaf
-    )
+        full_block, *(x.reshape(b, 2 * h, half, x.shape[-1]) for x in (q, k, v)), scale, leaf,
+        exact,
+    )  # fmt: skip
     lse_d, out_d = lse_d.reshape(b, h, n), out_d.reshape(b, h, n, v.shape[-1])
     lse_low, out_low = full_block(q[..., half:, :], k[..., :half, :], v[..., :half, :], half)
     lse_2, out_2 = merge_lse(lse_d[..., half:], out_d[..., half:, :], lse_low, out_low)
@@ -116,16 +126,21 @@ def causal_with_offset(
     scale: float,
     leaf: int,
     offset: int,
+    exact: ExactPiece | None = None,
 ) -> Partial:
     """Attention under ``Causal(offset)`` with n_k = offset + n_q, by the module docstring: the
     prefix block (keys before the first query's position) merged with the causal square."""
     n_q = q.shape[-2]
     if offset == 0:
-        return causal_by_halves(full_block, q, k, v, scale, leaf)
+        return causal_by_halves(full_block, q, k, v, scale, leaf, exact)
     if offset + n_q <= max(1, leaf):  # the whole input is one exact piece
+        if exact:
+            return exact(q, k, v, Causal(offset))
         return exact_partial(q * scale, k, v, Causal(offset))
     prefix = full_block(q, k[..., :offset, :], v[..., :offset, :], offset)
-    square = causal_by_halves(full_block, q, k[..., offset:, :], v[..., offset:, :], scale, leaf)
+    square = causal_by_halves(
+        full_block, q, k[..., offset:, :], v[..., offset:, :], scale, leaf, exact
+    )
     return Partial(*merge_lse(prefix.lse, prefix.out, square.lse, square.out))
 
 
@@ -134,14 +149,19 @@ def decomposed_causal(method, q, k, v, scale: float, generator, offset: int = 0)
     its ``partial`` (non-causal, with row sums) on every full block, pieces of at most
     ``method.causal_leaf()`` positions exact.  Half-precision inputs are computed in float32 (row
     sums of thousands of keys) and cast back."""
+    return decomposed_partial(method, q, k, v, scale, generator, offset).out.to(v.dtype)
+
+
+def decomposed_partial(method, q, k, v, scale: float, generator, offset: int = 0) -> Partial:
+    """``decomposed_causal`` with its merged log row sums, in the working dtype: the lse of a
+    decomposed method is the merge of its pieces' (exact leaves, estimated full blocks)."""
     work = working_dtype(q.dtype)
 
     def full_block(qb, kb, vb, query_offset):
         return method.partial(qb, kb, vb, scale, generator, query_offset)
 
     q_w, k_w, v_w = q.to(work), k.to(work), v.to(work)
-    _, out = causal_with_offset(full_block, q_w, k_w, v_w, scale, method.causal_leaf(), offset)
-    return out.to(v.dtype)
+    return causal_with_offset(full_block, q_w, k_w, v_w, scale, method.causal_leaf(), offset)
 
 
 def exact_causal_flops(b: int, h: int, n_q: int, offset: int, d: int, d_v: int) -> float:

@@ -25,6 +25,7 @@ class Exact(AttentionMethod):
     summary = "Exact softmax attention (torch scaled_dot_product_attention in the working dtype)."
     paper = "Vaswani et al., Attention Is All You Need, NeurIPS 2017"
     role = "reference"
+    key_set_note = "exact attention reads every key the mask allows"
     uses_budget = False
     supports_causal = True
     cost_help = (
@@ -86,6 +87,7 @@ class Mean(AttentionMethod):
     summary = "Every query gets the mean of V (all logits equal): the floor to beat."
     paper = "baseline (KDEformer paper, section 6 discussion)"
     role = "baseline"
+    key_set_note = "it reads no logit: each query gets the mean of the values it sees"
     uses_budget = False
     supports_causal = True
     cost_help = "n_k·d_v additions."

@@ -33,6 +33,7 @@ from kdecli.masks import FULL
 from kdecli.methods.base import Param
 from kdecli.methods.common import gather_rows, working_dtype
 from kdecli.methods.decode import DecodeCache
+from kdecli.methods.keysets import KeySets
 from kdecli.methods.registry import register
 from kdecli.methods.selection import (
     PROMPT_PARAMS,
@@ -123,6 +124,17 @@ class H2O(PromptChosen):
 
     def forward_decode(self, q, cache):
         return torch.cat([step.out for step in self.steps(q, cache)], dim=-2).to(cache.v.dtype)
+
+    def decode_key_sets(self, q, cache):
+        # the steps themselves: what each read, after the evictions of the steps before it
+        steps = list(self.steps(q, cache))
+        index = torch.stack([step.index for step in steps], dim=-2)  # (b, h, n_q, m)
+        valid = torch.stack([step.valid for step in steps], dim=-2)
+        return KeySets.from_index(
+            q.shape[-2],
+            cache.keys,
+            lambda start, stop: (index[..., start:stop, :], valid[..., start:stop, :]),
+        )
 
     def steps(self, q: torch.Tensor, cache: HeavyHitterCache) -> Iterator[Step]:
         """The decode steps of the module docstring, in order (a step's kept set is what the

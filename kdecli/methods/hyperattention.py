@@ -21,6 +21,9 @@ max(min_seq_len, block_size) positions are exact (one block would hold all their
 Queries of a full block are sorted among themselves, so a later query can move an earlier one's
 block (never a later key into it).  Exact when one block holds every key (block_size >= n_k) or
 n_k < min_seq_len.
+
+Key sets (``kdecli.methods.keysets``): block t ∪ {π_u} (every key below min_seq_len), an estimate
+over them; ``log_row_sums``: log(e^{L₁} + e^{L₂}), merged over the pieces under a causal mask.
 """
 
 from __future__ import annotations
@@ -33,7 +36,14 @@ from kdecli.masks import FULL
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.causal import Partial, exact_partial, softmax_part
 from kdecli.methods.common import gather_rows, merge_lse
-from kdecli.methods.lsh import PAIRING, SortedBlocks, resolve_pairing, sort_into_blocks
+from kdecli.methods.keyset_calls import decomposed_key_sets, decomposed_log_row_sums
+from kdecli.methods.lsh import (
+    PAIRING,
+    SortedBlocks,
+    block_sets,
+    resolve_pairing,
+    sort_into_blocks,
+)
 from kdecli.methods.registry import register
 
 
@@ -64,6 +74,7 @@ class HyperAttention(AttentionMethod):
     )
     randomized = True
     causal_mode = "decomposition"
+    key_set_note = ""  # it returns its key sets
     causal_query_coupled = True  # a full block's queries are sorted into blocks together
     cost_help = (
         "2·(n_q+n_k)·d·r hashing + 2·n_q·(block_size + samples)·(d + d_v) for the block and "
@@ -98,16 +109,40 @@ class HyperAttention(AttentionMethod):
         """(lse, output) of non-causal HyperAttention; exact when n_k < min_seq_len."""
         cfg = self.config
         q_scaled = q * scale
-        b, h, _, _ = q_scaled.shape
-        n_k = k.shape[-2]
-        if n_k < cfg["min_seq_len"]:
+        if k.shape[-2] < cfg["min_seq_len"]:
             return exact_partial(q_scaled, k, v)
+        return hyper_lse(q_scaled, k, v, *self.draws(q, q_scaled, k, generator))
+
+    def draws(self, q, q_scaled, k, generator):
+        """(blocks, sample index (b, h, m)): every random draw of one call, in order."""
+        cfg = self.config
         pairing = resolve_pairing(cfg["pairing"], q, k)  # before scaling: K = Q is asked of q
         blocks = sort_into_blocks(
             q_scaled, k, cfg["block_size"], cfg["num_projs"], generator, pairing
         )
+        b, h, n_k = k.shape[0], k.shape[1], k.shape[-2]
         index = torch.randint(n_k, (b, h, cfg["samples"]), generator=generator, device=k.device)
-        return hyper_lse(q_scaled, k, v, blocks, index)
+        return blocks, index
+
+    def block_sets(self, q, k, v, scale, generator, query_offset):
+        """Each query's keys (``kdecli.methods.keyset_calls``): its block's, then the m samples;
+        every key below min_seq_len (then exact)."""
+        b, h, n_q, _ = q.shape
+        n_k = k.shape[-2]
+        if n_k < self.config["min_seq_len"]:
+            index = torch.arange(n_k, device=k.device).expand(b, h, n_q, n_k)
+            return index, torch.ones_like(index, dtype=torch.bool)
+        return block_sets(*self.draws(q, q * scale, k, generator))
+
+    def key_sets(self, q, k, v, scale, generator, mask=FULL):
+        # the samples stand for n_k/m keys each: an estimate over the set
+        return decomposed_key_sets(
+            self, q, k, v, scale, generator, mask, exact_over_set=False, cast_full=False
+        )
+
+    def log_row_sums(self, q, k, v, scale, generator, mask=FULL):
+        # the block's and the scaled samples' row sums merged (and the pieces', causal)
+        return decomposed_log_row_sums(self, q, k, v, scale, generator, mask, cast_full=False)
 
     def causal_leaf(self):
         # Below block_size every piece would be exact anyway (one block holds all its keys), so

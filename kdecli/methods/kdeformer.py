@@ -23,6 +23,10 @@ otherwise, as measured: aligned lowered the error 11–15 % on MiniLM's heads an
 Causal: the shared decomposition (``kdecli.methods.causal``) with L_i = log N_i[d_v] + c_i, the
 estimated row sum D̃_i.  Queries of a full block are sorted among themselves, so a later query can
 move an earlier one's block (never a later key into it).
+
+Key sets (``kdecli.methods.keysets``): block(i) ∪ {π_t}, the keys N_i reads, over which it
+estimates (``exact_over_set`` False); causal, over every piece (``kdecli.methods.keyset_calls``).
+``log_row_sums``: log D̃_i, merged over the pieces under a causal mask.
 """
 
 from __future__ import annotations
@@ -33,7 +37,14 @@ from kdecli.masks import FULL
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial
 from kdecli.methods.common import gather_rows, needs_grad, with_ones_column, working_dtype
-from kdecli.methods.lsh import PAIRING, SortedBlocks, resolve_pairing, sort_into_blocks
+from kdecli.methods.keyset_calls import decomposed_key_sets, decomposed_log_row_sums
+from kdecli.methods.lsh import (
+    PAIRING,
+    SortedBlocks,
+    block_sets,
+    resolve_pairing,
+    sort_into_blocks,
+)
 from kdecli.methods.registry import register
 
 SAMPLINGS = ("value-norm", "uniform", "column-norm")
@@ -65,6 +76,7 @@ class KDEformer(AttentionMethod):
     )
     randomized = True
     causal_mode = "decomposition"
+    key_set_note = ""  # it returns its key sets
     causal_query_coupled = True  # a full block's queries are sorted into blocks together
     cost_help = (
         "2·(n_q+n_k)·d·r hashing + 2·n_q·(block_size + samples)·(d + d_v + 1) for the block and "
@@ -110,14 +122,35 @@ class KDEformer(AttentionMethod):
         return Partial(blocks.unsort_queries(lse.unsqueeze(-1)).squeeze(-1), out)
 
     def _estimate(self, q, k, v, scale, generator):
-        cfg = self.config
-        pairing = resolve_pairing(cfg["pairing"], q, k)
-        blocks = sort_into_blocks(q, k, cfg["block_size"], cfg["num_projs"], generator, pairing)
-        sample_index, sample_weight = self.draw_samples(q, k, v, scale, generator)
+        blocks, sample_index, sample_weight = self.draws(q, k, v, scale, generator)
         numerator, denominator, shift = sorted_estimate(
             q, k, v, scale, blocks, sample_index, sample_weight
         )
         return numerator, denominator, shift, blocks
+
+    def draws(self, q, k, v, scale, generator):
+        """(blocks, sample index, sample weight): every random draw of one call, in order."""
+        cfg = self.config
+        pairing = resolve_pairing(cfg["pairing"], q, k)
+        blocks = sort_into_blocks(q, k, cfg["block_size"], cfg["num_projs"], generator, pairing)
+        return (blocks, *self.draw_samples(q, k, v, scale, generator))
+
+    def block_sets(self, q, k, v, scale, generator, query_offset):
+        """Each query's keys (``kdecli.methods.keyset_calls``): its block's, then the m samples
+        (those in its block already counted there)."""
+        blocks, sample_index, _ = self.draws(q, k, v, scale, generator)
+        return block_sets(blocks, sample_index)
+
+    def key_sets(self, q, k, v, scale, generator, mask=FULL):
+        # the samples are importance-weighted: an estimate over the set; a plain call runs in
+        # the inputs' own dtype (forward_full), the decomposition in the working one
+        return decomposed_key_sets(
+            self, q, k, v, scale, generator, mask, exact_over_set=False, cast_full=False
+        )
+
+    def log_row_sums(self, q, k, v, scale, generator, mask=FULL):
+        # log N_i[d_v] + c_i of each piece, merged under a causal mask
+        return decomposed_log_row_sums(self, q, k, v, scale, generator, mask, cast_full=False)
 
     def draw_samples(self, q, k, v, scale, generator):
         """m key indices per slice, drawn with replacement, and their weights 1/(m·p)."""

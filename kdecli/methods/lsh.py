@@ -99,6 +99,15 @@ class SortedBlocks:
         blocks = torch.arange(self.num_blocks, device=k_index.device).view(1, 1, -1, 1)
         return self.key_block_of(k_index).unsqueeze(2) == blocks
 
+    def block_key_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, valid), (b, h, num_blocks, key_block): the original keys each query block
+        scores (``sorted_keys``' rows) and which are real (not padding)."""
+        nb, bk = self.num_blocks, self.key_block
+        position = torch.arange(nb * bk, device=self.k_order.device)
+        index = self.k_order[..., position.clamp(max=self.n_k - 1)]
+        valid = (position < self.n_k).expand_as(index)
+        return index.unflatten(-1, (nb, bk)), valid.unflatten(-1, (nb, bk))
+
     def unsort_queries(self, y: torch.Tensor) -> torch.Tensor:
         """Inverse of ``sorted_queries``: (b, h, num_blocks, query_block, w) -> (b, h, n_q, w)."""
         b, h, w = y.shape[0], y.shape[1], y.shape[-1]
@@ -145,6 +154,13 @@ class AlignedBlocks(SortedBlocks):
 
     def key_valid(self, device: torch.device) -> torch.Tensor | None:
         return None  # windows lie inside the n_k real keys
+
+    def block_key_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = self.tile_start.unsqueeze(-1) + torch.arange(
+            self.key_block, device=self.k_order.device
+        )
+        index = torch.gather(self.k_order, -1, positions.flatten(2)).view(positions.shape)
+        return index, torch.ones_like(index, dtype=torch.bool)
 
     def block_mask(self, device: torch.device) -> None:
         return None
@@ -216,3 +232,19 @@ def aligned_blocks(q_rank, q_order, k_rank, k_order, key_block, query_block, n_q
     p_med = middle[..., medians.clamp(max=n_q - 1)]  # (b, h, num_blocks)
     tile_start = (p_med - key_block // 2).clamp(0, n_k - key_block)
     return AlignedBlocks(q_order, k_order, num_blocks, query_block, key_block, n_q, n_k, tile_start)
+
+
+def block_sets(blocks: SortedBlocks, shared: torch.Tensor | None = None):
+    """(index, valid), (b, h, n_q, key_block [+ m]): the keys of each query's block and then the
+    ``shared`` keys (b, h, m) every query also reads (a residual's samples): the key sets of
+    the sorted-LSH estimators (``kdecli.methods.keysets``)."""
+    index, valid = blocks.block_key_index()
+    block = inverse_permutation(blocks.q_order) // blocks.query_block  # (b, h, n_q)
+    at = block.unsqueeze(-1).expand(*block.shape, index.shape[-1])
+    index, valid = torch.gather(index, 2, at), torch.gather(valid, 2, at)
+    if shared is None:
+        return index, valid
+    shared = shared.unsqueeze(-2).expand(*block.shape, shared.shape[-1])
+    return torch.cat([index, shared], -1), torch.cat(
+        [valid, torch.ones_like(shared, dtype=torch.bool)], -1
+    )

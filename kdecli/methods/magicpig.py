@@ -24,6 +24,10 @@ right angles to their queries, so the candidates are random and data-dependent:
 Here the collision test compares every query's codes with every allowed key's (a table lookup in
 the deployed system), so the call costs about what exact attention does: the figures are its
 error, not its speed.  Exact when the window covers the prefix.
+
+Key sets (``kdecli.methods.keysets``): S_i = E_i ∪ C_i, over which it estimates (the candidates
+importance-weighted, ``exact_over_set`` False); ``log_row_sums`` is the log of the denominator
+above, log(Σ_{E_i} e^{ℓ_ij} + Σ_{C_i} e^{ℓ_ij}/p_ij).  Both come from the forward's own chunks.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from kdecli.masks import FULL
 from kdecli.measure.reference import chunk_rows
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.common import working_dtype
+from kdecli.methods.keyset_calls import Call, in_forward_chunks
+from kdecli.methods.keysets import KeySets
 from kdecli.methods.registry import register
 from kdecli.methods.selection import query_positions, sinks_and_window
 
@@ -74,6 +80,7 @@ class MagicPIG(AttentionMethod):
     )  # fmt: skip
     randomized = True
     supports_causal = True
+    key_set_note = ""  # it returns its key sets
     supports_grad = False  # the candidates are a discrete draw and p_ij is not differentiated
     cost_help = (
         "hashing 2·(n_q + n_k)·d·K·L, the collision test n_q·n_k·L, and the products of the kept "
@@ -150,7 +157,25 @@ class MagicPIG(AttentionMethod):
     def estimate(self, q, k, v, scale, generator, mask) -> tuple[torch.Tensor, float]:
         """(Õ, mean keys read per query) under ``mask`` (n_k = offset + n_q when causal)."""
         work = working_dtype(q.dtype)
-        q, k, v = q.to(work), k.to(work), v.to(work)
+        v = v.to(work)
+        b, h, n_q, _ = q.shape
+        step, chunk = self.hashed(q, k, scale, generator, mask)
+        out = torch.empty(b, h, n_q, v.shape[-1], dtype=work, device=q.device)
+        read = 0.0
+        for start in range(0, n_q, step):
+            stop = min(n_q, start + step)
+            kept, corrected = chunk(start, stop)
+            weights = torch.softmax(corrected.masked_fill(~kept, float("-inf")), dim=-1)
+            out[..., start:stop, :] = weights @ v
+            read += float(kept.sum())
+        return out, read / (b * h * n_q)
+
+    def hashed(self, q, k, scale, generator, mask):
+        """(step, ``chunk(start, stop) -> (kept, corrected)``): the hyperplanes drawn and the keys
+        hashed once, then per chunk of ``step`` queries the keys read, E_i ∪ C_i (b, h, c, n_k),
+        and the logits with the candidates' −log p_ij (the forward's and the sets' one code)."""
+        work = working_dtype(q.dtype)
+        q, k = q.to(work), k.to(work)
         b, h, n_q, d = q.shape
         n_k = k.shape[-2]
         bits, tables = self.config["bits"], self.tables_for(n_k)
@@ -159,11 +184,8 @@ class MagicPIG(AttentionMethod):
         key_norms = k.norm(dim=-1).clamp_min(torch.finfo(work).tiny)
         positions = query_positions(n_q, n_k, mask, q.device)
         keys = torch.arange(n_k, device=q.device)
-        out = torch.empty(b, h, n_q, v.shape[-1], dtype=work, device=q.device)
-        read = 0.0
-        step = chunk_rows(3 * b * h, n_k)  # about eight n_k-wide buffers per query
-        for start in range(0, n_q, step):
-            stop = min(n_q, start + step)
+
+        def chunk(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
             p = positions[start:stop].unsqueeze(-1)
             qc = q[..., start:stop, :]
             allowed = keys <= p  # (c, n_k)
@@ -178,11 +200,26 @@ class MagicPIG(AttentionMethod):
             angle = torch.arccos(cosine.double().clamp(-1, 1))
             log_chance = collision_probability(1 - angle / math.pi, bits, tables).log()
             corrected = torch.where(candidate, logits - log_chance.to(work), logits)
-            kept = exact | candidate
-            weights = torch.softmax(corrected.masked_fill(~kept, float("-inf")), dim=-1)
-            out[..., start:stop, :] = weights @ v
-            read += float(kept.sum())
-        return out, read / (b * h * n_q)
+            return exact | candidate, corrected
+
+        return chunk_rows(3 * b * h, n_k), chunk  # about eight n_k-wide buffers per query
+
+    def key_sets(self, q, k, v, scale, generator, mask=FULL):
+        # E_i exact, C_i importance-weighted: an estimate over the set, not softmax over it
+        call = Call.of(self, q, k, v, mask)
+        step, chunk = self.hashed(q, call.k, scale, generator, call.mask)
+        rows = in_forward_chunks(q.shape[-2], step, lambda start, stop: chunk(start, stop)[0])
+        return call.widened(KeySets(q.shape[-2], call.k.shape[-2], rows, exact_over_set=False))
+
+    def log_row_sums(self, q, k, v, scale, generator, mask=FULL):
+        # log(Σ_{E_i} e^ℓ + Σ_{C_i} e^ℓ/p): the denominator of the module docstring
+        call = Call.of(self, q, k, v, mask)
+        step, chunk = self.hashed(q, call.k, scale, generator, call.mask)
+        pieces = []
+        for start in range(0, q.shape[-2], step):
+            kept, corrected = chunk(start, min(q.shape[-2], start + step))
+            pieces.append(torch.logsumexp(corrected.masked_fill(~kept, float("-inf")), dim=-1))
+        return torch.cat(pieces, dim=-1)
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         bits, tables = self.config["bits"], self.tables_for(n_k)

@@ -31,6 +31,7 @@ from kdecli.masks import FULL
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial
 from kdecli.methods.common import working_dtype
+from kdecli.methods.keyset_calls import Call, decomposed_log_row_sums
 from kdecli.methods.registry import register
 
 
@@ -55,6 +56,10 @@ class Nystromformer(AttentionMethod):
         CAUSAL_LEAF,
     )
     causal_mode = "decomposition"
+    key_set_note = (
+        "a low-rank estimate: every key enters through its segment's landmark, so no key is "
+        "left out; its row sums are reported"
+    )
     causal_query_coupled = True  # query landmarks are means over a full block's queries
     cost_help = (
         "2·m·(n_q + n_k)·d + 2·m·n_k·d_v for F, G and GV, 2·m²·d for M, about 8·m³ per "
@@ -79,6 +84,13 @@ class Nystromformer(AttentionMethod):
         in_dtype, work = v.dtype, working_dtype(q.dtype)
         _, out = self.partial(q.to(work), k.to(work), v.to(work), scale, generator, None)
         return out.to(in_dtype)
+
+    def log_row_sums(self, q, k, v, scale, generator, mask=FULL):
+        # a plain call forms no row sum (its three softmaxes are normalised); the causal
+        # decomposition merges its full blocks' D̃_i with the exact leaves'
+        if not Call.of(self, q, k, v, mask).mask.is_causal:
+            return None
+        return decomposed_log_row_sums(self, q, k, v, scale, generator, mask)
 
     def partial(self, q, k, v, scale, generator, query_offset):
         m = self.config["landmarks"]

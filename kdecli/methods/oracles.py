@@ -6,6 +6,7 @@ never a speed-up.  Each refuses inputs above ``max_n`` (a parameter) instead of 
 topk:   Õ_i = Σ_{j∈T_i} e^{ℓ_ij − c_i} v_j / Σ_{j∈T_i} e^{ℓ_ij − c_i}, T_i = the m largest logits of
         query i (among j ≤ offset + i under Causal(offset)), c_i = max_j ℓ_ij.  Computed in query chunks, so memory is
         O(chunk·n_k): it runs wherever the float64 reference runs.  Exact when m >= n_k.
+        Its key sets (``key_sets``) are the T_i, from the same chunks and the same top-m.
 rankk:  Õ = P_m V with P = D⁻¹A and P_m its best rank-m approximation (truncated SVD; Eckart–Young,
         in both the spectral and the Frobenius norm).  P is formed per slice in float64.  When
         n_q <= n_k, P_m = U_m U_mᵀ P so Õ = U_m (U_mᵀ O) with U_m the top eigenvectors of P Pᵀ;
@@ -27,6 +28,8 @@ from kdecli.measure.reference import chunk_rows, iter_softmax_chunks
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial
 from kdecli.methods.common import working_dtype
+from kdecli.methods.keyset_calls import Call, in_forward_chunks
+from kdecli.methods.keysets import KeySets
 from kdecli.methods.registry import register
 
 
@@ -51,6 +54,7 @@ class TopK(AttentionMethod):
     )
     role = "oracle"
     supports_causal = True
+    key_set_note = ""  # it returns its key sets
     cost_help = "like exact attention: 2·n_q·n_k·(d + d_v) plus a top-m per query (O(n²) oracle)."
 
     @classmethod
@@ -86,22 +90,43 @@ class TopK(AttentionMethod):
         work = working_dtype(q.dtype)
         qw, kw, vw = q.to(work), k.to(work), v.to(work)
         b, h, n_q, _ = q.shape
-        n_k = k.shape[-2]
-        m = min(self.config["keys"], n_k)
         out = torch.empty(b, h, n_q, v.shape[-1], dtype=work, device=q.device)
-        step = chunk_rows(b * h, n_k)
+        step = chunk_rows(b * h, k.shape[-2])
         for start in range(0, n_q, step):
             stop = min(n_q, start + step)
-            logits = (qw[..., start:stop, :] * scale) @ kw.transpose(-1, -2)
-            allowed = mask.rows(start).allowed(stop - start, n_k, device=q.device)
-            if allowed is not None:
-                logits.masked_fill_(~allowed, float("-inf"))
-            # Keep the m largest; a causal row with fewer than m keys keeps -inf entries, which
-            # weigh nothing.  Ties at the m-th value are broken by topk, so exactly m are kept.
-            top = torch.topk(logits, m, dim=-1).indices
+            logits, top, _ = self.top_chunk(qw, kw, scale, mask, start, stop)
             kept = torch.full_like(logits, float("-inf")).scatter_(-1, top, logits.gather(-1, top))
             out[..., start:stop, :] = torch.softmax(kept, dim=-1) @ vw
         return out.to(v.dtype)
+
+    def top_chunk(self, qw, kw, scale, mask, start, stop):
+        """(logits, top, allowed) of queries [start, stop): their logits (masked keys −inf), the
+        indices of the m largest, and the allowed pairs (None: all).  A causal row with fewer
+        than m keys keeps −inf entries, which weigh nothing and are no key of its set; ties at
+        the m-th value are broken by topk, so exactly m are kept."""
+        n_k = kw.shape[-2]
+        logits = (qw[..., start:stop, :] * scale) @ kw.transpose(-1, -2)
+        allowed = mask.rows(start).allowed(stop - start, n_k, device=qw.device)
+        if allowed is not None:
+            logits.masked_fill_(~allowed, float("-inf"))
+        top = torch.topk(logits, min(self.config["keys"], n_k), dim=-1).indices
+        return logits, top, allowed
+
+    def key_sets(self, q, k, v, scale, generator, mask=FULL):
+        # the forward's chunks, products and top-m: its m keys, less the masked ones
+        call = Call.of(self, q, k, v, mask)
+        work = working_dtype(q.dtype)
+        qw, kw = q.to(work), call.k.to(work)
+        b, h, n_q, _ = q.shape
+        n_k = kw.shape[-2]
+
+        def chunk(start, stop):
+            logits, top, allowed = self.top_chunk(qw, kw, scale, call.mask, start, stop)
+            read = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
+            return read if allowed is None else read & allowed
+
+        rows = in_forward_chunks(n_q, chunk_rows(b * h, n_k), chunk)
+        return call.widened(KeySets(n_q, n_k, rows))
 
     def flops(self, b, h, n_q, n_k, d, d_v):
         return float(b * h * (2 * n_q * n_k * (d + d_v) + 2 * n_q * n_k))
@@ -120,6 +145,7 @@ class RankK(AttentionMethod):
     )
     role = "oracle"
     causal_mode = "decomposition"
+    key_set_note = "a low-rank oracle: its rank-m factor of D⁻¹A weighs every key"
     causal_query_coupled = True  # a rank-m factor of a full block mixes its queries
     # Analysis only: P is normalised in place chunk by chunk and its top eigenvectors taken, so
     # there is no backward pass (an oracle needs none).

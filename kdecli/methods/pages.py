@@ -29,7 +29,15 @@ from kdecli.errors import UsageError
 from kdecli.masks import FULL
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.common import working_dtype
-from kdecli.methods.selection import GATHER_ELEMENTS, Selection, attend, mean_kept, query_positions
+from kdecli.methods.keyset_calls import Call
+from kdecli.methods.selection import (
+    GATHER_ELEMENTS,
+    Selection,
+    attend,
+    mean_kept,
+    query_positions,
+    selected_sets,
+)
 
 PAGE = 16  # Quest's default page size
 
@@ -49,6 +57,7 @@ class PageSelection(AttentionMethod):
 
     params = PAGE_PARAMS
     supports_causal = True
+    key_set_note = ""  # it returns its key sets
 
     @classmethod
     def params_for_budget(cls, budget):
@@ -74,6 +83,19 @@ class PageSelection(AttentionMethod):
         return self.forward_causal(q, k, v, scale, generator, FULL)
 
     def forward_causal(self, q, k, v, scale, generator, mask):
+        select = self.selection(q, k, scale, mask)
+        return attend(q, k, v, scale, self.slots(), select)
+
+    def key_sets(self, q, k, v, scale, generator, mask=FULL):
+        call = Call.of(self, q, k, v, mask)
+        select = self.selection(q, call.k, scale, call.mask)
+        return call.widened(selected_sets(q, call.v, call.k.shape[-2], self.slots(), select))
+
+    def slots(self) -> int:
+        return self.pages_read() * self.config["page"]
+
+    def selection(self, q, k, scale, mask):
+        """``select(start, stop)`` of the call's queries under ``mask`` (forward and sets)."""
         b, h, n_q, _ = q.shape
         group = self.config["group"] if self.config["gqa"] == "shared" else 1
         if h % group:
@@ -83,8 +105,7 @@ class PageSelection(AttentionMethod):
             )
         positions = query_positions(n_q, k.shape[-2], mask, q.device)
         prepared = self.prepare_pages(k.to(working_dtype(k.dtype)))
-        select = self.selector(q.to(working_dtype(q.dtype)), k, scale, positions, prepared)
-        return attend(q, k, v, scale, self.pages_read() * self.config["page"], select)
+        return self.selector(q.to(working_dtype(q.dtype)), k, scale, positions, prepared)
 
     def prepare_pages(self, k: torch.Tensor):
         """What the scores read from the keys (computed once per call)."""

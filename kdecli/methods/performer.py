@@ -24,12 +24,17 @@ Decode (``prepares_cache``): the directions ω, the per-feature key maximum β a
 once per cache; a step of one query then costs O(m·d) for its features and O(m·d_v) for the
 product, whatever n_k.  Under ``Causal(n_k − M)`` the prepared sums are the scan's starting state
 (the keys before the first step query) and the step scans its own M keys.
+
+No key set: φ(q)·φ(k) > 0 for every pair, so every allowed key is weighed.  ``log_row_sums`` is
+log N_i[d_v] with the shifts added back, log Σ_j φ(q_i)·φ(k_j) (the scan's merged row sums under
+a causal mask).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -45,6 +50,7 @@ from kdecli.methods.features import (
     scaled_queries,
     split_scale,
 )
+from kdecli.methods.keyset_calls import Call
 from kdecli.methods.registry import register
 
 CAUSAL_CHUNK = 64  # positions per scan step: the in-chunk part costs about C·(m + d_v) per query
@@ -62,6 +68,10 @@ class Performer(AttentionMethod):
     )
     randomized = True
     supports_causal = True
+    key_set_note = (
+        "its random features weigh every key the mask allows (φ(q)·φ(k) > 0 for every pair): "
+        "no key is left out; its row sums are reported"
+    )
     prepares_cache = True
     estimates = "softmax"
     cost_help = (
@@ -95,7 +105,19 @@ class Performer(AttentionMethod):
         dtype, work = q.dtype, working_dtype(q.dtype)
         q, k, v = q.to(work), k.to(work), v.to(work)
         omega = self.directions(q, generator)
-        return causal_favor(q, k, v, scale, omega, mask.offset).to(dtype)
+        return causal_favor(q, k, v, scale, omega, mask.offset).out.to(dtype)
+
+    def log_row_sums(self, q, k, v, scale, generator, mask=FULL):
+        """log D̃_i = log φ(q_i)·Σ_j φ(k_j) over the keys the mask allows, the denominator of
+        the estimate (its stabilising shifts added back): the forward's own sums."""
+        call = Call.of(self, q, k, v, mask)
+        work = working_dtype(q.dtype)
+        q, k, v = q.to(work), call.k.to(work), call.v.to(work)
+        omega = self.directions(q, generator)
+        if call.mask.is_causal:
+            return causal_favor(q, k, v, scale, omega, call.mask.offset).lse
+        qf, kf, log_shift = favor_features(q, k, scale, omega)
+        return log_shift + torch.log(qf @ kf.sum(-2).unsqueeze(-1)).squeeze(-1)
 
     def prepare_decode(self, cache):
         k, v = cache.k, cache.v
@@ -121,7 +143,7 @@ class Performer(AttentionMethod):
             k1 = scaled_keys(cache.k[..., offset:, :].to(work), cache.scale)
             v = cache.v[..., offset:, :].to(work)
             g = log_features(k1, cache.omega)
-            out = favor_scan(f, g, v, cache.beta, cache.sums, offset > 0)
+            out = favor_scan(f, g, v, cache.beta, cache.sums, offset > 0).out
             return out.to(dtype)
         shifted = f + cache.beta
         qf = torch.exp(shifted - shifted.amax(dim=-1, keepdim=True))
@@ -168,12 +190,20 @@ class FavorCache(DecodeCache):
 
 def causal_favor(q, k, v, scale, omega, offset=0):
     """FAVOR+ under ``Causal(offset)`` with n_k = offset + n_q, the chunked scan of the module
-    docstring: (b, h, n_q, d_v).  The keys [0, offset) are the state the scan starts from."""
+    docstring, with its log row sums (``Scanned``).  The keys [0, offset) are the state the scan
+    starts from."""
     q1, k1 = split_scale(q, k, scale)
     f = log_features(q1, omega)  # (b, h, n_q, m)
     beta, state = favor_prefix(k1, v, omega, offset)
     g = log_features(k1[..., offset:, :], omega)  # the queries' own keys
     return favor_scan(f, g, v[..., offset:, :], beta, state, offset > 0)
+
+
+class Scanned(NamedTuple):
+    """The scan's output (b, h, n_q, d_v) and its log row sums log D̃_i (b, h, n_q)."""
+
+    lse: torch.Tensor
+    out: torch.Tensor
 
 
 def favor_prefix(k1, v, omega, offset):
@@ -192,10 +222,12 @@ def favor_prefix(k1, v, omega, offset):
 
 def favor_scan(f, g, v, beta, state, started):
     """The scan over the n_q queries' own keys (query i's key is g_i, v_i), from the prefix's
-    (β, state); ``started``: the prefix holds at least one key."""
+    (β, state); ``started``: the prefix holds at least one key.  Returns the output and the
+    row sums the chunks merge by (``Scanned``)."""
     b, h, n_q, m = f.shape
     v_aug = with_ones_column(v)
     out = v.new_empty(b, h, n_q, v.shape[-1])
+    row_sums = v.new_empty(b, h, n_q)
     for start in range(0, n_q, CAUSAL_CHUNK):
         stop = min(n_q, start + CAUSAL_CHUNK)
         keys = slice(start, stop)
@@ -208,11 +240,12 @@ def favor_scan(f, g, v, beta, state, started):
             lse_prefix = gamma.squeeze(-1) + torch.log(num[..., -1]) - math.log(m)
             lse, part = merge_lse(lse_prefix, num[..., :-1] / num[..., -1:], lse, part)
         out[..., start:stop, :] = part
+        row_sums[..., start:stop] = lse
         new_beta = torch.maximum(beta, gc.amax(-2, keepdim=True))
         state = state * torch.exp(beta - new_beta).transpose(-1, -2)
         state = state + torch.exp(gc - new_beta).transpose(-1, -2) @ vc
         beta = new_beta
-    return out
+    return Scanned(row_sums, out)
 
 
 def in_chunk(fc, gc, vc):

@@ -32,6 +32,10 @@ one query, so a lone query always meets the first and the last sorted chunks, wh
 (rank pairing, docs/methods.md).  A step of several queries runs through the causal
 decomposition, whose pieces hash their own keys: it is not prepared (nor with shared_qk, whose keys
 are the queries).
+
+Key sets (``kdecli.methods.keysets``): U_i, the union over rounds of the keys of its chunk's window
+(causal: over every piece), with the output exact softmax over it; ``log_row_sums`` is its row sum
+log Σ_{j∈U_i} e^{ℓ_ij}.  Not with shared_qk, which estimates another function.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from kdecli.methods.common import (
     working_dtype,
 )
 from kdecli.methods.decode import DecodeCache
+from kdecli.methods.keyset_calls import decomposed_key_sets, decomposed_log_row_sums
 from kdecli.methods.registry import register
 
 HASH_CHUNK_ELEMENTS = 2**24  # projections held at once while hashing
@@ -91,6 +96,10 @@ class Reformer(AttentionMethod):
     )
     randomized = True
     causal_mode = "decomposition"
+    key_set_note = (
+        "with shared_qk it estimates another function (the keys are the normalised queries), "
+        "so no set of the exact attention is reported"
+    )
     causal_query_coupled = True  # a full block's queries are sorted into blocks together
     prepares_cache = True
     estimates = "softmax"
@@ -162,6 +171,34 @@ class Reformer(AttentionMethod):
         rot = self.rotations(k, generator)
         keys = SortedKeys(hash_buckets(k, rot), cfg["chunk_size"])
         return self.rounds(q, k, v, scale, rot, keys)
+
+    def block_sets(self, q, k, v, scale, generator, query_offset):
+        """Each query's keys (``kdecli.methods.keyset_calls``): in every round the window of
+        its chunk (its sorted keys and the chunk before), drawn as ``partial`` draws."""
+        rot = self.rotations(k, generator)
+        chunks = ChunkLayout.build(
+            hash_buckets(q, rot), SortedKeys(hash_buckets(k, rot), self.config["chunk_size"])
+        )
+        used = -(-q.shape[-2] // chunks.c_q)
+        index, valid = [], []
+        for r in range(self.config["n_hashes"]):
+            window, real = key_windows(chunks.k_order[:, :, r], chunks.num_chunks, chunks.c_k, used)
+            at = chunks.q_chunk[..., r].long().unsqueeze(-1).expand(-1, -1, -1, window.shape[-1])
+            index.append(torch.gather(window, 2, at))
+            valid.append(torch.gather(real.expand_as(window), 2, at))
+        return torch.cat(index, -1), torch.cat(valid, -1)
+
+    def key_sets(self, q, k, v, scale, generator, mask=FULL):
+        # softmax over the union of the keys met, each once: exact over the set
+        if self.config["shared_qk"]:
+            return None
+        return decomposed_key_sets(self, q, k, v, scale, generator, mask, exact_over_set=True)
+
+    def log_row_sums(self, q, k, v, scale, generator, mask=FULL):
+        # log Σ_{j∈U_i} e^{ℓ_ij}, and the pieces' merged under a causal mask
+        if self.config["shared_qk"]:
+            return None
+        return decomposed_log_row_sums(self, q, k, v, scale, generator, mask)
 
     def rotations(self, k, generator):
         """The rotations of every round for these keys (their number sets the buckets)."""

@@ -28,6 +28,11 @@ full block's queries sit after its keys (p_i = offset + i), so the band is exact
 w/2 before each query wherever they fall, and a query whose band holds none of a block's keys gets
 the Performer estimate alone.  L_i = log(Â1 + S1)_i, the estimated row sum.  Nothing depends on
 other queries.
+
+Key sets (``kdecli.methods.keysets``): B_i, the keys whose logits it computes exactly (causal: each
+full block's band and the exact leaves); the low-rank part weighs every other key through the
+features without reading its logit, so it estimates over more than its set (``exact_over_set``
+False).  ``log_row_sums``: L_i, merged over the pieces under a causal mask.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial
 from kdecli.methods.common import gather_rows, merge_lse, pad_dim, with_ones_column, working_dtype
 from kdecli.methods.features import favor_features, random_directions
+from kdecli.methods.keyset_calls import decomposed_key_sets, decomposed_log_row_sums
 from kdecli.methods.registry import register
 
 GROUP_ELEMENTS = 2**24  # bound on the band temporaries of one group of query blocks
@@ -61,6 +67,7 @@ class ScatterBrain(AttentionMethod):
     )
     randomized = True
     causal_mode = "decomposition"
+    key_set_note = ""  # it returns its key sets
     estimates = "softmax"
     cost_help = (
         "2·(n_q+n_k)·d·m features + 2·(n_q+n_k)·m·(d_v+1) low-rank + about "
@@ -128,6 +135,26 @@ class ScatterBrain(AttentionMethod):
         lr_out = torch.where(keep.unsqueeze(-1), lr_off[..., :-1] / safe_mass.unsqueeze(-1), 0.0)
         # (e^{L_band} O_band + e^{L_lr} O_lr) / (e^{L_band} + e^{L_lr}) = (ÂV + SV) / (Â1 + S1)
         return Partial(*merge_lse(band_lse, band_out, lr_lse, lr_out))
+
+    def block_sets(self, q, k, v, scale, generator, query_offset):
+        """The keys whose exact logit a query reads: its band (``kdecli.methods.keyset_calls``).
+        The low-rank part weighs every other key through the features; the band does not
+        depend on the draws, so none is made here."""
+        n_q, n_k = q.shape[-2], k.shape[-2]
+        radius = band_radius(self.config["local_context"])
+        pos = query_positions(n_q, n_k, query_offset, q.device)
+        index = pos.unsqueeze(-1) + torch.arange(-radius, radius + 1, device=q.device)
+        valid = (index >= 0) & (index < n_k)
+        shape = (*q.shape[:2], *index.shape)
+        return index.clamp(0, n_k - 1).expand(shape), valid.expand(shape)
+
+    def key_sets(self, q, k, v, scale, generator, mask=FULL):
+        # the set is the band, whose logits are exact; the low-rank part estimates the rest
+        return decomposed_key_sets(self, q, k, v, scale, generator, mask, exact_over_set=False)
+
+    def log_row_sums(self, q, k, v, scale, generator, mask=FULL):
+        # log(Â1 + S1)_i, the band's exact sum and the features' off-band estimate
+        return decomposed_log_row_sums(self, q, k, v, scale, generator, mask)
 
     def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
         # Features of queries and keys (as performer), the band's outputs and feature sums per

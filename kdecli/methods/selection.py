@@ -9,7 +9,8 @@ set S_i of key positions among those the mask lets it see, and returns
 exactly (renormalised over S_i).  A selection is a ``Selection``: ``index`` (b, h, n_q, m), the
 key positions of m *slots* per query, and ``valid`` (same shape, bool), which slots hold a kept
 key; an unused slot enters the softmax with logit −inf.  The kept keys are gathered, so a query
-pays m products, not n_k.
+pays m products, not n_k.  ``selected_sets`` hands the same selections out as the method's key
+sets (``kdecli.methods.keysets``), in ``attend``'s own query chunks.
 
 The methods that choose from the prompt's attention (``h2o``, ``snapkv``) share
 ``PromptChosen``: decode only, the prompt's queries required, the grouped-query parameters.
@@ -30,6 +31,9 @@ from kdecli.errors import UsageError
 from kdecli.masks import Causal, Mask
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.common import gather_rows, working_dtype
+from kdecli.methods.decode import DecodeCache
+from kdecli.methods.keyset_calls import in_forward_chunks, index_rows
+from kdecli.methods.keysets import KeySets
 
 # Gathered key elements (queries × slots × d) held at once: the query chunk of ``attend``.
 GATHER_ELEMENTS = 2**23
@@ -86,8 +90,8 @@ def attend(
     chunking).  Every query must keep at least one key (its own position)."""
     work = working_dtype(q.dtype)
     qw, kw, vw = q.to(work), k.to(work), v.to(work)
-    b, h, n_q, d = q.shape
-    step = max(1, GATHER_ELEMENTS // (b * h * max(1, slots) * (d + vw.shape[-1])))
+    n_q = q.shape[-2]
+    step = attend_step(q, v, slots)
     pieces = [
         _attend_chunk(
             qw[..., start : start + step, :] * scale, kw, vw, select(start, min(n_q, start + step))
@@ -95,6 +99,21 @@ def attend(
         for start in range(0, n_q, step)
     ]
     return torch.cat(pieces, dim=-2).to(v.dtype)
+
+
+def attend_step(q: torch.Tensor, v: torch.Tensor, slots: int) -> int:
+    """Queries per chunk of ``attend``: the gathered keys and values under GATHER_ELEMENTS."""
+    b, h, _, d = q.shape
+    return max(1, GATHER_ELEMENTS // (b * h * max(1, slots) * (d + v.shape[-1])))
+
+
+def selected_sets(
+    q: torch.Tensor, v: torch.Tensor, n_k: int, slots: int, select: Callable[[int, int], Selection]
+) -> KeySets:
+    """The key sets of ``attend(q, k, v, scale, slots, select)`` over n_k keys: its selections,
+    in its own query chunks; the output is exact softmax over each."""
+    rows = in_forward_chunks(q.shape[-2], attend_step(q, v, slots), index_rows(n_k, select))
+    return KeySets(q.shape[-2], n_k, rows)
 
 
 def _attend_chunk(q_scaled, k, v, chosen: Selection) -> torch.Tensor:
@@ -163,6 +182,10 @@ class PromptChosen(AttentionMethod):
 
     supports_causal = True  # the decode mask, Causal(n_k − M)
     prepares_cache = True
+    key_set_note = (
+        "it runs decode steps only, over a cache chosen from the prompt's attention: its sets "
+        "are the steps' (decode_key_sets(q, cache)), not a forward call's"
+    )
     needs_prompt_queries = True
     phases = ("decode",)
     phase_help = PROMPT_PHASE_HELP
@@ -176,6 +199,11 @@ class PromptChosen(AttentionMethod):
 
     def forward_causal(self, q, k, v, scale, generator, mask):
         return self.forward_full(q, k, v, scale, generator)
+
+    def decode_key_sets(self, q: torch.Tensor, cache: DecodeCache) -> KeySets:
+        """The keys each step of ``decode_step(q, cache)`` read (the cache's n_k wide): the
+        same selection code as the steps; each step's output is exact softmax over its set."""
+        raise NotImplementedError
 
     def group(self, heads: int) -> int:
         """Heads per shared choice: ``group`` under gqa=shared (checked to divide), else 1."""

@@ -32,6 +32,7 @@ from kdecli.methods.selection import (
     group_total,
     prompt_attention,
     query_positions,
+    selected_sets,
 )
 
 OBSERVATION = 32  # SnapKV's observation window
@@ -100,6 +101,16 @@ class SnapKV(PromptChosen):
         return SnapCache.prepared(cache, kept=kept)
 
     def forward_decode(self, q, cache):
+        slots, select = self.step_selection(q, cache)
+        return attend(q, cache.k, cache.v, cache.scale, slots, select)
+
+    def decode_key_sets(self, q, cache):
+        slots, select = self.step_selection(q, cache)
+        return selected_sets(q, cache.v, cache.keys, slots, select)
+
+    def step_selection(self, q, cache):
+        """(slots, ``select(start, stop)``) of the steps: the kept prompt keys and the decode
+        positions up to each query's own."""
         kept = cache.kept
         b, h, n_q, _ = q.shape
         first = cache.keys - n_q
@@ -116,4 +127,4 @@ class SnapKV(PromptChosen):
                 b, h, c, -1), own.expand(b, h, c, -1)], dim=-1)  # fmt: skip
             return Selection(index, valid)
 
-        return attend(q, cache.k, cache.v, cache.scale, slots, select)
+        return slots, select

@@ -19,12 +19,14 @@ import torch
 
 from kdecli.masks import FULL
 from kdecli.methods.base import AttentionMethod, Param
+from kdecli.methods.keyset_calls import Call
 from kdecli.methods.registry import register
 from kdecli.methods.selection import (
     Selection,
     attend,
     mean_kept,
     query_positions,
+    selected_sets,
     sinks_and_window,
 )
 
@@ -54,6 +56,7 @@ class Streaming(AttentionMethod):
         ),  # fmt: skip
     )
     supports_causal = True
+    key_set_note = ""  # it returns its key sets
     cost_help = "2·n_q·(sinks + window)·(d + d_v) for the kept products, no scoring pass."
 
     @classmethod
@@ -77,9 +80,18 @@ class Streaming(AttentionMethod):
         return self.forward_causal(q, k, v, scale, generator, FULL)
 
     def forward_causal(self, q, k, v, scale, generator, mask):
-        positions = query_positions(q.shape[-2], k.shape[-2], mask, q.device)
-        select = self.selector(positions, k.shape[-2], q.shape[:2])
+        select = self.selection(q, k, mask)
         return attend(q, k, v, scale, self.slots(), select)
+
+    def key_sets(self, q, k, v, scale, generator, mask=FULL):
+        call = Call.of(self, q, k, v, mask)
+        select = self.selection(q, call.k, call.mask)
+        return call.widened(selected_sets(q, call.v, call.k.shape[-2], self.slots(), select))
+
+    def selection(self, q, k, mask):
+        """``select(start, stop)`` of the call's queries under ``mask`` (forward and sets)."""
+        positions = query_positions(q.shape[-2], k.shape[-2], mask, q.device)
+        return self.selector(positions, k.shape[-2], q.shape[:2])
 
     def slots(self) -> int:
         return self.config["sinks"] + self.config["window"]

@@ -29,6 +29,11 @@ round runs (the budget is at least about ¾·n_k).
 Causal: the shared decomposition (``kdecli.methods.causal``).  The coreset stands for all n_k pairs,
 so a full block's row sum is estimated as D̃_i = (n_k/|S|)·Σ_{j∈S} e^{ℓ_ij} (exact when S is every
 key).  The coreset depends on keys and values only, never on the queries.
+
+Key sets (``kdecli.methods.keysets``): S for every query (causal: each full block's coreset and
+the exact leaves).  As with ``uniform`` the output is softmax over S, but the row sum it stands for
+is D̃_i above, so the sets are an estimator's (``exact_over_set`` False), with that
+``log_row_sums``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from kdecli.masks import FULL
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.causal import CAUSAL_BUDGET_HELP, CAUSAL_LEAF, Partial, softmax_part
 from kdecli.methods.common import gather_rows, working_dtype
+from kdecli.methods.keyset_calls import decomposed_key_sets, decomposed_log_row_sums
 from kdecli.methods.registry import register
 
 
@@ -67,6 +73,7 @@ class Thinformer(AttentionMethod):
     )
     randomized = True
     causal_mode = "decomposition"
+    key_set_note = ""  # it returns its key sets
     cost_help = (
         "about 2·(n_k/2^r)·G_r·(d + d_v) kernel entries per halving round r (G_r the group size, "
         "up to 2·m) + 2·n_q·m·(d + d_v) for attention over the coreset."
@@ -92,6 +99,16 @@ class Thinformer(AttentionMethod):
         return out.to(in_dtype)
 
     def partial(self, q, k, v, scale, generator, query_offset):
+        n_k = k.shape[-2]
+        index, valid = self.coreset(k, v, scale, generator)
+        valid = valid.unsqueeze(-2)
+        logits = (q * scale) @ gather_rows(k, index).transpose(-1, -2)
+        lse, out = softmax_part(logits.masked_fill(~valid, float("-inf")), gather_rows(v, index))
+        kept = valid.sum(-1).to(lse.dtype)  # |S| per slice, (b, h, 1)
+        return Partial(lse + torch.log(n_k / kept), out)
+
+    def coreset(self, k, v, scale, generator):
+        """(index, valid), (b, h, |S|): the coreset of each slice's key–value pairs."""
         b, h, n_k, d = k.shape
         rounds = halving_rounds(n_k, self.config["coreset"])
         index, valid = thin(
@@ -101,11 +118,21 @@ class Thinformer(AttentionMethod):
             self.config["delta"],
             generator,
         )
-        index, valid = index.view(b, h, -1), valid.view(b, h, 1, -1)
-        logits = (q * scale) @ gather_rows(k, index).transpose(-1, -2)
-        lse, out = softmax_part(logits.masked_fill(~valid, float("-inf")), gather_rows(v, index))
-        kept = valid.sum(-1).to(lse.dtype)  # |S| per slice, (b, h, 1)
-        return Partial(lse + torch.log(n_k / kept), out)
+        return index.view(b, h, -1), valid.view(b, h, -1)
+
+    def block_sets(self, q, k, v, scale, generator, query_offset):
+        """Every query reads the coreset (``kdecli.methods.keyset_calls``)."""
+        index, valid = self.coreset(k, v, scale, generator)
+        shape = (*index.shape[:2], q.shape[-2], index.shape[-1])
+        return index.unsqueeze(-2).expand(shape), valid.unsqueeze(-2).expand(shape)
+
+    def key_sets(self, q, k, v, scale, generator, mask=FULL):
+        # The output is softmax over the coreset, but the row sum it stands for is
+        # (n_k/|S|)·Σ_S e^ℓ (log_row_sums), not the set's own: an estimator, as uniform.
+        return decomposed_key_sets(self, q, k, v, scale, generator, mask, exact_over_set=False)
+
+    def log_row_sums(self, q, k, v, scale, generator, mask=FULL):
+        return decomposed_log_row_sums(self, q, k, v, scale, generator, mask)
 
     def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
         # Attention over the coreset (logits and weights per query), the scaled keys, and the

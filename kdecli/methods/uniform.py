@@ -11,15 +11,24 @@ of its own prefix (S is drawn from the offset + n_q keys some query sees).  A qu
 no sampled key (every p_i before the first sampled index) has nothing to estimate from, so it attends
 exactly to its prefix; those prefixes are shorter than the first sampled index, about n_k/(m+1) keys
 in expectation, so the fallback costs far less than the sampled part.
+
+Key sets and row sums (``kdecli.methods.keysets``): query i's set is S ∩ {j ≤ p_i} (its prefix
+when that is empty).  The output is softmax over the set, but the row sum the sample stands for is
+the scaled one, D̃_i = (n_k/m)·Σ_{j∈S, j ≤ p_i} e^{ℓ_ij} (each key is drawn with probability m/n_k),
+so the sets are reported as an estimator's (``exact_over_set`` False) with that ``log_row_sums``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from kdecli.masks import FULL, Causal, Mask
 from kdecli.methods.base import AttentionMethod, Param
 from kdecli.methods.common import gather_rows
+from kdecli.methods.keyset_calls import Call
+from kdecli.methods.keysets import KeySets
 from kdecli.methods.registry import register
 
 
@@ -32,6 +41,7 @@ class Uniform(AttentionMethod):
     params = (Param("samples", int, 256, "keys drawn uniformly without replacement (m)", 1, 2**24),)
     randomized = True
     supports_causal = True
+    key_set_note = ""  # it returns its key sets
     cost_help = "2·n_q·m·(d + d_v) for the sampled products (+ the short exact prefix when causal)."
 
     @classmethod
@@ -53,6 +63,50 @@ class Uniform(AttentionMethod):
 
     def forward_causal(self, q, k, v, scale, generator, mask):
         return sampled_attention(q * scale, k, v, self.draw(k, generator), mask)
+
+    def key_sets(self, q, k, v, scale, generator, mask=FULL):
+        call = Call.of(self, q, k, v, mask)
+        return call.widened(self.sampled_sets(call, generator)[1])
+
+    def sampled_sets(self, call: Call, generator) -> tuple[torch.Tensor, KeySets]:
+        """(the draw (b, h, m), each query's set): S ∩ {j ≤ p_i}, or its whole prefix when that
+        holds no sampled key.  The output is softmax over the set, but the row sum the sample
+        stands for is (n_k/m)·Σ_S e^ℓ (``log_row_sums``), not the set's own: an estimator."""
+        n_q, n_k = call.q.shape[-2], call.k.shape[-2]
+        index = self.draw(call.k, generator)
+        sampled = torch.zeros(*index.shape[:2], n_k, dtype=torch.bool, device=index.device)
+        sampled.scatter_(-1, index, True)
+
+        def rows(start: int, stop: int) -> torch.Tensor:
+            seen = call.mask.rows(start).allowed(stop - start, n_k, device=index.device)
+            if seen is None:
+                return sampled.unsqueeze(-2).expand(-1, -1, stop - start, -1)
+            read = sampled.unsqueeze(-2) & seen
+            return torch.where(read.any(-1, keepdim=True), read, seen)
+
+        return index, KeySets(n_q, n_k, rows, exact_over_set=False)
+
+    def log_row_sums(self, q, k, v, scale, generator, mask=FULL):
+        """log D̃_i = log(n_k/m) + log Σ_{j∈S, j ≤ p_i} e^{ℓ_ij}: each key is in the sample with
+        probability m/n_k, so the scaled sample sum is unbiased for the row sum (its prefix's,
+        causal); a query that attends exactly to its prefix has its exact row sum."""
+        call = Call.of(self, q, k, v, mask)
+        index, sets = self.sampled_sets(call, generator)
+        n_q, n_k = q.shape[-2], call.k.shape[-2]
+        weight = math.log(n_k / min(self.config["samples"], n_k))
+        first = index[..., :1]  # (b, h, 1): the smallest sampled index of each slice
+        step = max(1, 2**22 // (q.shape[0] * q.shape[1] * n_k))
+        pieces = []
+        for start in range(0, n_q, step):
+            stop = min(n_q, start + step)
+            logits = (q[..., start:stop, :] * scale) @ call.k.transpose(-1, -2)
+            lse = torch.logsumexp(logits.masked_fill(~sets.rows(start, stop), -math.inf), -1)
+            if not call.mask.is_causal:
+                pieces.append(lse + weight)
+                continue
+            position = torch.arange(start, stop, device=q.device) + call.mask.offset
+            pieces.append(torch.where(position >= first, lse + weight, lse))
+        return torch.cat(pieces, dim=-1)
 
     def draw(self, k, generator):
         """The sampled key indices (b, h, m), ascending: the m smallest of n_k uniform draws are a

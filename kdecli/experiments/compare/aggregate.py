@@ -122,6 +122,23 @@ class Setting:
         """Why ``metric`` was not measured (a row-sampled reference cannot), if it was not."""
         return next((r.errors[metric].note for r in self.ok_records if metric in r.errors), None)
 
+    @property
+    def diagnosed(self) -> bool:
+        """Were this setting's calls diagnosed (``--diagnostics``), with or without figures?"""
+        return any(r.diagnostics is not None for r in self.ok_records)
+
+    def diagnostic(self, name: str, metric: str = "rel_spectral") -> SeedStats | None:
+        """A diagnostic figure (``kdecli.measure.figures.DIAGNOSTIC_FIGURES``; the selection and
+        estimation errors in ``metric``) over the records behind the setting (its seeds; for a
+        mean over layers, every layer's): None where no record has it."""
+        parts = [r.diagnostics.figure(name, metric) for r in self.ok_records if r.diagnostics]
+        return SeedStats.over([p for p in parts if p is not None])
+
+    @property
+    def diagnostics_note(self) -> str | None:
+        """Why the diagnostics are null or partial (the method has no key set, ...)."""
+        return next((r.diagnostics.note for r in self.ok_records if r.diagnostics), None)
+
 
 def primary_metric(results: Iterable[Result]) -> str:
     """rel_spectral, or rel_frobenius where the records were measured on a row sample (which

@@ -21,6 +21,16 @@ from kdecli.render.cells import MISSING, fmt_flops, fmt_speedup, fmt_time
 from kdecli.render.table import Column, Layout
 
 PRIMARY = "rel_spectral"
+# The diagnostics (``--diagnostics``): (column, figure, header, Markdown header).  Shown only when
+# ``--columns`` names them (or ``all``), never chosen by width: the quick start keeps its columns.
+DIAGNOSTIC = (
+    ("density", "density", "density", None),
+    ("recall", "mass_recall", "mass\nrecall", "mass recall"),
+    ("sel_err", "selection_error", "select.\nerror", "selection error"),
+    ("est_err", "estimation_error", "estim.\nerror", "estimation error"),
+    ("lse_err", "lse_error", "lse\nerror", "lse error"),
+)
+DIAGNOSTIC_COLUMNS = tuple(key for key, *_ in DIAGNOSTIC)
 # The status column wraps (its text is a sentence); an optional column joins only if status keeps
 # this much room, enough for "ok · not below mean floor" on one line.
 STATUS_ROOM = 25
@@ -170,6 +180,19 @@ def _timed_backward(setting: Setting) -> bool:
     )
 
 
+def _diagnostic(name: str) -> Callable[[Setting], str]:
+    """A diagnostic's mean over seeds; the split in rel_spectral, or in rel_frobenius where a
+    row sample cannot give it (the run's primary metric either way)."""
+
+    def cell(setting: Setting) -> str:
+        stats = setting.diagnostic(name) or setting.diagnostic(name, "rel_frobenius")
+        if stats is None or stats.mean is None:
+            return MISSING
+        return f"{stats.mean:.4g}" if name == "lse_error" else f"{stats.mean:.4f}"
+
+    return cell
+
+
 def _fraction(value: float | None) -> str:
     return MISSING if value is None else f"{value:.3g}"
 
@@ -215,6 +238,10 @@ def _columns() -> tuple[list[Column[Setting]], dict[str, str]]:
             flat="FLOPs / exact",
         ),  # fmt: skip
         Column("keys", "keys\n/query", lambda s: _keys(s.keys_per_query), flat="keys per query"),
+        *(
+            Column(key, header, _diagnostic(name), flat=flat)
+            for key, name, header, flat in DIAGNOSTIC
+        ),
         Column(
             "status",
             "status",
@@ -258,6 +285,8 @@ def layout(rows: Sequence[Setting]) -> Layout[Setting]:
         absent.add("phase")
     if not any(_timed_backward(row) for row in rows):  # no --backward
         absent.update(BACKWARD_COLUMNS)
+    if not any(row.diagnosed for row in rows):  # --no-diagnostics, or a document before them
+        absent.update(DIAGNOSTIC_COLUMNS)
     required, optional = ALWAYS, OPTIONAL
     if primary_metric(r for row in rows for r in row.records) != PRIMARY:
         # a row sample: its rel_frobenius estimate leads; rel_spectral (n/a) joins if it fits

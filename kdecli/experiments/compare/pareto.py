@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable
 
 from kdecli.errors import UsageError
-from kdecli.experiments.compare.aggregate import aggregate, primary_metric
+from kdecli.experiments.compare.aggregate import Setting, aggregate, primary_metric
 from kdecli.experiments.compare.records import Pareto, ParetoPick, Result
 from kdecli.measure.metrics import METRICS
 
@@ -45,9 +45,15 @@ def cheapest_settings(
     """
     results = list(results)
     metric = primary_metric(results) if metric is None else metric
+    return cheapest_of(aggregate(results, metric=metric), target_error, metric)
+
+
+def cheapest_of(settings: Iterable[Setting], target_error: float, metric: str) -> Pareto:
+    """``cheapest_settings`` among ``settings`` as they are, each judged by its ``error(metric)``
+    (``kdecli.experiments.compare.heads`` gives a setting its worst head's figure instead)."""
     target = check_target_error(target_error, metric)
     best: dict[str, tuple[tuple[float, float], ParetoPick] | None] = {}
-    for setting in aggregate(results, metric=metric):
+    for setting in settings:
         best.setdefault(setting.method, None)
         error = setting.error(metric)
         if setting.status != "ok" or error is None or not error <= target:

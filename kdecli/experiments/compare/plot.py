@@ -17,6 +17,8 @@ What a figure shows, and the choices made:
   the mean floor on budget plots and a single point on time and FLOPs plots; any other
   budget-free method is a horizontal line on budget plots and a point elsewhere.
 - Records whose status is not ``ok`` are left out, and the caption says so.
+- ``--x layer`` draws error against layer; ``--x head`` each head's error, or a layer × head heat
+  map for runs over layers (``kdecli.experiments.compare.head_plot``).
 
 Matplotlib draws headless (the Agg canvas; no display needed): ``pip install 'kdecli[plot]'``.
 """
@@ -55,6 +57,7 @@ X_AXES = {
     "time": "time per call (s, median)",
     "flops": "FLOPs per call (cost model)",
     "layer": "layer of the model",
+    "head": "head (layer × head for runs over layers)",
 }
 Y_LABELS = {
     "rel_spectral": "rel_spectral  ‖Õ−O‖₂ / ‖O‖₂",
@@ -284,6 +287,12 @@ def figure(
         raise UsageError(f"no result holds {y}; nothing to plot.", hint=hint)
 
     labels = _doc_labels(docs, names)
+    if "head" in xs:  # each head's figure: kdecli.experiments.compare.head_plot
+        if xs != ["head"]:
+            raise UsageError("--x head draws a panel of its own; give it alone.")
+        from kdecli.experiments.compare.head_plot import head_figure
+
+        return head_figure(docs, y, labels)
     if "layer" in xs:
         if xs != ["layer"]:
             raise UsageError("--x layer draws a panel of its own; give it alone.")

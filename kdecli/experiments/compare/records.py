@@ -30,6 +30,10 @@ Version history (``SCHEMA_VERSION`` is defined here and nowhere else):
      kdecli 0.8 adds, within version 2, per result its ``phase`` ("prefill" or "decode"; absent
      reads as prefill), per input ``phase``, ``queries`` and ``note`` (written for decode), and
      ``layers`` for a run over both phases (one part per layer × phase).
+     kdecli 0.9 adds, within version 2, per result its ``diagnostics`` (density, mass_recall,
+     selection_error, estimation_error, lse_error, note: ``kdecli.measure.figures``),
+     written only where they were computed; and per ``pareto`` its ``every_head`` (``--every-head``:
+     the picks' worst heads meet the target; written when set).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from typing import Any
 
 from kdecli import __version__
 from kdecli.measure.figures import (
+    Diagnostics,
     Environment,
     Floors,
     InputInfo,
@@ -115,6 +120,8 @@ class Result(Record):
     phase: str = json_field("prefill", choices=("prefill", "decode"))
     # the record's stable job key (``kdecli.sweeps.grid``): what resume and merge match records by
     key: str | None = json_field(None, omit="none")
+    # why the estimate is wrong (``--diagnostics``): absent where they were not computed
+    diagnostics: Diagnostics | None = json_field(None, omit="none")
 
     json_order = (
         "method",
@@ -127,6 +134,7 @@ class Result(Record):
         "status",
         "reason",
         "errors",
+        "diagnostics",
         "time",
         "flops",
         "keys_per_query",
@@ -185,6 +193,8 @@ class Pareto(Record):
     target_error: float
     metric: str = json_field(absent="rel_spectral")
     methods: dict[str, ParetoPick | None] = json_field(absent={})
+    # ``--every-head``: each pick's worst head (over every layer) meets the target, not its mean
+    every_head: bool = json_field(False, omit="falsy")
 
     def to_dict(self) -> dict[str, Any]:
         picks = {

@@ -8,7 +8,8 @@ table names what was left out and how to get it.  ``--columns`` chooses the colu
 Under the table: the verdict (``kdecli.experiments.verdict``: what the numbers mean, also the
 JSON's ``summary``), the resolved parameters (``verbose``: ``--verbose``), the cheapest settings
 (``--target-error``), the floors, the reference, the environment and what the marks (``≈``,
-``≥``) mean.
+``≥``) mean; last, with ``--per-head``, each setting's worst heads
+(``kdecli.experiments.compare.heads``).
 """
 
 from __future__ import annotations
@@ -268,8 +269,9 @@ def render_pareto(report: RunReport, rows: list[Setting], console: Console) -> N
     """The small table under the main one: each method's cheapest setting that reaches the target."""
     pareto = report.pareto
     metric, target = pareto.metric, pareto.target_error
+    judged = f"every head's {metric}" if pareto.every_head else f"seed-mean {metric}"
     table = Table(
-        title=f"cheapest setting with seed-mean {metric} ≤ {target:g} (fewest FLOPs, then time)",
+        title=f"cheapest setting with {judged} ≤ {target:g} (fewest FLOPs, then time)",
         title_justify="left",
     )
     for column, justify in (
@@ -281,6 +283,10 @@ def render_pareto(report: RunReport, rows: list[Setting], console: Console) -> N
         ("parameters", "left"),
     ):
         table.add_column(column, justify=justify, overflow="fold")
+    if pareto.every_head:  # the best a method reached is its best worst head
+        from kdecli.experiments.compare.heads import every_head_settings
+
+        rows = every_head_settings(report.results, metric)
     for name, pick in pareto.methods.items():
         if pick is None:
             reached = [
@@ -301,8 +307,11 @@ def render_pareto(report: RunReport, rows: list[Setting], console: Console) -> N
     console.print(table)
 
 
-def to_markdown(report: RunReport, columns: Sequence[str] | None = None) -> str:
-    """The table as GitHub Markdown (every column unless ``columns`` chooses), with its caption."""
+def to_markdown(
+    report: RunReport, columns: Sequence[str] | None = None, per_head: bool = False
+) -> str:
+    """The table as GitHub Markdown (every column unless ``columns`` chooses), with its caption
+    (``per_head``: and the worst heads of each setting, ``kdecli.experiments.compare.heads``)."""
     rows = table_rows(report)
     lines = table.markdown_table(layout(rows), rows, title(report), columns)
     lines += ["", compare_verdict(report).text()]
@@ -329,11 +338,17 @@ def to_markdown(report: RunReport, columns: Sequence[str] | None = None) -> str:
             )
             for name, pick in report.pareto.methods.items()
         ]
+        every = " on every head" if report.pareto.every_head else ""
         lines += [
             "",
-            f"Cheapest setting with {report.pareto.metric} ≤ {report.pareto.target_error:g}:",
+            f"Cheapest setting with {report.pareto.metric} ≤ {report.pareto.target_error:g}"
+            f"{every}:",
             *picks,
         ]
+    if per_head:
+        from kdecli.experiments.compare.heads import worst_heads_markdown
+
+        lines += ["", *worst_heads_markdown(report)]
     # the cells are escaped and cut; the lines around them quote data too (names, notes)
     return printable_lines("\n".join(lines), None) + "\n"
 
@@ -428,9 +443,12 @@ def render(
     columns: Sequence[str] | None = None,
     colour: bool = False,
     verbose: bool = True,
+    per_head: bool = False,
 ) -> None:
     """Write ``report`` to ``stream`` in one of ``REPORT_FORMATS`` (``colour``: ANSI styles in the
-    table, for a terminal; ``verbose``: the resolved parameters under it, as ``--verbose``)."""
+    table, for a terminal; ``verbose``: the resolved parameters under it, as ``--verbose``;
+    ``per_head``: the table and Markdown end with each setting's worst heads, ``--per-head``; the
+    JSON holds every head's figures already)."""
     if fmt == "json":
         stream.write(to_json(report) + "\n")
     elif fmt == "jsonl":
@@ -444,8 +462,14 @@ def render(
     elif fmt == "csv":
         stream.write(to_csv(report))
     elif fmt == "markdown":
-        stream.write(to_markdown(report, columns))
+        stream.write(to_markdown(report, columns, per_head))
     elif fmt == "table":
-        render_table(report, table.console_for(stream, width, colour), columns, verbose)
+        console = table.console_for(stream, width, colour)
+        render_table(report, console, columns, verbose)
+        if per_head:
+            from kdecli.experiments.compare.heads import worst_heads_table
+
+            console.print()
+            worst_heads_table(report, console)
     else:
         raise ValueError(fmt)

@@ -10,7 +10,8 @@ records.
    estimates: ``kdecli.measure.row_reference``), the floors (``mean`` baseline, zero output, on
    the same rows), and optionally ‖D⁻¹A‖₂ for ``bound_normalized``.
 3. Correctness pass: each method × budget × seed with its own generator, errors per slice
-   (``kdecli.measure.record``).
+   (``kdecli.measure.record``), and unless ``config.diagnoses`` says no, the call's diagnostics
+   (``kdecli.measure.diagnostics``).
 4. Timing pass: each method × budget once, and exact attention (SDPA) once, in the working dtype,
    on the working device, same thread count; with ``backward`` also one forward + backward of
    each (inputs that require grad, ``autograd.grad`` of the output against a fixed random
@@ -128,6 +129,9 @@ def compare(
         report.interrupted = report.interrupted or bool(should_stop and should_stop())
         return report.interrupted
 
+    exact_inputs = None  # the float64 inputs the calls are diagnosed against, when they are
+    if wanted and config.diagnoses(setting.rows is not None):
+        exact_inputs = setting.measured(qkv).to(setting.device, torch.float64)
     options = TimingOptions(config.repeats, config.warmup, config.min_time, steps=config.steps)
     if wanted and setting.timing and not stopping():
         prepared.time_exact(setting, options, config.seed)
@@ -159,6 +163,7 @@ def compare(
                     setting.mask,
                     run_seed,
                     own_prompt,
+                    exact_inputs,
                 )
             )
             counted = paid  # random key sets: the count of this call's own draw
@@ -374,4 +379,5 @@ def _record(
         keys_per_query=paid.keys_per_query,
         flops_fraction=paid.fraction(outcome.flops),
         budget_mode=method.budget_mode,
+        diagnostics=outcome.diagnostics,
     )

@@ -3,7 +3,8 @@
 Left: seconds per call against n for each method and for exact attention, on log-log axes, so a
 slope is the exponent of the fit (given in the legend); exact times extrapolated from a row sample
 are drawn hollow.  Right: the error each method reached at each length (rel_spectral with the full
-reference, rel_frobenius with its 95 % interval under a row sample).
+reference, rel_frobenius with its 95 % interval under a row sample).  A ``--target-error``
+document draws each method's smallest density meeting the target against n instead.
 """
 
 from __future__ import annotations
@@ -29,8 +30,36 @@ def _error_bars(points: list[ScaleRow]) -> tuple[list[float], list[float]]:
     return low, high
 
 
+def tolerable_figure(report: ScaleReport):
+    """A ``--target-error`` document: each method's smallest budget meeting E against n, as a
+    density (budget / n) on log-log axes; hollow where the grid's smallest budget meets E (the
+    density may be lower), no point where none meets it."""
+    record = report.tolerable
+    if not report.lengths:
+        raise UsageError("nothing to plot: the scale document holds no finished length.")
+    fig = new_figure(7, 4.5)
+    ax = fig.subplots()
+    for method, colour in method_colours(record.methods).items():
+        met = [a for n in report.lengths if (a := record.answer(method, n)) and a.budget]
+        ax.plot([a.n for a in met], [a.density for a in met], "o-", color=colour, label=method,
+                gid="method")  # fmt: skip
+        hollow = [a for a in met if a.below_grid]
+        if hollow:
+            ax.plot([a.n for a in hollow], [a.density for a in hollow], "o", color=colour,
+                    mfc="white")  # fmt: skip
+    ax.set(xscale="log", yscale="log", xlabel="n", ylabel="smallest density meeting E (budget / n)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    heads = ", every head" if record.criterion != "mean" else ""
+    fig.suptitle(f"{report.input}: {record.metric} ≤ {record.target_error:g}{heads}")
+    return fig
+
+
 def figure(report: ScaleReport):
-    """A matplotlib Figure: time against n (log-log, with exact attention) and error against n."""
+    """A matplotlib Figure: time against n (log-log, with exact attention) and error against n;
+    for a ``--target-error`` document, ``tolerable_figure``."""
+    if report.tolerable is not None:
+        return tolerable_figure(report)
     table = rows(report)
     if not table:
         raise UsageError("nothing to plot: the scale document holds no finished length.")

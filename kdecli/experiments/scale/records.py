@@ -8,8 +8,13 @@ Under ``phase`` "decode" a length is a cache length n_k: each run measures ``que
 queries at the last positions (one decode step), timed as a step with the cache's preparation
 apart and amortised over ``steps`` steps.
 
+Under ``--target-error`` the document answers another question, each method's smallest budget
+meeting the target at each length (``tolerable``, ``kdecli.experiments.scale.tolerable``): it
+then holds no ``runs`` and no ``fits`` (no time is measured), and ``budget`` is null.
+
 Version history (``SCALE_SCHEMA_VERSION``): 1, the first; kdecli 0.8 adds ``phase`` (absent reads
-as "prefill") and, for decode, ``queries`` and ``steps``, within version 1.
+as "prefill") and, for decode, ``queries`` and ``steps``, and ``tolerable`` (absent: a time and
+error document), within version 1.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 from kdecli import __version__
 from kdecli.experiments.compare.records import Result, RunReport
+from kdecli.experiments.scale.tolerable_records import TolerableSearch
 from kdecli.measure.figures import Environment
 from kdecli.records import KIND, Reader, Record, SchemaError, document_kind, json_field
 
@@ -51,6 +57,7 @@ class ScaleReport(Record):
     steps: int | None = json_field(None, omit="none")  # decode: a preparation amortised over
     runs: list[RunReport] = json_field(default_factory=list, required=True)
     fits: dict[str, Fit] = json_field(default_factory=dict, required=True)  # method, "exact"
+    tolerable: TolerableSearch | None = json_field(None, omit="none")  # --target-error
     environment: Environment | None = json_field(None, skip=True)
     interrupted: bool = False
     kdecli_version: str = __version__
@@ -66,6 +73,7 @@ class ScaleReport(Record):
         "lengths",
         "interrupted",
         "fits",
+        "tolerable",
         "runs",
     )
     reads_hint = READS_HINT
@@ -88,6 +96,8 @@ class ScaleReport(Record):
         report = super().read(reader)
         if report.runs:
             report.environment = report.runs[0].environment
+        elif report.tolerable is not None:
+            report.environment = report.tolerable.environment
         return report
 
     @classmethod

@@ -5,7 +5,7 @@ row sample (with its 95 % interval when the record has one); the column says whi
 extrapolated from a row sample is marked ``≈``.  The table fits the width and takes ``--columns``
 as every table does (``kdecli.render.table``).  A decode document (n: cache length) times one
 step, and adds the method's preparation of the cache and the speed-up of the step amortised over
-the document's ``steps``.
+the document's ``steps``.  A ``--target-error`` document is rendered by ``tolerable_report``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kdecli.experiments.compare.records import Result
+from kdecli.experiments.scale import tolerable_report
 from kdecli.experiments.scale.records import ScaleReport
 from kdecli.experiments.verdict import scale_verdict
 from kdecli.records import clean
@@ -234,7 +235,10 @@ def render_text(
     columns: Sequence[str] | None = None,
     colour: bool = False,
 ) -> str:
-    """The report in one of ``FORMATS``, in one string (a file is written whole)."""
+    """The report in one of ``FORMATS``, in one string (a file is written whole); a
+    ``--target-error`` document in its own tables (``tolerable_report``; no ``--columns``)."""
+    if report.tolerable is not None:
+        return tolerable_report.render_text(report, fmt, width=width, colour=colour)
     if fmt == "json":
         doc = {**report.to_dict(), "summary": scale_verdict(report).to_dict()}
         return json.dumps(clean(doc), indent=2) + "\n"
