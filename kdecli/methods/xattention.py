@@ -74,28 +74,39 @@ def antidiagonal_shares(
     # a group of empty rows only has no share
     group_start = torch.arange(groups_q, device=q.device) * stride
     real_q = (group_start + stride > layout.lead) & (group_start < layout.lead + n_q)
-    weight = real_q.to(q.dtype).view(-1, per_tile, 1)
+    # a group of empty rows, or of rows scoring nothing, has no share
+    weight = (real_q & (scored > 0)).to(q.dtype)
     q_groups = q_groups * (scale / stride)  # r_ac = (scale/S)·Q̃_a·K̃_c
     shares = q.new_zeros(b, h, layout.query_tiles, layout.key_tiles)
     chunk = max(1, SCORE_ELEMENTS // max(1, b * h * groups_k * per_tile))
     if layout.causal:  # a staircase of chunks computes about half the square, not all of it
         chunk = min(chunk, max(1, -(-layout.query_tiles // 8)))
+    chunk = min(chunk, layout.query_tiles)
+    # one buffer for every chunk's reduced logits: a fresh one per chunk costs its page faults
+    buffer = q.new_empty(b * h * chunk * per_tile * groups_k)
     for t0 in range(0, layout.query_tiles, chunk):
         t1 = min(layout.query_tiles, t0 + chunk)
         a0, a1 = t0 * per_tile, t1 * per_tile
         reach = -(-int(scored[a0:a1].max()) // per_tile)  # key tiles the chunk scores
         if reach == 0:
             continue
-        reduced = q_groups[..., a0:a1, :] @ k_groups[..., : reach * per_tile, :].transpose(-1, -2)
+        width = reach * per_tile
+        reduced = buffer[: b * h * (a1 - a0) * width].view(b, h, a1 - a0, width)
+        torch.matmul(q_groups[..., a0:a1, :], k_groups[..., :width, :].transpose(-1, -2),
+                     out=reduced)  # fmt: skip
         # the rows of a chunk differ in what they score only in its last columns
         low = int(scored[a0:a1].min())
-        tail = torch.arange(low, reach * per_tile, device=q.device)
+        tail = torch.arange(low, width, device=q.device)
         reduced[..., low:].masked_fill_(tail >= scored[a0:a1].unsqueeze(-1), float("-inf"))
-        # softmax in place, normalised after the sums over tiles (no pass over the probabilities)
-        reduced.sub_(reduced.amax(-1, keepdim=True)).exp_()
-        mass = reduced.view(b, h, t1 - t0, per_tile, reach, per_tile).sum(-1)
-        mass = (mass / mass.sum(-1, keepdim=True)).nan_to_num_(0.0)  # a row scoring nothing: 0
-        shares[..., t0:t1, :reach] = (mass * weight[t0:t1]).sum(-2)
+        if low == 0:  # a row scoring nothing: any finite row (its weight is 0), never NaN
+            reduced.masked_fill_((scored[a0:a1] == 0).unsqueeze(-1), 0.0)
+        # P̂ in place (the fused softmax: one kernel, no second buffer)
+        torch.ops.aten._softmax.out(reduced, -1, False, out=reduced)
+        # A_ts: the weighted sum of a tile's query groups as one batched product (a reduction
+        # over rows, not over the 8-wide innermost axis), then over the tile's key groups
+        coef = weight[a0:a1].expand(b, h, a1 - a0).reshape(-1, 1, per_tile)
+        by_tile = torch.bmm(coef, reduced.view(-1, per_tile, width))
+        shares[..., t0:t1, :reach] = by_tile.view(b, h, t1 - t0, reach, per_tile).sum(-1)
     total = shares.sum(-1, keepdim=True)
     return shares / torch.where(total > 0, total, torch.ones_like(total))
 
@@ -120,16 +131,20 @@ def cumulative_tiles(
     allowed = layout.allowed_mask().to(device)
     diagonal = layout.diagonal_mask().to(device)
     ranked = shares.masked_fill(~allowed, float("-inf")).masked_fill(diagonal, float("inf"))
-    order = torch.sort(ranked, dim=-1, descending=True).indices
+    # only the first ``cap`` of the ranking can be kept: a partial selection, not a full sort
+    diagonal_count = diagonal.sum(-1, keepdim=True)
+    width = min(layout.key_tiles, max(cap, int(diagonal_count.max()) if diagonal.numel() else 0))
+    order = torch.topk(ranked, width, dim=-1).indices  # in descending order
     sorted_shares = shares.masked_fill(~allowed, 0.0).gather(-1, order)
     before = sorted_shares.cumsum(-1) - sorted_shares
     keep = allowed.expand_as(shares).gather(-1, order)
     if tau < 1:
         keep = keep & (before < tau)
-    rank = torch.arange(layout.key_tiles, device=device)
-    cap = torch.clamp(diagonal.sum(-1, keepdim=True), min=cap)
+    rank = torch.arange(width, device=device)
+    cap = torch.clamp(diagonal_count, min=cap)
     keep = (keep & (rank < cap)) | diagonal.expand_as(shares).gather(-1, order)
-    return torch.zeros_like(keep).scatter_(-1, order, keep)
+    chosen = torch.zeros(shares.shape, dtype=torch.bool, device=device)
+    return chosen.scatter_(-1, order, keep)
 
 
 def capped_tiles(keys: int, layout: TileLayout) -> torch.Tensor:
