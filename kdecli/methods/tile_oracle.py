@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdecli.measure.reference import iter_softmax_chunks
+from kdecli.masks import FULL
+from kdecli.measure.reference import DEFAULT_MEMORY_BYTES, iter_softmax_chunks
 from kdecli.methods.base import Param
 from kdecli.methods.oracles import _too_large
 from kdecli.methods.registry import register
@@ -56,6 +57,15 @@ class TopKTiles(TopTiles):
 
     def scoring_flops(self, b, h, n_q, n_k, d):
         return float(b * h * n_q * n_k * (2 * d + 4))
+
+    def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
+        # the kernel's, plus the scoring: a chunk of float64 logits turned into probabilities,
+        # its padded copy and the float64 inputs (``iter_softmax_chunks``), and the tile masses
+        layout = self.layout(n_q, n_k, FULL)
+        inputs = 8 * b * h * (n_q + n_k) * d
+        mass = 8 * b * h * layout.query_tiles * layout.key_tiles
+        scoring = 3 * DEFAULT_MEMORY_BYTES + inputs + mass
+        return super().memory_bytes(b, h, n_q, n_k, d, d_v, itemsize) + float(scoring)
 
 
 def tile_mass(q: torch.Tensor, k: torch.Tensor, scale: float, layout: TileLayout) -> torch.Tensor:
