@@ -207,7 +207,8 @@ def test_an_interrupted_json_run_writes_a_whole_document_of_what_finished(tmp_pa
                                                 (signal.SIGTERM, 143, "Terminated.")])  # fmt: skip
 def test_a_signal_during_start_up_is_one_line(signum, code, word):
     proc = child(["methods"])
-    time.sleep(0.3)  # inside the imports
+    # inside the imports (a signal later, in Typer's own parsing, ends in a silent 130: known)
+    time.sleep(0.15)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=600)
     if proc.returncode == 0:
