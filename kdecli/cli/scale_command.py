@@ -88,7 +88,7 @@ def scale_command(
     --steps.  --target-error E: no timing; per method, the smallest budget of a grid meeting E at
     each n (a file cropped to its first n positions: for a capture, the causal prefill of its
     first n tokens)."""
-    from kdecli.experiments.scale.report import parse_columns, render_text
+    from kdecli.experiments.scale.report import parse_columns
     from kdecli.experiments.scale.run import parse_lengths, scale
 
     c.check_format(out.fmt, FORMATS)
@@ -119,21 +119,22 @@ def scale_command(
                 on_progress=update,
                 should_stop=stop.requested,
             )
+    _write(report, len(report.runs), out, stop, columns)
+
+
+def _write(report, finished: int, out, stop, columns=None) -> None:
+    """The document of ``finished`` lengths written whole (nothing when none finished), then
+    what an interrupted run kept and where the file went."""
+    from kdecli.experiments.scale.report import render_text
+
     with Output(out.output) as output:
-        if report.runs:
-            output.write(
-                render_text(
-                    report,
-                    out.fmt,
-                    width=c.table_width(out.output),
-                    columns=columns,
-                    colour=c.colour(out.output),
-                )
-            )
+        if finished:
+            width, colour = c.table_width(out.output), c.colour(out.output)
+            output.write(render_text(report, out.fmt, width=width, columns=columns, colour=colour))
         else:
             output.discard()
     if report.interrupted:
-        c.note(f"Interrupted: kept the {len(report.runs)} lengths that finished.", out.quiet)
+        c.note(f"Interrupted: kept the {finished} lengths that finished.", out.quiet)
         raise typer.Exit(stop.exit_code)
     if out.output is not None:
         c.note(f"Wrote {out.output}.", out.quiet)
@@ -154,7 +155,6 @@ def _check_tolerable(target_error, budget, columns, all_layers) -> None:
 def _tolerable(input_spec, methods, ns, target_error, budgets, every_head, search, params,
                inputs, run, out) -> None:  # fmt: skip
     """`scale --target-error`: the search, then its document written whole."""
-    from kdecli.experiments.scale.report import render_text
     from kdecli.experiments.scale.tolerable import parse_budgets, tolerable_budgets
 
     grid = parse_budgets(budgets)
@@ -166,14 +166,4 @@ def _tolerable(input_spec, methods, ns, target_error, budgets, every_head, searc
                 search=search, options=inputs, params=params, on_progress=update,
                 should_stop=stop.requested,
             )  # fmt: skip
-    with Output(out.output) as output:
-        if report.lengths:
-            width, colour = c.table_width(out.output), c.colour(out.output)
-            output.write(render_text(report, out.fmt, width=width, colour=colour))
-        else:
-            output.discard()
-    if report.interrupted:
-        c.note(f"Interrupted: kept the {len(report.lengths)} lengths that finished.", out.quiet)
-        raise typer.Exit(stop.exit_code)
-    if out.output is not None:
-        c.note(f"Wrote {out.output}.", out.quiet)
+    _write(report, len(report.lengths), out, stop)
