@@ -201,7 +201,7 @@ def test_should_stop_cancels_the_rest_and_keeps_what_finished(ray_cluster):
     assert sorted(r.key for r in report.results) == sorted(r.key for r in calls.of("result"))
     assert all(r.status == "ok" for r in report.results)
 
-    calls = Calls()  # stopped before any task finished: nothing, and no header announced
+    calls = Calls()  # stopped before any task was sent: nothing runs, no header is announced
     report = run_on_ray([qkv], methods, budgets, CONFIG, should_stop=lambda: True, **calls.kwargs())
     assert report.interrupted and report.results == [] and calls.events == []
     assert report.input.shape.n_q == 512

@@ -45,7 +45,8 @@ the failure back, so records still arrive in completion order.  ``should_stop()`
 once it says True the tasks still pending are cancelled (``ray.cancel``: a queued task never
 starts, a running one is interrupted), the finished ones are kept, and the report is
 ``interrupted``; stopped before any task finished, it holds the first input without floors, and
-``on_start`` is not called (no input is ready).
+``on_start`` is not called (no input is ready).  Asked to stop before the first task is sent,
+it sends none.
 """
 
 from __future__ import annotations
@@ -308,6 +309,8 @@ class _Sweep:
         indices = sorted({task.index for task in self.tasks})
         stored = {i: ray.put(self.inputs[i]) for i in indices}  # each input once
         pending: dict[Any, _Task] = {}
+        if should_stop is not None and should_stop():  # asked to stop before anything ran
+            return self._finished(True)
         interrupted = False
         try:
             for task in self.tasks:
