@@ -51,13 +51,13 @@ The public API (the family's seam; ``blocktopk``, ``topk_tiles``, ``vertical_sla
     -> (b, h, T_q, T_k)`` to rank the tiles.
 
 The kernel (``attend_blocks``): the query tiles of every slice run in chunks; per chunk one
-``index_select`` of the listed key and value rows, one batched product for the logits, an in-place
-softmax and one batched product for the output, into buffers allocated once per call (a fresh
-buffer per chunk costs as much in page faults as the arithmetic).  The values carry a column of
-ones, so the output product gives each row's numerator and denominator at once; an invalid slot
-reads a key the row reads anyway (so the row maximum is unchanged) and an all-zero value row (so it
-adds to neither): no pass over the logits beyond the softmax.  The causal triangle is an additive −∞ mask on the diagonal block only.  Time
-grows with the kept pairs, memory with n·d and the kept slots.
+``index_select`` of the listed keys and one of their values (whole tiles as single B·d rows, when
+the slots are tiles), one batched product for the logits, the fused softmax in place and one
+batched product for the output, into buffers allocated once per call (a fresh buffer per chunk
+costs as much in page faults as the arithmetic).  The causal triangle is an additive −∞ mask on
+the diagonal block; a slot position not read (padding to the chunk's widest tile, a tile's keys
+past n_k or past the diagonal's start) gets −∞ in a chunk that has one, and no chunk pays a pass
+for it otherwise.  Time grows with the kept pairs, memory with n·d and the kept slots.
 """
 
 from __future__ import annotations
@@ -338,19 +338,21 @@ def attend_blocks(
     queries[:, layout.lead : layout.lead + n_q] = q.reshape(slices, n_q, d)
     queries.mul_(scale)
     queries = queries.view(slices * tiles, block, d)
-    keys = k.to(work).reshape(slices * n_k, d)
-    # values with a column of ones, so that one product gives numerator and denominator, and a
-    # zero row, what an invalid slot reads: it adds to neither
-    values = torch.zeros(slices * n_k + 1, d_v + 1, dtype=work, device=device)
-    values[:-1, :d_v] = v.reshape(slices * n_k, d_v)
-    values[:-1, d_v] = 1
-    zero_row = slices * n_k
+    # keys and values on the key grid, a ragged last tile padded with zero rows: a whole tile
+    # is then one row of a (tiles, B·d) view, gathered as one piece, and the diagonal tile's
+    # B positions all exist
+    grid = layout.key_tiles * block
+    keys, values = (_on_grid(x, work, slices, grid) for x in (k, v))
+    whole_tiles = blocks.span == block
+    piece = block if whole_tiles else 1  # positions per gathered row
+    keys = keys.view(-1, piece * d)
+    values = values.view(-1, piece * d_v)
+    base = (torch.arange(slices, device=device) * (grid // piece)).repeat_interleave(tiles)
 
     index, valid, counts = _compact(blocks, layout)
     index = index.reshape(slices * tiles, -1)
     valid = valid.reshape(slices * tiles, -1)
     counts = counts.reshape(-1)
-    row_base = (torch.arange(slices, device=device) * n_k).repeat_interleave(tiles)
     limit = layout.far_limit().to(device).repeat(slices)
     start = layout.tile_starts().to(device).repeat(slices)
     span = blocks.span
@@ -360,9 +362,9 @@ def attend_blocks(
 
     chunks, most = _chunks(counts.view(slices, tiles) * span + near, max(d, d_v, block))
     key_buffer = torch.empty(most * d, dtype=work, device=device)
-    value_buffer = torch.empty(most * (d_v + 1), dtype=work, device=device)
+    value_buffer = torch.empty(most * d_v, dtype=work, device=device)
     logit_buffer = torch.empty(most * block, dtype=work, device=device)
-    out = torch.empty(slices * tiles, block, d_v + 1, dtype=work, device=device)
+    out = torch.empty(slices * tiles, block, d_v, dtype=work, device=device)
 
     for s, e in chunks:
         c, slots = e - s, int(counts[s:e].max())
@@ -370,28 +372,23 @@ def attend_blocks(
         read = valid[s:e, :slots].repeat_interleave(span, -1) & (
             position < limit[s:e].unsqueeze(-1)
         )
-        if layout.causal:  # the diagonal tile's first key is read by every row: a safe stand-in
-            stand_in = start[s:e].unsqueeze(-1)
-        else:  # a tile's first slot is valid (the diagonal is listed under FULL)
-            stand_in = position[:, :1]
-        key_rows = torch.where(read, position, stand_in) + row_base[s:e].unsqueeze(-1)
-        value_rows = torch.where(read, key_rows, torch.full_like(key_rows, zero_row))
-        if near:
-            diagonal = (start[s:e].unsqueeze(-1) + torch.arange(block, device=device)).clamp(
-                max=n_k - 1
-            ) + row_base[s:e].unsqueeze(-1)
-            key_rows = torch.cat([key_rows, diagonal], -1)
-            value_rows = torch.cat([value_rows, diagonal], -1)
-        width = key_rows.shape[-1]
+        # a position not read is gathered all the same (any row) and its logit set to −∞
+        if whole_tiles:
+            rows = index[s:e, :slots] // block
+        else:
+            rows = torch.where(read, position, torch.zeros_like(position))
+        if near:  # the diagonal tile, after the listed keys
+            first = start[s:e].unsqueeze(-1)
+            diagonal = first // block if whole_tiles else first + torch.arange(block, device=device)
+            rows = torch.cat([rows, diagonal], -1)
+        rows = (rows + base[s:e].unsqueeze(-1)).reshape(-1)
+        width = slots * span + near
         gathered_k = torch.index_select(
-            keys, 0, key_rows.reshape(-1), out=key_buffer[: c * width * d].view(-1, d)
+            keys, 0, rows, out=key_buffer[: c * width * d].view(-1, piece * d)
         ).view(c, width, d)
         gathered_v = torch.index_select(
-            values,
-            0,
-            value_rows.reshape(-1),
-            out=value_buffer[: c * width * (d_v + 1)].view(-1, d_v + 1),
-        ).view(c, width, d_v + 1)
+            values, 0, rows, out=value_buffer[: c * width * d_v].view(-1, piece * d_v)
+        ).view(c, width, d_v)
         logits = torch.bmm(
             queries[s:e],
             gathered_k.transpose(1, 2),
@@ -399,11 +396,25 @@ def attend_blocks(
         )
         if near:
             logits[:, :, width - block :] += triangle
-        logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+        if not bool(read.all()):
+            logits[:, :, : width - near].masked_fill_(~read.unsqueeze(1), float("-inf"))
+        # the fused softmax in place: one kernel, no second buffer
+        torch.ops.aten._softmax.out(logits, -1, False, out=logits)
         torch.bmm(logits, gathered_v, out=out[s:e])
-        out[s:e, :, :d_v].div_(out[s:e, :, d_v:])
-    result = out[..., :d_v].reshape(slices, tiles * block, d_v)[:, layout.lead : layout.lead + n_q]
+    result = out.view(slices, tiles * block, d_v)[:, layout.lead : layout.lead + n_q]
     return result.reshape(b, h, n_q, d_v).to(v.dtype)
+
+
+def _on_grid(x: torch.Tensor, work: torch.dtype, slices: int, grid: int) -> torch.Tensor:
+    """(slices, grid, ·) ``x`` in the working dtype, zero rows after its last: a view of it
+    where nothing is to change."""
+    n = x.shape[-2]
+    x = x.to(work).reshape(slices, n, x.shape[-1])
+    if n == grid:
+        return x.contiguous()
+    padded = x.new_zeros(slices, grid, x.shape[-1])
+    padded[:, :n] = x
+    return padded
 
 
 def _chunks(widths: torch.Tensor, row_elements: int) -> tuple[list[tuple[int, int]], int]:
@@ -561,12 +572,13 @@ class TileSparse(AttentionMethod):
         return b * h * pairs * (2 * (d + d_v) + 3) + self.scoring_flops(b, h, n_q, n_k, d)
 
     def memory_bytes(self, b, h, n_q, n_k, d, d_v, itemsize):
-        # the padded queries, the keys and values as rows, the output, three chunk buffers, and
-        # the slots (int64 and bool) of every tile
+        # the padded queries, the keys and values on the key grid, the output, three chunk
+        # buffers, and the slots (int64 and bool) of every tile
         layout = self.layout(n_q, n_k, FULL)
         kept = self.model_tiles(layout)
         slots = int(kept.max()) if kept is not None else layout.key_tiles
-        rows = b * h * (layout.query_tiles * layout.block * (d + d_v) + n_k * (d + d_v))
+        grid = layout.key_tiles * layout.block
+        rows = b * h * (layout.query_tiles * layout.block * (d + d_v) + grid * (d + d_v))
         index = 9 * b * h * layout.query_tiles * slots
         return float(itemsize * (rows + 3 * CHUNK_ELEMENTS) + index)
 

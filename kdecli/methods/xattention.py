@@ -80,7 +80,7 @@ def antidiagonal_shares(
     shares = q.new_zeros(b, h, layout.query_tiles, layout.key_tiles)
     chunk = max(1, SCORE_ELEMENTS // max(1, b * h * groups_k * per_tile))
     if layout.causal:  # a staircase of chunks computes about half the square, not all of it
-        chunk = min(chunk, max(1, -(-layout.query_tiles // 8)))
+        chunk = min(chunk, max(1, -(-layout.query_tiles // 16)))
     chunk = min(chunk, layout.query_tiles)
     # one buffer for every chunk's reduced logits: a fresh one per chunk costs its page faults
     buffer = q.new_empty(b * h * chunk * per_tile * groups_k)
