@@ -261,8 +261,9 @@ class FlexPrefill(PerSlice):
         tiles = layout.query_tiles * layout.key_tiles
         last_q = min(layout.block, n_q)
         # the last tile's attention and its shifted copy; the pooled probabilities and sorts;
-        # both patterns' slots as single keys when the heads split
+        # both patterns' slots as single keys when the heads split, and the kernel's gathered row
+        # and masks for each
         scoring = itemsize * (2 * last_q * (n_k + last_q) + 3 * tiles) + 17 * tiles
-        slots = 18 * layout.query_tiles * min(self.config["keys"] * 2 + layout.block, 2 * n_k)
+        slots = 29 * layout.query_tiles * min(self.config["keys"] * 2 + layout.block, 2 * n_k)
         base = super().memory_bytes(b, h, n_q, n_k, d, d_v, itemsize)
         return base + float(b * h * (scoring + slots))

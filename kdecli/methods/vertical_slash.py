@@ -292,12 +292,13 @@ class VerticalSlash(PerSlice):
         layout = self.layout(n_q, n_k, FULL)
         lines = min(self.config["slash"] * layout.block, n_k + layout.block)
         slots = self.config["vertical"] + lines
-        # the estimate and its shifted copy, and the slots (int64 and bool) of every tile, twice:
-        # the union of columns and lines is deduplicated through a sorted copy of them
+        # the estimate and its shifted copy, and the slots (int64 and bool) of every tile, twice
+        # (the union of columns and lines is deduplicated through a sorted copy of them), then
+        # the kernel's gathered row and masks for each
         return (
             base
             + float(2 * b * h * last_q * (n_k + last_q) * itemsize)
-            + float(2 * 9 * b * h * layout.query_tiles * slots)
+            + float(29 * b * h * layout.query_tiles * slots)
         )
 
 
