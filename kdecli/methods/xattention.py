@@ -62,8 +62,9 @@ def antidiagonal_shares(
     # Q̃ (b, h, G_q, S·d): the queries by tile (empty rows zero: they add nothing to a sum), in
     # groups of S reversed; K̃ (b, h, G_k, S·d): the keys, padded with zero rows, in groups of S
     rows = layout.tile_rows(q).flatten(-3, -2)
-    q_groups = rows.unflatten(-2, (groups_q, stride)).flip(-2).flatten(-2)
-    keys = F.pad(k, (0, 0, 0, groups_k * stride - n_k))
+    q_groups = rows.unflatten(-2, (groups_q, stride)).flip(-2).flatten(-2)  # a copy: flip
+    q_groups.mul_(scale / stride)  # r_ac = (scale/S)·Q̃_a·K̃_c
+    keys = k if groups_k * stride == n_k else F.pad(k, (0, 0, 0, groups_k * stride - n_k))
     k_groups = keys.reshape(b, h, groups_k, stride * d)
     # the key groups each query tile scores: the real ones; causal, those wholly before the
     # start of its diagonal tile (which the kernel always computes)
@@ -76,7 +77,6 @@ def antidiagonal_shares(
     real_q = (group_start + stride > layout.lead) & (group_start < layout.lead + n_q)
     # a group of empty rows, or of rows scoring nothing, has no share
     weight = (real_q & (scored > 0)).to(q.dtype)
-    q_groups = q_groups * (scale / stride)  # r_ac = (scale/S)·Q̃_a·K̃_c
     shares = q.new_zeros(b, h, layout.query_tiles, layout.key_tiles)
     chunk = max(1, SCORE_ELEMENTS // max(1, b * h * groups_k * per_tile))
     if layout.causal:  # a staircase of chunks computes about half the square, not all of it
