@@ -405,7 +405,7 @@ def attend_blocks(
         if near:
             logits[:, :, :block] += triangle
         if any(partial[s:e]) or min(count_of[s:e]) < slots:
-            position = (index[s:e, :slots].unsqueeze(-1) + torch.arange(span, device=device))
+            position = index[s:e, :slots].unsqueeze(-1) + torch.arange(span, device=device)
             read = valid[s:e, :slots].unsqueeze(-1) & (position < limit[s:e].unsqueeze(-1))
             logits[:, :, near:].masked_fill_(~read.view(c, 1, -1), float("-inf"))
         # the fused softmax in place: one kernel, no second buffer
