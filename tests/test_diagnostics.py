@@ -7,6 +7,8 @@ for the triangle inequality and, where exact over their sets, for a zero estimat
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 
@@ -16,6 +18,7 @@ from typer.testing import CliRunner
 
 from kdecli.cli.app import app
 from kdecli.experiments.compare.records import Result, RunReport, jsonl_result, parse_document
+from kdecli.experiments.compare.report import to_csv
 from kdecli.experiments.compare.run import compare
 from kdecli.masks import FULL, Causal
 from kdecli.measure.config import RunConfig
@@ -372,6 +375,23 @@ def test_documents_keep_them_and_old_ones_load_without():
     old = {k: v for k, v in report.results[0].to_dict().items() if k != "diagnostics"}
     assert Result.from_dict(old).diagnostics is None
     assert "diagnostics" not in Result.from_dict(old).to_dict()
+
+
+def test_csv_rows_carry_them_after_the_earlier_columns():
+    qkv = _inputs(n_q=40, n_k=40).to("cpu", torch.float32)
+    report = compare(qkv, ["topk", "performer"], [8], timing=False, seeds=1)
+    rows = list(csv.DictReader(io.StringIO(to_csv(report))))
+    header = to_csv(report).splitlines()[0].split(",")
+    assert header.index("phase") < header.index("density_mean")  # appended: old readers keep theirs
+    topk, performer = (next(r for r in rows if r["method"] == m) for m in ("topk", "performer"))
+    found = report.results[0].diagnostics
+    assert float(topk["density_mean"]) == pytest.approx(found.density.mean)
+    assert float(topk["mass_recall_max"]) == pytest.approx(found.mass_recall.max)
+    split = found.selection_error["rel_spectral"]
+    assert float(topk["selection_error_mean"]) == pytest.approx(split.mean)
+    assert float(topk["estimation_error_mean"]) == pytest.approx(0.0, abs=1e-6)
+    assert performer["density_mean"] == "" and performer["diagnostics_note"]
+    assert float(performer["lse_error_mean"]) >= 0  # its own row sums
 
 
 def test_the_table_shows_them_when_asked_and_the_quick_start_keeps_its_columns(tmp_path):

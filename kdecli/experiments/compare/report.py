@@ -48,7 +48,7 @@ from kdecli.experiments.compare.records import (
     to_json,
 )
 from kdecli.experiments.verdict import compare_verdict
-from kdecli.measure.figures import Summary
+from kdecli.measure.figures import DIAGNOSTIC_FIGURES, Summary
 from kdecli.measure.metrics import METRICS
 from kdecli.render import table
 from kdecli.render.cells import fmt_flops, fmt_params, fmt_time
@@ -366,6 +366,9 @@ CSV_FIELDS = [
     "exact_backward_s_extrapolated", "backward_peak_memory_bytes", "backward_note",
     "reference",  # as before 0.5
     "phase",  # prefill, or decode (the last M queries): from 0.8, after what was there before
+    # why the estimate is wrong (the split in rel_spectral; empty where the record has none)
+    *(f"{name}_{s}" for name in DIAGNOSTIC_FIGURES for s in ("mean", "max")),
+    "diagnostics_note",  # from 0.9
 ]  # fmt: skip
 
 
@@ -418,6 +421,12 @@ def _csv_row(report: RunReport, r: Result) -> dict[str, Any]:
     row["exact_backward_s_extrapolated"] = exact_backward.extrapolated if exact_backward else None
     row["backward_peak_memory_bytes"] = backward.peak_memory_bytes if backward else None
     row["backward_note"] = time.backward_note if time else None
+    found = r.diagnostics
+    for name in DIAGNOSTIC_FIGURES:
+        summary = found.figure(name) if found else None
+        row[f"{name}_mean"] = None if summary is None else summary.mean
+        row[f"{name}_max"] = None if summary is None else summary.max
+    row["diagnostics_note"] = found.note if found else None
     return row
 
 
