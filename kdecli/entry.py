@@ -2,7 +2,8 @@
 
 Huge pages must be asked for before torch allocates anything, so they are set up before the CLI
 (which imports torch) is imported.  SIGTERM is made to behave like Ctrl-C, and either one during
-the second or so of start-up ends with one line, not a traceback.
+the second or so of start-up (the imports, then Typer's parsing of the command line) ends with one
+line and exit 130 or 143, not a traceback.
 """
 
 import sys
@@ -17,11 +18,20 @@ def main() -> None:
     try:
         signal.signal(signal.SIGTERM, _terminate)
         from kdecli.cli import main as run_cli
+        from kdecli.cli.signals import SignalAtStartUp, guard_start_up
+
+        guard_start_up()  # Typer's parsing would swallow a KeyboardInterrupt into a silent 130
     except KeyboardInterrupt as exc:
-        terminated = type(exc).__name__ == "Terminated"
-        sys.stderr.write("Terminated.\n" if terminated else "Interrupted.\n")
-        sys.exit(143 if terminated else 130)
-    run_cli()
+        _stopped(type(exc).__name__ == "Terminated")
+    try:
+        run_cli()
+    except SignalAtStartUp as exc:
+        _stopped(exc.signum == signal.SIGTERM)
+
+
+def _stopped(terminated: bool) -> None:
+    sys.stderr.write("Terminated.\n" if terminated else "Interrupted.\n")
+    sys.exit(143 if terminated else 130)
 
 
 def _terminate(signum, frame) -> None:

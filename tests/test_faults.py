@@ -207,8 +207,7 @@ def test_an_interrupted_json_run_writes_a_whole_document_of_what_finished(tmp_pa
                                                 (signal.SIGTERM, 143, "Terminated.")])  # fmt: skip
 def test_a_signal_during_start_up_is_one_line(signum, code, word):
     proc = child(["methods"])
-    # inside the imports (a signal later, in Typer's own parsing, ends in a silent 130: known)
-    time.sleep(0.15)
+    time.sleep(0.15)  # inside the imports (Typer's parsing has a test of its own, below)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=600)
     if proc.returncode == 0:
@@ -216,6 +215,40 @@ def test_a_signal_during_start_up_is_one_line(signum, code, word):
     if proc.returncode == -signum:  # a very slow machine: Python itself had not started yet
         pytest.skip("the signal arrived before the interpreter was running")
     assert proc.returncode == code and stderr.strip() == word, stderr
+
+
+# The entry point, with a signal sent to itself while Typer parses the command line.
+SIGNAL_IN_PARSING = """
+import os, signal, sys
+import typer.core
+from kdecli import entry
+
+parse = typer.core.TyperGroup.parse_args
+
+def parse_and_signal(self, ctx, args):
+    os.kill(os.getpid(), signal.{name})
+    return parse(self, ctx, args)
+
+typer.core.TyperGroup.parse_args = parse_and_signal
+sys.argv = ["kdecli", "methods"]
+entry.main()
+"""
+
+
+@pytest.mark.parametrize("name, code, word", [("SIGINT", 130, "Interrupted."),
+                                              ("SIGTERM", 143, "Terminated.")])  # fmt: skip
+def test_a_signal_while_typer_parses_is_one_line_and_its_own_code(name, code, word):
+    # before the fix, Typer turned both into a silent exit 130
+    run = subprocess.run([sys.executable, "-c", SIGNAL_IN_PARSING.format(name=name)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert (run.returncode, run.stderr.strip(), run.stdout) == (code, word, "")
+
+
+def test_a_command_restores_the_signals_it_handles_itself():
+    # in-process (no entry point), the application leaves the process's handlers alone
+    before = signal.getsignal(signal.SIGTERM)
+    assert CliRunner().invoke(app, ["methods", "exact"]).exit_code == 0
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.mark.slow

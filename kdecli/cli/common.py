@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from kdecli.cli.signals import command_started
 from kdecli.errors import KdecliError, Terminated, UsageError, first_line, is_out_of_memory
 from kdecli.files import check_writable
 from kdecli.render.safe import MESSAGE_LIMIT, printable
@@ -70,6 +71,7 @@ def handle_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        command_started()  # from here a signal is this handler's KeyboardInterrupt
         try:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):

@@ -2,7 +2,9 @@
 
 Outside a run (start-up, loading, writing), both raise: ``KeyboardInterrupt`` for SIGINT and
 ``kdecli.errors.Terminated`` (a ``KeyboardInterrupt``) for SIGTERM, which the command's error
-handler turns into one line and exit 130 or 143.  Inside ``graceful_stop`` the first signal only
+handler turns into one line and exit 130 or 143.  While Typer parses the command line, before
+that handler runs, they raise ``SignalAtStartUp`` instead, which Typer lets through to the entry
+point (``guard_start_up``, ``command_started``).  Inside ``graceful_stop`` the first signal only
 asks the run to stop after the record it is computing; a second one raises as above.
 """
 
@@ -21,6 +23,43 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 def _raise(signum: int, frame) -> None:
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+class SignalAtStartUp(BaseException):
+    """SIGINT or SIGTERM after the imports and before a command's own handler: while Typer
+    parses the command line.  Not a ``KeyboardInterrupt``, which Typer would turn into a silent
+    exit 130 (for SIGTERM too); the entry point turns it into one line and 130 or 143."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.signum, 130)
+
+
+def _at_start_up(signum: int, frame) -> None:
+    raise SignalAtStartUp(signum)
+
+
+def guard_start_up() -> None:
+    """Until ``command_started``, SIGINT and SIGTERM raise ``SignalAtStartUp`` (the entry point
+    calls it once the command line's modules are imported)."""
+    for sig in EXIT_CODES:
+        signal.signal(sig, _at_start_up)
+
+
+def command_started() -> None:
+    """A command's error handler is running: signals raise ``KeyboardInterrupt`` and
+    ``Terminated`` again.  Only where ``guard_start_up`` installed its handler (not in a process
+    that calls the application in-process, such as a test's)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    normal = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise}
+    for sig, handler in normal.items():
+        if signal.getsignal(sig) is _at_start_up:
+            signal.signal(sig, handler)
 
 
 @dataclass
