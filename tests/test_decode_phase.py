@@ -4,6 +4,8 @@ A decode measurement is Q's last M rows, K and V whole, under ``Causal(n_k − M
 float64 reference of exactly those rows; ``--phase both`` measures prefill and decode side by side.
 """
 
+import csv
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -235,8 +237,9 @@ def test_the_report_separates_phases_and_reads_back(tmp_path):
     header = next(line for line in text.splitlines() if "method" in line)
     assert "phase" in header and "by phase prefill" in text
     assert sum(" decode " in line for line in text.splitlines()) >= 3
-    csv = render_text(report, "csv").splitlines()
-    assert csv[0].endswith(",phase") and csv[-1].endswith(",decode")
+    csv_rows = list(csv.DictReader(io.StringIO(render_text(report, "csv"))))
+    assert [row["phase"] for row in csv_rows] == [r.phase for r in report.results]
+    assert csv_rows[-1]["phase"] == "decode"
     for fmt in ("json", "jsonl"):  # both forms keep each phase's part
         path = tmp_path / f"doc.{fmt}"
         path.write_text(render_text(report, fmt))

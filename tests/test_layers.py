@@ -116,6 +116,19 @@ def test_mean_over_layers_is_the_mean_of_each_layers_seed_mean(capture):
     assert mean.errors["rel_spectral"].std == pytest.approx(np.std(per_layer, ddof=1))
 
 
+def test_one_layer_has_no_mean_over_layers(capture):
+    from kdecli.experiments.compare.report import render_text, table_rows
+
+    one = kdecli.compare_layers(load_inputs(f"{capture}:/layer1"), ["uniform"], [8], seeds=1,
+                                timing=False)  # fmt: skip
+    assert [row.layer for row in table_rows(one)] == [1]  # no `all` row repeating it
+    assert "Rows `all`" not in render_text(one, "table", width=200)
+    two = kdecli.compare_layers(load_inputs(f"{capture}:/layer[01]"), ["uniform"], [8], seeds=1,
+                                timing=False)  # fmt: skip
+    assert [row.layer for row in table_rows(two)] == [0, 1, "all"]
+    assert "Rows `all`" in render_text(two, "table", width=200)
+
+
 def test_plot_error_per_layer(capture, tmp_path):
     pytest.importorskip("matplotlib")
     from kdecli.experiments.compare.plot import figure

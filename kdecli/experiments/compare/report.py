@@ -135,7 +135,8 @@ def title(report: RunReport) -> str:
 
 
 def table_rows(report: RunReport) -> list[Setting]:
-    """The table's rows: one per (layer ×) method × budget; then, over layers, their means."""
+    """The table's rows: one per (layer ×) method × budget; then, over two layers or more, their
+    means."""
 
     metric = report.reference.primary_metric  # rel_frobenius under a row sample
 
@@ -143,7 +144,7 @@ def table_rows(report: RunReport) -> list[Setting]:
         return report.floors_of(record.layer, record.phase).mean_floor(metric)
 
     rows = aggregate(report.results, floor, metric)
-    if report.layers:
+    if len({layer.layer for layer in report.layers}) > 1:  # a mean over one layer is that layer
         rows += mean_over_layers(rows, floor, metric)
     return rows
 
@@ -169,6 +170,7 @@ def floors_line(report: RunReport) -> str:
         )
     if report.layers:
         per_layer = [(_part_name(x), x.floors.mean_floor(metric)) for x in report.layers]
+        layered = len({x.layer for x in report.layers}) > 1  # table_rows adds the `all` rows
         listed = ", ".join(f"{layer}: {value:.4g}" for layer, value in per_layer)
         means = []
         for phase in report.phases:  # a mean over layers is one phase's
@@ -177,8 +179,8 @@ def floors_line(report: RunReport) -> str:
             means.append(f"{name}{sum(values) / len(values):.4g}" if values else "")
         return (
             f"floors: mean-of-V baseline {metric} by layer {listed} (mean "
-            f"{', '.join(m for m in means if m)}); zero output 1 on every relative norm. "
-            "Rows `all`: the mean over layers, ± std over layers."
+            f"{', '.join(m for m in means if m)}); zero output 1 on every relative norm."
+            + (" Rows `all`: the mean over layers, ± std over layers." if layered else "")
         )
     mean, zero = report.floors.mean, report.floors.zero
     others = [m for m in ("rel_frobenius", "max_row_rel") if m != metric and m in mean]
