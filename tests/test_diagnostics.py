@@ -22,7 +22,7 @@ from kdecli.experiments.compare.report import to_csv
 from kdecli.experiments.compare.run import compare
 from kdecli.masks import FULL, Causal
 from kdecli.measure.config import RunConfig
-from kdecli.measure.diagnostics import diagnose, exact_rows
+from kdecli.measure.diagnostics import SharedAttention, diagnose, exact_rows
 from kdecli.measure.figures import Diagnostics
 from kdecli.measure.row_reference import sample_rows
 from kdecli.methods import make_method, method_names
@@ -211,6 +211,29 @@ def test_the_chunks_and_a_sample_of_rows_give_the_rows_figures():
         assert torch.allclose(
             getattr(whole, name).index_select(2, some), getattr(sampled, name), rtol=1e-12
         )
+
+
+@pytest.mark.parametrize("mask", [FULL, Causal(0), Causal(13)], ids=str)
+def test_the_shared_attention_gives_the_figures_each_call_computes(mask):
+    n_k = N + (mask.offset if mask.is_causal else 11)
+    qkv = _inputs(n_q=N, n_k=n_k)
+    shared = SharedAttention()
+    for seed, rows in [(1, torch.arange(N)), (2, torch.arange(N)), (3, torch.tensor([0, 5, 46]))]:
+        sets = KeySets.from_dense(_random_sets(qkv, mask, seed=seed))
+        alone = exact_rows(qkv, SCALE, mask, rows, sets, memory_bytes=4000)
+        kept = exact_rows(qkv, SCALE, mask, rows, sets, memory_bytes=4000, shared=shared)
+        for name in ("log_sums", "density", "recall", "set_log_sums", "over_set"):
+            assert torch.allclose(getattr(alone, name), getattr(kept, name), rtol=1e-12), name
+    # held once per input and rows; other rows, or too little memory, compute it again or not
+    first = shared.of(qkv, SCALE, mask, torch.arange(N))
+    assert shared.of(qkv, SCALE, mask, torch.arange(N)) is first
+    assert shared.of(qkv, SCALE, mask, torch.tensor([0, 5, 46])) is not first
+    assert SharedAttention(memory_bytes=8).of(qkv, SCALE, mask, torch.arange(N)) is None
+    probabilities, log_sums = first
+    allowed = mask.allowed(N, n_k)
+    expected = torch.softmax(_logits(qkv, mask), dim=-1)
+    assert torch.allclose(probabilities, expected, rtol=1e-12, atol=1e-300)
+    assert allowed is None or not probabilities.masked_select(~allowed).any()
 
 
 def test_under_a_row_sample_the_spectral_split_is_absent_with_the_reason():

@@ -79,16 +79,20 @@ def diagnose(
     mask: Mask,
     run_seed: int,
     prompt: torch.Tensor | None = None,
+    shared: SharedAttention | None = None,
 ) -> Diagnostics:
     """The diagnostics of ``out``, the call ``method(work.q, work.k, work.v, ...)`` made with the
     generator of ``run_seed``, against ``reference`` (every row's exact output, or a row sample)
     computed from ``exact_inputs`` (the float64 inputs).  A method that ``needs_prompt_queries``
     ran as decode steps over a cache prepared with ``prompt``: its sets are those steps'
-    (``decode_key_sets``).  Never raises: a failure is the note."""
+    (``decode_key_sets``).  ``shared``: the exact attention of these inputs, kept across the
+    calls measured on them.  Never raises: a failure is the note."""
     try:
         with torch.no_grad():
             sets, log_sums = _hooks(method, work, scale, mask, run_seed, prompt)
-            return _diagnose(method, sets, log_sums, exact_inputs, reference, out, scale, mask)
+            return _diagnose(
+                method, sets, log_sums, exact_inputs, reference, out, scale, mask, shared
+            )
     except Exception as exc:  # a figure beside the errors: never lose them for it
         return Diagnostics(note=f"not computed: {first_line(exc)}")
 
@@ -106,7 +110,9 @@ def _hooks(method, work, scale, mask, run_seed, prompt):
     return sets, log_sums
 
 
-def _diagnose(method, sets, log_sums, exact_inputs, reference, out, scale, mask) -> Diagnostics:
+def _diagnose(
+    method, sets, log_sums, exact_inputs, reference, out, scale, mask, shared
+) -> Diagnostics:
     notes = [] if sets is not None else [f"no key set: {method.key_set_note}"]
     if sets is None and log_sums is None:
         return Diagnostics(note=notes[0])
@@ -114,7 +120,7 @@ def _diagnose(method, sets, log_sums, exact_inputs, reference, out, scale, mask)
     n_q = exact_inputs.q.shape[-2]
     rows = reference.rows if sampled else torch.arange(n_q, device=exact_inputs.q.device)
     exact = reference.exact if sampled else reference
-    found = exact_rows(exact_inputs, scale, mask, rows, sets)
+    found = exact_rows(exact_inputs, scale, mask, rows, sets, shared=shared)
     if log_sums is not None:
         estimate = log_sums.to(torch.float64).index_select(-1, rows.to(log_sums.device))
     elif sets is not None and sets.exact_over_set:
@@ -164,11 +170,17 @@ def exact_rows(
     rows: torch.Tensor,
     sets: KeySets | None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    shared: SharedAttention | None = None,
 ) -> RowFigures:
     """The exact side of the diagnostics on the query ``rows`` (sorted indices), from the float64
     ``inputs``: per row its log D_i, and with ``sets`` its density, mass recall, log Σ_{S_i} e^ℓ
     and O^S_i.  In query chunks of at most ``memory_bytes`` of logits, each chunk's sets asked of
-    ``sets.rows`` once."""
+    ``sets.rows`` once.  With ``shared`` holding P for these inputs and rows, the figures come
+    from it: Σ_{j∈S_i} P_ij is the recall, log D_i + log of it the set's log row sum, and
+    Σ_{j∈S_i} P_ij v_j over the recall is O^S_i (no logits, no exponentials)."""
+    held = shared.of(inputs, scale, mask, rows) if shared is not None and sets is not None else None
+    if held is not None:
+        return _from_shared(held, inputs.v, mask, rows, sets, inputs.q.shape[-2], memory_bytes)
     q, k, v = (x.to(torch.float64) for x in (inputs.q, inputs.k, inputs.v))
     b, h, n_q, _ = q.shape
     n_k, d_v = k.shape[-2], v.shape[-1]
@@ -215,6 +227,87 @@ def exact_rows(
     if sets is None:
         return RowFigures(log_sums)
     return RowFigures(log_sums, density, recall, set_log_sums, over_set)
+
+
+class SharedAttention:
+    """The exact float64 attention of one input's evaluated rows, computed on first use and kept
+    for the diagnostics of every method and seed measured on that input: P (b, h, R, n_k), P_ij =
+    e^{ℓ_ij} / D_i (0 where the mask forbids), and log D (b, h, R).  Each call would otherwise
+    recompute the logits and exponentiate them again.  Held only when P fits in
+    ``memory_bytes``; past that, ``of`` is None and each call computes its chunks itself."""
+
+    def __init__(self, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
+        self.memory_bytes = memory_bytes
+        self._asked: tuple | None = None  # (q, k, scale, mask, rows) of what is held
+        self._held: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def of(
+        self, inputs: QKV, scale: float, mask: Mask, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(P, log D) of ``inputs`` on ``rows``, or None where P would not fit.  Computed again
+        when asked of other tensors (held by reference: the same objects, not equal values),
+        another scale, mask or rows."""
+        q, k = inputs.q, inputs.k
+        b, h, _, _ = q.shape
+        if b * h * rows.numel() * k.shape[-2] * 8 > self.memory_bytes:
+            return None
+        asked = self._asked
+        same = (
+            asked is not None
+            and asked[0] is q
+            and asked[1] is k
+            and asked[2:4] == (scale, mask)
+            and torch.equal(asked[4], rows)
+        )
+        if not same:
+            self._held = None  # free the old P before the new one is computed
+            self._held = _attention(inputs, scale, mask, rows)
+            self._asked = (q, k, scale, mask, rows.clone())
+        return self._held
+
+
+def _attention(
+    inputs: QKV, scale: float, mask: Mask, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """P and log D of ``SharedAttention``, in float64."""
+    q, k = (x.to(torch.float64) for x in (inputs.q, inputs.k))
+    logits = (q.index_select(-2, rows.to(q.device)) * scale) @ k.transpose(-1, -2)
+    if mask.is_causal:
+        keys = torch.arange(k.shape[-2], device=q.device)
+        allowed = keys <= (rows.to(q.device) + mask.offset).unsqueeze(-1)
+        logits.masked_fill_(~allowed, float("-inf"))
+    log_sums = torch.logsumexp(logits, dim=-1)
+    return logits.sub_(log_sums.unsqueeze(-1)).exp_(), log_sums
+
+
+def _from_shared(held, v, mask, rows, sets, n_q, memory_bytes) -> RowFigures:
+    """``exact_rows``'s figures from the shared P, in the same query chunks."""
+    probabilities, log_sums = held
+    v = v.to(torch.float64)
+    b, h, count, n_k = probabilities.shape
+    rows = rows.to(probabilities.device)
+    density, recall = torch.empty_like(log_sums), torch.empty_like(log_sums)
+    over_set = torch.empty(b, h, count, v.shape[-1], dtype=torch.float64, device=v.device)
+    step = chunk_rows(b * h, n_k, memory_bytes // 2)
+    keys = torch.arange(n_k, device=rows.device)
+    for start in range(0, n_q, step):
+        stop = min(n_q, start + step)
+        lo, hi = (int(x) for x in torch.searchsorted(rows, rows.new_tensor([start, stop])))
+        if lo == hi:
+            continue  # no evaluated row in this chunk (a row sample)
+        at = rows[lo:hi]
+        chosen = _chunk_sets(sets, start, stop, at - start, n_k, (b, h))
+        visible = torch.full((hi - lo,), float(n_k), dtype=torch.float64, device=rows.device)
+        if mask.is_causal:
+            allowed = keys <= (at + mask.offset).unsqueeze(-1)
+            chosen &= allowed
+            visible = allowed.sum(-1, dtype=torch.float64)
+        density[..., lo:hi] = chosen.sum(-1, dtype=torch.float64) / visible
+        on_set = probabilities[..., lo:hi, :] * chosen
+        mass = on_set.sum(-1)
+        recall[..., lo:hi] = mass
+        over_set[..., lo:hi, :] = (on_set @ v) / torch.where(mass > 0, mass, 1.0).unsqueeze(-1)
+    return RowFigures(log_sums, density, recall, log_sums + recall.log(), over_set)
 
 
 def _exp_sum(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

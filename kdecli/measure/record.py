@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from kdecli.masks import Mask
-from kdecli.measure.diagnostics import diagnose
+from kdecli.measure.diagnostics import SharedAttention, diagnose
 from kdecli.measure.failures import Failure
 from kdecli.measure.figures import Diagnostics, Summary
 from kdecli.measure.seeds import generator
@@ -78,12 +78,14 @@ def measure_call(
     run_seed: int,
     prompt: torch.Tensor | None = None,
     exact_inputs: QKV | None = None,
+    shared: SharedAttention | None = None,
 ) -> Outcome:
     """Run ``method`` once on ``work`` under ``mask`` with its generator for ``run_seed`` and
     measure the output against ``target`` (see the module docstring).  A method that
     ``needs_prompt_queries`` runs as a decode step over a cache prepared with ``prompt`` (the
     queries before ``work``'s), and is refused without it.  ``exact_inputs``: the float64
-    inputs the target was computed from, to diagnose the call against (None: no diagnostics)."""
+    inputs the target was computed from, to diagnose the call against (None: no diagnostics);
+    ``shared`` their exact attention, kept across the calls on them."""
     if method.needs_prompt_queries:
         reasons = method.not_supported_reasons(work.q, work.k, work.v, mask, prompt_queries=prompt)
     else:
@@ -112,7 +114,7 @@ def measure_call(
     diagnostics = None
     if exact_inputs is not None:
         diagnostics = diagnose(
-            method, work, exact_inputs, target.exact, out, scale, mask, run_seed, prompt
+            method, work, exact_inputs, target.exact, out, scale, mask, run_seed, prompt, shared
         )
     return Outcome(errors=errors, flops=flops, diagnostics=diagnostics)
 

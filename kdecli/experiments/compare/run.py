@@ -39,6 +39,7 @@ from kdecli.experiments.compare.plan import plan_grid
 from kdecli.experiments.compare.prepared import Prepared
 from kdecli.experiments.compare.records import LayerInfo, Result, RunReport
 from kdecli.measure.config import RunConfig
+from kdecli.measure.diagnostics import SharedAttention
 from kdecli.measure.failures import Failure
 from kdecli.measure.figures import Environment, ResultTime
 from kdecli.measure.record import Outcome, Paid, measure_call
@@ -130,6 +131,7 @@ def compare(
         return report.interrupted
 
     exact_inputs = None  # the float64 inputs the calls are diagnosed against, when they are
+    shared = SharedAttention()  # and their exact attention, computed once for every call
     if wanted and config.diagnoses(setting.rows is not None):
         exact_inputs = setting.measured(qkv).to(setting.device, torch.float64)
     options = TimingOptions(config.repeats, config.warmup, config.min_time, steps=config.steps)
@@ -164,6 +166,7 @@ def compare(
                     run_seed,
                     own_prompt,
                     exact_inputs,
+                    shared,
                 )
             )
             counted = paid  # random key sets: the count of this call's own draw
