@@ -276,8 +276,8 @@ def _attention(
         keys = torch.arange(k.shape[-2], device=q.device)
         allowed = keys <= (rows.to(q.device) + mask.offset).unsqueeze(-1)
         logits.masked_fill_(~allowed, float("-inf"))
-    log_sums = torch.logsumexp(logits, dim=-1)
-    return logits.sub_(log_sums.unsqueeze(-1)).exp_(), log_sums
+    log_sums, sums = _exp_sum(logits)  # in place: P is the one buffer of its size
+    return logits.div_(sums.unsqueeze(-1)), log_sums
 
 
 def _from_shared(held, v, mask, rows, sets, n_q, memory_bytes) -> RowFigures:
