@@ -18,20 +18,14 @@ def main() -> None:
     try:
         signal.signal(signal.SIGTERM, _terminate)
         from kdecli.cli import main as run_cli
-        from kdecli.cli.signals import SignalAtStartUp, guard_start_up
+        from kdecli.cli.signals import guard_start_up
 
         guard_start_up()  # Typer's parsing would swallow a KeyboardInterrupt into a silent 130
     except KeyboardInterrupt as exc:
-        _stopped(type(exc).__name__ == "Terminated")
-    try:
-        run_cli()
-    except SignalAtStartUp as exc:
-        _stopped(exc.signum == signal.SIGTERM)
-
-
-def _stopped(terminated: bool) -> None:
-    sys.stderr.write("Terminated.\n" if terminated else "Interrupted.\n")
-    sys.exit(143 if terminated else 130)
+        terminated = type(exc).__name__ == "Terminated"
+        sys.stderr.write("Terminated.\n" if terminated else "Interrupted.\n")
+        sys.exit(143 if terminated else 130)
+    run_cli()
 
 
 def _terminate(signum, frame) -> None:

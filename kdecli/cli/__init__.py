@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+from signal import SIGTERM
 
 from kdecli.cli.app import app
+from kdecli.cli.signals import SignalAtStartUp
 from kdecli.errors import Terminated
 
 # Each module adds its command(s) to `app` when imported: this is the order of --help.
@@ -25,8 +27,8 @@ from kdecli.cli import download_glove as _download_glove  # noqa: F401
 def main() -> None:
     try:
         app(prog_name="kdecli")
-    except KeyboardInterrupt as exc:  # between start-up and a command's own handler
-        terminated = isinstance(exc, Terminated)
+    except (KeyboardInterrupt, SignalAtStartUp) as exc:  # before a command's own handler
+        terminated = isinstance(exc, Terminated) or getattr(exc, "signum", None) == SIGTERM
         sys.stderr.write("Terminated.\n" if terminated else "Interrupted.\n")
         sys.exit(143 if terminated else 130)
 

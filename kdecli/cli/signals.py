@@ -28,15 +28,11 @@ def _raise(signum: int, frame) -> None:
 class SignalAtStartUp(BaseException):
     """SIGINT or SIGTERM after the imports and before a command's own handler: while Typer
     parses the command line.  Not a ``KeyboardInterrupt``, which Typer would turn into a silent
-    exit 130 (for SIGTERM too); the entry point turns it into one line and 130 or 143."""
+    exit 130 (for SIGTERM too); ``kdecli.cli.main`` turns it into one line and 130 or 143."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_CODES.get(self.signum, 130)
 
 
 def _at_start_up(signum: int, frame) -> None:

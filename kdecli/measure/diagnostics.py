@@ -34,6 +34,7 @@ and the record's note says what failed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -192,18 +193,12 @@ def exact_rows(
         over_set = torch.empty(b, h, count, d_v, dtype=torch.float64, device=q.device)
     # a chunk holds two n_k-wide float64 buffers per row (the logits' and the set's, each
     # exponentiated in place), the set's booleans, and what ``sets.rows`` builds to hand them out
-    step = chunk_rows(b * h, n_k, memory_bytes // 2)
-    k_t, keys = k.transpose(-1, -2), torch.arange(n_k, device=q.device)
-    for start in range(0, n_q, step):
-        stop = min(n_q, start + step)
-        lo, hi = (int(x) for x in torch.searchsorted(rows, rows.new_tensor([start, stop])))
-        if lo == hi:
-            continue  # no evaluated row in this chunk (a row sample)
+    k_t = k.transpose(-1, -2)
+    for start, stop, lo, hi in _row_chunks(rows, n_q, chunk_rows(b * h, n_k, memory_bytes // 2)):
         at = rows[lo:hi]
         logits = (q.index_select(-2, at) * scale) @ k_t
-        allowed = None
-        if mask.is_causal:
-            allowed = keys <= (at + mask.offset).unsqueeze(-1)  # (R_c, n_k)
+        allowed = _allowed_at(mask, at, n_k)  # (R_c, n_k), None: every key
+        if allowed is not None:
             logits.masked_fill_(~allowed, float("-inf"))
         if sets is None:
             log_sums[..., lo:hi] = torch.logsumexp(logits, dim=-1)
@@ -271,10 +266,10 @@ def _attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """P and log D of ``SharedAttention``, in float64."""
     q, k = (x.to(torch.float64) for x in (inputs.q, inputs.k))
-    logits = (q.index_select(-2, rows.to(q.device)) * scale) @ k.transpose(-1, -2)
-    if mask.is_causal:
-        keys = torch.arange(k.shape[-2], device=q.device)
-        allowed = keys <= (rows.to(q.device) + mask.offset).unsqueeze(-1)
+    rows = rows.to(q.device)
+    logits = (q.index_select(-2, rows) * scale) @ k.transpose(-1, -2)
+    allowed = _allowed_at(mask, rows, k.shape[-2])
+    if allowed is not None:
         logits.masked_fill_(~allowed, float("-inf"))
     log_sums, sums = _exp_sum(logits)  # in place: P is the one buffer of its size
     return logits.div_(sums.unsqueeze(-1)), log_sums
@@ -288,26 +283,36 @@ def _from_shared(held, v, mask, rows, sets, n_q, memory_bytes) -> RowFigures:
     rows = rows.to(probabilities.device)
     density, recall = torch.empty_like(log_sums), torch.empty_like(log_sums)
     over_set = torch.empty(b, h, count, v.shape[-1], dtype=torch.float64, device=v.device)
-    step = chunk_rows(b * h, n_k, memory_bytes // 2)
-    keys = torch.arange(n_k, device=rows.device)
-    for start in range(0, n_q, step):
-        stop = min(n_q, start + step)
-        lo, hi = (int(x) for x in torch.searchsorted(rows, rows.new_tensor([start, stop])))
-        if lo == hi:
-            continue  # no evaluated row in this chunk (a row sample)
+    for start, stop, lo, hi in _row_chunks(rows, n_q, chunk_rows(b * h, n_k, memory_bytes // 2)):
         at = rows[lo:hi]
         chosen = _chunk_sets(sets, start, stop, at - start, n_k, (b, h))
-        visible = torch.full((hi - lo,), float(n_k), dtype=torch.float64, device=rows.device)
-        if mask.is_causal:
-            allowed = keys <= (at + mask.offset).unsqueeze(-1)
+        allowed = _allowed_at(mask, at, n_k)
+        if allowed is not None:
             chosen &= allowed
-            visible = allowed.sum(-1, dtype=torch.float64)
+        visible = n_k if allowed is None else allowed.sum(-1, dtype=torch.float64)
         density[..., lo:hi] = chosen.sum(-1, dtype=torch.float64) / visible
         on_set = probabilities[..., lo:hi, :] * chosen
         mass = on_set.sum(-1)
         recall[..., lo:hi] = mass
         over_set[..., lo:hi, :] = (on_set @ v) / torch.where(mass > 0, mass, 1.0).unsqueeze(-1)
     return RowFigures(log_sums, density, recall, log_sums + recall.log(), over_set)
+
+
+def _row_chunks(rows: torch.Tensor, n_q: int, step: int) -> Iterator[tuple[int, int, int, int]]:
+    """(start, stop, lo, hi): the query chunks [start, stop) of ``step`` queries that hold an
+    evaluated row, ``rows[lo:hi]`` those rows (``rows`` sorted; a row sample skips chunks)."""
+    for start in range(0, n_q, step):
+        stop = min(n_q, start + step)
+        lo, hi = (int(x) for x in torch.searchsorted(rows, rows.new_tensor([start, stop])))
+        if lo < hi:
+            yield start, stop, lo, hi
+
+
+def _allowed_at(mask: Mask, at: torch.Tensor, n_k: int) -> torch.Tensor | None:
+    """(len(at), n_k) bool: the keys the mask allows the queries ``at``; None under FULL."""
+    if not mask.is_causal:
+        return None
+    return torch.arange(n_k, device=at.device) <= (at + mask.offset).unsqueeze(-1)
 
 
 def _exp_sum(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

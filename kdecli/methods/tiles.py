@@ -366,16 +366,18 @@ def attend_blocks(
     # not read gathers any row, its logits set to −∞.  A tile needs that mask when one of its
     # slots is not read in full (invalid, ragged, or reaching the diagonal's start) or when its
     # chunk pads it to a wider tile.
-    lead_rows = (1 if whole_tiles else block) if near else 0  # gathered rows of the diagonal
-    rows = torch.empty(slices * tiles, lead_rows + index.shape[-1], dtype=torch.long, device=device)
-    listed = rows[:, lead_rows:]
+    diagonal_rows = (1 if whole_tiles else block) if near else 0  # gathered rows of the diagonal
+    rows = torch.empty(
+        slices * tiles, diagonal_rows + index.shape[-1], dtype=torch.long, device=device
+    )
+    listed = rows[:, diagonal_rows:]
     if whole_tiles:
         torch.div(index, block, rounding_mode="floor", out=listed)
     else:
         listed.copy_(index).masked_fill_(~(valid & (index < limit)), 0)
     if near:
         first = start // block if whole_tiles else start + torch.arange(block, device=device)
-        rows[:, :lead_rows] = first
+        rows[:, :diagonal_rows] = first
     rows += base.unsqueeze(-1)
     used = torch.arange(index.shape[-1], device=device) < counts.unsqueeze(-1)
     partial = (used & ~(valid & (index <= limit - span))).any(-1).tolist()
@@ -390,7 +392,7 @@ def attend_blocks(
     for s, e in chunks:
         c, slots = e - s, max(count_of[s:e])
         width = near + slots * span
-        chunk_rows = rows[s:e, : lead_rows + slots].reshape(-1)
+        chunk_rows = rows[s:e, : diagonal_rows + slots].reshape(-1)
         gathered_k = torch.index_select(
             keys, 0, chunk_rows, out=key_buffer[: c * width * d].view(-1, piece * d)
         ).view(c, width, d)
